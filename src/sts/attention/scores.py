@@ -1,0 +1,34 @@
+"""Reference context scores: what a set of queries attends to among the context rows, aggregated over queries."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Aggregate = Literal["max", "mean"]
+
+
+def context_scores(
+    q: Tensor, k_cache: Tensor, start_pos: Tensor, aggregate: Aggregate = "max"
+) -> Tensor:
+    """Return ``[B, Hq, N]`` float32 scores of the context rows, ``N = max(start_pos)``.
+
+    ``q`` is ``[B, Hq, G, D]`` (G queries per head, e.g. a round's draft queries), ``k_cache``
+    ``[B, Hkv, S, D]``. Each query's softmax is taken over the context rows ``< start_pos[b]``
+    only; the probabilities are then aggregated over the G queries (max or mean). Rows at or
+    past ``start_pos[b]`` score ``-inf`` so that no top-k picks them.
+    """
+    b, hq, g, d = q.shape
+    hkv = k_cache.shape[1]
+    n = int(start_pos.max())
+    k = k_cache[:, :, :n].float()
+    logits = torch.matmul(q.float().reshape(b, hkv, (hq // hkv) * g, d), k.transpose(-1, -2))
+    logits = (logits / math.sqrt(d)).reshape(b, hq, g, n)
+    valid = torch.arange(n, device=q.device).view(1, 1, 1, n) < start_pos.view(b, 1, 1, 1)
+    probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)
+    agg = probs.amax(dim=2) if aggregate == "max" else probs.mean(dim=2)
+    return agg.masked_fill(~valid[:, :, 0], float("-inf"))

@@ -1,0 +1,49 @@
+"""The attention interface the model calls per layer, and the default dense implementation.
+
+Like vLLM's attention backends, "which rows to read" is decided outside the model: the model
+writes the new keys/values into its cache and hands ``(layer, q, k_cache, v_cache, start_pos)``
+to an :data:`AttentionFn`. Dense decoding, sparse verification, query recording and recall
+measurement are all such functions; the model code never changes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sts.attention.reference import dense_mask
+
+
+class AttentionFn(Protocol):
+    """Attention over a layer's static cache; see :mod:`sts.attention.reference` for the shapes."""
+
+    def __call__(
+        self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor
+    ) -> Tensor: ...
+
+
+def dense_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
+    """Return causal attention over every cached row, through PyTorch's fused SDPA.
+
+    The query heads of a GQA group are folded into the query axis (``[B, Hkv, G*T, D]``) so
+    that each KV row is read once per group and no expanded copy of K/V is made.
+    """
+    b, hq, t, d = q.shape
+    hkv = k_cache.shape[1]
+    n_keys = min(int(start_pos.max()) + t, k_cache.shape[2])
+    mask = dense_mask(start_pos, t, n_keys, hq // hkv)
+    out = F.scaled_dot_product_attention(
+        q.reshape(b, hkv, (hq // hkv) * t, d),
+        k_cache[:, :, :n_keys],
+        v_cache[:, :, :n_keys],
+        attn_mask=mask,
+    )
+    return out.reshape(b, hq, t, d)
+
+
+def dense_attention(layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
+    """Return dense causal attention for any layer: the model's default :data:`AttentionFn`."""
+    return dense_sdpa(q, k_cache, v_cache, start_pos)

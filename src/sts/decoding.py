@@ -1,0 +1,202 @@
+"""Autoregressive decoding and the pieces every decode loop shares: cache bookkeeping, stops, stats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from sts.attention.backend import AttentionFn, dense_attention
+from sts.errors import STSError
+from sts.models.transformer import Transformer
+from sts.sampling import SamplingConfig, draw, probabilities
+
+#: Called with (sequence index, newly emitted token ids) as soon as tokens are final.
+StreamCallback = Callable[[int, list[int]], None]
+
+
+class Decoder:
+    """One model's KV cache state for a batch: how many tokens of each sequence it has processed.
+
+    The token lists live with the caller; :meth:`feed` processes whatever each sequence has
+    that the cache has not seen yet, and returns the logits after each sequence's last token.
+    """
+
+    def __init__(self, model: Transformer, batch_size: int, max_len: int, prefill_chunk: int = 512) -> None:
+        if prefill_chunk < 1:
+            raise STSError(f"prefill chunk must be >= 1, got {prefill_chunk}")
+        self.model = model
+        self.chunk = prefill_chunk
+        self.device = model.embed_tokens.weight.device
+        model.setup_cache(batch_size, max_len, slack=prefill_chunk)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    def feed(self, seqs: Sequence[Sequence[int]], attention: AttentionFn = dense_attention) -> Tensor:
+        """Return logits ``[B, V]`` after each sequence's last token, processing its unseen tokens in chunks.
+
+        A sequence with nothing unseen only carries padding (its row of the result is meaningless).
+        """
+        lengths = self.lengths.tolist()
+        pending = [len(s) - n for s, n in zip(seqs, lengths)]
+        if max(pending) < 1 or min(pending) < 0:
+            raise ValueError("feed() needs unprocessed tokens and no sequence behind its cache")
+        last: list[Tensor | None] = [None] * len(seqs)
+        while max(pending) > 0:
+            t = min(self.chunk, max(pending))
+            rows = [list(s[n : n + min(p, t)]) for s, n, p in zip(seqs, lengths, pending)]
+            tokens = torch.tensor([r + [0] * (t - len(r)) for r in rows], device=self.device)
+            hidden = self.model.hidden(tokens, torch.tensor(lengths, device=self.device), attention)
+            for b, r in enumerate(rows):
+                if r and len(r) == pending[b]:
+                    last[b] = hidden[b, len(r) - 1]
+                lengths[b] += len(r)
+                pending[b] -= len(r)
+        self.lengths = torch.tensor(lengths, device=self.device)
+        filler = torch.zeros_like(next(h for h in last if h is not None))
+        return self.model.lm_head(torch.stack([filler if h is None else h for h in last])).float()
+
+    def rollback(self, lengths: Tensor) -> None:
+        """Forget every row at or past ``lengths[b]`` (they become scratch)."""
+        self.lengths = lengths.clone()
+
+
+@dataclass
+class GenerationStats:
+    """What a generation call measured; ``--json`` prints it."""
+
+    new_tokens: int = 0
+    #: Tokens that came out of the prefill forward (one per sequence), excluded from decode speed.
+    prefill_tokens: int = 0
+    time_s: float = 0.0
+    prefill_s: float = 0.0
+    target_forwards: int = 0
+    accepted_per_round: list[int] = field(default_factory=list)
+    draft_s: float = 0.0
+    select_s: float = 0.0
+    verify_s: float = 0.0
+    sparsity: list[float] = field(default_factory=list)
+    recall: list[float] = field(default_factory=list)
+    recall_context: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Return the headline numbers: tokens/s, acceptance length, sparsity, recall, phase times."""
+        decode_s = max(self.time_s - self.prefill_s, 1e-9)
+        mean = lambda xs: (sum(xs) / len(xs)) if xs else None  # noqa: E731
+        return {
+            "new_tokens": self.new_tokens,
+            "time_s": round(self.time_s, 4),
+            "prefill_s": round(self.prefill_s, 4),
+            "tokens_per_s": round((self.new_tokens - self.prefill_tokens) / decode_s, 3),
+            "target_forwards": self.target_forwards,
+            "acceptance_length": mean(self.accepted_per_round),
+            "draft_s": round(self.draft_s, 4),
+            "select_s": round(self.select_s, 4),
+            "verify_s": round(self.verify_s, 4),
+            "sparsity": mean(self.sparsity),
+            "recall": mean(self.recall),
+            "recall_context": mean(self.recall_context),
+        }
+
+
+@dataclass
+class GenerationResult:
+    """New token ids per sequence (prompt excluded) and the run's stats."""
+
+    tokens: list[list[int]]
+    stats: GenerationStats
+
+
+class StopState:
+    """Tracks, per sequence, the emitted tokens and whether EOS or the token limit ended it."""
+
+    def __init__(self, n_seqs: int, max_new_tokens: int, eos_ids: Sequence[int], on_tokens: StreamCallback | None) -> None:
+        if max_new_tokens < 1:
+            raise STSError(f"max new tokens must be >= 1, got {max_new_tokens}")
+        self.max_new = max_new_tokens
+        self.eos = set(eos_ids)
+        self.on_tokens = on_tokens
+        self.emitted: list[list[int]] = [[] for _ in range(n_seqs)]
+        self.done = [False] * n_seqs
+
+    def emit(self, b: int, tokens: Sequence[int]) -> None:
+        """Record tokens produced for sequence ``b``, cutting at EOS (kept) or the limit."""
+        if self.done[b]:
+            return
+        out = []
+        for tok in tokens:
+            out.append(int(tok))
+            if tok in self.eos or len(self.emitted[b]) + len(out) >= self.max_new:
+                self.done[b] = True
+                break
+        self.emitted[b].extend(out)
+        if self.on_tokens and out:
+            self.on_tokens(b, out)
+
+    @property
+    def finished(self) -> bool:
+        """Return whether every sequence has stopped."""
+        return all(self.done)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so host timers measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def context_capacity(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead: int) -> int:
+    """Return the cache rows a run needs; a prompt that cannot fit is an error."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise STSError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    limit = model.config.max_position_embeddings
+    need = longest + max_new_tokens + lookahead
+    if need > limit:
+        raise STSError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of "
+            f"{model.config.name} ({limit} tokens)"
+        )
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise STSError(f"prompt token ids must be in [0, {vocab})")
+    return need
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_ids: Sequence[int] = (),
+    on_tokens: StreamCallback | None = None,
+    generator: torch.Generator | None = None,
+    prefill_chunk: int = 512,
+) -> GenerationResult:
+    """Return plain autoregressive continuations of a batch of prompts (one target forward per token)."""
+    capacity = context_capacity(model, prompts, max_new_tokens, lookahead=1)
+    decoder = Decoder(model, len(prompts), capacity, prefill_chunk)
+    seqs = [list(p) for p in prompts]
+    stop = StopState(len(seqs), max_new_tokens, eos_ids, on_tokens)
+    stats = GenerationStats()
+    start = time.perf_counter()
+    logits = decoder.feed(seqs)
+    synchronize(decoder.device)
+    stats.prefill_s = time.perf_counter() - start
+    while True:
+        nxt = draw(probabilities(logits, sampling), generator).tolist()
+        for b, tok in enumerate(nxt):
+            seqs[b].append(tok)
+            stop.emit(b, [tok])
+        if stop.finished:
+            break
+        logits = decoder.feed(seqs)
+        stats.target_forwards += 1
+    synchronize(decoder.device)
+    stats.time_s = time.perf_counter() - start
+    stats.new_tokens = sum(len(e) for e in stop.emitted)
+    stats.prefill_tokens = len(seqs)
+    stats.accepted_per_round = [1] * stats.target_forwards
+    return GenerationResult(stop.emitted, stats)

@@ -1,0 +1,1 @@
+"""Offline RULER-style long-context evaluation: seeded task generators and their scoring."""

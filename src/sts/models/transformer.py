@@ -1,0 +1,174 @@
+"""One lean decoder-only transformer (Llama, Qwen2, Mistral) with a static, preallocated KV cache.
+
+``forward(tokens, start_pos)`` is the only data path: it serves chunked prefill, one-token
+decode and multi-token verification alike, for a batch of sequences at different positions.
+Sequence ``b``'s tokens go to cache rows ``start_pos[b] + t``; rows past a sequence's length
+are scratch (masked out, overwritten later), so rolling back rejected tokens is free.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sts.attention.backend import AttentionFn, dense_attention
+from sts.errors import STSError
+from sts.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the normalised input in its own dtype."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """A layer's keys and values, ``[B, Hkv, S, D]`` each, preallocated to the maximum length."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, k: Tensor, v: Tensor, start_pos: Tensor) -> None:
+        """Store new rows ``[B, Hkv, T, D]`` at ``start_pos[b] + t`` in place."""
+        b, h, t, d = k.shape
+        rows = start_pos.view(b, 1, 1, 1) + torch.arange(t, device=k.device).view(1, 1, t, 1)
+        rows = rows.expand(b, h, t, d)
+        self.k.scatter_(2, rows, k.to(self.k.dtype))
+        self.v.scatter_(2, rows, v.to(self.v.dtype))
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Return x with rotary position embedding applied (half-split layout, as in HF checkpoints)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention that writes to its KV cache and delegates the attending."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        hd = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_heads * hd, config.hidden_size, bias=config.o_bias)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Tensor, attention: AttentionFn) -> Tensor:
+        """Return the attention block's output for ``x`` of shape ``[B, T, hidden]``."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        assert self.cache is not None, "call setup_cache() before forward()"
+        self.cache.write(k, v, start_pos)
+        out = attention(self.layer, q, self.cache.k, self.cache.v, start_pos)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward block."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return down(silu(gate(x)) * up(x))."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Tensor, attention: AttentionFn) -> Tensor:
+        """Return the layer's output (residual stream)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """A decoder-only LM; parameter names follow HF checkpoints so state dicts load as they are."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq, self.rope_scaling = config.rope_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.batch_size = 0
+        self.max_len = 0
+
+    def setup_cache(self, batch_size: int, max_len: int, slack: int = 0) -> None:
+        """Preallocate every layer's KV cache for ``batch_size`` sequences of up to ``max_len`` tokens.
+
+        ``slack`` extra scratch rows let a right-padded batch write its padding past the longest
+        sequence without clobbering real rows.
+        """
+        cfg = self.config
+        if max_len > cfg.max_position_embeddings:
+            raise STSError(
+                f"{max_len} tokens exceed the context of {cfg.name} ({cfg.max_position_embeddings})"
+            )
+        if cfg.sliding_window is not None and max_len > cfg.sliding_window:
+            raise STSError(
+                f"{max_len} tokens exceed {cfg.name}'s sliding window ({cfg.sliding_window}), "
+                "which sts does not implement"
+            )
+        rows = max_len + slack
+        if batch_size == self.batch_size and rows <= self.max_len:
+            return
+        param = self.embed_tokens.weight
+        for block in self.layers:
+            block.self_attn.cache = KVCache(batch_size, cfg.n_kv_heads, rows, cfg.head_dim, param.dtype, param.device)
+        self.batch_size, self.max_len = batch_size, rows
+
+    def hidden(self, tokens: Tensor, start_pos: Tensor, attention: AttentionFn = dense_attention) -> Tensor:
+        """Return final-norm hidden states ``[B, T, hidden]`` for ``tokens`` placed at ``start_pos[b] + t``."""
+        b, t = tokens.shape
+        positions = start_pos.view(b, 1) + torch.arange(t, device=tokens.device).view(1, t)
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        x = self.embed_tokens(tokens)
+        cos = (emb.cos() * self.rope_scaling).to(x.dtype).unsqueeze(1)
+        sin = (emb.sin() * self.rope_scaling).to(x.dtype).unsqueeze(1)
+        for block in self.layers:
+            x = block(x, cos, sin, start_pos, attention)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, start_pos: Tensor, attention: AttentionFn = dense_attention) -> Tensor:
+        """Return logits ``[B, T, vocab]`` (float32) for ``tokens`` placed at ``start_pos[b] + t``."""
+        return self.lm_head(self.hidden(tokens, start_pos, attention)).float()

@@ -1,0 +1,94 @@
+"""One call that runs any decoding method on a loaded pair: what the CLI, the demo and eval share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from sts.decoding import GenerationResult, StreamCallback, generate
+from sts.errors import STSError
+from sts.models.loading import load_model
+from sts.models.transformer import Transformer
+from sts.sampling import SamplingConfig
+from sts.selection import REGISTRY, SelectionConfig, make_policy
+from sts.speculative import check_pair, speculative_generate
+
+#: Methods that need no selection policy.
+DENSE_METHODS = ("autoregressive", "speculative")
+
+
+def methods() -> tuple[str, ...]:
+    """Return every ``--method`` name: the dense ones, then each registered selection policy."""
+    return DENSE_METHODS + tuple(REGISTRY)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer (None for checkpoints saved without one)."""
+
+    model: Transformer
+    tokenizer: Any
+
+
+def load(source: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    """Return the model (and tokenizer) at ``source``."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise STSError("--device cuda asked for, but no CUDA device is available")
+    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    return LoadedModel(model, tokenizer)
+
+
+def load_pair(target: str, draft: str | None, dtype: torch.dtype, device: str) -> tuple[LoadedModel, LoadedModel | None]:
+    """Return (target, draft or None), refusing a draft whose vocabulary or tokenizer differs."""
+    tgt = load(target, dtype, device)
+    if draft is None:
+        return tgt, None
+    dft = load(draft, dtype, device)
+    check_pair(tgt.model, dft.model, tgt.tokenizer, dft.tokenizer)
+    return tgt, dft
+
+
+def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    """Return the token ids that end a generation (from the config, else the tokenizer; may be empty)."""
+    ids = set(loaded.model.config.eos_token_ids)
+    tok = loaded.tokenizer
+    if tok is not None and tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    return tuple(sorted(ids))
+
+
+def run_method(
+    method: str,
+    target: LoadedModel,
+    draft: LoadedModel | None,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    gamma: int = 4,
+    sampling: SamplingConfig = SamplingConfig(),
+    selection: SelectionConfig | None = None,
+    mapping: str | None = None,
+    measure_recall: bool = False,
+    on_tokens: StreamCallback | None = None,
+    seed: int | None = None,
+) -> GenerationResult:
+    """Return the generation of ``method`` (autoregressive, speculative or a selection policy)."""
+    if method not in methods():
+        raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
+    device = target.model.embed_tokens.weight.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0 if seed is None else seed)
+    eos = eos_ids(target)
+    if method == "autoregressive":
+        return generate(target.model, prompts, max_new_tokens, sampling, eos, on_tokens, generator)
+    if draft is None:
+        raise STSError(f"--method {method} needs a --draft model")
+    policy = None
+    if method != "speculative":
+        policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping)
+    return speculative_generate(
+        target.model, draft.model, prompts, max_new_tokens, gamma, sampling, eos,
+        policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, generator=generator,
+    )

@@ -1,0 +1,143 @@
+"""The selection-policy interface: which context rows each target KV head reads while verifying.
+
+Each method (STS, StreamingLLM, Quest, TidalDecode, SpecPC, oracle) is one small class with one
+job: turn what it knows (draft scores, target queries, keys) into ``[B, Hkv, K]`` row indices.
+Budget accounting, sinks, the local window, dense layers and recall measurement are shared here,
+so every method is compared on exactly the same terms.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from sts.attention.reference import attention_probs
+from sts.errors import STSError
+from sts.models.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """A token budget per (sequence, target KV head): sinks + window + top-scored rows, all counted.
+
+    ``budget`` is a number of context rows, or a fraction of the context when < 1 (0.1 = 90%
+    sparsity). The gamma+1 rows being verified are always attended (causally) and not counted.
+    The first ``dense_layers`` target layers attend to the whole context.
+    """
+
+    budget: float = 256
+    sink: int = 4
+    window: int = 64
+    dense_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget <= 0:
+            raise STSError(f"budget must be > 0, got {self.budget}")
+        if self.budget >= 1 and self.budget != int(self.budget):
+            raise STSError(f"a budget >= 1 is a token count and must be whole, got {self.budget}")
+        if self.sink < 0 or self.window < 0 or self.dense_layers < 0:
+            raise STSError("sink, window and dense layers must be >= 0")
+        if self.budget >= 1 and self.sink + self.window > self.budget:
+            raise STSError(
+                f"sink ({self.sink}) + window ({self.window}) exceed the budget ({int(self.budget)})"
+            )
+
+    def tokens(self, context: int) -> int:
+        """Return the budget in rows for a context of ``context`` rows (at least sink + window)."""
+        if self.budget >= 1:
+            return int(self.budget)
+        return max(math.ceil(self.budget * context), self.sink + self.window)
+
+
+@dataclass
+class RoundContext:
+    """What a policy may use to choose rows for one verification step."""
+
+    #: ``[B]`` context rows per sequence (rows before the gamma+1 verified tokens).
+    start_pos: Tensor
+    target: Transformer
+    draft: Transformer | None = None
+    #: Draft layer -> that layer's queries of this round's draft steps, ``[B, Hq_draft, gamma, D]``.
+    draft_queries: dict[int, Tensor] = field(default_factory=dict)
+
+
+class SelectionPolicy(ABC):
+    """Chooses the context rows each target KV head reads during verification."""
+
+    #: The name used on the command line (``--method``).
+    name: ClassVar[str]
+    #: Whether the policy reads the draft's queries (then the decode loop records them).
+    uses_draft: ClassVar[bool] = False
+
+    def __init__(self, config: SelectionConfig) -> None:
+        self.config = config
+        self.budget = 0
+
+    def draft_layers(self, draft: Transformer) -> tuple[int, ...]:
+        """Return the draft layers whose queries this policy needs recorded."""
+        return ()
+
+    def prepare(self, ctx: RoundContext) -> None:
+        """Precompute what :meth:`select` needs for this step (e.g. scores from draft queries)."""
+        self.ctx = ctx
+
+    @abstractmethod
+    def scores(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
+        """Return ``[B, Hkv, N]`` scores of context rows for a target layer (None: attend densely).
+
+        ``N >= max(start_pos)``; only rows ``< start_pos[b]`` are read. Sinks and the window are
+        added on top by :func:`topk_rows`, so scores only need to rank the other rows.
+        """
+
+    def select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
+        """Return ``[B, Hkv, K]`` selected rows for a target layer, or None to attend densely."""
+        scores = self.scores(layer, q, k_cache, start_pos)
+        if scores is None:
+            return None
+        return topk_rows(scores, start_pos, self.budget, self.config.sink, self.config.window)
+
+
+def topk_rows(scores: Tensor, start_pos: Tensor, budget: int, sink: int, window: int) -> Tensor:
+    """Return ``[B, H, budget]`` rows: the first ``sink``, the last ``window`` and the best-scored rest.
+
+    Rows at or past ``start_pos[b]`` are never chosen before valid ones; when a sequence has no
+    more than ``budget`` context rows, all of them are selected (and the padding is invalid).
+    """
+    b, h, n = scores.shape
+    pos = torch.arange(n, device=scores.device).view(1, 1, n)
+    ctx = start_pos.view(b, 1, 1)
+    forced = (pos < sink) | (pos >= ctx - window)
+    ranked = scores.float().masked_fill(forced, float("inf")).masked_fill(pos >= ctx, float("-inf"))
+    k = min(budget, n)
+    idx = torch.topk(ranked, k, dim=-1, sorted=False).indices
+    if k < budget:
+        # Fewer rows than the budget exist: pad with an invalid row index (>= start_pos).
+        pad = torch.full((b, h, budget - k), n, dtype=idx.dtype, device=idx.device)
+        idx = torch.cat([idx, pad], dim=-1)
+    return idx
+
+
+def group_max(x: Tensor, n_kv_heads: int) -> Tensor:
+    """Return ``[B, Hkv, N]``: the max of per-query-head scores ``[B, Hq, ..., N]`` over each GQA group and query."""
+    b, hq = x.shape[:2]
+    return x.reshape(b, n_kv_heads, -1, x.shape[-1]).amax(dim=2)
+
+
+def dense_scores(q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
+    """Return ``[B, Hkv, N]``: the dense attention probability of each context row, maxed over group and queries."""
+    n = int(start_pos.max())
+    return group_max(attention_probs(q, k_cache, start_pos)[..., :n], k_cache.shape[1])
+
+
+REGISTRY: dict[str, type[SelectionPolicy]] = {}
+
+
+def register(cls: type[SelectionPolicy]) -> type[SelectionPolicy]:
+    """Class decorator: make a policy available by its ``name``."""
+    REGISTRY[cls.name] = cls
+    return cls

@@ -1,0 +1,113 @@
+"""Which draft heads stand in for each target KV head: the STS head mapping and its file format."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sts.errors import STSError
+from sts.models.config import ModelConfig
+
+FORMAT_VERSION = 1
+
+#: One source: (draft layer, draft query head, weight).
+Source = tuple[int, int, float]
+
+
+@dataclass(frozen=True)
+class HeadMapping:
+    """For every target (layer, KV head), the draft (layer, head) sources whose scores rank its rows.
+
+    ``combine`` says how several sources merge: ``max`` (the default map: max over a draft
+    layer's heads) or ``sum`` (a weighted ensemble of calibrated heads).
+    """
+
+    sources: tuple[tuple[tuple[Source, ...], ...], ...]
+    combine: Literal["max", "sum"]
+    target: dict[str, Any]
+    draft: dict[str, Any]
+    criterion: str = "default"
+    quality: tuple[tuple[float, ...], ...] | None = None
+
+    def draft_layers(self) -> tuple[int, ...]:
+        """Return every draft layer some target head reads."""
+        return tuple(sorted({s[0] for layer in self.sources for head in layer for s in head}))
+
+    @classmethod
+    def default(cls, target: ModelConfig, draft: ModelConfig) -> "HeadMapping":
+        """Return DESIGN.md's default map: draft layer floor(l * Ld / Lt), max over that layer's heads."""
+        sources = []
+        for layer in range(target.n_layers):
+            dl = layer * draft.n_layers // target.n_layers
+            every_head = tuple((dl, h, 1.0) for h in range(draft.n_heads))
+            sources.append(tuple(every_head for _ in range(target.n_kv_heads)))
+        return cls(tuple(sources), "max", target.identity(), draft.identity())
+
+    def check_pair(self, target: ModelConfig, draft: ModelConfig) -> None:
+        """Raise :class:`STSError` unless this mapping was made for exactly this target and draft."""
+        for role, cfg, recorded in (("target", target, self.target), ("draft", draft, self.draft)):
+            if cfg.identity() != recorded:
+                raise STSError(
+                    f"mapping was made for {role} {recorded.get('name')!r} "
+                    f"({recorded.get('n_layers')} layers), not {cfg.name!r} ({cfg.n_layers} layers)"
+                )
+        shape_ok = len(self.sources) == target.n_layers and all(len(layer) == target.n_kv_heads for layer in self.sources)
+        in_range = all(
+            0 <= dl < draft.n_layers and 0 <= dh < draft.n_heads
+            for layer in self.sources for head in layer for dl, dh, _ in head
+        )
+        if not (shape_ok and in_range and self.combine in ("max", "sum")):
+            raise STSError("mapping file does not match the shapes of its recorded models")
+
+    def save(self, path: str | Path) -> None:
+        """Write the mapping as versioned JSON, atomically (no half-written file on failure)."""
+        path = Path(path)
+        doc = {
+            "format": "sts-head-mapping",
+            "version": FORMAT_VERSION,
+            "target": self.target,
+            "draft": self.draft,
+            "criterion": self.criterion,
+            "combine": self.combine,
+            "sources": [[[list(s) for s in head] for head in layer] for layer in self.sources],
+            "quality": [list(q) for q in self.quality] if self.quality is not None else None,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadMapping":
+        """Return the mapping stored at ``path``; a missing, corrupt or foreign file is an error."""
+        try:
+            doc = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise STSError(f"mapping file {path} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise STSError(f"mapping file {path} is not valid JSON ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("format") != "sts-head-mapping":
+            raise STSError(f"{path} is not an sts head-mapping file")
+        if doc.get("version") != FORMAT_VERSION:
+            raise STSError(f"{path} has mapping format version {doc.get('version')}, expected {FORMAT_VERSION}")
+        try:
+            sources = tuple(
+                tuple(tuple((int(s[0]), int(s[1]), float(s[2])) for s in head) for head in layer)
+                for layer in doc["sources"]
+            )
+            quality = doc.get("quality")
+            return cls(
+                sources=sources,
+                combine=doc["combine"],
+                target=doc["target"],
+                draft=doc["draft"],
+                criterion=doc.get("criterion", "default"),
+                quality=tuple(tuple(q) for q in quality) if quality is not None else None,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise STSError(f"mapping file {path} is malformed ({type(exc).__name__}: {exc})") from None

@@ -18,6 +18,39 @@ from sts.sampling import SamplingConfig, draw, probabilities
 StreamCallback = Callable[[int, list[int]], None]
 
 
+class PrefixCache:
+    """Keeps the KV rows and last logits of prefilled prompts, so that many runs share one prefill.
+
+    An evaluation decodes the same prompt with many methods and budgets; prefill dominates on
+    long prompts, so each (model, prompt batch) is prefilled once and restored afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, tuple[list[tuple[Tensor, Tensor]], Tensor]] = {}
+
+    @staticmethod
+    def key(model: Transformer, seqs: Sequence[Sequence[int]]) -> tuple:
+        """Return the cache key of a model and a batch of prompts."""
+        return (id(model), tuple(tuple(s) for s in seqs))
+
+    def store(self, model: Transformer, seqs: Sequence[Sequence[int]], logits: Tensor) -> None:
+        """Keep a copy of the rows the prompts filled and the logits after them."""
+        n = max(len(s) for s in seqs)
+        rows = [(blk.self_attn.cache.k[:, :, :n].clone(), blk.self_attn.cache.v[:, :, :n].clone()) for blk in model.layers]
+        self.entries[self.key(model, seqs)] = (rows, logits.clone())
+
+    def restore(self, model: Transformer, seqs: Sequence[Sequence[int]]) -> Tensor | None:
+        """Write the stored rows back into the model's cache; return the stored logits, or None if absent."""
+        entry = self.entries.get(self.key(model, seqs))
+        if entry is None:
+            return None
+        rows, logits = entry
+        for blk, (k, v) in zip(model.layers, rows):
+            blk.self_attn.cache.k[:, :, : k.shape[2]].copy_(k)
+            blk.self_attn.cache.v[:, :, : v.shape[2]].copy_(v)
+        return logits.clone()
+
+
 class Decoder:
     """One model's KV cache state for a batch: how many tokens of each sequence it has processed.
 
@@ -25,14 +58,29 @@ class Decoder:
     that the cache has not seen yet, and returns the logits after each sequence's last token.
     """
 
-    def __init__(self, model: Transformer, batch_size: int, max_len: int, prefill_chunk: int = 512) -> None:
+    def __init__(
+        self, model: Transformer, batch_size: int, max_len: int, prefill_chunk: int = 512,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         if prefill_chunk < 1:
             raise STSError(f"prefill chunk must be >= 1, got {prefill_chunk}")
         self.model = model
+        self.prefix_cache = prefix_cache
         self.chunk = prefill_chunk
         self.device = model.embed_tokens.weight.device
         model.setup_cache(batch_size, max_len, slack=prefill_chunk)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
+        """Return the logits after each prompt, from the prefix cache when it holds this batch."""
+        cached = self.prefix_cache.restore(self.model, prompts) if self.prefix_cache else None
+        if cached is not None:
+            self.lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+            return cached
+        logits = self.feed(prompts)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(self.model, prompts, logits)
+        return logits
 
     def feed(self, seqs: Sequence[Sequence[int]], attention: AttentionFn = dense_attention) -> Tensor:
         """Return logits ``[B, V]`` after each sequence's last token, processing its unseen tokens in chunks.
@@ -80,6 +128,10 @@ class GenerationStats:
     sparsity: list[float] = field(default_factory=list)
     recall: list[float] = field(default_factory=list)
     recall_context: list[float] = field(default_factory=list)
+    #: Per verification step: target layer -> mass recall over context mass.
+    recall_layers: list[dict[int, float]] = field(default_factory=list)
+    #: "32", "64", "budget" -> per-step share of the oracle's top-k rows that were selected.
+    set_recall: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float | int | None]:
         """Return the headline numbers: tokens/s, acceptance length, sparsity, recall, phase times."""
@@ -98,7 +150,15 @@ class GenerationStats:
             "sparsity": mean(self.sparsity),
             "recall": mean(self.recall),
             "recall_context": mean(self.recall_context),
+            "set_recall": {k: mean(v) for k, v in self.set_recall.items()} or None,
         }
+
+    def recall_per_layer(self) -> list[float] | None:
+        """Return the mean recall over context mass of each target layer, over all steps."""
+        if not self.recall_layers:
+            return None
+        layers = sorted(self.recall_layers[0])
+        return [sum(step[layer] for step in self.recall_layers) / len(self.recall_layers) for layer in layers]
 
 
 @dataclass
@@ -174,15 +234,16 @@ def generate(
     on_tokens: StreamCallback | None = None,
     generator: torch.Generator | None = None,
     prefill_chunk: int = 512,
+    prefix_cache: PrefixCache | None = None,
 ) -> GenerationResult:
     """Return plain autoregressive continuations of a batch of prompts (one target forward per token)."""
     capacity = context_capacity(model, prompts, max_new_tokens, lookahead=1)
-    decoder = Decoder(model, len(prompts), capacity, prefill_chunk)
+    decoder = Decoder(model, len(prompts), capacity, prefill_chunk, prefix_cache)
     seqs = [list(p) for p in prompts]
     stop = StopState(len(seqs), max_new_tokens, eos_ids, on_tokens)
     stats = GenerationStats()
     start = time.perf_counter()
-    logits = decoder.feed(seqs)
+    logits = decoder.prefill(seqs)
     synchronize(decoder.device)
     stats.prefill_s = time.perf_counter() - start
     while True:

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sts.decoding import GenerationResult, StreamCallback, generate
+from sts.decoding import GenerationResult, PrefixCache, StreamCallback, generate
 from sts.errors import STSError
 from sts.models.loading import load_model
 from sts.models.transformer import Transformer
@@ -73,6 +73,7 @@ def run_method(
     measure_recall: bool = False,
     on_tokens: StreamCallback | None = None,
     seed: int | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> GenerationResult:
     """Return the generation of ``method`` (autoregressive, speculative or a selection policy)."""
     if method not in methods():
@@ -82,7 +83,7 @@ def run_method(
     generator.manual_seed(0 if seed is None else seed)
     eos = eos_ids(target)
     if method == "autoregressive":
-        return generate(target.model, prompts, max_new_tokens, sampling, eos, on_tokens, generator)
+        return generate(target.model, prompts, max_new_tokens, sampling, eos, on_tokens, generator, prefix_cache=prefix_cache)
     if draft is None:
         raise STSError(f"--method {method} needs a --draft model")
     policy = None
@@ -90,5 +91,5 @@ def run_method(
         policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping)
     return speculative_generate(
         target.model, draft.model, prompts, max_new_tokens, gamma, sampling, eos,
-        policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, generator=generator,
+        policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, generator=generator, prefix_cache=prefix_cache,
     )

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sts.attention.backend import dense_attention
-from sts.decoding import Decoder, GenerationResult, GenerationStats, StopState, StreamCallback, context_capacity, synchronize
+from sts.decoding import Decoder, GenerationResult, PrefixCache, GenerationStats, StopState, StreamCallback, context_capacity, synchronize
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 from sts.sampling import SamplingConfig, draw, probabilities
@@ -89,6 +89,7 @@ def speculative_generate(
     on_tokens: StreamCallback | None = None,
     generator: torch.Generator | None = None,
     prefill_chunk: int = 512,
+    prefix_cache: PrefixCache | None = None,
 ) -> GenerationResult:
     """Return continuations decoded speculatively; with ``policy``, verification reads only selected rows."""
     if gamma < 1:
@@ -96,8 +97,8 @@ def speculative_generate(
     check_pair(target, draft)
     capacity = context_capacity(target, prompts, max_new_tokens, lookahead=gamma + 1)
     context_capacity(draft, prompts, max_new_tokens, lookahead=gamma + 1)
-    tdec = Decoder(target, len(prompts), capacity, prefill_chunk)
-    ddec = Decoder(draft, len(prompts), capacity, prefill_chunk)
+    tdec = Decoder(target, len(prompts), capacity, prefill_chunk, prefix_cache)
+    ddec = Decoder(draft, len(prompts), capacity, prefill_chunk, prefix_cache)
     device = tdec.device
     seqs = [list(p) for p in prompts]
     stop = StopState(len(seqs), max_new_tokens, eos_ids, on_tokens)
@@ -106,8 +107,8 @@ def speculative_generate(
     verify_attention = SelectiveAttention(policy, measure_recall) if policy else dense_attention
 
     start = time.perf_counter()
-    first = draw(probabilities(tdec.feed(seqs), sampling), generator).tolist()
-    ddec.feed(seqs)
+    first = draw(probabilities(tdec.prefill(seqs), sampling), generator).tolist()
+    ddec.prefill(seqs)
     for b, tok in enumerate(first):
         seqs[b].append(tok)
         stop.emit(b, [tok])
@@ -134,11 +135,7 @@ def speculative_generate(
         stats.verify_s += time.perf_counter() - t2
         stats.target_forwards += 1
         if isinstance(verify_attention, SelectiveAttention):
-            sparsity, recall, recall_ctx = verify_attention.step_summary()
-            stats.sparsity.append(sparsity)
-            if recall is not None:
-                stats.recall.append(recall)
-                stats.recall_context.append(recall_ctx)  # type: ignore[arg-type]
+            verify_attention.end_step(stats)
         n_list, nxt_list, drafted_list = n_acc.tolist(), nxt.tolist(), drafted.tolist()
         for b in range(len(seqs)):
             new = drafted_list[b][: n_list[b]] + [nxt_list[b]]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import Tensor
 
 from sts.attention import dispatch
 from sts.attention.reference import attention_probs
+from sts.decoding import GenerationStats
 from sts.selection.base import SelectionPolicy
 
 
@@ -26,6 +25,7 @@ class SelectiveAttention:
         self.sparsity: dict[int, float] = {}
         self.recall: dict[int, float] = {}
         self.recall_context: dict[int, float] = {}
+        self.set_recall: dict[str, dict[int, float]] = {}
 
     def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return the verify queries' attention output for one target layer."""
@@ -42,32 +42,41 @@ class SelectiveAttention:
         return dispatch.verify_attention(q, k_cache, v_cache, start_pos, idx)
 
     def _measure(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor, idx: Tensor | None) -> None:
-        """Record mass recall of the selection against the dense attention of the same queries."""
+        """Record mass and set recall of the selection against the dense attention of the same queries."""
         probs = attention_probs(q, k_cache, start_pos)  # [B, Hq, T, N]
         b, hq, t, n = probs.shape
-        in_context = torch.arange(n, device=q.device).view(1, 1, 1, n) < start_pos.view(b, 1, 1, 1)
-        context_mass = (probs * in_context).sum(-1)
+        hkv = k_cache.shape[1]
+        in_context = torch.arange(n, device=q.device) < start_pos.view(b, 1)  # [B, N]
+        grouped = probs.reshape(b, hkv, (hq // hkv) * t, n) * in_context.view(b, 1, 1, n)
         if idx is None:
-            selected_mass = context_mass
+            chosen = in_context.view(b, 1, n).expand(b, hkv, n)
         else:
-            hkv = idx.shape[1]
-            grouped = probs.reshape(b, hkv, (hq // hkv) * t, n)
-            valid = (idx < start_pos.view(b, 1, 1)).float()
-            gathered = grouped.gather(-1, idx.clamp_max(n - 1).unsqueeze(2).expand(b, hkv, grouped.shape[2], idx.shape[-1]))
-            selected_mass = (gathered * valid.unsqueeze(2)).sum(-1).reshape(b, hq, t)
+            valid = idx < start_pos.view(b, 1, 1)
+            chosen = torch.zeros(b, hkv, n + 1, dtype=torch.bool, device=q.device)
+            chosen.scatter_(-1, torch.where(valid, idx, n).long(), True)
+            chosen = chosen[..., :n]
+        selected_mass = (grouped * chosen.unsqueeze(2)).sum(-1)
+        context_mass = grouped.sum(-1)
         self.recall[layer] = float(selected_mass.mean())
         self.recall_context[layer] = float((selected_mass / context_mass.clamp_min(1e-12)).mean())
+        # Set recall: which of the oracle's top-k rows (by mean probability per KV head) were kept.
+        importance = grouped.mean(2).masked_fill(~in_context.view(b, 1, n), -1.0)
+        budget = idx.shape[-1] if idx is not None else n
+        for name, k in (("32", 32), ("64", 64), ("budget", budget)):
+            k = min(k, n)
+            top = torch.topk(importance, k, dim=-1).indices
+            real = importance.gather(-1, top) >= 0  # sequences shorter than k: ignore padding rows
+            kept = chosen.gather(-1, top) & real
+            self.set_recall.setdefault(name, {})[layer] = float(kept.sum() / real.sum().clamp_min(1))
 
-    def step_summary(self) -> tuple[float, float | None, float | None]:
-        """Return (sparsity, recall, recall over context mass) averaged over the step's layers."""
-        mean = lambda d: sum(d.values()) / len(d) if d else None  # noqa: E731
-        return mean(self.sparsity) or 0.0, mean(self.recall), mean(self.recall_context)
-
-
-def per_layer_mean(steps: list[dict[int, float]]) -> dict[int, float]:
-    """Return the mean of per-layer values over steps."""
-    acc: dict[int, list[float]] = defaultdict(list)
-    for step in steps:
-        for layer, value in step.items():
-            acc[layer].append(value)
-    return {layer: sum(v) / len(v) for layer, v in sorted(acc.items())}
+    def end_step(self, stats: GenerationStats) -> None:
+        """Add this verification step's layer means to ``stats`` and start the next step afresh."""
+        mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+        stats.sparsity.append(mean(self.sparsity))
+        if self.recall:
+            stats.recall.append(mean(self.recall))
+            stats.recall_context.append(mean(self.recall_context))
+            stats.recall_layers.append(dict(self.recall_context))
+            for name, per_layer in self.set_recall.items():
+                stats.set_recall.setdefault(name, []).append(mean(per_layer))
+        self.sparsity, self.recall, self.recall_context, self.set_recall = {}, {}, {}, {}

@@ -1,0 +1,166 @@
+"""``sts calibrate``: map each target (layer, KV head) to the draft heads whose attention predicts it.
+
+Both models read the same calibration text densely. The last ``queries`` positions play the
+verify queries, split into rounds of ``gamma``; for every draft (layer, head) its top-k context
+rows per round (sinks and window excluded: they are always kept) are compared with what each
+target KV head really attends to: the share of its attention mass they cover (``recall``), or
+the overlap with its own top-k (``jaccard``). The best source(s) per target head win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sts.attention.backend import dense_attention
+from sts.attention.reference import attention_probs
+from sts.decoding import Decoder
+from sts.errors import STSError
+from sts.models.transformer import Transformer
+from sts.selection.mapping import HeadMapping
+
+log = logging.getLogger(__name__)
+
+Criterion = Literal["recall", "jaccard"]
+
+
+class ProbeAttention:
+    """Dense attention that keeps each layer's probabilities over the context rows (``[B, Hq, T, N]``)."""
+
+    def __init__(self) -> None:
+        self.probs: dict[int, Tensor] = {}
+
+    def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
+        """Return dense attention and record the probabilities on rows before ``start_pos``."""
+        n = int(start_pos.max())
+        self.probs[layer] = attention_probs(q, k_cache, start_pos)[..., :n]
+        return dense_attention(layer, q, k_cache, v_cache, start_pos)
+
+
+def probe(model: Transformer, tokens: Sequence[int], n_queries: int) -> Tensor:
+    """Return ``[L, Hq, Q, N]``: every layer's attention of the last ``Q`` tokens over the ``N`` before them."""
+    decoder = Decoder(model, 1, len(tokens))
+    decoder.feed([list(tokens[:-n_queries])])
+    probe_fn = ProbeAttention()
+    context = decoder.lengths
+    model.hidden(torch.tensor([list(tokens[-n_queries:])], device=decoder.device), context, probe_fn)
+    return torch.stack([probe_fn.probs[layer][0] for layer in range(model.config.n_layers)])
+
+
+def _round_max(x: Tensor, gamma: int) -> Tensor:
+    """Return ``[..., R, N]``: the max over each round of ``gamma`` consecutive queries of ``[..., Q, N]``."""
+    *lead, q, n = x.shape
+    r = q // gamma
+    return x[..., : r * gamma, :].reshape(*lead, r, gamma, n).amax(-2)
+
+
+def _round_mean(x: Tensor, gamma: int) -> Tensor:
+    """Return ``[..., R, N]``: the mean over each round of ``gamma`` consecutive queries."""
+    *lead, q, n = x.shape
+    r = q // gamma
+    return x[..., : r * gamma, :].reshape(*lead, r, gamma, n).mean(-2)
+
+
+def score_sources(
+    target_probs: Tensor, draft_probs: Tensor, n_kv_heads: int, topk: int, sink: int, window: int,
+    criterion: Criterion = "recall", gamma: int = 4,
+) -> Tensor:
+    """Return ``[Lt, Hkv, Ld * Hd]``: how well each draft head's top-k rows serve each target KV head.
+
+    ``target_probs`` is ``[Lt, Hq_t, Q, N]``, ``draft_probs`` ``[Ld, Hq_d, Q, N]`` (same queries,
+    same context). Only rows in ``[sink, N - window)`` compete, since the others are always kept.
+    """
+    lt, hq, q, n = target_probs.shape
+    lo, hi = sink, n - window
+    if hi - lo < topk:
+        raise STSError(f"calibration context too short: {n} rows leave fewer than --topk {topk} between sink and window")
+    # Target: mass per (layer, KV head, round, row), averaged over the group's heads and the round.
+    grouped = target_probs.reshape(lt, n_kv_heads, hq // n_kv_heads, q, n).mean(2)
+    mass = _round_mean(grouped, gamma)[..., lo:hi]  # [Lt, Hkv, R, M]
+    draft = _round_max(draft_probs.flatten(0, 1), gamma)[..., lo:hi]  # [S, R, M]
+    picks = torch.topk(draft, topk, dim=-1).indices  # [S, R, k]
+    if criterion == "recall":
+        total = mass.sum(-1).clamp_min(1e-12)
+        hit = torch.stack([mass.gather(-1, idx.expand(lt, n_kv_heads, *idx.shape)).sum(-1) for idx in picks])
+        return (hit / total).mean(-1).permute(1, 2, 0)
+    own = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, torch.topk(mass, topk, dim=-1).indices, True)
+    inter = torch.stack([own.gather(-1, idx.expand(lt, n_kv_heads, *idx.shape)).sum(-1).float() for idx in picks])
+    return (inter / (2 * topk - inter)).mean(-1).permute(1, 2, 0)
+
+
+def mapping_from_scores(quality: Tensor, target: Transformer, draft: Transformer, n_sources: int, criterion: str) -> HeadMapping:
+    """Return the mapping that takes, per target head, its ``n_sources`` best draft heads (weights ∝ score)."""
+    hd = draft.config.n_heads
+    best = torch.topk(quality, n_sources, dim=-1)
+    sources = []
+    for lt in range(quality.shape[0]):
+        layer = []
+        for h in range(quality.shape[1]):
+            vals, idx = best.values[lt, h], best.indices[lt, h]
+            weights = (vals / vals.sum().clamp_min(1e-12)).tolist()
+            layer.append(tuple((int(i) // hd, int(i) % hd, float(w)) for i, w in zip(idx.tolist(), weights)))
+        sources.append(tuple(layer))
+    return HeadMapping(
+        sources=tuple(sources),
+        combine="max" if n_sources == 1 else "sum",
+        target=target.config.identity(),
+        draft=draft.config.identity(),
+        criterion=criterion,
+        quality=tuple(tuple(float(x) for x in row) for row in best.values[..., 0]),
+    )
+
+
+def calibrate(
+    target: Transformer, draft: Transformer, texts: Sequence[Sequence[int]], *, criterion: Criterion = "recall",
+    topk: int = 256, n_sources: int = 1, n_queries: int = 32, sink: int = 4, window: int = 64, gamma: int = 4,
+    progress: bool = True,
+) -> HeadMapping:
+    """Return the calibrated head mapping for a pair, from token sequences of calibration text."""
+    if n_sources < 1:
+        raise STSError(f"--sources must be >= 1, got {n_sources}")
+    if n_queries < gamma:
+        raise STSError(f"--queries must be at least gamma ({gamma})")
+    total: Tensor | None = None
+    for tokens in tqdm(texts, desc="calibrate", disable=not progress, file=None):
+        if len(tokens) <= n_queries + topk + sink + window:
+            raise STSError(f"a calibration text of {len(tokens)} tokens is too short for --topk {topk}")
+        score = score_sources(
+            probe(target, tokens, n_queries), probe(draft, tokens, n_queries), target.config.n_kv_heads,
+            topk, sink, window, criterion, gamma,
+        )
+        total = score if total is None else total + score
+    if total is None:
+        raise STSError("no calibration text given")
+    return mapping_from_scores(total / len(texts), target, draft, n_sources, criterion)
+
+
+def calibrate_files(args: argparse.Namespace) -> Path:
+    """Run ``sts calibrate`` from parsed arguments; return the written mapping's path."""
+    from sts.models.loading import parse_dtype
+    from sts.runner import load_pair
+
+    target, draft = load_pair(args.target, args.draft, parse_dtype(args.dtype), args.device)
+    assert draft is not None
+    if target.tokenizer is None:
+        raise STSError("calibration needs the target's tokenizer to read --text-file")
+    texts = []
+    for name in args.text_file:
+        try:
+            text = Path(name).read_text(errors="replace")
+        except OSError as exc:
+            raise STSError(f"cannot read {name}: {exc.strerror}") from None
+        texts.append(target.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context])
+    mapping = calibrate(
+        target.model, draft.model, texts, criterion=args.criterion, topk=args.topk, n_sources=args.sources,
+        n_queries=args.queries, sink=args.sink, window=args.window,
+    )
+    mapping.save(args.out)
+    mean_quality = sum(sum(r) for r in mapping.quality or ()) / max(1, sum(len(r) for r in mapping.quality or ()))
+    print(f"wrote {args.out}: {args.criterion} mean {mean_quality:.3f} over {len(texts)} texts")
+    return Path(args.out)

@@ -29,6 +29,11 @@ class SelectiveAttention:
 
     def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return the verify queries' attention output for one target layer."""
+        idx = self.observe(layer, q, k_cache, start_pos)
+        return dispatch.verify_attention(q, k_cache, v_cache, start_pos, idx)
+
+    def observe(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
+        """Return the policy's rows for this layer (None: dense), recording sparsity and recall."""
         dense = layer < self.policy.config.dense_layers
         idx = None if dense else self.policy.select(layer, q, k_cache, start_pos)
         ctx = start_pos.float().clamp_min(1)
@@ -39,7 +44,7 @@ class SelectiveAttention:
             self.sparsity[layer] = float((1 - valid / ctx.view(-1, 1)).mean())
         if self.measure_recall:
             self._measure(layer, q, k_cache, start_pos, idx)
-        return dispatch.verify_attention(q, k_cache, v_cache, start_pos, idx)
+        return idx
 
     def _measure(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor, idx: Tensor | None) -> None:
         """Record mass and set recall of the selection against the dense attention of the same queries."""
@@ -80,3 +85,20 @@ class SelectiveAttention:
             for name, per_layer in self.set_recall.items():
                 stats.set_recall.setdefault(name, []).append(mean(per_layer))
         self.sparsity, self.recall, self.recall_context, self.set_recall = {}, {}, {}, {}
+
+
+class ShadowAttention:
+    """Dense attention that lets several policies choose rows on the same queries, for a fair comparison.
+
+    Every policy sees exactly the queries of the dense target (no policy's errors feed into
+    the next layer), so recall differences come from the selections alone.
+    """
+
+    def __init__(self, observers: dict[str, SelectiveAttention]) -> None:
+        self.observers = observers
+
+    def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
+        """Return dense attention after every observer has selected and measured its rows."""
+        for observer in self.observers.values():
+            observer.observe(layer, q, k_cache, start_pos)
+        return dispatch.verify_attention(q, k_cache, v_cache, start_pos, None)

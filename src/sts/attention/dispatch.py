@@ -1,0 +1,40 @@
+"""Pick the Triton kernels for CUDA tensors (or anywhere under ``TRITON_INTERPRET=1``), else the PyTorch references."""
+
+from __future__ import annotations
+
+import os
+from importlib.util import find_spec
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from sts.attention import reference, scores
+from sts.attention.scores import Aggregate
+
+
+def use_triton(t: Tensor) -> bool:
+    """Return whether the Triton kernels serve tensors on ``t``'s device."""
+    return find_spec("triton") is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def verify_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor, indices: Tensor | None = None
+) -> Tensor:
+    """Return ``[B, Hq, T, D]`` attention over the selected context rows (all of them if ``indices`` is None) and, causally, the new rows."""
+    if use_triton(q):
+        from sts.attention.triton_verify import sparse_verify_attention
+
+        return sparse_verify_attention(q, k_cache, v_cache, start_pos, indices)
+    if indices is None:
+        return reference.dense_attention(q, k_cache, v_cache, start_pos)
+    return reference.sparse_attention(q, k_cache, v_cache, start_pos, indices)
+
+
+def score_context(q: Tensor, k_cache: Tensor, start_pos: Tensor, aggregate: Aggregate = "max") -> Tensor:
+    """Return ``[B, Hq, S]`` float32 context scores, ``-inf`` at and past ``start_pos[b]`` (static width S on every path)."""
+    if use_triton(q):
+        from sts.attention.triton_scores import context_scores_triton
+
+        return context_scores_triton(q, k_cache, start_pos, aggregate)
+    ref = scores.context_scores(q, k_cache, start_pos, aggregate)
+    return F.pad(ref, (0, k_cache.shape[2] - ref.shape[-1]), value=float("-inf"))

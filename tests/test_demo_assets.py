@@ -199,22 +199,15 @@ def test_unknown_role() -> None:
         demo.ensure_demo_model("oracle")
 
 
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Return the cache for real-weight tests: a pre-set STS_CACHE (reused across runs), else a tmp dir."""
-    configured = os.environ.get("STS_CACHE")
-    return Path(configured) if configured else tmp_path_factory.mktemp("sts-cache")
-
-
 @pytest.mark.slow
-def test_smollm2_converts_to_an_equal_hf_model(shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smollm2_converts_to_an_equal_hf_model(sts_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setenv("STS_CACHE", str(shared_cache))
+    monkeypatch.setenv("STS_CACHE", str(sts_cache_dir))
     out_dir = demo.ensure_model(demo.SMOLLM2)
 
-    assert out_dir == shared_cache / "hf" / demo.SMOLLM2.name
+    assert out_dir == sts_cache_dir / "hf" / demo.SMOLLM2.name
     config = json.loads((out_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["num_hidden_layers"] == 30

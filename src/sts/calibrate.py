@@ -155,7 +155,8 @@ def calibrate_files(args: argparse.Namespace) -> Path:
             text = Path(name).read_text(errors="replace")
         except OSError as exc:
             raise STSError(f"cannot read {name}: {exc.strerror}") from None
-        texts.append(target.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context])
+        ids = target.tokenizer(text, add_special_tokens=False)["input_ids"]
+        texts.append(ids[args.skip_tokens : args.skip_tokens + args.context])
     mapping = calibrate(
         target.model, draft.model, texts, criterion=args.criterion, topk=args.topk, n_sources=args.sources,
         n_queries=args.queries, sink=args.sink, window=args.window,

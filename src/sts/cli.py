@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--topk", type=int, default=256, help="size of the token sets compared")
     c.add_argument("--sources", type=int, default=1, help="draft heads per target head (weighted ensemble if > 1)")
     c.add_argument("--context", type=int, default=2048, help="tokens of each text used")
+    c.add_argument("--skip-tokens", type=int, default=0, help="tokens skipped at the start of each text (headers)")
     c.add_argument("--queries", type=int, default=32, help="last positions whose attention is compared")
     c.add_argument("--sink", type=int, default=4)
     c.add_argument("--window", type=int, default=64)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sts.attention import dispatch
 from sts.attention.reference import dense_mask
 
 
@@ -44,6 +45,17 @@ def dense_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -
     return out.reshape(b, hq, t, d)
 
 
+#: Up to this many new tokens per sequence (decode, verification), CUDA uses the split-KV Triton kernel.
+KERNEL_MAX_TOKENS = 16
+
+
 def dense_attention(layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
-    """Return dense causal attention for any layer: the model's default :data:`AttentionFn`."""
+    """Return dense causal attention for any layer: the model's default :data:`AttentionFn`.
+
+    Decode and verification steps on the GPU go through our split-KV kernel (no host sync, so
+    they can be captured in a CUDA graph; stock SDPA has no split-KV path for several queries);
+    prefill chunks and CPU runs use PyTorch's fused SDPA.
+    """
+    if q.shape[2] <= KERNEL_MAX_TOKENS and q.is_cuda and dispatch.use_triton(q):
+        return dispatch.verify_attention(q, k_cache, v_cache, start_pos, None)
     return dense_sdpa(q, k_cache, v_cache, start_pos)

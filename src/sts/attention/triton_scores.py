@@ -52,9 +52,9 @@ def _score_logits(q_t, k_base, stride_ks, keys, ok, d, qk_scale, PRECISION: tl.c
 def _score_stats_kernel(
     q_ptr, k_ptr, start_ptr, m_part_ptr, l_part_ptr,
     stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
-    n_kv_heads, qk_scale,
+    n_kv_heads, qk_scale, n_splits,
     GQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -64,7 +64,7 @@ def _score_stats_kernel(
     q_t, _ = _score_queries(q_ptr, b, h, stride_qb, stride_qh, stride_qg, d, GQ, G, G_P, BLOCK_M)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     start = tl.load(start_ptr + b).to(tl.int32)
-    lo, hi = split_range(start, split, NUM_SPLITS, BLOCK_N)
+    lo, hi = split_range(start, split, n_splits, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for n0 in tl.range(lo, hi, BLOCK_N):
@@ -73,7 +73,7 @@ def _score_stats_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 0))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[None, :]), 0)
         m_i = m_new
-    part = (bh * NUM_SPLITS + split) * BLOCK_M + tl.arange(0, BLOCK_M)
+    part = (bh * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
     tl.store(m_part_ptr + part, m_i)
     tl.store(l_part_ptr + part, l_i)
 
@@ -82,9 +82,9 @@ def _score_stats_kernel(
 def _score_probs_kernel(
     q_ptr, k_ptr, start_ptr, m_part_ptr, l_part_ptr, out_ptr,
     stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks, stride_ob, stride_oh,
-    n_kv_heads, seq_len, qk_scale,
+    n_kv_heads, seq_len, qk_scale, n_splits,
     GQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     MEAN: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
@@ -98,9 +98,9 @@ def _score_probs_kernel(
 
     # Every program merges all splits' statistics itself: a few KB from L2, one launch fewer.
     sp = tl.arange(0, BLOCK_S)
-    part = (bh * NUM_SPLITS + sp[:, None]) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-    m_all = tl.load(m_part_ptr + part, mask=sp[:, None] < NUM_SPLITS, other=float("-inf"))
-    l_all = tl.load(l_part_ptr + part, mask=sp[:, None] < NUM_SPLITS, other=0.0)
+    part = (bh * n_splits + sp[:, None]) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    m_all = tl.load(m_part_ptr + part, mask=sp[:, None] < n_splits, other=float("-inf"))
+    l_all = tl.load(l_part_ptr + part, mask=sp[:, None] < n_splits, other=0.0)
     m_max = tl.max(m_all, 0)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     lse = m_safe + tl.log2(tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0))
@@ -108,7 +108,7 @@ def _score_probs_kernel(
     heads = tl.arange(0, BLOCK_M // G_P)
     out_base = out_ptr + b * stride_ob + (h * GQ + heads)[None, :] * stride_oh
     head_ok = (heads < GQ)[None, :]
-    lo, hi = split_range(start, split, NUM_SPLITS, BLOCK_N)
+    lo, hi = split_range(start, split, n_splits, BLOCK_N)
     for n0 in tl.range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         ok = offs < hi
@@ -118,7 +118,7 @@ def _score_probs_kernel(
         agg = tl.sum(p, 2) / G if MEAN else tl.max(p, 2)
         tl.store(out_base + offs[:, None], agg, mask=ok[:, None] & head_ok)
     # Rows at and past start_pos[b] score -inf; the splits share them out as they share the context.
-    lo, hi = split_range(seq_len - start, split, NUM_SPLITS, BLOCK_N)
+    lo, hi = split_range(seq_len - start, split, n_splits, BLOCK_N)
     for n0 in tl.range(start + lo, start + hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         neg = tl.full([BLOCK_N, BLOCK_M // G_P], float("-inf"), tl.float32)
@@ -162,15 +162,15 @@ def context_scores_triton(
     l_part = torch.empty_like(m_part)
     out = torch.empty(b, hq, seq_len, device=q.device, dtype=torch.float32)
     common = dict(
-        GQ=gq, G=g, G_P=g_p, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n, NUM_SPLITS=n_splits,
+        GQ=gq, G=g, G_P=g_p, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     grid = (b * hkv, n_splits)
     strides = (*q.stride()[:3], *k_cache.stride()[:3])
     qk_scale = LOG2E / math.sqrt(d)
-    _score_stats_kernel[grid](q, k_cache, start_pos, m_part, l_part, *strides, hkv, qk_scale, **common)
+    _score_stats_kernel[grid](q, k_cache, start_pos, m_part, l_part, *strides, hkv, qk_scale, n_splits, **common)
     _score_probs_kernel[grid](
         q, k_cache, start_pos, m_part, l_part, out, *strides, out.stride(0), out.stride(1),
-        hkv, seq_len, qk_scale, BLOCK_S=triton.next_power_of_2(n_splits), MEAN=aggregate == "mean", **common,
+        hkv, seq_len, qk_scale, n_splits, BLOCK_S=triton.next_power_of_2(n_splits), MEAN=aggregate == "mean", **common,
     )  # fmt: skip
     return out

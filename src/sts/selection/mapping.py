@@ -14,8 +14,9 @@ from sts.models.config import ModelConfig
 
 FORMAT_VERSION = 1
 
-#: One source: (draft layer, draft query head, weight).
+#: One source: (draft layer, draft query head, weight); head -1 is the max over all the layer's heads.
 Source = tuple[int, int, float]
+ALL_HEADS = -1
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,7 @@ class HeadMapping:
         sources = []
         for layer in range(target.n_layers):
             dl = layer * draft.n_layers // target.n_layers
-            every_head = tuple((dl, h, 1.0) for h in range(draft.n_heads))
-            sources.append(tuple(every_head for _ in range(target.n_kv_heads)))
+            sources.append(tuple(((dl, ALL_HEADS, 1.0),) for _ in range(target.n_kv_heads)))
         return cls(tuple(sources), "max", target.identity(), draft.identity())
 
     def check_pair(self, target: ModelConfig, draft: ModelConfig) -> None:
@@ -57,7 +57,7 @@ class HeadMapping:
                 )
         shape_ok = len(self.sources) == target.n_layers and all(len(layer) == target.n_kv_heads for layer in self.sources)
         in_range = all(
-            0 <= dl < draft.n_layers and 0 <= dh < draft.n_heads
+            0 <= dl < draft.n_layers and ALL_HEADS <= dh < draft.n_heads
             for layer in self.sources for head in layer for dl, dh, _ in head
         )
         if not (shape_ok and in_range and self.combine in ("max", "sum")):

@@ -46,17 +46,25 @@ class STSPolicy(SelectionPolicy):
         return self.mapping.draft_layers()
 
     def prepare(self, ctx: RoundContext) -> None:
-        """Score the context once per round for every mapped draft layer: ``[L_used, B, Hq_draft, N]``."""
+        """Score the context once per round for every mapped draft layer: ``[L_used, B, Hq_draft + 1, N]``.
+
+        The extra last head slot holds the max over the layer's heads, which source head -1
+        (:data:`~sts.selection.mapping.ALL_HEADS`) reads, so a whole-layer source costs one row.
+        """
         super().prepare(ctx)
         assert ctx.draft is not None
-        self.draft_scores = torch.stack([
+        device = ctx.start_pos.device
+        if self._index[0][0].device != device:  # moved once, before any CUDA-graph capture
+            self._index = [tuple(t.to(device) for t in index) for index in self._index]
+        per_layer = [
             dispatch.score_context(ctx.draft_queries[dl], ctx.draft.layers[dl].self_attn.cache.k, ctx.start_pos, self.aggregate)
             for dl in self.layer_pos
-        ])
+        ]
+        self.draft_scores = torch.stack([torch.cat([s, s.amax(1, keepdim=True)], dim=1) for s in per_layer])
 
     def scores(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return ``[B, Hkv, N]``: the mapped draft heads' scores, combined per target KV head."""
-        slot, head, weight = (t.to(self.draft_scores.device) for t in self._index[layer])
+        slot, head, weight = self._index[layer]
         picked = self.draft_scores[slot, :, head]  # [Hkv, M, B, N]
         if self.mapping.combine == "max":
             combined = picked.amax(1)

@@ -1,0 +1,26 @@
+"""``sts bench``: the GPU benchmarks, each a module with its own ``main(argv)`` and options."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from sts.errors import STSError
+
+#: Benchmark name -> module exposing ``main(argv)``.
+BENCHMARKS = {"kernels": "sts.bench.kernels", "e2e": "sts.bench.e2e"}
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """Add the benchmark choice; its own options follow it (``sts bench e2e --help``)."""
+    p.add_argument("bench", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
+
+
+def run_bench_cli(args: argparse.Namespace) -> None:
+    """Run the chosen benchmark with its options."""
+    import torch
+
+    if not torch.cuda.is_available() and args.options not in (["--help"], ["-h"]):
+        raise STSError("sts bench measures GPU speed and needs a CUDA device")
+    importlib.import_module(BENCHMARKS[args.bench]).main(args.options)

@@ -1,0 +1,95 @@
+"""The ``sts`` command line: JSON output against transformers, and bad input as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import hf_config, hf_model
+from sts.cli import main
+from sts.selection import HeadMapping
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Return paths of a tiny target, a draft with the same vocabulary, and one with another vocabulary."""
+    root = tmp_path_factory.mktemp("ckpt")
+    target = hf_model(hf_config("llama", layers=2), seed=0)
+    target.save_pretrained(root / "target")
+    hf_model(hf_config("llama", layers=1), seed=1).save_pretrained(root / "draft")
+    hf_model(hf_config("llama", vocab=80, layers=1), seed=2).save_pretrained(root / "other")
+    return {"target": str(root / "target"), "draft": str(root / "draft"), "other": str(root / "other"), "hf": target,
+            "root": root}
+
+
+def run_json(capsys, argv):
+    assert main(argv + ["--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out  # stdout holds exactly one record
+    return json.loads(out[0])
+
+
+def test_generate_json_matches_transformers(capsys, checkpoints):
+    prompt = [5, 6, 7, 8, 9, 10]
+    ref = checkpoints["hf"].generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                     pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    base = ["generate", "--target", checkpoints["target"], "--draft", checkpoints["draft"],
+            "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "12"]
+    ar = run_json(capsys, base + ["--method", "autoregressive"])
+    assert ar["tokens"] == ref and ar["stats"]["new_tokens"] == 12 and ar["stats"]["acceptance_length"] == 1
+    spec = run_json(capsys, base + ["--method", "speculative", "--gamma", "3"])
+    assert spec["tokens"] == ref and spec["stats"]["acceptance_length"] >= 1
+    assert "text" not in spec  # no tokenizer in this checkpoint
+    sts = run_json(capsys, base + ["--method", "sts", "--budget", "4", "--sink", "1", "--window", "1", "--measure-recall"])
+    assert len(sts["tokens"]) == 12
+    stats = sts["stats"]
+    assert stats["sparsity"] > 0 and 0 < stats["recall"] <= 1 and stats["verify_s"] > 0
+    full = run_json(capsys, base + ["--method", "quest", "--budget", "64", "--window", "8"])
+    assert full["tokens"] == ref and full["stats"]["sparsity"] == 0
+
+
+def bad(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sts: error:") and "\n" not in err and message in err, err
+
+
+def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
+    t, d = checkpoints["target"], checkpoints["draft"]
+    gen = ["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
+    bad(capsys, gen + ["--target", str(tmp_path / "missing")], "does not exist")
+    bad(capsys, gen + ["--target", str(tmp_path)], "not a model directory")
+    bad(capsys, gen + ["--target", t, "--draft", checkpoints["other"]], "vocabulary")
+    bad(capsys, ["generate", "--target", t, "--prompt-ids", ",".join(["1"] * 1100), "--method", "autoregressive"],
+        "exceeds the context")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--gamma", "0"], "gamma")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--budget", "16", "--window", "64"], "exceed the budget")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--budget", "-3"], "budget must be > 0")
+    corrupt = tmp_path / "map.json"
+    corrupt.write_text("{oops")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--mapping", str(corrupt)], "not valid JSON")
+    from sts.models.loading import load_model
+
+    other_pair = HeadMapping.default(load_model(d)[0].config, load_model(d)[0].config)
+    other_pair.save(corrupt)
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--mapping", str(corrupt)], "mapping was made for")
+    bad(capsys, ["generate", "--target", t, "--prompt", "hello", "--method", "autoregressive"], "no tokenizer")
+    bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,x", "--method", "autoregressive"], "comma-separated")
+    bad(capsys, ["generate", "--target", t, "--prompt-file", str(tmp_path / "nofile"), "--method", "autoregressive"],
+        "cannot read prompt file")
+    bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,999", "--method", "autoregressive"], "token ids")
+    bad(capsys, gen + ["--target", t, "--method", "speculative"], "needs a --draft")
+
+
+def test_the_installed_command_exits_non_zero_without_a_traceback(checkpoints, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sts.cli", "generate", "--target", str(tmp_path / "nope"), "--prompt-ids", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().startswith("sts: error:") and "Traceback" not in proc.stderr

@@ -1,0 +1,105 @@
+"""`sts eval` end to end on a tiny random pair with a real tokenizer, resuming, and recall by brute force."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import hf_config, hf_model
+from sts.cli import main
+from sts.selection import SelectionConfig
+from sts.selection.attend import SelectiveAttention
+from sts.selection.base import SelectionPolicy
+
+
+class FixedRows(SelectionPolicy):
+    """A policy that returns given rows (for checking the recall arithmetic)."""
+
+    name = "fixed"
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        super().__init__(SelectionConfig(budget=rows.shape[-1], sink=0, window=0))
+        self.rows = rows
+
+    def scores(self, layer, q, k_cache, start_pos):  # pragma: no cover - select() is overridden
+        raise AssertionError
+
+    def select(self, layer, q, k_cache, start_pos):
+        return self.rows
+
+
+def test_recall_equals_brute_force():
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, t, d, s = 2, 4, 2, 3, 8, 30
+    q, k = torch.randn(b, hq, t, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    start = torch.tensor([20, 12])
+    rows = torch.tensor([[[0, 5, 7, 19, 25], [1, 2, 3, 4, 5]], [[0, 11, 3, 14, 29], [6, 7, 8, 9, 10]]])
+    observer = SelectiveAttention(FixedRows(rows), measure_recall=True)
+    observer.observe(0, q, k, start)
+    mass, ratio, n = 0.0, 0.0, 0
+    for bi in range(b):
+        for h in range(hq):
+            kv = h // (hq // hkv)
+            chosen = {int(r) for r in rows[bi, kv] if r < start[bi]}
+            for ti in range(t):
+                visible = int(start[bi]) + ti + 1
+                p = torch.softmax(q[bi, h, ti] @ k[bi, kv, :visible].T / math.sqrt(d), -1)
+                m = float(sum(p[r] for r in chosen))
+                mass += m
+                ratio += m / float(p[: int(start[bi])].sum())
+                n += 1
+    assert observer.recall[0] == pytest.approx(mass / n, rel=1e-5)
+    assert observer.recall_context[0] == pytest.approx(ratio / n, rel=1e-5)
+    expected_sparsity = 1 - (4 / 20 + 5 / 20 + 3 / 12 + 5 / 12) / 4  # row 14 is past sequence 1's context
+    assert float(observer.sparsity[0]) == pytest.approx(expected_sparsity)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair_with_tokenizer(tmp_path_factory, sts_cache_dir):
+    """Return (target dir, draft dir): tiny random Llamas sharing SmolLM2's real tokenizer."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from sts.models import demo
+
+    os.environ.setdefault("STS_CACHE", str(sts_cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(demo.ensure_model(demo.SMOLLM2, progress=False))
+    root = tmp_path_factory.mktemp("pair")
+    for name, layers, seed in (("target", 2, 0), ("draft", 1, 1)):
+        hf_model(hf_config("llama", vocab=len(tokenizer), layers=layers, hidden=32), seed=seed).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return str(root / "target"), str(root / "draft")
+
+
+def test_eval_runs_end_to_end_and_resumes(tiny_pair_with_tokenizer, tmp_path, capsys):
+    target, draft = tiny_pair_with_tokenizer
+    out = tmp_path / "eval"
+    base = ["eval", "--target", target, "--draft", draft, "--tasks", "needle,qa,perplexity", "--lengths", "400",
+            "--depths", "0.5", "--methods", "autoregressive,speculative,sts,streaming,oracle", "--sink", "2",
+            "--window", "8", "--max-new-tokens", "6", "--ppl-tokens", "12", "--out", str(out)]
+    assert main(base + ["--budgets", "32"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    keys = {r["key"] for r in records}
+    assert len(records) == len(keys) == 3 * 5  # 3 samples x (2 dense + 3 sparse at one budget)
+    sparse = [r for r in records if r["method"] == "sts" and r["task"] != "perplexity"]
+    assert all(0 < r["sparsity"] < 1 and 0 < r["recall"] <= 1 for r in sparse)
+    assert all(len(r["recall_per_layer"]) == 2 for r in sparse)
+    ppl = [r for r in records if r["task"] == "perplexity"]
+    assert all(r["nll"] > 0 and r["nll_dense"] > 0 for r in ppl)
+    assert [r["nll"] for r in ppl if r["method"] == "speculative"] == [ppl[0]["nll_dense"]]
+    dense = {r["task"]: r["tokens"] for r in records if r["method"] == "autoregressive"}
+    assert [r["agreement"] for r in records if r["method"] == "speculative"] == [1.0, 1.0, None]  # lossless
+    assert len(dense["needle"]) == len(dense["qa"]) == 6
+    report = (out / "report.md").read_text()
+    assert "| sts" in report and "recall_vs_budget.png" in report
+    assert (out / "recall_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    # Resuming: nothing new for the same grid; only the new budget's runs for a larger one.
+    assert main(base + ["--budgets", "32"]) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 15
+    assert main(base + ["--budgets", "32,64"]) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 15 + 3 * 3
+    capsys.readouterr()

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="fetch the offline demo pair and compare decoding methods on real text")
     d.add_argument("--prompt-tokens", type=int, default=2048, help="length of the demo prompt")
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--max-new-tokens", type=int, default=96)
     d.add_argument("--gamma", type=int, default=4)
     d.add_argument("--budget", type=_budget, default=256.0, help="STS budget (rows per KV head)")
     d.add_argument("--device", default="cpu")

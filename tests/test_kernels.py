@@ -171,12 +171,12 @@ def _run_all(device: str) -> dict[str, dict[str, float] | str]:
     results: dict[str, dict[str, float] | str] = {}
     jobs = [(_case_id("verify", c), check_verify, c) for c in VERIFY]
     jobs += [(_case_id("scores", c), check_scores, c) for c in SCORES]
+    jobs.append(("dispatch", lambda _, device: check_dispatch(device), None))
     for name, fn, c in jobs:
         try:
             results[name] = fn(c, device)
         except Exception as e:  # reported per case by the test that owns it
             results[name] = f"{type(e).__name__}: {e}"
-    results["dispatch"] = check_dispatch(device)
     return results
 
 

@@ -16,7 +16,8 @@ from sts.errors import STSError
 from sts.selection import REGISTRY, HeadMapping, RoundContext, SelectionConfig, make_policy
 from sts.selection.attend import SelectiveAttention, ShadowAttention
 from sts.selection.base import topk_rows
-from sts.speculative import QueryRecorder, speculative_generate
+from sts.attention.backend import QueryRecorder
+from sts.speculative import speculative_generate
 
 G = torch.Generator().manual_seed(0)
 
@@ -299,3 +300,42 @@ def test_mapping_files_round_trip_and_refuse_other_pairs(tmp_path, tiny_pair):
         HeadMapping.load(path)
     with pytest.raises(STSError, match="does not exist"):
         HeadMapping.load(tmp_path / "missing.json")
+
+
+def test_block_rows_match_brute_force():
+    from sts.prefill import PrefillConfig, block_rows
+
+    scores = torch.randn(1, 2, 100, generator=G)
+    start = torch.tensor([90])
+    rows = block_rows(scores, start, PrefillConfig(budget=40, block=8), sink=1, window=8)
+    for h in range(2):
+        chosen = {int(r) for r in rows[0, h] if r < 90}
+        blocks = {r // 8 for r in chosen}
+        assert {0, 11} <= blocks and len(blocks) == 5  # sink block, local block (rows 88-89), 3 more
+        best = sorted(range(1, 11), key=lambda i: -float(scores[0, h, i * 8 : i * 8 + 8].max()))[:3]
+        assert blocks == {0, 11, *best}
+        assert chosen == {r for blk in blocks for r in range(blk * 8, min(blk * 8 + 8, 90))}
+
+
+def test_sparse_prefill_with_a_covering_budget_equals_dense(tiny_pair):
+    from sts.prefill import PrefillConfig
+
+    _, target, draft = tiny_pair
+    prompts = [list(range(1, 90)), [9, 8, 7] * 40]
+    dense = speculative_generate(target, draft, prompts, 12, gamma=3, prefill_chunk=32)
+    same = speculative_generate(target, draft, prompts, 12, gamma=3, prefill_chunk=32, prefill=PrefillConfig(budget=128, block=16))
+    assert same.tokens == dense.tokens
+    from sts.prefill import sparse_prefill
+    from sts.selection.sts import STSPolicy
+
+    def first_logits(budget):
+        tdec, ddec = Decoder(target, 2, 150, prefill_chunk=32), Decoder(draft, 2, 150, prefill_chunk=32)
+        if budget is None:
+            return tdec.feed(prompts)
+        config = SelectionConfig(budget=32, sink=2, window=8)
+        policy = STSPolicy(config, HeadMapping.default(target.config, draft.config))
+        return sparse_prefill(tdec, ddec, prompts, policy, PrefillConfig(budget=budget, block=16), config)
+
+    dense_logits = first_logits(None)
+    torch.testing.assert_close(first_logits(128), dense_logits, atol=1e-4, rtol=1e-4)
+    assert (first_logits(32) - dense_logits).abs().max() > 1e-3  # blocks were really skipped

@@ -41,12 +41,21 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=64, help="last rows always kept (default 64)")
     p.add_argument("--dense-layers", type=int, default=0, help="first target layers that stay dense")
     p.add_argument("--mapping", help="head-mapping JSON from `sts calibrate` (STS only)")
+    p.add_argument("--sparse-prefill", action="store_true", help="draft-chosen key blocks for the target's prefill too")
+    p.add_argument("--prefill-budget", type=int, default=1024, help="context rows per KV head in sparse prefill")
+    p.add_argument("--prefill-block", type=int, default=64, help="rows per block in sparse prefill")
 
 
 def _selection(args: argparse.Namespace):
     from sts.selection import SelectionConfig
 
     return SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
+
+
+def _prefill(args: argparse.Namespace):
+    from sts.prefill import PrefillConfig
+
+    return PrefillConfig(args.prefill_budget, args.prefill_block) if args.sparse_prefill else None
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
@@ -93,6 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = run_method(
         args.method, target, draft, [prompt], args.max_new_tokens, gamma=args.gamma, sampling=sampling,
         selection=selection, mapping=args.mapping, measure_recall=args.measure_recall, on_tokens=stream, seed=args.seed,
+        prefill=_prefill(args),
     )
     tokens = result.tokens[0]
     stats = result.stats.summary()

@@ -11,6 +11,7 @@ from sts.decoding import GenerationResult, PrefixCache, StreamCallback, generate
 from sts.errors import STSError
 from sts.models.loading import load_model
 from sts.models.transformer import Transformer
+from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
 from sts.selection import REGISTRY, SelectionConfig, make_policy
 from sts.speculative import check_pair, speculative_generate
@@ -74,8 +75,12 @@ def run_method(
     on_tokens: StreamCallback | None = None,
     seed: int | None = None,
     prefix_cache: PrefixCache | None = None,
+    prefill: PrefillConfig | None = None,
 ) -> GenerationResult:
-    """Return the generation of ``method`` (autoregressive, speculative or a selection policy)."""
+    """Return the generation of ``method`` (autoregressive, speculative or a selection policy).
+
+    ``prefill`` makes the target's prefill sparse (speculative methods only).
+    """
     if method not in methods():
         raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
     device = target.model.embed_tokens.weight.device
@@ -83,6 +88,8 @@ def run_method(
     generator.manual_seed(0 if seed is None else seed)
     eos = eos_ids(target)
     if method == "autoregressive":
+        if prefill is not None:
+            raise STSError("--sparse-prefill needs a draft: use a speculative method")
         return generate(target.model, prompts, max_new_tokens, sampling, eos, on_tokens, generator, prefix_cache=prefix_cache)
     if draft is None:
         raise STSError(f"--method {method} needs a --draft model")
@@ -91,5 +98,6 @@ def run_method(
         policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping)
     return speculative_generate(
         target.model, draft.model, prompts, max_new_tokens, gamma, sampling, eos,
-        policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, generator=generator, prefix_cache=prefix_cache,
+        policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, generator=generator,
+        prefix_cache=None if prefill else prefix_cache, prefill=prefill,
     )

@@ -14,33 +14,16 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from sts.attention.backend import dense_attention
+from sts.attention.backend import QueryRecorder, dense_attention
 from sts.decoding import Decoder, GenerationResult, PrefixCache, GenerationStats, StopState, StreamCallback, context_capacity, synchronize
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 from sts.sampling import SamplingConfig, draw, probabilities
 from sts.selection.attend import SelectiveAttention
-from sts.selection.base import RoundContext, SelectionPolicy
-
-
-class QueryRecorder:
-    """Dense attention that also keeps the queries of chosen layers (the draft's scoring input)."""
-
-    def __init__(self, layers: Sequence[int]) -> None:
-        self.layers = set(layers)
-        self.queries: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}
-
-    def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
-        """Return dense attention, recording ``q`` when ``layer`` is one of the chosen layers."""
-        if layer in self.layers:
-            self.queries[layer].append(q)
-        return dense_attention(layer, q, k_cache, v_cache, start_pos)
-
-    def take(self) -> dict[int, Tensor]:
-        """Return and clear the recorded queries, ``[B, Hq, steps, D]`` per layer."""
-        out = {layer: torch.cat(qs, dim=2) for layer, qs in self.queries.items() if qs}
-        self.queries = {layer: [] for layer in self.layers}
-        return out
+from sts.prefill import PrefillConfig, sparse_prefill
+from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
+from sts.selection.mapping import HeadMapping
+from sts.selection.sts import STSPolicy
 
 
 def check_pair(target: Transformer, draft: Transformer, target_tokenizer=None, draft_tokenizer=None) -> None:
@@ -90,8 +73,12 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     prefill_chunk: int = 512,
     prefix_cache: PrefixCache | None = None,
+    prefill: PrefillConfig | None = None,
 ) -> GenerationResult:
-    """Return continuations decoded speculatively; with ``policy``, verification reads only selected rows."""
+    """Return continuations decoded speculatively; with ``policy``, verification reads only selected rows.
+
+    With ``prefill``, the target's prefill is sparse too (draft-chosen key blocks, see :mod:`sts.prefill`).
+    """
     if gamma < 1:
         raise STSError(f"gamma must be >= 1, got {gamma}")
     check_pair(target, draft)
@@ -107,8 +94,14 @@ def speculative_generate(
     verify_attention = SelectiveAttention(policy, measure_recall) if policy else dense_attention
 
     start = time.perf_counter()
-    first = draw(probabilities(tdec.prefill(seqs), sampling), generator).tolist()
-    ddec.prefill(seqs)
+    if prefill is None:
+        first_logits = tdec.prefill(seqs)
+        ddec.prefill(seqs)
+    else:
+        selection = policy.config if policy is not None else SelectionConfig()
+        scorer = policy if isinstance(policy, STSPolicy) else STSPolicy(selection, HeadMapping.default(target.config, draft.config))
+        first_logits = sparse_prefill(tdec, ddec, seqs, scorer, prefill, selection)
+    first = draw(probabilities(first_logits, sampling), generator).tolist()
     for b, tok in enumerate(first):
         seqs[b].append(tok)
         stop.emit(b, [tok])

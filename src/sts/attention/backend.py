@@ -8,7 +8,7 @@ measurement are all such functions; the model code never changes.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,3 +59,23 @@ def dense_attention(layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, sta
     if q.shape[2] <= KERNEL_MAX_TOKENS and q.is_cuda and dispatch.use_triton(q):
         return dispatch.verify_attention(q, k_cache, v_cache, start_pos, None)
     return dense_sdpa(q, k_cache, v_cache, start_pos)
+
+
+class QueryRecorder:
+    """Dense attention that also keeps the queries of chosen layers (the draft's scoring input)."""
+
+    def __init__(self, layers: Sequence[int]) -> None:
+        self.layers = set(layers)
+        self.queries: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}
+
+    def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
+        """Return dense attention, recording ``q`` when ``layer`` is one of the chosen layers."""
+        if layer in self.layers:
+            self.queries[layer].append(q)
+        return dense_attention(layer, q, k_cache, v_cache, start_pos)
+
+    def take(self) -> dict[int, Tensor]:
+        """Return and clear the recorded queries, ``[B, Hq, steps, D]`` per layer."""
+        out = {layer: torch.cat(qs, dim=2) for layer, qs in self.queries.items() if qs}
+        self.queries = {layer: [] for layer in self.layers}
+        return out

@@ -29,6 +29,8 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 # Programs per SM that the split count aims for: enough to hide the tail of uneven splits.
 _WAVES = 4
+# Most index tiles one split holds in registers (more splits are used beyond that).
+_MAX_TILES = 32
 
 
 @dataclass(frozen=True)
@@ -78,18 +80,6 @@ def load_rows(base, rows, stride, ok, d):
 
 
 @triton.jit
-def _tile_keys(idx_base, n0, hi, start, BLOCK_N: tl.constexpr, HAS_INDICES: tl.constexpr):
-    """Return the cache rows of the tile at ``n0`` of a split ending at ``hi``, and which of them to attend to."""
-    offs = n0 + tl.arange(0, BLOCK_N)
-    in_range = offs < hi
-    if HAS_INDICES:
-        keys = tl.load(idx_base + offs, mask=in_range, other=0).to(tl.int32)
-        # Invalid (padding) entries are masked out of the K/V loads too: they cost no bandwidth.
-        return keys, in_range & (keys < start)
-    return offs, in_range
-
-
-@triton.jit
 def _logits(q_t, k, mask, qk_scale, PRECISION: tl.constexpr):
     """Return the masked base-2 logits ``[keys, rows]`` of one key tile.
 
@@ -123,8 +113,8 @@ def _verify_split_kernel(
     stride_ib, stride_ih,
     n_kv_heads, seq_len, n_idx, qk_scale, n_splits,
     GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDICES: tl.constexpr, STORE_LOGITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+    HAS_INDICES: tl.constexpr, STORE_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -144,28 +134,33 @@ def _verify_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_t = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
     if split < n_splits:
-        idx_base = idx_ptr + b * stride_ib + h * stride_ih
         lo, hi = split_range(n_idx if HAS_INDICES else start, split, n_splits, BLOCK_N)
-        # Software pipeline by hand: the next tile's K/V loads are issued before this tile's
-        # arithmetic, and the indices two tiles ahead. Triton's own pipeliner waits for every
-        # copy in flight at the top of each iteration when loads are indirect.
-        keys, ok = _tile_keys(idx_base, lo, hi, start, BLOCK_N, HAS_INDICES)
-        k = load_rows(k_base, keys, stride_ks, ok, d)
-        v = load_rows(v_base, keys, stride_vs, ok, d)
-        keys, ok_next = _tile_keys(idx_base, lo + BLOCK_N, hi, start, BLOCK_N, HAS_INDICES)
-        for n0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
-            # Each next-tile load is issued once its current tile is consumed, so registers hold
-            # two tiles (not four) and more programs fit on an SM.
-            k_next = load_rows(k_base, keys, stride_ks, ok_next, d)
+        if HAS_INDICES:
+            # The split's whole index list, loaded up front: each tile's rows then follow from the
+            # loop counter by arithmetic, not from a load in the loop, so the compiler's pipeliner
+            # can issue the K/V gathers several tiles ahead (it cannot for loop-carried indirection).
+            idx_base = idx_ptr + b * stride_ib + h * stride_ih
+            tiles = tl.arange(0, TILES)
+            slots = lo + tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            all_keys = tl.load(idx_base + slots, mask=slots < hi, other=0).to(tl.int32)
+        for n0 in tl.range(lo, hi, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            in_range = offs < hi
+            if HAS_INDICES:
+                tile = (n0 - lo) // BLOCK_N
+                keys = tl.sum(tl.where(tiles[:, None] == tile, all_keys, 0), 0)
+                # Invalid (padding) entries are masked out of the loads too: they cost no bandwidth.
+                ok = in_range & (keys < start)
+            else:
+                keys = offs
+                ok = in_range
+            k = load_rows(k_base, keys, stride_ks, ok, d)
+            v = load_rows(v_base, keys, stride_vs, ok, d)
             s = _logits(q_t, k, ok[:, None], qk_scale, PRECISION)
             m_i, l_i, acc_t = _accumulate(s, v, m_i, l_i, acc_t, PRECISION)
-            v_next = load_rows(v_base, keys, stride_vs, ok_next, d)
-            keys, ok_after = _tile_keys(idx_base, n0 + 2 * BLOCK_N, hi, start, BLOCK_N, HAS_INDICES)
             if STORE_LOGITS:
-                offs = n0 + tl.arange(0, BLOCK_N)
                 logit_rows = logit_ptr + (bh * (GROUP * T) + rows) * n_idx
-                tl.store(logit_rows[None, :] + offs[:, None], s, mask=(offs < hi)[:, None] & row_ok[None, :])
-            k, v, ok, ok_next = k_next, v_next, ok_next, ok_after
+                tl.store(logit_rows[None, :] + offs[:, None], s, mask=in_range[:, None] & row_ok[None, :])
     else:
         # The T new rows, causally; positions past the cache are handled as the references do.
         j = tl.arange(0, BLOCK_N)
@@ -286,6 +281,10 @@ def sparse_verify_attention(
     else:
         n_idx, indices, idx_strides = seq_len, start_pos, (0, 0)
     n_splits = cfg.num_splits or split_count(n_idx, b * hkv, q.device, cfg.block_n)
+    tiles = 1  # the dense path reads its rows in order and needs no index tile
+    if has_indices:
+        n_splits = max(n_splits, triton.cdiv(n_idx, _MAX_TILES * cfg.block_n))
+        tiles = triton.next_power_of_2(triton.cdiv(triton.cdiv(n_idx, n_splits), cfg.block_n))
     n_parts = n_splits + 1
 
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -303,7 +302,7 @@ def sparse_verify_attention(
         idx_strides[0], idx_strides[1],
         hkv, seq_len, n_idx, LOG2E / math.sqrt(d), n_splits,
         GROUP=group, T=t, HEAD_DIM=d,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, HAS_INDICES=has_indices, STORE_LOGITS=return_importance,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, TILES=tiles, HAS_INDICES=has_indices, STORE_LOGITS=return_importance,
         PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -25,7 +25,7 @@ from sts.selection.attend import SelectiveAttention
 from sts.selection.base import RoundContext, SelectionConfig
 from sts.selection.mapping import HeadMapping
 from sts.selection.sts import STSPolicy
-from sts.speculative import QueryRecorder
+from sts.attention.backend import QueryRecorder
 
 #: Bytes per second used for roofline bounds: the GEMV rate measured on the H200 (see DESIGN.md).
 ROOFLINE_BW = 4.07e12

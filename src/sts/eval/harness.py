@@ -27,6 +27,7 @@ from sts.eval.report import write_report
 from sts.eval.scoring import score
 from sts.eval.tasks import TASKS, Sample, make_prompt, needle_grid, token_counter
 from sts.eval.teacher import teacher_forced
+from sts.prefill import PrefillConfig
 from sts.runner import DENSE_METHODS, LoadedModel, load_pair, run_method
 from sts.selection import REGISTRY, SelectionConfig, make_policy
 
@@ -40,6 +41,8 @@ class MethodSpec:
     name: str
     method: str
     mapping: str | None = None
+    #: Sparse target prefill too (names ending in ``+sp``); perplexity samples keep a dense prefill.
+    sparse_prefill: bool = False
 
     @property
     def sparse(self) -> bool:
@@ -51,17 +54,21 @@ REFERENCE = MethodSpec("autoregressive", "autoregressive")
 
 
 def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]:
-    """Return method specs for names like ``sts`` or ``sts-cal`` (STS with ``--mapping``)."""
+    """Return method specs for names like ``sts``, ``sts-cal`` (STS with ``--mapping``) or ``sts+sp`` (sparse prefill)."""
     specs = []
     for name in names:
-        if name == "sts-cal":
+        base, sparse_prefill = (name[:-3], True) if name.endswith("+sp") else (name, False)
+        if base == "sts-cal":
             if mapping is None:
                 raise STSError("method sts-cal needs --mapping (a file from `sts calibrate`)")
-            specs.append(MethodSpec(name, "sts", mapping))
-        elif name in DENSE_METHODS or name in REGISTRY:
-            specs.append(MethodSpec(name, name))
+            spec = MethodSpec(name, "sts", mapping, sparse_prefill)
+        elif base in DENSE_METHODS or base in REGISTRY:
+            spec = MethodSpec(name, base, None, sparse_prefill)
         else:
-            raise STSError(f"unknown method {name!r} (choose from {', '.join(DEFAULT_METHODS)})")
+            raise STSError(f"unknown method {name!r} (choose from {', '.join(DEFAULT_METHODS)}, each optionally +sp)")
+        if sparse_prefill and not spec.sparse:
+            raise STSError(f"{name}: sparse prefill (+sp) applies to sparse methods only")
+        specs.append(spec)
     return specs
 
 
@@ -92,6 +99,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--mapping", help="calibrated mapping for method sts-cal")
+    p.add_argument("--prefill-budget", type=int, default=1024, help="rows per KV head for +sp methods' sparse prefill")
+    p.add_argument("--prefill-block", type=int, default=64)
     p.add_argument("--no-recall", action="store_true", help="skip recall measurement (it computes dense attention)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (results.jsonl, report.md, plots)")
@@ -214,6 +223,7 @@ class Evaluator:
             spec.method, self.target, self.draft, [prompt], a.max_new_tokens, gamma=a.gamma,
             selection=self.selection(budget) if budget is not None else None, mapping=spec.mapping,
             measure_recall=spec.sparse and not a.no_recall, prefix_cache=cache, seed=a.seed,
+            prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
         )
         tokens = result.tokens[0]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)

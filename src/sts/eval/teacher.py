@@ -11,7 +11,7 @@ from sts.decoding import Decoder, GenerationStats, PrefixCache
 from sts.models.transformer import Transformer
 from sts.selection.attend import SelectiveAttention
 from sts.selection.base import RoundContext, SelectionPolicy
-from sts.speculative import QueryRecorder
+from sts.attention.backend import QueryRecorder
 
 
 @dataclass

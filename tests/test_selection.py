@@ -339,3 +339,56 @@ def test_sparse_prefill_with_a_covering_budget_equals_dense(tiny_pair):
     dense_logits = first_logits(None)
     torch.testing.assert_close(first_logits(128), dense_logits, atol=1e-4, rtol=1e-4)
     assert (first_logits(32) - dense_logits).abs().max() > 1e-3  # blocks were really skipped
+
+
+def test_sts_rerank_covering_everything_ranks_by_the_targets_own_logits(verify_state):
+    target, draft, ctx = verify_state
+    config = SelectionConfig(budget=20, sink=2, window=3)
+    policy = make_policy("sts", config, target, draft, rerank=100)
+    policy.budget = 20
+    policy.prepare(ctx)
+    q, k = _layer_q(target, ctx.start_pos, 1)
+    sets = as_sets(policy.select(1, q, k, ctx.start_pos), ctx.start_pos)
+    g = target.config.group_size
+    for b, n in enumerate(ctx.start_pos.tolist()):
+        for h in range(target.config.n_kv_heads):
+            exact = (q[b, h * g : (h + 1) * g].reshape(-1, q.shape[-1]) @ k[b, h, :n].T).amax(0)
+            forced = set(range(2)) | set(range(n - 3, n))
+            rest = sorted((r for r in range(n) if r not in forced), key=lambda r: -float(exact[r]))
+            assert sets[b, h] == forced | set(rest[:15])
+
+
+def test_sts_feedback_keeps_rows_the_target_attended_to(verify_state):
+    target, draft, ctx = verify_state
+    config = SelectionConfig(budget=20, sink=2, window=3)
+    policy = make_policy("sts", config, target, draft, feedback=0.4, decay=0.5)
+    assert policy.wants_feedback
+    policy.budget = 20
+    policy.prepare(ctx)
+    rows = torch.tensor([[[10, 11, 12, 13, 14, 15]] * 2] * 2)
+    importance = torch.tensor([[[0.0, 0.9, 0.1, 0.8, 0.2, 0.7]] * 2] * 2)
+    policy.feedback(0, rows, importance)
+    torch.testing.assert_close(policy.importance[0][0, 0, 10:16], importance[0, 0])
+    q, k = _layer_q(target, ctx.start_pos, 0)
+    sets = as_sets(policy.select(0, q, k, ctx.start_pos), ctx.start_pos)
+    for key, chosen in sets.items():
+        assert {11, 13, 15} <= chosen  # int(0.4 * 15) = 6 promoted slots: every row with importance > 0 fits
+    policy.feedback(0, rows[..., :1], torch.zeros(2, 2, 1))
+    assert float(policy.importance[0][0, 0, 11]) == pytest.approx(0.45)  # decayed by half
+
+
+def test_selected_importance_matches_brute_force():
+    q, k, v, start = _verify_inputs()
+    idx = torch.tensor([[[0, 3, 9, 39, 44]] * 2, [[1, 2, 22, 30, 5]] * 2])  # 44 and 30 are invalid
+    imp = reference.selected_importance(q, k, start, idx)
+    for b in range(2):
+        for h in range(2):
+            best = torch.zeros(5)
+            for hq in (2 * h, 2 * h + 1):
+                for t in range(3):
+                    valid = [j for j, r in enumerate(idx[b, h].tolist()) if r < start[b]]
+                    keys = [int(idx[b, h, j]) for j in valid] + list(range(int(start[b]), int(start[b]) + t + 1))
+                    p = torch.softmax(q[b, hq, t] @ k[b, h, keys].T / math.sqrt(16), -1)
+                    for pos, j in enumerate(valid):
+                        best[j] = max(best[j], p[pos])
+            torch.testing.assert_close(imp[b, h], best, atol=1e-5, rtol=1e-4)

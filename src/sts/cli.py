@@ -41,6 +41,8 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=64, help="last rows always kept (default 64)")
     p.add_argument("--dense-layers", type=int, default=0, help="first target layers that stay dense")
     p.add_argument("--mapping", help="head-mapping JSON from `sts calibrate` (STS only)")
+    p.add_argument("--rerank", type=int, default=0, help="STS: draft proposes this many times the free rows, target ranks them")
+    p.add_argument("--feedback", type=float, default=0.0, help="STS: share of free rows kept for rows the target attended to")
     p.add_argument("--sparse-prefill", action="store_true", help="draft-chosen key blocks for the target's prefill too")
     p.add_argument("--prefill-budget", type=int, default=1024, help="context rows per KV head in sparse prefill")
     p.add_argument("--prefill-block", type=int, default=64, help="rows per block in sparse prefill")
@@ -50,6 +52,14 @@ def _selection(args: argparse.Namespace):
     from sts.selection import SelectionConfig
 
     return SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the STS refinements set on the command line (other methods take none)."""
+    options = {k: v for k, v in (("rerank", args.rerank), ("feedback", args.feedback)) if v}
+    if options and args.method != "sts":
+        raise STSError(f"--rerank/--feedback apply to --method sts, not {args.method}")
+    return options
 
 
 def _prefill(args: argparse.Namespace):
@@ -102,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = run_method(
         args.method, target, draft, [prompt], args.max_new_tokens, gamma=args.gamma, sampling=sampling,
         selection=selection, mapping=args.mapping, measure_recall=args.measure_recall, on_tokens=stream, seed=args.seed,
-        prefill=_prefill(args),
+        prefill=_prefill(args), options=_options(args),
     )
     tokens = result.tokens[0]
     stats = result.stats.summary()

@@ -76,10 +76,12 @@ def run_method(
     seed: int | None = None,
     prefix_cache: PrefixCache | None = None,
     prefill: PrefillConfig | None = None,
+    options: dict[str, Any] | None = None,
 ) -> GenerationResult:
     """Return the generation of ``method`` (autoregressive, speculative or a selection policy).
 
-    ``prefill`` makes the target's prefill sparse (speculative methods only).
+    ``prefill`` makes the target's prefill sparse (speculative methods only); ``options`` go to the
+    selection policy (e.g. ``rerank``, ``feedback`` for STS).
     """
     if method not in methods():
         raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
@@ -95,7 +97,7 @@ def run_method(
         raise STSError(f"--method {method} needs a --draft model")
     policy = None
     if method != "speculative":
-        policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping)
+        policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping, **(options or {}))
     return speculative_generate(
         target.model, draft.model, prompts, max_new_tokens, gamma, sampling, eos,
         policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, generator=generator,

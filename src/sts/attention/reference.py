@@ -90,6 +90,18 @@ def sparse_attention(
     return _softmax_attend(_group(q, hkv), k, v, mask).reshape(b, hq, t, d)
 
 
+def selected_importance(q: Tensor, k_cache: Tensor, start_pos: Tensor, indices: Tensor) -> Tensor:
+    """Return ``[B, Hkv, K]``: each selected row's attention probability in the sparse verify step,
+    maxed over the group's query heads and the new queries (0 for invalid entries)."""
+    b, hq, t, d = q.shape
+    hkv = k_cache.shape[1]
+    k = torch.cat([gather_rows(k_cache, indices), new_rows(k_cache, start_pos, t)], dim=2)
+    logits = torch.matmul(_group(q, hkv).float(), k.float().transpose(-1, -2)) / math.sqrt(d)
+    mask = sparse_mask(indices, start_pos, t, hq // hkv)
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return probs[..., : indices.shape[-1]].amax(dim=2).masked_fill(indices >= start_pos.view(b, 1, 1), 0.0)
+
+
 def attention_probs(q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
     """Return the dense causal attention probabilities ``[B, Hq, T, N]`` (float32), ``N = max start_pos + T``.
 

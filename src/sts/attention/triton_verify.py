@@ -133,47 +133,46 @@ def _verify_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_t = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
-    if split < n_splits:
-        lo, hi = split_range(n_idx if HAS_INDICES else start, split, n_splits, BLOCK_N)
+    # Splits 0 .. n_splits - 1 cover the context; split n_splits covers the T new rows, causally.
+    # One loop serves both (a separate branch with its own matrix products miscompiled on sm_90).
+    is_new = split == n_splits
+    lo, hi = split_range(n_idx if HAS_INDICES else start, split, n_splits, BLOCK_N)
+    lo = tl.where(is_new, 0, lo)
+    hi = tl.where(is_new, T, hi)
+    if HAS_INDICES:
+        # The split's whole index list, loaded up front: each tile's rows then follow from the
+        # loop counter by arithmetic, not from a load in the loop, so the compiler's pipeliner
+        # can issue the K/V gathers several tiles ahead (it cannot for loop-carried indirection).
+        idx_base = idx_ptr + b * stride_ib + h * stride_ih
+        tiles = tl.arange(0, TILES)
+        slots = lo + tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        all_keys = tl.load(idx_base + slots, mask=(slots < hi) & (split < n_splits), other=0).to(tl.int32)
+    for n0 in tl.range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        in_range = offs < hi
         if HAS_INDICES:
-            # The split's whole index list, loaded up front: each tile's rows then follow from the
-            # loop counter by arithmetic, not from a load in the loop, so the compiler's pipeliner
-            # can issue the K/V gathers several tiles ahead (it cannot for loop-carried indirection).
-            idx_base = idx_ptr + b * stride_ib + h * stride_ih
-            tiles = tl.arange(0, TILES)
-            slots = lo + tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            all_keys = tl.load(idx_base + slots, mask=slots < hi, other=0).to(tl.int32)
-        for n0 in tl.range(lo, hi, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            in_range = offs < hi
-            if HAS_INDICES:
-                tile = (n0 - lo) // BLOCK_N
-                keys = tl.sum(tl.where(tiles[:, None] == tile, all_keys, 0), 0)
-                # Invalid (padding) entries are masked out of the loads too: they cost no bandwidth.
-                ok = in_range & (keys < start)
-            else:
-                keys = offs
-                ok = in_range
-            k = load_rows(k_base, keys, stride_ks, ok, d)
-            v = load_rows(v_base, keys, stride_vs, ok, d)
-            s = _logits(q_t, k, ok[:, None], qk_scale, PRECISION)
-            m_i, l_i, acc_t = _accumulate(s, v, m_i, l_i, acc_t, PRECISION)
-            if STORE_LOGITS:
-                logit_rows = logit_ptr + (bh * (GROUP * T) + rows) * n_idx
-                tl.store(logit_rows[None, :] + offs[:, None], s, mask=in_range[:, None] & row_ok[None, :])
-    else:
-        # The T new rows, causally; positions past the cache are handled as the references do.
-        j = tl.arange(0, BLOCK_N)
-        pos = start + j
-        if HAS_INDICES:
-            pos = tl.minimum(pos, seq_len - 1)
-            ok = j < T
+            keys = tl.sum(tl.where(tiles[:, None] == (n0 - lo) // BLOCK_N, all_keys, 0), 0)
+            # Invalid (padding) entries are masked out of the loads too: they cost no bandwidth.
+            ok = in_range & (keys < start)
+            # New rows past the cache are clamped to its last row, as the reference does.
+            new_pos = tl.minimum(start + offs, seq_len - 1)
+            new_ok = in_range
         else:
-            ok = (j < T) & (pos < seq_len)
-        k = load_rows(k_base, pos, stride_ks, ok, d)
-        v = load_rows(v_base, pos, stride_vs, ok, d)
-        s = _logits(q_t, k, ok[:, None] & (j[:, None] <= t[None, :]), qk_scale, PRECISION)
+            keys = offs
+            ok = in_range
+            new_pos = start + offs
+            new_ok = in_range & (new_pos < seq_len)
+        keys = tl.where(is_new, new_pos, keys)
+        ok = tl.where(is_new, new_ok, ok)
+        k = load_rows(k_base, keys, stride_ks, ok, d)
+        v = load_rows(v_base, keys, stride_vs, ok, d)
+        visible = ok[:, None] & ((offs[:, None] <= t[None, :]) | (split < n_splits))
+        s = _logits(q_t, k, visible, qk_scale, PRECISION)
         m_i, l_i, acc_t = _accumulate(s, v, m_i, l_i, acc_t, PRECISION)
+        if STORE_LOGITS:
+            logit_rows = logit_ptr + (bh * (GROUP * T) + rows) * n_idx
+            store_ok = in_range[:, None] & row_ok[None, :] & (split < n_splits)
+            tl.store(logit_rows[None, :] + offs[:, None], s, mask=store_ok)
 
     has_mass = l_i > 0.0
     lse = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("-inf"))

@@ -43,6 +43,12 @@ class MethodSpec:
     mapping: str | None = None
     #: Sparse target prefill too (names ending in ``+sp``); perplexity samples keep a dense prefill.
     sparse_prefill: bool = False
+    #: Policy options from the name, e.g. ``sts-cal/rerank=4/feedback=0.25``.
+    options: tuple[tuple[str, float], ...] = ()
+
+    def policy_options(self) -> dict[str, float]:
+        """Return the options as keyword arguments for the policy."""
+        return dict(self.options)
 
     @property
     def sparse(self) -> bool:
@@ -54,16 +60,22 @@ REFERENCE = MethodSpec("autoregressive", "autoregressive")
 
 
 def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]:
-    """Return method specs for names like ``sts``, ``sts-cal`` (STS with ``--mapping``) or ``sts+sp`` (sparse prefill)."""
+    """Return method specs for names like ``sts``, ``sts-cal`` (STS with ``--mapping``), ``sts+sp``
+    (sparse prefill) or ``sts-cal/rerank=4`` (policy options)."""
     specs = []
     for name in names:
-        base, sparse_prefill = (name[:-3], True) if name.endswith("+sp") else (name, False)
+        head, sparse_prefill = (name[:-3], True) if name.endswith("+sp") else (name, False)
+        base, *pairs = head.split("/")
+        try:
+            options = tuple((k, float(v)) for k, v in (p.split("=") for p in pairs))
+        except ValueError:
+            raise STSError(f"method {name!r}: options must look like /key=number") from None
         if base == "sts-cal":
             if mapping is None:
                 raise STSError("method sts-cal needs --mapping (a file from `sts calibrate`)")
-            spec = MethodSpec(name, "sts", mapping, sparse_prefill)
+            spec = MethodSpec(name, "sts", mapping, sparse_prefill, options)
         elif base in DENSE_METHODS or base in REGISTRY:
-            spec = MethodSpec(name, base, None, sparse_prefill)
+            spec = MethodSpec(name, base, None, sparse_prefill, options)
         else:
             raise STSError(f"unknown method {name!r} (choose from {', '.join(DEFAULT_METHODS)}, each optionally +sp)")
         if sparse_prefill and not spec.sparse:
@@ -224,6 +236,7 @@ class Evaluator:
             selection=self.selection(budget) if budget is not None else None, mapping=spec.mapping,
             measure_recall=spec.sparse and not a.no_recall, prefix_cache=cache, seed=a.seed,
             prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
+            options=spec.policy_options(),
         )
         tokens = result.tokens[0]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -247,7 +260,8 @@ class Evaluator:
             self.dense_nll[sample.sample_id] = dense.nll
         policy = None
         if spec.sparse:
-            policy = make_policy(spec.method, self.selection(budget), self.target.model, self.draft.model, spec.mapping)
+            policy = make_policy(spec.method, self.selection(budget), self.target.model, self.draft.model, spec.mapping,
+                                 **spec.policy_options())
         run = teacher_forced(self.target.model, self.draft.model, prompt, context, a.gamma, policy,
                              measure_recall=policy is not None and not a.no_recall, prefix_cache=cache)
         summary = run.stats.summary()

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from sts.attention import dispatch
-from sts.attention.reference import attention_probs
+from sts.attention.reference import attention_probs, selected_importance
 from sts.decoding import GenerationStats
 from sts.selection.base import SelectionPolicy
 
@@ -31,6 +31,8 @@ class SelectiveAttention:
     def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return the verify queries' attention output for one target layer."""
         idx = self.observe(layer, q, k_cache, start_pos)
+        if idx is not None and self.policy.wants_feedback:
+            self.policy.feedback(layer, idx, selected_importance(q, k_cache, start_pos, idx))
         return dispatch.verify_attention(q, k_cache, v_cache, start_pos, idx)
 
     def observe(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:

@@ -77,6 +77,8 @@ class SelectionPolicy(ABC):
     def __init__(self, config: SelectionConfig) -> None:
         self.config = config
         self.budget = 0
+        #: Whether :meth:`feedback` wants the target's attention on the rows it selected.
+        self.wants_feedback = False
 
     def draft_layers(self, draft: Transformer) -> tuple[int, ...]:
         """Return the draft layers whose queries this policy needs recorded."""
@@ -85,6 +87,9 @@ class SelectionPolicy(ABC):
     def prepare(self, ctx: RoundContext) -> None:
         """Precompute what :meth:`select` needs for this step (e.g. scores from draft queries)."""
         self.ctx = ctx
+
+    def feedback(self, layer: int, rows: Tensor, importance: Tensor) -> None:
+        """Receive the target's attention ``[B, Hkv, K]`` on the ``rows`` it read at ``layer`` (max over group and queries)."""
 
     @abstractmethod
     def scores(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
@@ -102,6 +107,13 @@ class SelectionPolicy(ABC):
         return topk_rows(scores, start_pos, self.budget, self.config.sink, self.config.window)
 
 
+def competing_rows(n: int, start_pos: Tensor, sink: int, window: int) -> tuple[Tensor, Tensor]:
+    """Return (forced, valid) masks ``[B, 1, n]``: sink/window rows always kept, and rows inside the context."""
+    pos = torch.arange(n, device=start_pos.device).view(1, 1, n)
+    ctx = start_pos.view(-1, 1, 1)
+    return (pos < sink) | (pos >= ctx - window), pos < ctx
+
+
 def topk_rows(scores: Tensor, start_pos: Tensor, budget: int, sink: int, window: int) -> Tensor:
     """Return ``[B, H, budget]`` rows: the first ``sink``, the last ``window`` and the best-scored rest.
 
@@ -109,10 +121,8 @@ def topk_rows(scores: Tensor, start_pos: Tensor, budget: int, sink: int, window:
     more than ``budget`` context rows, all of them are selected (and the padding is invalid).
     """
     b, h, n = scores.shape
-    pos = torch.arange(n, device=scores.device).view(1, 1, n)
-    ctx = start_pos.view(b, 1, 1)
-    forced = (pos < sink) | (pos >= ctx - window)
-    ranked = scores.float().masked_fill(forced, float("inf")).masked_fill(pos >= ctx, float("-inf"))
+    forced, valid = competing_rows(n, start_pos, sink, window)
+    ranked = scores.float().masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
     k = min(budget, n)
     idx = torch.topk(ranked, k, dim=-1, sorted=False).indices
     if k < budget:

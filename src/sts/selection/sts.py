@@ -9,7 +9,9 @@ from torch import Tensor
 from sts.attention import dispatch
 from sts.attention.scores import Aggregate
 from sts.models.transformer import Transformer
-from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy, register
+from sts.attention.reference import gather_rows
+from sts.errors import STSError
+from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register
 from sts.selection.mapping import HeadMapping
 
 
@@ -19,15 +21,33 @@ class STSPolicy(SelectionPolicy):
 
     Draft scores are computed once per round from the recorded draft queries and the draft's
     keys (K only) of the mapped layers, aggregated over the gamma queries (``aggregate``).
+
+    Two settings close the gap to the oracle (both off by default, see docs/results.md):
+
+    * ``rerank = m``: the draft proposes ``m`` times as many candidates as the budget has free
+      rows, and the target's own verify queries rank them exactly (q.k over the candidates' keys,
+      max over the group and queries): the draft narrows, the target decides.
+    * ``feedback = f``: a share ``f`` of the free rows goes to rows the target itself attended
+      to most in earlier steps (per layer and KV head, decayed by ``decay`` each step).
     """
 
     name = "sts"
     uses_draft = True
 
-    def __init__(self, config: SelectionConfig, mapping: HeadMapping, aggregate: Aggregate = "max") -> None:
+    def __init__(
+        self, config: SelectionConfig, mapping: HeadMapping, aggregate: Aggregate = "max",
+        rerank: float = 0, feedback: float = 0.0, decay: float = 0.5,
+    ) -> None:
         super().__init__(config)
+        if rerank < 0 or rerank != int(rerank) or not 0.0 <= feedback <= 1.0 or not 0.0 <= decay <= 1.0:
+            raise STSError("rerank must be a whole number >= 0, feedback and decay in [0, 1]")
         self.mapping = mapping
         self.aggregate = aggregate
+        self.rerank = int(rerank)
+        self.feedback_share = feedback
+        self.decay = decay
+        self.wants_feedback = feedback > 0
+        self.importance: dict[int, Tensor] = {}
         self.layer_pos = {dl: i for i, dl in enumerate(mapping.draft_layers())}
         self._index = [self._layer_index(layer) for layer in mapping.sources]
 
@@ -62,12 +82,52 @@ class STSPolicy(SelectionPolicy):
         ]
         self.draft_scores = torch.stack([torch.cat([s, s.amax(1, keepdim=True)], dim=1) for s in per_layer])
 
-    def scores(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
-        """Return ``[B, Hkv, N]``: the mapped draft heads' scores, combined per target KV head."""
+    def scores(self, layer: int, q: Tensor | None, k_cache: Tensor | None, start_pos: Tensor) -> Tensor:
+        """Return ``[B, Hkv, N]``: the mapped draft heads' scores per target KV head, refined by the settings."""
         slot, head, weight = self._index[layer]
         picked = self.draft_scores[slot, :, head]  # [Hkv, M, B, N]
         if self.mapping.combine == "max":
             combined = picked.amax(1)
         else:
             combined = (picked.clamp_min(0) * weight.view(*weight.shape, 1, 1)).sum(1)
-        return combined.permute(1, 0, 2)
+        scores = combined.permute(1, 0, 2)
+        free = max(self.budget - self.config.sink - self.config.window, 0)
+        if self.feedback_share > 0 and layer in self.importance:
+            scores = self._promote(scores, self.importance[layer][..., : scores.shape[-1]], int(self.feedback_share * free), start_pos)
+        if self.rerank and q is not None and k_cache is not None:
+            scores = self._rerank(scores, q, k_cache, start_pos, self.rerank * free)
+        return scores
+
+    def _competing(self, scores: Tensor, start_pos: Tensor) -> Tensor:
+        """Return scores with forced (sink/window) and invalid rows pushed to ``-inf``: what the free rows compete on."""
+        forced, valid = competing_rows(scores.shape[-1], start_pos, self.config.sink, self.config.window)
+        return scores.masked_fill(forced | ~valid, float("-inf"))
+
+    def _promote(self, scores: Tensor, importance: Tensor, count: int, start_pos: Tensor) -> Tensor:
+        """Return scores where the ``count`` rows the target found most important outrank every other free row."""
+        if count < 1:
+            return scores
+        top = torch.topk(self._competing(importance, start_pos), min(count, scores.shape[-1]), dim=-1).indices
+        return scores.scatter(-1, top, float("inf"))
+
+    def _rerank(self, scores: Tensor, q: Tensor, k_cache: Tensor, start_pos: Tensor, count: int) -> Tensor:
+        """Return scores where only the draft's top ``count`` free rows stay, ranked by the target's own q.k."""
+        if count < 1:
+            return scores
+        cand = torch.topk(self._competing(scores, start_pos), min(count, scores.shape[-1]), dim=-1).indices
+        b, hq, t, d = q.shape
+        keys = gather_rows(k_cache, cand)  # [B, Hkv, C, D]: K only, never V
+        logits = torch.matmul(q.float().reshape(b, keys.shape[1], -1, d), keys.float().transpose(-1, -2))
+        exact = logits.amax(dim=2)  # max over the group's heads and the verify queries
+        # Non-candidates sink below every candidate (but stay above invalid rows' -inf).
+        ranked = torch.full_like(scores, torch.finfo(torch.float32).min).scatter(-1, cand, exact)
+        return torch.where(torch.isinf(scores) & (scores < 0), scores, ranked)
+
+    def feedback(self, layer: int, rows: Tensor, importance: Tensor) -> None:
+        """Decay this layer's remembered importance and fold in the target's attention on the rows it read."""
+        memory = self.importance.get(layer)
+        if memory is None or memory.shape[0] != rows.shape[0]:
+            memory = torch.zeros(*rows.shape[:2], self.ctx.target.max_len, device=rows.device)
+        memory = memory * self.decay
+        idx = rows.long().clamp_max(memory.shape[-1] - 1)
+        self.importance[layer] = memory.scatter_reduce(-1, idx, importance.float(), reduce="amax")

@@ -103,3 +103,24 @@ def test_eval_runs_end_to_end_and_resumes(tiny_pair_with_tokenizer, tmp_path, ca
     assert main(base + ["--budgets", "32,64"]) == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 15 + 3 * 3
     capsys.readouterr()
+
+
+def test_recall_command_compares_methods_on_the_same_queries(tiny_pair_with_tokenizer, tmp_path, capsys):
+    from sts.eval.text import haystack_text
+
+    target, draft = tiny_pair_with_tokenizer
+    text = tmp_path / "text.txt"
+    text.write_text(haystack_text()[:6000])
+    out = tmp_path / "recall.json"
+    assert main(["recall", "--target", target, "--draft", draft, "--text-file", str(text), "--context", "300",
+                 "--steps", "3", "--methods", "sts,sts/rerank=4,streaming,quest,oracle", "--budgets", "16,48",
+                 "--sink", "2", "--window", "4", "--out", str(out)]) == 0
+    rows = {(r["method"], r["budget"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 10
+    for budget in (16.0, 48.0):
+        oracle = rows["oracle", budget]["recall"]
+        assert all(rows[m, budget]["recall"] <= oracle + 1e-6 for m in ("sts", "sts/rerank=4", "streaming", "quest"))
+        # The oracle holds the true top rows among all but the forced sink + window (2 + 4) rows.
+        assert rows["oracle", budget]["set_recall"]["budget"] >= (budget - 6) / budget - 1e-6
+    assert rows["oracle", 48.0]["recall"] > rows["oracle", 16.0]["recall"]
+    assert "sts/rerank=4" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The ``sts`` command: generate, calibrate, eval, bench, demo.
+"""The ``sts`` command: generate, calibrate, eval, recall, bench, demo.
 
 Each subcommand parses its arguments and calls one library function; user errors
 (:class:`~sts.errors.STSError`) are printed on one line and exit with status 2.
@@ -146,6 +146,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recall(args: argparse.Namespace) -> int:
+    """Compare selections' recall on identical queries."""
+    from sts.eval.recall import run_recall_cli
+
+    run_recall_cli(args)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the GPU benchmarks."""
     from sts.bench.cli import run_bench_cli
@@ -208,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy, recall and acceptance of every method on offline long-context tasks")
     add_eval_args(e)
     e.set_defaults(func=cmd_eval)
+
+    from sts.eval.recall import add_recall_args
+
+    r = sub.add_parser("recall", help="mass and set recall of methods and budgets on the same teacher-forced queries")
+    add_recall_args(r)
+    r.set_defaults(func=cmd_recall)
 
     from sts.bench.cli import add_bench_args
 

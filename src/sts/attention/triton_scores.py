@@ -149,7 +149,7 @@ def context_scores_triton(
     if start_pos.shape != (b,):
         raise ValueError(f"start_pos must be [B], got {tuple(start_pos.shape)}")
     q = q.contiguous()
-    cfg = config or KernelConfig(block_n=128)
+    cfg = config or KernelConfig(block_n=128, num_stages=2)
     gq = hq // hkv
     g_p = triton.next_power_of_2(g)
     gq_p = triton.next_power_of_2(gq)

@@ -31,8 +31,6 @@ class SelectiveAttention:
     def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return the verify queries' attention output for one target layer."""
         idx = self.observe(layer, q, k_cache, start_pos)
-        if idx is not None and self.policy.wants_feedback:
-            self.policy.feedback(layer, idx, selected_importance(q, k_cache, start_pos, idx))
         return dispatch.verify_attention(q, k_cache, v_cache, start_pos, idx)
 
     def observe(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
@@ -47,6 +45,8 @@ class SelectiveAttention:
             self.sparsity[layer] = (1 - valid / ctx.view(-1, 1)).mean()
         if self.measure_recall:
             self._measure(layer, q, k_cache, start_pos, idx)
+        if idx is not None and self.policy.wants_feedback:
+            self.policy.feedback(layer, idx, selected_importance(q, k_cache, start_pos, idx))
         return idx
 
     def _measure(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor, idx: Tensor | None) -> None:

@@ -1,0 +1,130 @@
+"""``sts recall``: mass and set recall of many methods and budgets on the very same target queries.
+
+The target reads known text teacher-forced, ``gamma + 1`` tokens per step, with dense attention;
+at every layer each method chooses its rows for those exact queries (shadow mode, see
+:class:`~sts.selection.attend.ShadowAttention`), so differences come from the selections alone.
+The draft reads the true continuation, as a draft that guessed right would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from sts.attention.backend import QueryRecorder
+from sts.decoding import Decoder, GenerationStats
+from sts.errors import STSError
+from sts.models.transformer import Transformer
+from sts.selection import SelectionConfig, make_policy
+from sts.selection.attend import SelectiveAttention, ShadowAttention
+from sts.selection.base import RoundContext
+
+
+def shadow_recall(
+    target: Transformer, draft: Transformer, tokens: Sequence[int], context: int, gamma: int, steps: int,
+    observers: dict[str, SelectiveAttention],
+) -> dict[str, GenerationStats]:
+    """Return per-observer stats (recall, set recall, per layer) over ``steps`` teacher-forced verify steps."""
+    if context + steps * (gamma + 1) > len(tokens):
+        raise STSError(f"text too short: {len(tokens)} tokens for a context of {context} and {steps} steps")
+    tokens = list(tokens[: context + steps * (gamma + 1)])
+    tdec = Decoder(target, 1, len(tokens) + 1)
+    ddec = Decoder(draft, 1, len(tokens) + 1)
+    tdec.feed([tokens[:context]])
+    ddec.feed([tokens[:context]])
+    layers = sorted({dl for o in observers.values() if o.policy.uses_draft for dl in o.policy.draft_layers(draft)})
+    recorder = QueryRecorder(layers)
+    stats = {name: GenerationStats() for name in observers}
+    start = context
+    for _ in range(steps):
+        if int(ddec.lengths[0]) < start:
+            ddec.feed([tokens[:start]])
+        for i in range(gamma):
+            ddec.feed([tokens[: start + i + 1]], recorder)
+        queries = recorder.take()
+        start_pos = torch.tensor([start], device=tdec.device)
+        for observer in observers.values():
+            observer.policy.budget = observer.policy.config.tokens(start)
+            observer.policy.prepare(RoundContext(start_pos, target, draft, queries))
+        block = torch.tensor([tokens[start : start + gamma + 1]], device=tdec.device)
+        target(block, start_pos, ShadowAttention(observers))
+        for name, observer in observers.items():
+            observer.end_step(stats[name])
+        start += gamma + 1
+    return stats
+
+
+def add_recall_args(p: argparse.ArgumentParser) -> None:
+    """Add ``sts recall``'s options."""
+    from sts.eval.harness import _csv
+
+    p.add_argument("--target", required=True)
+    p.add_argument("--draft", required=True)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--text-file", action="append", required=True, help="text to read (repeatable)")
+    p.add_argument("--skip-tokens", type=int, default=0, help="tokens skipped at the start of each text")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8, help="verify steps measured per text")
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--methods", type=_csv(str), default=["sts", "streaming", "quest", "specpc", "oracle"])
+    p.add_argument("--budgets", type=_csv(float), default=[64, 128, 256, 512])
+    p.add_argument("--sink", type=int, default=4)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--mapping", help="calibrated mapping for method sts-cal")
+    p.add_argument("--out", required=True, help="JSON file for the results")
+
+
+def run_recall_cli(args: argparse.Namespace) -> Path:
+    """Run ``sts recall`` from parsed arguments; write and return the JSON results."""
+    from sts.eval.harness import parse_methods, report_header
+    from sts.models.loading import parse_dtype
+    from sts.runner import load_pair
+
+    specs = [s for s in parse_methods(args.methods, args.mapping) if s.sparse]
+    if not specs:
+        raise STSError("sts recall compares selection methods: name at least one sparse method")
+    target, draft = load_pair(args.target, args.draft, parse_dtype(args.dtype), args.device)
+    assert draft is not None
+    if target.tokenizer is None:
+        raise STSError("sts recall needs the target's tokenizer to read --text-file")
+    rows: dict[str, dict] = {}
+    for name in tqdm(args.text_file, desc="texts", file=sys.stderr):
+        try:
+            text = Path(name).read_text(errors="replace")
+        except OSError as exc:
+            raise STSError(f"cannot read {name}: {exc.strerror}") from None
+        ids = target.tokenizer(text, add_special_tokens=False)["input_ids"][args.skip_tokens :]
+        observers = {}
+        for spec in specs:
+            for budget in args.budgets:
+                config = SelectionConfig(budget=budget, sink=args.sink, window=args.window)
+                policy = make_policy(spec.method, config, target.model, draft.model, spec.mapping, **spec.policy_options())
+                observers[f"{spec.name}|{budget:g}"] = SelectiveAttention(policy, measure_recall=True)
+        stats = shadow_recall(target.model, draft.model, ids, args.context, args.gamma, args.steps, observers)
+        for key, st in stats.items():
+            row = rows.setdefault(key, {"method": key.split("|")[0], "budget": float(key.split("|")[1]), "texts": []})
+            summary = st.summary()
+            row["texts"].append({"file": Path(name).name, "recall": summary["recall"], "recall_context": summary["recall_context"],
+                                 "set_recall": summary["set_recall"], "recall_per_layer": st.recall_per_layer()})
+    for row in rows.values():
+        n = len(row["texts"])
+        row["recall"] = sum(t["recall"] for t in row["texts"]) / n
+        row["recall_context"] = sum(t["recall_context"] for t in row["texts"]) / n
+        row["set_recall"] = {k: sum(t["set_recall"][k] for t in row["texts"]) / n for k in row["texts"][0]["set_recall"]}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"header": report_header(sys.argv[1:]), "context": args.context, "steps": args.steps,
+                               "rows": list(rows.values())}, indent=1))
+    print(f"{'method':<36}{'budget':>7}{'mass':>7}{'mass/ctx':>9}{'set@32':>8}{'set@64':>8}{'set@B':>7}")
+    for row in rows.values():
+        sr = row["set_recall"]
+        print(f"{row['method']:<36}{row['budget']:>7g}{row['recall']:>7.3f}{row['recall_context']:>9.3f}"
+              f"{sr['32']:>8.3f}{sr['64']:>8.3f}{sr['budget']:>7.3f}")
+    return out

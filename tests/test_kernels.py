@@ -114,7 +114,7 @@ def check_verify(c: dict, device: str) -> dict[str, float]:
     vc = torch.randn(c["b"], c["hkv"], s, d, generator=gen)
     q, kc, vc = (x.to(device, dtype) for x in (q, kc, vc))
     sp = sp.to(device)
-    cfg = KernelConfig(block_n=16 if interp else 64, num_splits=3) if c["tuned"] else None
+    cfg = KernelConfig(block_n=16 if interp else 64, num_splits=4) if c["tuned"] else None
     if c["dense"]:
         out = sparse_verify_attention(q, kc, vc, sp, config=cfg)
         return {"out": _rel_err(out, R.dense_attention(q.double(), kc.double(), vc.double(), sp))}
@@ -142,7 +142,7 @@ def check_scores(c: dict, device: str) -> dict[str, float]:
     sp = _start_positions(c["b"], s - 3, 1, gen).to(device)  # leave cache rows past every start_pos
     q = torch.randn(c["b"], c["hq"], c["g"], d, generator=gen).to(device, dtype)
     kc = torch.randn(c["b"], c["hkv"], s, d, generator=gen).to(device, dtype)
-    cfg = KernelConfig(block_n=16 if interp else 64, num_splits=3) if c["tuned"] else None
+    cfg = KernelConfig(block_n=16 if interp else 64, num_splits=4) if c["tuned"] else None
     out = context_scores_triton(q, kc, sp, c["agg"], config=cfg)
     ref = context_scores(q.double(), kc.double(), sp, c["agg"])
     n = ref.shape[-1]

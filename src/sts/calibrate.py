@@ -142,6 +142,7 @@ def calibrate(
 
 def calibrate_files(args: argparse.Namespace) -> Path:
     """Run ``sts calibrate`` from parsed arguments; return the written mapping's path."""
+    from sts.eval.text import read_token_texts
     from sts.models.loading import parse_dtype
     from sts.runner import load_pair
 
@@ -149,14 +150,7 @@ def calibrate_files(args: argparse.Namespace) -> Path:
     assert draft is not None
     if target.tokenizer is None:
         raise STSError("calibration needs the target's tokenizer to read --text-file")
-    texts = []
-    for name in args.text_file:
-        try:
-            text = Path(name).read_text(errors="replace")
-        except OSError as exc:
-            raise STSError(f"cannot read {name}: {exc.strerror}") from None
-        ids = target.tokenizer(text, add_special_tokens=False)["input_ids"]
-        texts.append(ids[args.skip_tokens : args.skip_tokens + args.context])
+    texts = read_token_texts(args.text_file, target.tokenizer, args.skip_tokens, args.context)
     mapping = calibrate(
         target.model, draft.model, texts, criterion=args.criterion, topk=args.topk, n_sources=args.sources,
         n_queries=args.queries, sink=args.sink, window=args.window,

@@ -25,6 +25,16 @@ def _budget(text: str) -> float:
     return value
 
 
+def csv_list(kind: type) -> Callable[[str], list]:
+    """Return an argparse type that reads comma-separated values of ``kind``."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+    return parse
+
+
 def add_model_args(p: argparse.ArgumentParser, draft_required: bool = False) -> None:
     """Add the options that pick the models, their precision and device."""
     p.add_argument("--target", required=True, help="target model: HF checkpoint dir, hub id or .gguf file")

@@ -154,7 +154,8 @@ def context_scores_triton(
     g_p = triton.next_power_of_2(g)
     gq_p = triton.next_power_of_2(gq)
     g_p = max(g_p, 16 // gq_p)  # the matrix units want at least 16 query rows
-    n_splits = cfg.num_splits or split_count(seq_len, b * hkv, q.device, cfg.block_n)
+    # Both passes fit four programs per SM (small tiles, no V).
+    n_splits = cfg.num_splits or split_count(seq_len, b * hkv, q.device, cfg.block_n, per_sm=4)
     block_m = gq_p * g_p
 
     start_pos = start_pos.to(torch.int32)

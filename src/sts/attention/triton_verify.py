@@ -7,9 +7,12 @@ Layout of the work. One program serves one KV head of one sequence and one slice
 its selected rows: the ``G * T`` query rows of the GQA group (G query heads x T new tokens) are
 packed into a single tile, so each selected K/V row is read from memory once for all of them.
 The index list (or, on the dense path, the context ``0 .. start_pos[b] - 1``) is cut into
-``num_splits`` slices, plus one extra slice per (sequence, KV head) that attends causally to the
-T new rows; every slice writes a normalised partial output and its log-sum-exp, and a second
-kernel merges the slices (flash-decoding). The split count comes from static shapes only (K or
+``num_splits`` slices, the last of which also attends causally to the T new rows; every slice
+writes a normalised partial output and its log-sum-exp, and a second kernel merges the slices
+(flash-decoding). Matrix products run transposed (keys x query rows) so that on Hopper they are
+wgmma with the long key axis as M; the K/V gathers are software-pipelined by Triton (cp.async,
+two tiles in flight per program), which works because each split's indices are loaded before
+its loop. The split count comes from static shapes only (K or
 S, batch, heads and the SM count), never from ``start_pos`` values, so the launch can be
 captured in a CUDA graph; on the dense path each split's share of the context is computed on
 the device from ``start_pos[b]``.
@@ -27,9 +30,6 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
-# Programs per SM that the split count aims for: about what fits at once (two, by shared
-# memory); more splits only add partial outputs to write and merge (measured on an H200).
-_WAVES = 2
 # Most index tiles one split holds in registers (more splits are used beyond that).
 _MAX_TILES = 32
 
@@ -51,13 +51,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_count(n_rows: int, n_groups: int, device: torch.device, block_n: int) -> int:
-    """Return how many slices to cut ``n_rows`` rows into so ``n_groups`` x slices fills the GPU.
+def split_count(n_rows: int, n_groups: int, device: torch.device, block_n: int, per_sm: int = 2) -> int:
+    """Return how many slices to cut ``n_rows`` rows into so ``n_groups`` x slices fills the GPU once.
 
-    Static: depends on shapes only, so it is safe under CUDA graphs. Each slice keeps at least
-    two blocks of ``block_n`` rows, so that its loads overlap its arithmetic.
+    ``per_sm`` is how many programs one SM runs at once (2 for the verify kernel's default
+    config, bound by shared memory): filling exactly one such wave beats a second, partial
+    wave of equally long programs, and more splits only add partial outputs to merge
+    (measured on an H200). Static: depends on shapes only, so it is safe under CUDA graphs.
+    Each slice keeps at least two blocks of ``block_n`` rows, so its loads overlap its arithmetic.
     """
-    per_group = triton.cdiv(_WAVES * _sm_count(device), n_groups)
+    per_group = max(1, per_sm * _sm_count(device) // n_groups)
     return max(1, min(per_group, triton.cdiv(n_rows, 2 * block_n)))
 
 
@@ -134,12 +137,8 @@ def _verify_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_t = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
-    # Splits 0 .. n_splits - 1 cover the context; split n_splits covers the T new rows, causally.
-    # One loop serves both (a separate branch with its own matrix products miscompiled on sm_90).
-    is_new = split == n_splits
     lo, hi = split_range(n_idx if HAS_INDICES else start, split, n_splits, BLOCK_N)
-    lo = tl.where(is_new, 0, lo)
-    hi = tl.where(is_new, T, hi)
+    n_ctx = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
     if HAS_INDICES:
         # The split's whole index list, loaded up front: each tile's rows then follow from the
         # loop counter by arithmetic, not from a load in the loop, so the compiler's pipeliner
@@ -147,38 +146,42 @@ def _verify_split_kernel(
         idx_base = idx_ptr + b * stride_ib + h * stride_ih
         tiles = tl.arange(0, TILES)
         slots = lo + tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        all_keys = tl.load(idx_base + slots, mask=(slots < hi) & (split < n_splits), other=0).to(tl.int32)
-    for n0 in tl.range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
+        all_keys = tl.load(idx_base + slots, mask=slots < hi, other=0).to(tl.int32)
+    # The last split takes one more tile: the T new rows, causally. Folding them into the same
+    # loop keeps one program per (split, head) and a single code path for the matrix products.
+    for i in tl.range(0, n_ctx + (split == n_splits - 1)):
+        is_new = i == n_ctx
+        offs = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = offs < hi
+        j = tl.arange(0, BLOCK_N)  # new row j sits at start + j
         if HAS_INDICES:
-            keys = tl.sum(tl.where(tiles[:, None] == (n0 - lo) // BLOCK_N, all_keys, 0), 0)
+            keys = tl.sum(tl.where(tiles[:, None] == i, all_keys, 0), 0)
             # Invalid (padding) entries are masked out of the loads too: they cost no bandwidth.
             ok = in_range & (keys < start)
             # New rows past the cache are clamped to its last row, as the reference does.
-            new_pos = tl.minimum(start + offs, seq_len - 1)
-            new_ok = in_range
+            new_pos = tl.minimum(start + j, seq_len - 1)
+            new_ok = j < T
         else:
             keys = offs
             ok = in_range
-            new_pos = start + offs
-            new_ok = in_range & (new_pos < seq_len)
+            new_pos = start + j
+            new_ok = (j < T) & (new_pos < seq_len)
         keys = tl.where(is_new, new_pos, keys)
         ok = tl.where(is_new, new_ok, ok)
         k = load_rows(k_base, keys, stride_ks, ok, d)
         v = load_rows(v_base, keys, stride_vs, ok, d)
-        visible = ok[:, None] & ((offs[:, None] <= t[None, :]) | (split < n_splits))
+        visible = ok[:, None] & ((j[:, None] <= t[None, :]) | (i < n_ctx))
         s = _logits(q_t, k, visible, qk_scale, PRECISION)
         m_i, l_i, acc_t = _accumulate(s, v, m_i, l_i, acc_t, PRECISION)
         if STORE_LOGITS:
             logit_rows = logit_ptr + (bh * (GROUP * T) + rows) * n_idx
-            store_ok = in_range[:, None] & row_ok[None, :] & (split < n_splits)
+            store_ok = in_range[:, None] & row_ok[None, :] & (i < n_ctx)
             tl.store(logit_rows[None, :] + offs[:, None], s, mask=store_ok)
 
     has_mass = l_i > 0.0
     lse = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("-inf"))
     out_t = acc_t / tl.where(has_mass, l_i, 1.0)[None, :]
-    part = (bh * (n_splits + 1) + split) * (GROUP * T) + rows
+    part = (bh * n_splits + split) * (GROUP * T) + rows
     tl.store(o_part_ptr + part[None, :] * HEAD_DIM + d[:, None], out_t, mask=row_ok[None, :])
     tl.store(lse_part_ptr + part, lse, mask=row_ok)
 
@@ -285,16 +288,15 @@ def sparse_verify_attention(
     if has_indices:
         n_splits = max(n_splits, triton.cdiv(n_idx, _MAX_TILES * cfg.block_n))
         tiles = triton.next_power_of_2(triton.cdiv(triton.cdiv(n_idx, n_splits), cfg.block_n))
-    n_parts = n_splits + 1
 
     f32 = dict(device=q.device, dtype=torch.float32)
-    o_part = torch.empty(b * hkv * n_parts * rows * d, **f32)
-    lse_part = torch.empty(b * hkv * n_parts * rows, **f32)
+    o_part = torch.empty(b * hkv * n_splits * rows * d, **f32)
+    lse_part = torch.empty(b * hkv * n_splits * rows, **f32)
     logits = torch.empty(b * hkv * rows * n_idx if return_importance else 1, **f32)
     out = torch.empty_like(q)
     start_pos = start_pos.to(torch.int32)
 
-    _verify_split_kernel[(b * hkv, n_parts)](
+    _verify_split_kernel[(b * hkv, n_splits)](
         q, k_cache, v_cache, indices, start_pos, o_part, lse_part, logits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -309,8 +311,9 @@ def sparse_verify_attention(
     lse = torch.empty(b * hkv * rows if return_importance else 1, **f32)
     _verify_merge_kernel[(b * hkv * rows,)](
         o_part, lse_part, out, lse,
-        out.stride(0), out.stride(1), out.stride(2), hkv, n_parts,
-        GROUP=group, T=t, HEAD_DIM=d, BLOCK_P=triton.next_power_of_2(n_parts), BLOCK_S=min(16, triton.next_power_of_2(n_parts)),
+        out.stride(0), out.stride(1), out.stride(2), hkv, n_splits,
+        GROUP=group, T=t, HEAD_DIM=d,
+        BLOCK_P=triton.next_power_of_2(n_splits), BLOCK_S=min(16, triton.next_power_of_2(n_splits)),
         STORE_LSE=return_importance,
         num_warps=4 if d >= 128 else 2,
     )  # fmt: skip

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
+from sts.cli import add_model_args, csv_list
 from sts.decoding import PrefixCache
 from sts.errors import STSError
 from sts.eval.report import write_report
@@ -84,26 +85,14 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
     return specs
 
 
-def _csv(kind: type) -> Any:
-    def parse(text: str) -> list:
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
-    return parse
-
-
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """Add ``sts eval``'s options."""
-    p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--tasks", type=_csv(str), default=list(TASKS), help=f"comma list of {', '.join(TASKS)}")
-    p.add_argument("--lengths", type=_csv(int), default=[2048], help="context lengths in tokens")
-    p.add_argument("--depths", type=_csv(float), default=[0.1, 0.5, 0.9], help="needle depths (needle task)")
-    p.add_argument("--methods", type=_csv(str), default=list(DEFAULT_METHODS))
-    p.add_argument("--budgets", type=_csv(float), default=[64, 128, 256, 512], help="token counts, or fractions < 1")
+    add_model_args(p, draft_required=True)
+    p.add_argument("--tasks", type=csv_list(str), default=list(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument("--lengths", type=csv_list(int), default=[2048], help="context lengths in tokens")
+    p.add_argument("--depths", type=csv_list(float), default=[0.1, 0.5, 0.9], help="needle depths (needle task)")
+    p.add_argument("--methods", type=csv_list(str), default=list(DEFAULT_METHODS))
+    p.add_argument("--budgets", type=csv_list(float), default=[64, 128, 256, 512], help="token counts, or fractions < 1")
     p.add_argument("--limit", type=int, default=1, help="samples per task and length")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--ppl-tokens", type=int, default=64, help="teacher-forced tokens scored per perplexity sample")

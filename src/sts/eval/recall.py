@@ -18,7 +18,9 @@ import torch
 from tqdm import tqdm
 
 from sts.attention.backend import QueryRecorder
+from sts.cli import add_model_args, csv_list
 from sts.decoding import Decoder, GenerationStats
+from sts.eval.text import read_token_texts
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 from sts.selection import SelectionConfig, make_policy
@@ -62,19 +64,14 @@ def shadow_recall(
 
 def add_recall_args(p: argparse.ArgumentParser) -> None:
     """Add ``sts recall``'s options."""
-    from sts.eval.harness import _csv
-
-    p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    add_model_args(p, draft_required=True)
     p.add_argument("--text-file", action="append", required=True, help="text to read (repeatable)")
     p.add_argument("--skip-tokens", type=int, default=0, help="tokens skipped at the start of each text")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8, help="verify steps measured per text")
     p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--methods", type=_csv(str), default=["sts", "streaming", "quest", "specpc", "oracle"])
-    p.add_argument("--budgets", type=_csv(float), default=[64, 128, 256, 512])
+    p.add_argument("--methods", type=csv_list(str), default=["sts", "streaming", "quest", "specpc", "oracle"])
+    p.add_argument("--budgets", type=csv_list(float), default=[64, 128, 256, 512])
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--mapping", help="calibrated mapping for method sts-cal")
@@ -95,12 +92,8 @@ def run_recall_cli(args: argparse.Namespace) -> Path:
     if target.tokenizer is None:
         raise STSError("sts recall needs the target's tokenizer to read --text-file")
     rows: dict[str, dict] = {}
-    for name in tqdm(args.text_file, desc="texts", file=sys.stderr):
-        try:
-            text = Path(name).read_text(errors="replace")
-        except OSError as exc:
-            raise STSError(f"cannot read {name}: {exc.strerror}") from None
-        ids = target.tokenizer(text, add_special_tokens=False)["input_ids"][args.skip_tokens :]
+    texts = read_token_texts(args.text_file, target.tokenizer, args.skip_tokens)
+    for name, ids in tqdm(list(zip(args.text_file, texts)), desc="texts", file=sys.stderr):
         observers = {}
         for spec in specs:
             for budget in args.budgets:

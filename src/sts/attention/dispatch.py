@@ -20,7 +20,10 @@ def use_triton(t: Tensor) -> bool:
 def verify_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor, indices: Tensor | None = None
 ) -> Tensor:
-    """Return ``[B, Hq, T, D]`` attention over the selected context rows (all of them if ``indices`` is None) and, causally, the new rows."""
+    """Return ``[B, Hq, T, D]`` attention over the selected context rows and, causally, the new rows.
+
+    ``indices=None`` selects every context row (dense verification).
+    """
     if use_triton(q):
         from sts.attention.triton_verify import sparse_verify_attention
 
@@ -31,7 +34,11 @@ def verify_attention(
 
 
 def score_context(q: Tensor, k_cache: Tensor, start_pos: Tensor, aggregate: Aggregate = "max") -> Tensor:
-    """Return ``[B, Hq, S]`` float32 context scores, ``-inf`` at and past ``start_pos[b]`` (static width S on every path)."""
+    """Return ``[B, Hq, S]`` float32 context scores, ``-inf`` at and past ``start_pos[b]``.
+
+    The width is the cache length S on every path (the reference's ``max(start_pos)`` columns
+    padded with ``-inf``), so callers see one static shape.
+    """
     if use_triton(q):
         from sts.attention.triton_scores import context_scores_triton
 

@@ -29,7 +29,10 @@ Aggregate = Literal["max", "mean"]
 
 
 @triton.jit
-def _score_queries(q_ptr, b, h, stride_qb, stride_qh, stride_qg, d, GQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, BLOCK_M: tl.constexpr):
+def _score_queries(
+    q_ptr, b, h, stride_qb, stride_qh, stride_qg, d,
+    GQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     """Return the ``[D, BLOCK_M]`` transposed query tile of one KV head and a mask of its real rows.
 
     Row ``r`` holds query ``g = r % G_P`` of query head ``h * GQ + r // G_P``; padding rows are 0.

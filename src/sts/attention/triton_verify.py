@@ -148,7 +148,9 @@ def _verify_split_kernel(
         slots = lo + tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         all_keys = tl.load(idx_base + slots, mask=slots < hi, other=0).to(tl.int32)
     # The last split takes one more tile: the T new rows, causally. Folding them into the same
-    # loop keeps one program per (split, head) and a single code path for the matrix products.
+    # loop keeps one program per (split, head) and a single code path for the matrix products
+    # (a separate branch with its own products read shared memory out of bounds on sm_90 with
+    # Triton 3.6, per compute-sanitizer).
     for i in tl.range(0, n_ctx + (split == n_splits - 1)):
         is_new = i == n_ctx
         offs = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,7 +192,8 @@ def _verify_split_kernel(
 def _verify_merge_kernel(
     o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
     stride_ob, stride_oh, stride_ot, n_kv_heads, n_parts,
-    GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+    GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)  # one query row of one (sequence, KV head)
     bh = pid // (GROUP * T)
@@ -239,8 +242,8 @@ def _check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor
         raise ValueError(f"bad shapes: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     if k_cache.shape[-1] != d or d not in (16, 32, 64, 128, 256):
         raise ValueError(f"head dim {d} unsupported (16..256, a power of two, same for q and cache)")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("the caches' last dimension must be contiguous")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q's and the caches' last dimension must be contiguous")
     if start_pos.shape != (b,):
         raise ValueError(f"start_pos must be [B], got {tuple(start_pos.shape)}")
 
@@ -272,6 +275,8 @@ def sparse_verify_attention(
         raise ValueError("return_importance needs indices")
     cfg = config or KernelConfig()
     b, hq, t, d = q.shape
+    if t > cfg.block_n:
+        raise ValueError(f"{t} new tokens do not fit one tile of block_n={cfg.block_n} rows")
     hkv, seq_len = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
     rows = group * t
@@ -304,8 +309,8 @@ def sparse_verify_attention(
         idx_strides[0], idx_strides[1],
         hkv, seq_len, n_idx, LOG2E / math.sqrt(d), n_splits,
         GROUP=group, T=t, HEAD_DIM=d,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, TILES=tiles, HAS_INDICES=has_indices, STORE_LOGITS=return_importance,
-        PRECISION=dot_precision(q.dtype),
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, TILES=tiles,
+        HAS_INDICES=has_indices, STORE_LOGITS=return_importance, PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     lse = torch.empty(b * hkv * rows if return_importance else 1, **f32)

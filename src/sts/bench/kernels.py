@@ -137,7 +137,9 @@ def bench_verify(b: int, ctx: int, budgets: Iterable[int], sdpa: bool, same_toke
     hq, hkv, d, t = TARGET["hq"], TARGET["hkv"], TARGET["d"], TARGET["t"]
     s = ctx + 64
     cache_bytes = 2 * b * hkv * s * d * 2
-    caches = [(torch.randn(b, hkv, s, d, device="cuda", dtype=BF16), torch.randn(b, hkv, s, d, device="cuda", dtype=BF16)) for _ in range(copies(cache_bytes))]  # fmt: skip
+    caches = [
+        tuple(torch.randn(b, hkv, s, d, device="cuda", dtype=BF16) for _ in range(2)) for _ in range(copies(cache_bytes))
+    ]
     q = torch.randn(b, hq, t, d, device="cuda", dtype=BF16)
     start = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
     rows: list[Row] = []
@@ -241,7 +243,8 @@ def tune() -> list[Row]:
                 print(rows[-1].record(), flush=True)
 
     verify_configs = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
-    for b, ctx, budget in ((1, 131072, 2048), (8, 32768, 2048), (8, 32768, 4096), (1, 131072, 512), (1, 131072, None), (8, 32768, None)):
+    shapes = ((1, 131072, 2048), (8, 32768, 2048), (8, 32768, 4096), (1, 131072, 512), (1, 131072, None), (8, 32768, None))
+    for b, ctx, budget in shapes:
         k = torch.randn(b, hkv, ctx + 64, d, device="cuda", dtype=BF16)
         v = torch.randn_like(k)
         q = torch.randn(b, hq, t, d, device="cuda", dtype=BF16)
@@ -273,7 +276,10 @@ def tune() -> list[Row]:
 
 def markdown(rows: list[Row]) -> str:
     """Return the rows as a markdown table."""
-    head = "| op | impl | B | context | budget | time (us) | MB moved | GB/s | % of 4.3 TB/s | note |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    head = (
+        "| op | impl | B | context | budget | time (us) | MB moved | GB/s | % of 4.3 TB/s | note |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     body = "".join(
         f"| {r.op} | {r.impl} | {r.batch} | {r.context} | {r.budget or '-'} | {r.time_us:.1f} | {r.bytes / 1e6:.1f} "
         f"| {r.gbps:.0f} | {100 * r.gbps / HBM_GBPS:.0f}% | {r.note} |\n"

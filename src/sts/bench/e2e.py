@@ -47,8 +47,8 @@ def random_model(shape: str, batch: int, max_len: int, device: str = "cuda") -> 
             "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
     config = ModelConfig.from_hf(LlamaConfig(**SHAPES[shape], rope_parameters=rope), name=shape)
     with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device=device).to(torch.bfloat16)
+        model = Transformer(config).to(torch.bfloat16)
+    model = model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
@@ -231,3 +231,7 @@ def run(args: argparse.Namespace) -> None:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record), file=sys.stderr, flush=True)
             del s
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ from sts.attention.scores import Aggregate
 from sts.models.transformer import Transformer
 from sts.attention.reference import gather_rows
 from sts.errors import STSError
-from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register
+from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register, topk_rows
 from sts.selection.mapping import HeadMapping
 
 
@@ -81,6 +81,21 @@ class STSPolicy(SelectionPolicy):
             for dl in self.layer_pos
         ]
         self.draft_scores = torch.stack([torch.cat([s, s.amax(1, keepdim=True)], dim=1) for s in per_layer])
+        self.rows = None
+        if not (self.rerank or self.wants_feedback):
+            # Without per-layer refinements every layer's rows are known now: one batched top-k
+            # for all layers is far cheaper on the GPU than one top-k launch per layer.
+            n_layers = len(self._index)
+            scores = torch.stack([self.scores(layer, None, None, ctx.start_pos) for layer in range(n_layers)])
+            rows = topk_rows(scores.flatten(0, 1), ctx.start_pos.repeat(n_layers), self.budget,
+                             self.config.sink, self.config.window)
+            self.rows = rows.view(n_layers, *scores.shape[1:3], -1)
+
+    def select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
+        """Return this layer's rows: precomputed for all layers at once, or refined with the target's queries."""
+        if self.rows is not None:
+            return self.rows[layer]
+        return super().select(layer, q, k_cache, start_pos)
 
     def scores(self, layer: int, q: Tensor | None, k_cache: Tensor | None, start_pos: Tensor) -> Tensor:
         """Return ``[B, Hkv, N]``: the mapped draft heads' scores per target KV head, refined by the settings."""

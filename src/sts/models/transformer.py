@@ -12,13 +12,50 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sts.attention.backend import AttentionFn, dense_attention
+import os
+from typing import Any, Callable
+
+from sts.attention.backend import KERNEL_MAX_TOKENS, AttentionFn, dense_attention
 from sts.errors import STSError
 from sts.models.config import ModelConfig
 
 
+def fused_on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Return ``fn``, compiled into one fused kernel for small-T CUDA inputs (decode and verify steps).
+
+    A decode step is otherwise hundreds of tiny element-wise kernels whose launch gaps, even in a
+    CUDA graph, cost as much as reading the weights. Prefill chunks and CPU runs stay eager (no
+    compile time, no recompiles for every chunk length). ``STS_COMPILE=0`` turns it off.
+    """
+    compiled: list[Callable[..., Any]] = []
+
+    def run(x: Tensor, *args: Any) -> Any:
+        if x.is_cuda and x.shape[1] <= KERNEL_MAX_TOKENS and os.environ.get("STS_COMPILE", "1") != "0":
+            if not compiled:
+                compiled.append(torch.compile(fn, dynamic=False, fullgraph=True))
+            return compiled[0](x, *args)
+        return fn(x, *args)
+
+    run.__doc__ = fn.__doc__
+    return run
+
+
+@fused_on_gpu
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Return x normalised by its root mean square (in float32, like the reference implementations), times weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@fused_on_gpu
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """Return silu(gate) * up."""
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 like the reference implementations."""
+    """Root-mean-square layer norm."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -27,9 +64,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the normalised input in its own dtype."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -57,6 +92,12 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+@fused_on_gpu
+def rotate_qk(x: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Return (q, k) rotated; ``x`` ``[B, T, ...]`` only decides (by its T) whether to fuse."""
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention that writes to its KV cache and delegates the attending."""
 
@@ -77,7 +118,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = rotate_qk(x, q, k, cos, sin)
         assert self.cache is not None, "call setup_cache() before forward()"
         self.cache.write(k, v, start_pos)
         out = attention(self.layer, q, self.cache.k, self.cache.v, start_pos)
@@ -96,7 +137,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return down(silu(gate(x)) * up(x))."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -12,7 +12,7 @@ from sts.models.transformer import Transformer
 from sts.attention.reference import gather_rows
 from sts.errors import STSError
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register, topk_rows
-from sts.selection.mapping import HeadMapping
+from sts.selection.mapping import ALL_HEADS, HeadMapping
 
 
 @register
@@ -48,39 +48,40 @@ class STSPolicy(SelectionPolicy):
         self.decay = decay
         self.wants_feedback = feedback > 0
         self.importance: dict[int, Tensor] = {}
-        self.layer_pos = {dl: i for i, dl in enumerate(mapping.draft_layers())}
+        # Only the (draft layer, head) pairs some target head reads are kept after scoring.
+        used = sorted({(dl, dh) for layer in mapping.sources for head in layer for dl, dh, _ in head})
+        self.source_id = {src: i for i, src in enumerate(used)}
+        self.heads_of = {dl: [dh for layer, dh in used if layer == dl] for dl, _ in used}
         self._index = [self._layer_index(layer) for layer in mapping.sources]
 
-    def _layer_index(self, heads) -> tuple[Tensor, Tensor, Tensor]:
-        """Return (draft-layer slot, draft head, weight), each ``[Hkv, M]``, for one target layer."""
+    def _layer_index(self, heads) -> tuple[Tensor, Tensor]:
+        """Return (source id, weight), each ``[Hkv, M]``, for one target layer."""
         width = max(len(h) for h in heads)
         # Pad by repeating a head's first source with weight 0: neutral for both max and sum.
         padded = [list(h) + [(h[0][0], h[0][1], 0.0)] * (width - len(h)) for h in heads]
-        slot = torch.tensor([[self.layer_pos[s[0]] for s in h] for h in padded])
-        head = torch.tensor([[s[1] for s in h] for h in padded])
+        ids = torch.tensor([[self.source_id[s[0], s[1]] for s in h] for h in padded])
         weight = torch.tensor([[s[2] for s in h] for h in padded], dtype=torch.float32)
-        return slot, head, weight
+        return ids, weight
 
     def draft_layers(self, draft: Transformer) -> tuple[int, ...]:
         """Return the draft layers the mapping reads."""
-        return self.mapping.draft_layers()
+        return tuple(self.heads_of)
 
     def prepare(self, ctx: RoundContext) -> None:
-        """Score the context once per round for every mapped draft layer: ``[L_used, B, Hq_draft + 1, N]``.
+        """Score the context once per round: one row ``[B, N]`` per mapped draft source, ``[n_sources, B, N]``.
 
-        The extra last head slot holds the max over the layer's heads, which source head -1
-        (:data:`~sts.selection.mapping.ALL_HEADS`) reads, so a whole-layer source costs one row.
+        Source head -1 (:data:`~sts.selection.mapping.ALL_HEADS`) is the max over the layer's heads.
         """
         super().prepare(ctx)
         assert ctx.draft is not None
         device = ctx.start_pos.device
         if self._index[0][0].device != device:  # moved once, before any CUDA-graph capture
             self._index = [tuple(t.to(device) for t in index) for index in self._index]
-        per_layer = [
-            dispatch.score_context(ctx.draft_queries[dl], ctx.draft.layers[dl].self_attn.cache.k, ctx.start_pos, self.aggregate)
-            for dl in self.layer_pos
-        ]
-        self.draft_scores = torch.stack([torch.cat([s, s.amax(1, keepdim=True)], dim=1) for s in per_layer])
+        rows = []
+        for dl, heads in self.heads_of.items():
+            scores = dispatch.score_context(ctx.draft_queries[dl], ctx.draft.layers[dl].self_attn.cache.k, ctx.start_pos, self.aggregate)
+            rows += [scores.amax(1) if dh == ALL_HEADS else scores[:, dh] for dh in heads]
+        self.draft_scores = torch.stack(rows)
         self.rows = None
         if not (self.rerank or self.wants_feedback):
             # Without per-layer refinements every layer's rows are known now: one batched top-k
@@ -99,8 +100,8 @@ class STSPolicy(SelectionPolicy):
 
     def scores(self, layer: int, q: Tensor | None, k_cache: Tensor | None, start_pos: Tensor) -> Tensor:
         """Return ``[B, Hkv, N]``: the mapped draft heads' scores per target KV head, refined by the settings."""
-        slot, head, weight = self._index[layer]
-        picked = self.draft_scores[slot, :, head]  # [Hkv, M, B, N]
+        ids, weight = self._index[layer]
+        picked = self.draft_scores[ids]  # [Hkv, M, B, N]
         if self.mapping.combine == "max":
             combined = picked.amax(1)
         else:

@@ -110,3 +110,16 @@ def test_bad_generation_settings():
     other = ours(hf_model(hf_config("llama", vocab=50)))
     with pytest.raises(STSError, match="vocabulary"):
         speculative_generate(target, other, PROMPTS, 4)
+
+
+def test_sparse_draft_keeps_output_lossless_and_changes_only_acceptance(tiny_pair):
+    """A sparse draft proposes differently, but verification still makes the output the target's."""
+    _, target, draft = tiny_pair
+    prompts = [list(range(1, 80)), [5, 6, 7] * 30]
+    ref = generate(target, prompts, 20).tokens
+    dense_draft = speculative_generate(target, draft, prompts, 20, gamma=4)
+    out = speculative_generate(target, draft, prompts, 20, gamma=4, draft_budget=12)
+    assert out.tokens == ref
+    assert out.stats.accepted_per_round != dense_draft.stats.accepted_per_round  # the draft really read less
+    with pytest.raises(STSError, match="draft budget"):
+        speculative_generate(target, draft, prompts, 4, draft_budget=3)

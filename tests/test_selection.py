@@ -263,7 +263,7 @@ def test_calibration_recovers_a_planted_mapping():
             layer.self_attn.q_proj.weight.mul_(4.0)
     draft = ours(hf)
     perm = [2, 0, 3, 1]  # target head h is draft head perm[h]
-    state = {k: v.clone() for k, v in draft.state_dict().items()}
+    state = {k.removeprefix("model."): v.clone() for k, v in hf.state_dict().items()}  # HF names: q/k/v apart
     d = 16
     for layer in range(2):
         for name in ("q_proj", "k_proj", "v_proj"):
@@ -392,3 +392,14 @@ def test_selected_importance_matches_brute_force():
                     for pos, j in enumerate(valid):
                         best[j] = max(best[j], p[pos])
             torch.testing.assert_close(imp[b, h], best, atol=1e-5, rtol=1e-4)
+
+
+def test_streaming_direct_rows_equal_top_k_of_recency(verify_state):
+    target, draft, _ = verify_state
+    start = torch.tensor([70, 9])
+    for budget, sink in ((20, 3), (20, 0), (9, 4)):
+        policy = make_policy("streaming", SelectionConfig(budget=budget, sink=sink, window=0), target, draft)
+        policy.budget = budget
+        k = target.layers[0].self_attn.cache.k
+        direct = as_sets(policy.select(0, None, k, start), start)
+        assert direct == as_sets(topk_rows(policy.scores(0, None, k, start), start, budget, sink, 0), start)

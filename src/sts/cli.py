@@ -53,6 +53,8 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapping", help="head-mapping JSON from `sts calibrate` (STS only)")
     p.add_argument("--rerank", type=int, default=0, help="STS: draft proposes this many times the free rows, target ranks them")
     p.add_argument("--feedback", type=float, default=0.0, help="STS: share of free rows kept for rows the target attended to")
+    p.add_argument("--draft-budget", type=int, default=None,
+                   help="draft steps after a round's first read only sinks + the latest rows, this many in all")
     p.add_argument("--sparse-prefill", action="store_true", help="draft-chosen key blocks for the target's prefill too")
     p.add_argument("--prefill-budget", type=int, default=1024, help="context rows per KV head in sparse prefill")
     p.add_argument("--prefill-block", type=int, default=64, help="rows per block in sparse prefill")
@@ -122,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = run_method(
         args.method, target, draft, [prompt], args.max_new_tokens, gamma=args.gamma, sampling=sampling,
         selection=selection, mapping=args.mapping, measure_recall=args.measure_recall, on_tokens=stream, seed=args.seed,
-        prefill=_prefill(args), options=_options(args),
+        prefill=_prefill(args), options=_options(args), draft_budget=args.draft_budget,
     )
     tokens = result.tokens[0]
     stats = result.stats.summary()

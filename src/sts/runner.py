@@ -77,11 +77,13 @@ def run_method(
     prefix_cache: PrefixCache | None = None,
     prefill: PrefillConfig | None = None,
     options: dict[str, Any] | None = None,
+    draft_budget: int | None = None,
 ) -> GenerationResult:
     """Return the generation of ``method`` (autoregressive, speculative or a selection policy).
 
     ``prefill`` makes the target's prefill sparse (speculative methods only); ``options`` go to the
-    selection policy (e.g. ``rerank``, ``feedback`` for STS).
+    selection policy (e.g. ``rerank``, ``feedback`` for STS); ``draft_budget`` makes the draft's
+    steps after the first of each round sparse (see :func:`~sts.speculative.speculative_generate`).
     """
     if method not in methods():
         raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
@@ -90,8 +92,8 @@ def run_method(
     generator.manual_seed(0 if seed is None else seed)
     eos = eos_ids(target)
     if method == "autoregressive":
-        if prefill is not None:
-            raise STSError("--sparse-prefill needs a draft: use a speculative method")
+        if prefill is not None or draft_budget:
+            raise STSError("--sparse-prefill and --draft-budget need a draft: use a speculative method")
         return generate(target.model, prompts, max_new_tokens, sampling, eos, on_tokens, generator, prefix_cache=prefix_cache)
     if draft is None:
         raise STSError(f"--method {method} needs a --draft model")
@@ -101,5 +103,5 @@ def run_method(
     return speculative_generate(
         target.model, draft.model, prompts, max_new_tokens, gamma, sampling, eos,
         policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, generator=generator,
-        prefix_cache=None if prefill else prefix_cache, prefill=prefill,
+        prefix_cache=None if prefill else prefix_cache, prefill=prefill, draft_budget=draft_budget,
     )

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from sts.attention.backend import QueryRecorder, dense_attention
+from sts.attention.backend import AttentionFn, QueryRecorder, dense_attention
 from sts.decoding import Decoder, GenerationResult, PrefixCache, GenerationStats, StopState, StreamCallback, context_capacity, synchronize
 from sts.errors import STSError
 from sts.models.transformer import Transformer
@@ -23,7 +23,17 @@ from sts.selection.attend import SelectiveAttention
 from sts.prefill import PrefillConfig, sparse_prefill
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
 from sts.selection.mapping import HeadMapping
+from sts.selection.streaming import StreamingPolicy
 from sts.selection.sts import STSPolicy
+
+
+def sparse_draft_attention(budget: int, sink: int = 4) -> SelectiveAttention:
+    """Return the draft's attention for the steps after a round's first: sinks + the latest rows."""
+    if budget <= sink:
+        raise STSError(f"draft budget must exceed the {sink} sink rows, got {budget}")
+    policy = StreamingPolicy(SelectionConfig(budget=budget, sink=sink, window=0))
+    policy.budget = budget
+    return SelectiveAttention(policy)
 
 
 def check_pair(target: Transformer, draft: Transformer, target_tokenizer=None, draft_tokenizer=None) -> None:
@@ -74,10 +84,13 @@ def speculative_generate(
     prefill_chunk: int = 512,
     prefix_cache: PrefixCache | None = None,
     prefill: PrefillConfig | None = None,
+    draft_budget: int | None = None,
 ) -> GenerationResult:
     """Return continuations decoded speculatively; with ``policy``, verification reads only selected rows.
 
     With ``prefill``, the target's prefill is sparse too (draft-chosen key blocks, see :mod:`sts.prefill`).
+    With ``draft_budget``, only the first draft step of a round reads the draft's whole cache (its
+    queries score the context); the others read sinks + the latest rows, ``draft_budget`` in all.
     """
     if gamma < 1:
         raise STSError(f"gamma must be >= 1, got {gamma}")
@@ -92,6 +105,7 @@ def speculative_generate(
     stats = GenerationStats()
     recorder = QueryRecorder(policy.draft_layers(draft) if policy and policy.uses_draft else ())
     verify_attention = SelectiveAttention(policy, measure_recall) if policy else dense_attention
+    draft_attention = sparse_draft_attention(draft_budget) if draft_budget else dense_attention
 
     start = time.perf_counter()
     if prefill is None:
@@ -111,7 +125,7 @@ def speculative_generate(
     while not stop.finished:
         t0 = time.perf_counter()
         context = tdec.lengths.clone()  # rows before the last (unverified) token
-        drafted, draft_probs = _propose(ddec, seqs, gamma, sampling, generator, recorder)
+        drafted, draft_probs = _propose(ddec, seqs, gamma, sampling, generator, recorder, draft_attention)
         synchronize(device)
         t1 = time.perf_counter()
         if policy is not None:
@@ -153,8 +167,12 @@ def _propose(
     sampling: SamplingConfig,
     generator: torch.Generator | None,
     recorder: QueryRecorder,
+    later_steps: AttentionFn = dense_attention,
 ) -> tuple[Tensor, Tensor]:
-    """Return (``[B, gamma]`` draft tokens, ``[B, gamma, V]`` their distributions)."""
+    """Return (``[B, gamma]`` draft tokens, ``[B, gamma, V]`` their distributions).
+
+    The first step attends densely; the later ones through ``later_steps``.
+    """
     lag = [len(s) - n for s, n in zip(seqs, ddec.lengths.tolist())]
     if max(lag) > 1:
         # The draft never processed its own last token of a fully accepted round: catch up
@@ -163,7 +181,8 @@ def _propose(
     tokens: list[Tensor] = []
     dists: list[Tensor] = []
     work = [list(s) for s in seqs]
-    for _ in range(gamma):
+    for step in range(gamma):
+        recorder.inner = dense_attention if step == 0 else later_steps
         probs = probabilities(ddec.feed(work, recorder), sampling)
         tok = draw(probs, generator)
         tokens.append(tok)

@@ -62,17 +62,19 @@ def dense_attention(layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, sta
 
 
 class QueryRecorder:
-    """Dense attention that also keeps the queries of chosen layers (the draft's scoring input)."""
+    """Attention (dense unless ``inner`` says otherwise) that also keeps the queries of chosen layers
+    (the draft's scoring input)."""
 
-    def __init__(self, layers: Sequence[int]) -> None:
+    def __init__(self, layers: Sequence[int], inner: AttentionFn = dense_attention) -> None:
         self.layers = set(layers)
+        self.inner = inner
         self.queries: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}
 
     def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
-        """Return dense attention, recording ``q`` when ``layer`` is one of the chosen layers."""
+        """Return ``inner``'s attention, recording ``q`` when ``layer`` is one of the chosen layers."""
         if layer in self.layers:
             self.queries[layer].append(q)
-        return dense_attention(layer, q, k_cache, v_cache, start_pos)
+        return self.inner(layer, q, k_cache, v_cache, start_pos)
 
     def take(self) -> dict[int, Tensor]:
         """Return and clear the recorded queries, ``[B, Hq, steps, D]`` per layer."""

@@ -19,13 +19,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from sts.attention.backend import AttentionFn, QueryRecorder, dense_attention
 from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
 from sts.selection.attend import SelectiveAttention
 from sts.selection.base import RoundContext, SelectionConfig
 from sts.selection.mapping import HeadMapping
 from sts.selection.sts import STSPolicy
-from sts.attention.backend import QueryRecorder
+from sts.speculative import sparse_draft_attention
 
 #: Bytes per second used for roofline bounds: the GEMV rate measured on the H200 (see DESIGN.md).
 ROOFLINE_BW = 4.07e12
@@ -115,12 +116,17 @@ class Setup:
     last: Tensor
 
 
-def _draft_steps(s: Setup, attention) -> Tensor:
-    """Return ``[B, gamma]`` greedy draft tokens from ``gamma`` one-token draft forwards."""
+def _draft_steps(s: Setup, recorder: QueryRecorder | None, later: AttentionFn = dense_attention) -> Tensor:
+    """Return ``[B, gamma]`` greedy draft tokens from ``gamma`` one-token draft forwards.
+
+    The first step attends densely; later steps through ``later`` (a sparse draft).
+    """
     tok, out = s.last, []
     for i in range(s.gamma):
-        logits = s.draft(tok, s.start + i, attention) if attention else s.draft(tok, s.start + i)
-        tok = logits[:, -1].argmax(-1, keepdim=True)
+        attention = later if i else dense_attention
+        if recorder is not None:
+            recorder.inner, attention = attention, recorder
+        tok = s.draft(tok, s.start + i, attention)[:, -1].argmax(-1, keepdim=True)
         out.append(tok)
     return torch.cat(out, dim=1)
 
@@ -131,8 +137,8 @@ def _accept(drafted: Tensor, logits: Tensor) -> Tensor:
     return (choice[:, :-1] == drafted).long().cumprod(1).sum(1)
 
 
-def bench_point(s: Setup, budget: int, iters: int) -> dict[str, float]:
-    """Return milliseconds per AR step, dense speculative round, STS round and each STS phase."""
+def bench_point(s: Setup, budget: int, draft_budget: int, iters: int) -> dict[str, float]:
+    """Return milliseconds per AR step, dense speculative round, STS round (dense and sparse draft) and each STS phase."""
     t, d = s.target, s.draft
     ar = graphed(lambda: t(s.last, s.start).argmax(-1))
 
@@ -147,8 +153,8 @@ def bench_point(s: Setup, budget: int, iters: int) -> dict[str, float]:
     verify = SelectiveAttention(policy)
     holder: dict[str, Tensor] = {}
 
-    def draft_phase() -> None:
-        holder["drafted"] = _draft_steps(s, recorder)
+    def draft_phase(later: AttentionFn = dense_attention) -> None:
+        holder["drafted"] = _draft_steps(s, recorder, later)
         holder["queries"] = recorder.take()
 
     def select_phase() -> None:
@@ -158,29 +164,35 @@ def bench_point(s: Setup, budget: int, iters: int) -> dict[str, float]:
     def verify_phase() -> None:
         holder["logits"] = t(torch.cat([s.last, holder["drafted"]], 1), s.start, verify)
 
-    def sts_round() -> None:
-        draft_phase()
+    def sts_round(later: AttentionFn = dense_attention) -> None:
+        draft_phase(later)
         policy.prepare(RoundContext(s.start, t, d, holder["queries"]))
         verify_phase()
         holder["accepted"] = _accept(holder["drafted"], holder["logits"])
 
+    sparse_draft = sparse_draft_attention(draft_budget)
+
     out = {"ar_ms": time_ms(ar, iters), "dense_round_ms": time_ms(graphed(dense_round), iters)}
     out["sts_round_ms"] = time_ms(graphed(sts_round), iters)
+    out["sts_sparse_draft_round_ms"] = time_ms(graphed(lambda: sts_round(sparse_draft)), iters)
     out["draft_ms"] = time_ms(graphed(draft_phase), iters)
+    out["sparse_draft_ms"] = time_ms(graphed(lambda: draft_phase(sparse_draft)), iters)
     out["select_ms"] = time_ms(graphed(select_phase), iters)
     out["verify_ms"] = time_ms(graphed(verify_phase), iters)
     return out
 
 
-def roofline(s: Setup, budget: int, mapped_layers: int) -> dict[str, float]:
+def roofline(s: Setup, budget: int, draft_budget: int, mapped_layers: int) -> dict[str, float]:
     """Return the bytes each path must move per round (weights, KV rows, score pass)."""
     t, d, b, n, g = s.target, s.draft, s.batch, s.context, s.gamma
     draft_bytes = g * (weight_bytes(d) + kv_bytes(d.config, b, n))
+    sparse_draft_bytes = g * weight_bytes(d) + kv_bytes(d.config, b, n) + (g - 1) * kv_bytes(d.config, b, min(draft_budget, n))
+    sts_verify = weight_bytes(t) + kv_bytes(t.config, b, min(budget, n)) + kv_bytes(d.config, b, n, layers=mapped_layers, k_only=True)
     return {
         "ar_bytes": weight_bytes(t) + kv_bytes(t.config, b, n),
         "dense_round_bytes": draft_bytes + weight_bytes(t) + kv_bytes(t.config, b, n),
-        "sts_round_bytes": draft_bytes + weight_bytes(t) + kv_bytes(t.config, b, min(budget, n))
-        + kv_bytes(d.config, b, n, layers=mapped_layers, k_only=True),
+        "sts_round_bytes": draft_bytes + sts_verify,
+        "sts_sparse_draft_round_bytes": sparse_draft_bytes + sts_verify,
     }
 
 
@@ -190,6 +202,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--budget", type=int, default=512)
+    p.add_argument("--draft-budget", type=int, default=512, help="rows the draft's later steps read (sparse draft)")
     p.add_argument("--accept", default="2,3,4", help="forced tokens per round to report")
     p.add_argument("--measured-accept", type=float, default=None, help="tokens per round measured on real weights")
     p.add_argument("--iters", type=int, default=20)
@@ -215,17 +228,21 @@ def run(args: argparse.Namespace) -> None:
                       batch, context, args.gamma, torch.full((batch,), context, device="cuda"),
                       torch.randint(0, 1000, (batch, 1), device="cuda"))
             with torch.no_grad():
-                times = bench_point(s, args.budget, args.iters)
+                times = bench_point(s, args.budget, args.draft_budget, args.iters)
             mapped = len(HeadMapping.default(s.target.config, s.draft.config).draft_layers())
-            bytes_ = roofline(s, args.budget, mapped)
+            bytes_ = roofline(s, args.budget, args.draft_budget, mapped)
             record = {"batch": batch, "context": context, "gamma": args.gamma, "budget": args.budget, **times, **bytes_,
                       "ar_bound_share": bytes_["ar_bytes"] / ROOFLINE_BW / (times["ar_ms"] / 1e3),
                       "dense_round_bound_share": bytes_["dense_round_bytes"] / ROOFLINE_BW / (times["dense_round_ms"] / 1e3),
-                      "sts_round_bound_share": bytes_["sts_round_bytes"] / ROOFLINE_BW / (times["sts_round_ms"] / 1e3)}
+                      "sts_round_bound_share": bytes_["sts_round_bytes"] / ROOFLINE_BW / (times["sts_round_ms"] / 1e3),
+                      "sts_sparse_draft_round_bound_share":
+                      bytes_["sts_sparse_draft_round_bytes"] / ROOFLINE_BW / (times["sts_sparse_draft_round_ms"] / 1e3)}
             # Same acceptance for both speculative paths: STS over dense speculative is a ratio of round times.
             record["speedup_sts_vs_spec"] = times["dense_round_ms"] / times["sts_round_ms"]
+            record["speedup_sts_sparse_draft_vs_spec"] = times["dense_round_ms"] / times["sts_sparse_draft_round_ms"]
             for a in accepts:
                 record[f"speedup_sts_vs_ar@{a:g}"] = a * times["ar_ms"] / times["sts_round_ms"]
+                record[f"speedup_sts_sparse_draft_vs_ar@{a:g}"] = a * times["ar_ms"] / times["sts_sparse_draft_round_ms"]
                 record[f"speedup_spec_vs_ar@{a:g}"] = a * times["ar_ms"] / times["dense_round_ms"]
             with out.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from sts.errors import STSError
 from sts.models.config import ModelConfig
-from sts.models.transformer import Transformer
+from sts.models.transformer import Transformer, fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor], dtype: torch
     """Return a model of ``config`` holding the given HF-named weights, cast to ``dtype`` on ``device``."""
     with torch.device("meta"):
         model = Transformer(config)
-    weights = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    weights = fuse_projections({k.removeprefix("model."): v for k, v in state_dict.items()})
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}

@@ -19,3 +19,12 @@ class StreamingPolicy(SelectionPolicy):
         b, hkv = k_cache.shape[:2]
         n = int(start_pos.max())
         return torch.arange(n, device=k_cache.device, dtype=torch.float32).expand(b, hkv, n)
+
+    def select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
+        """Return the same rows as top-k of :meth:`scores`, computed directly (no top-k, no host sync)."""
+        budget, sink = self.budget, min(self.config.sink, self.budget)
+        col = torch.arange(budget, device=start_pos.device).view(1, budget)
+        ctx = start_pos.view(-1, 1)
+        rows = torch.where(col < sink, col, ctx - budget + col)  # sinks, then the latest budget - sink rows
+        rows = torch.where(ctx <= budget, col, rows)  # short contexts: everything (the rest is invalid)
+        return rows.unsqueeze(1).expand(-1, k_cache.shape[1], -1)

@@ -48,65 +48,61 @@ class STSPolicy(SelectionPolicy):
         self.decay = decay
         self.wants_feedback = feedback > 0
         self.importance: dict[int, Tensor] = {}
-        # Only the (draft layer, head) pairs some target head reads are kept after scoring.
+        # Only the (draft layer, head) pairs some target head reads are scored, and target heads
+        # with the same sources share one score row and one top-k (the default map has one per
+        # draft layer: every KV head of the target layers it serves).
         used = sorted({(dl, dh) for layer in mapping.sources for head in layer for dl, dh, _ in head})
-        self.source_id = {src: i for i, src in enumerate(used)}
+        source_id = {src: i for i, src in enumerate(used)}
         self.heads_of = {dl: [dh for layer, dh in used if layer == dl] for dl, _ in used}
-        self._index = [self._layer_index(layer) for layer in mapping.sources]
-
-    def _layer_index(self, heads) -> tuple[Tensor, Tensor]:
-        """Return (source id, weight), each ``[Hkv, M]``, for one target layer."""
-        width = max(len(h) for h in heads)
-        # Pad by repeating a head's first source with weight 0: neutral for both max and sum.
-        padded = [list(h) + [(h[0][0], h[0][1], 0.0)] * (width - len(h)) for h in heads]
-        ids = torch.tensor([[self.source_id[s[0], s[1]] for s in h] for h in padded])
-        weight = torch.tensor([[s[2] for s in h] for h in padded], dtype=torch.float32)
-        return ids, weight
+        combos = sorted({head for layer in mapping.sources for head in layer})
+        combo_id = {c: i for i, c in enumerate(combos)}
+        self.combo_of = torch.tensor([[combo_id[head] for head in layer] for layer in mapping.sources])
+        width = max(len(c) for c in combos)
+        # Pad by repeating a combo's first source with weight 0: neutral for both max and sum.
+        padded = [list(c) + [(c[0][0], c[0][1], 0.0)] * (width - len(c)) for c in combos]
+        self.combo_sources = torch.tensor([[source_id[s[0], s[1]] for s in c] for c in padded])
+        self.combo_weights = torch.tensor([[s[2] for s in c] for c in padded], dtype=torch.float32)
 
     def draft_layers(self, draft: Transformer) -> tuple[int, ...]:
         """Return the draft layers the mapping reads."""
         return tuple(self.heads_of)
 
     def prepare(self, ctx: RoundContext) -> None:
-        """Score the context once per round: one row ``[B, N]`` per mapped draft source, ``[n_sources, B, N]``.
+        """Score the context once per round: one row ``[B, N]`` per distinct set of draft sources.
 
         Source head -1 (:data:`~sts.selection.mapping.ALL_HEADS`) is the max over the layer's heads.
         """
         super().prepare(ctx)
         assert ctx.draft is not None
         device = ctx.start_pos.device
-        if self._index[0][0].device != device:  # moved once, before any CUDA-graph capture
-            self._index = [tuple(t.to(device) for t in index) for index in self._index]
+        if self.combo_of.device != device:  # moved once, before any CUDA-graph capture
+            self.combo_of, self.combo_sources, self.combo_weights = (
+                t.to(device) for t in (self.combo_of, self.combo_sources, self.combo_weights))
         rows = []
         for dl, heads in self.heads_of.items():
             scores = dispatch.score_context(ctx.draft_queries[dl], ctx.draft.layers[dl].self_attn.cache.k, ctx.start_pos, self.aggregate)
             rows += [scores.amax(1) if dh == ALL_HEADS else scores[:, dh] for dh in heads]
-        self.draft_scores = torch.stack(rows)
+        picked = torch.stack(rows)[self.combo_sources]  # [U, M, B, N]
+        if self.mapping.combine == "max":
+            combined = picked.amax(1)
+        else:
+            combined = (picked.clamp_min(0) * self.combo_weights.view(*self.combo_weights.shape, 1, 1)).sum(1)
+        self.combined = combined.transpose(0, 1)  # [B, U, N]
         self.rows = None
         if not (self.rerank or self.wants_feedback):
             # Without per-layer refinements every layer's rows are known now: one batched top-k
-            # for all layers is far cheaper on the GPU than one top-k launch per layer.
-            n_layers = len(self._index)
-            scores = torch.stack([self.scores(layer, None, None, ctx.start_pos) for layer in range(n_layers)])
-            rows = topk_rows(scores.flatten(0, 1), ctx.start_pos.repeat(n_layers), self.budget,
-                             self.config.sink, self.config.window)
-            self.rows = rows.view(n_layers, *scores.shape[1:3], -1)
+            # over the distinct score rows is far cheaper on the GPU than one per target layer.
+            self.rows = topk_rows(self.combined, ctx.start_pos, self.budget, self.config.sink, self.config.window)
 
     def select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
         """Return this layer's rows: precomputed for all layers at once, or refined with the target's queries."""
         if self.rows is not None:
-            return self.rows[layer]
+            return self.rows[:, self.combo_of[layer]]
         return super().select(layer, q, k_cache, start_pos)
 
     def scores(self, layer: int, q: Tensor | None, k_cache: Tensor | None, start_pos: Tensor) -> Tensor:
         """Return ``[B, Hkv, N]``: the mapped draft heads' scores per target KV head, refined by the settings."""
-        ids, weight = self._index[layer]
-        picked = self.draft_scores[ids]  # [Hkv, M, B, N]
-        if self.mapping.combine == "max":
-            combined = picked.amax(1)
-        else:
-            combined = (picked.clamp_min(0) * weight.view(*weight.shape, 1, 1)).sum(1)
-        scores = combined.permute(1, 0, 2)
+        scores = self.combined[:, self.combo_of[layer]]
         free = max(self.budget - self.config.sink - self.config.window, 0)
         if self.feedback_share > 0 and layer in self.importance:
             scores = self._promote(scores, self.importance[layer][..., : scores.shape[-1]], int(self.feedback_share * free), start_pos)

@@ -209,11 +209,42 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="e2e.jsonl")
 
 
+def plot(records: list[dict], path: Path, accept: float = 3.0) -> Path:
+    """Write a PNG of decode speed-up over autoregressive vs context, per path and batch, at ``accept`` tokens per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    paths = (("dense speculative", "dense_round_ms"), ("STS", "sts_round_ms"), ("STS + sparse draft", "sts_sparse_draft_round_ms"))
+    for batch, style in ((1, "-o"), (4, "--s")):
+        rows = sorted((r for r in records if r["batch"] == batch), key=lambda r: r["context"])
+        for label, key in paths:
+            ax.plot([r["context"] // 1024 for r in rows], [accept * r["ar_ms"] / r[key] for r in rows], style, label=f"{label}, batch {batch}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (K tokens)")
+    ax.set_ylabel(f"decode speed-up over autoregressive\n({accept:g} tokens per round, forced)")
+    ax.set_title("Llama-3.1-8B target, Llama-3.2-1B draft shapes, H200, bf16, CUDA graphs", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse the options and run the grid."""
+    """Parse the options and run the grid (or, with ``--plot``, only draw an earlier run's results)."""
     parser = argparse.ArgumentParser(prog="sts bench e2e", description=__doc__.splitlines()[0])
     add_args(parser)
-    run(parser.parse_args(argv))
+    parser.add_argument("--plot", help="draw this JSON-lines file's speed-ups into --png instead of running")
+    parser.add_argument("--png", default="e2e.png")
+    args = parser.parse_args(argv)
+    if args.plot:
+        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], Path(args.png))
+        return
+    run(args)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -83,6 +83,9 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
         "cannot read prompt file")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,999", "--method", "autoregressive"], "token ids")
     bad(capsys, gen + ["--target", t, "--method", "speculative"], "needs a --draft")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "streaming", "--window", "8", "--rerank", "4"], "apply to --method sts")
+    if not torch.cuda.is_available():
+        bad(capsys, ["bench", "e2e", "--contexts", "8192"], "needs a CUDA device")
 
 
 def test_the_installed_command_exits_non_zero_without_a_traceback(checkpoints, tmp_path):

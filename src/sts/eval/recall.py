@@ -115,9 +115,18 @@ def run_recall_cli(args: argparse.Namespace) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"header": report_header(sys.argv[1:]), "context": args.context, "steps": args.steps,
                                "rows": list(rows.values())}, indent=1))
-    print(f"{'method':<36}{'budget':>7}{'mass':>7}{'mass/ctx':>9}{'set@32':>8}{'set@64':>8}{'set@B':>7}")
-    for row in rows.values():
-        sr = row["set_recall"]
-        print(f"{row['method']:<36}{row['budget']:>7g}{row['recall']:>7.3f}{row['recall_context']:>9.3f}"
-              f"{sr['32']:>8.3f}{sr['64']:>8.3f}{sr['budget']:>7.3f}")
+    table = recall_table(list(rows.values()))
+    out.with_suffix(".md").write_text(table)
+    print(table)
     return out
+
+
+def recall_table(rows: list[dict]) -> str:
+    """Return a markdown table of recall rows, grouped by budget (methods in their given order)."""
+    lines = ["| budget | method | mass recall | mass recall / context mass | set recall@32 | set recall@64 | set recall@budget |",
+             "|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: r["budget"]):
+        sr = row["set_recall"]
+        lines.append(f"| {row['budget']:g} | {row['method']} | {row['recall']:.3f} | {row['recall_context']:.3f} | "
+                     f"{sr['32']:.3f} | {sr['64']:.3f} | {sr['budget']:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -26,7 +26,8 @@ class STSPolicy(SelectionPolicy):
 
     * ``rerank = m``: the draft proposes ``m`` times as many candidates as the budget has free
       rows, and the target's own verify queries rank them exactly (q.k over the candidates' keys,
-      max over the group and queries): the draft narrows, the target decides.
+      max over the group and queries; with ``rerank_prob``, each query's softmax over the
+      candidates, averaged over the group and queries): the draft narrows, the target decides.
     * ``feedback = f``: a share ``f`` of the free rows goes to rows the target itself attended
       to most in earlier steps (per layer and KV head, decayed by ``decay`` each step).
     """
@@ -36,7 +37,7 @@ class STSPolicy(SelectionPolicy):
 
     def __init__(
         self, config: SelectionConfig, mapping: HeadMapping, aggregate: Aggregate = "max",
-        rerank: float = 0, feedback: float = 0.0, decay: float = 0.5,
+        rerank: float = 0, feedback: float = 0.0, decay: float = 0.5, rerank_prob: float = 0,
     ) -> None:
         super().__init__(config)
         if rerank < 0 or rerank != int(rerank) or not 0.0 <= feedback <= 1.0 or not 0.0 <= decay <= 1.0:
@@ -44,6 +45,7 @@ class STSPolicy(SelectionPolicy):
         self.mapping = mapping
         self.aggregate = aggregate
         self.rerank = int(rerank)
+        self.rerank_prob = bool(rerank_prob)
         self.feedback_share = feedback
         self.decay = decay
         self.wants_feedback = feedback > 0
@@ -126,11 +128,17 @@ class STSPolicy(SelectionPolicy):
         """Return scores where only the draft's top ``count`` free rows stay, ranked by the target's own q.k."""
         if count < 1:
             return scores
-        cand = torch.topk(self._competing(scores, start_pos), min(count, scores.shape[-1]), dim=-1).indices
+        top = torch.topk(self._competing(scores, start_pos), min(count, scores.shape[-1]), dim=-1)
+        cand = top.indices
         b, hq, t, d = q.shape
         keys = gather_rows(k_cache, cand)  # [B, Hkv, C, D]: K only, never V
         logits = torch.matmul(q.float().reshape(b, keys.shape[1], -1, d), keys.float().transpose(-1, -2))
-        exact = logits.amax(dim=2)  # max over the group's heads and the verify queries
+        # Candidates that are forced or past the context (a short context) take no part.
+        logits = logits.masked_fill(torch.isinf(top.values).unsqueeze(2), float("-inf"))
+        if self.rerank_prob:  # the oracle's ranking, with softmax over the candidates only
+            exact = torch.softmax(logits / d**0.5, dim=-1).mean(dim=2)
+        else:  # max over the group's heads and the verify queries
+            exact = logits.amax(dim=2)
         # Non-candidates sink below every candidate (but stay above invalid rows' -inf).
         ranked = torch.full_like(scores, torch.finfo(torch.float32).min).scatter(-1, cand, exact)
         return torch.where(torch.isinf(scores) & (scores < 0), scores, ranked)

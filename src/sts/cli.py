@@ -52,6 +52,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-layers", type=int, default=0, help="first target layers that stay dense")
     p.add_argument("--mapping", help="head-mapping JSON from `sts calibrate` (STS only)")
     p.add_argument("--rerank", type=int, default=0, help="STS: draft proposes this many times the free rows, target ranks them")
+    p.add_argument("--rerank-prob", action="store_true", help="STS: with --rerank, rank by mean softmax probability")
     p.add_argument("--feedback", type=float, default=0.0, help="STS: share of free rows kept for rows the target attended to")
     p.add_argument("--draft-budget", type=int, default=None,
                    help="draft steps after a round's first read only sinks + the latest rows, this many in all")
@@ -68,7 +69,7 @@ def _selection(args: argparse.Namespace):
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Return the STS refinements set on the command line (other methods take none)."""
-    options = {k: v for k, v in (("rerank", args.rerank), ("feedback", args.feedback)) if v}
+    options = {k: v for k, v in (("rerank", args.rerank), ("rerank_prob", args.rerank_prob), ("feedback", args.feedback)) if v}
     if options and args.method != "sts":
         raise STSError(f"--rerank/--feedback apply to --method sts, not {args.method}")
     return options

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from sts.attention.backend import QueryRecorder
 from sts.cli import add_model_args, csv_list
 from sts.decoding import Decoder, GenerationStats
+from sts.eval.teacher import draft_reads_truth
 from sts.eval.text import read_token_texts
 from sts.errors import STSError
 from sts.models.transformer import Transformer
@@ -45,10 +46,7 @@ def shadow_recall(
     stats = {name: GenerationStats() for name in observers}
     start = context
     for _ in range(steps):
-        if int(ddec.lengths[0]) < start:
-            ddec.feed([tokens[:start]])
-        for i in range(gamma):
-            ddec.feed([tokens[: start + i + 1]], recorder)
+        draft_reads_truth(ddec, tokens, start, gamma, recorder)
         queries = recorder.take()
         start_pos = torch.tensor([start], device=tdec.device)
         for observer in observers.values():

@@ -23,6 +23,14 @@ class TeacherForced:
     stats: GenerationStats
 
 
+def draft_reads_truth(ddec: Decoder, tokens: Sequence[int], start: int, gamma: int, recorder: QueryRecorder) -> None:
+    """Make the draft read the true tokens up to ``start``, then ``gamma`` recorded steps of the true continuation."""
+    if int(ddec.lengths[0]) < start:
+        ddec.feed([list(tokens[:start])])
+    for i in range(gamma):
+        ddec.feed([list(tokens[: start + i + 1])], recorder)
+
+
 def teacher_forced(
     target: Transformer,
     draft: Transformer,
@@ -51,10 +59,7 @@ def teacher_forced(
     while start + gamma + 2 <= len(tokens):
         if policy is not None:
             if policy.uses_draft:
-                if int(ddec.lengths[0]) < start:
-                    ddec.feed([tokens[:start]])
-                for i in range(gamma):
-                    ddec.feed([tokens[: start + i + 1]], recorder)
+                draft_reads_truth(ddec, tokens, start, gamma, recorder)
             start_pos = torch.tensor([start], device=tdec.device)
             policy.budget = policy.config.tokens(start)
             policy.prepare(RoundContext(start_pos, target, draft, recorder.take()))

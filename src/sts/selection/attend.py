@@ -33,8 +33,11 @@ class SelectiveAttention:
         idx = self.observe(layer, q, k_cache, start_pos)
         return dispatch.verify_attention(q, k_cache, v_cache, start_pos, idx)
 
-    def observe(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
-        """Return the policy's rows for this layer (None: dense), recording sparsity and recall."""
+    def observe(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor, probs: Tensor | None = None) -> Tensor | None:
+        """Return the policy's rows for this layer (None: dense), recording sparsity and recall.
+
+        ``probs`` are the dense attention probabilities of ``q`` when the caller already has them.
+        """
         dense = layer < self.policy.config.dense_layers
         idx = None if dense else self.policy.select(layer, q, k_cache, start_pos)
         ctx = start_pos.float().clamp_min(1)
@@ -44,14 +47,17 @@ class SelectiveAttention:
             valid = (idx < start_pos.view(-1, 1, 1)).sum(-1).float()
             self.sparsity[layer] = (1 - valid / ctx.view(-1, 1)).mean()
         if self.measure_recall:
-            self._measure(layer, q, k_cache, start_pos, idx)
+            self._measure(layer, q, k_cache, start_pos, idx, probs)
         if idx is not None and self.policy.wants_feedback:
             self.policy.feedback(layer, idx, selected_importance(q, k_cache, start_pos, idx))
         return idx
 
-    def _measure(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor, idx: Tensor | None) -> None:
+    def _measure(
+        self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor, idx: Tensor | None, probs: Tensor | None = None,
+    ) -> None:
         """Record mass and set recall of the selection against the dense attention of the same queries."""
-        probs = attention_probs(q, k_cache, start_pos)  # [B, Hq, T, N]
+        if probs is None:
+            probs = attention_probs(q, k_cache, start_pos)  # [B, Hq, T, N]
         b, hq, t, n = probs.shape
         hkv = k_cache.shape[1]
         in_context = torch.arange(n, device=q.device) < start_pos.view(b, 1)  # [B, N]
@@ -102,6 +108,9 @@ class ShadowAttention:
 
     def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return dense attention after every observer has selected and measured its rows."""
+        # The dense probabilities every observer measures against are the same: compute them once.
+        measuring = any(o.measure_recall for o in self.observers.values())
+        probs = attention_probs(q, k_cache, start_pos) if measuring else None
         for observer in self.observers.values():
-            observer.observe(layer, q, k_cache, start_pos)
+            observer.observe(layer, q, k_cache, start_pos, probs)
         return dispatch.verify_attention(q, k_cache, v_cache, start_pos, None)

@@ -137,8 +137,9 @@ def _accept(drafted: Tensor, logits: Tensor) -> Tensor:
     return (choice[:, :-1] == drafted).long().cumprod(1).sum(1)
 
 
-def bench_point(s: Setup, budget: int, draft_budget: int, iters: int) -> dict[str, float]:
-    """Return milliseconds per AR step, dense speculative round, STS round (dense and sparse draft) and each STS phase."""
+def bench_point(s: Setup, budget: int, draft_budget: int, iters: int, rerank: int = 0) -> dict[str, float]:
+    """Return milliseconds per AR step, dense speculative round, STS round (dense and sparse draft, and
+    with target re-ranking of ``rerank`` x the free rows when set) and each STS phase."""
     t, d = s.target, s.draft
     ar = graphed(lambda: t(s.last, s.start).argmax(-1))
 
@@ -161,13 +162,13 @@ def bench_point(s: Setup, budget: int, draft_budget: int, iters: int) -> dict[st
         policy.prepare(RoundContext(s.start, t, d, holder["queries"]))
         holder["rows"] = torch.stack([policy.select(layer, None, None, s.start) for layer in range(t.config.n_layers)])
 
-    def verify_phase() -> None:
-        holder["logits"] = t(torch.cat([s.last, holder["drafted"]], 1), s.start, verify)
+    def verify_phase(attention: SelectiveAttention = verify) -> None:
+        holder["logits"] = t(torch.cat([s.last, holder["drafted"]], 1), s.start, attention)
 
-    def sts_round(later: AttentionFn = dense_attention) -> None:
+    def sts_round(later: AttentionFn = dense_attention, attention: SelectiveAttention = verify) -> None:
         draft_phase(later)
-        policy.prepare(RoundContext(s.start, t, d, holder["queries"]))
-        verify_phase()
+        attention.policy.prepare(RoundContext(s.start, t, d, holder["queries"]))
+        verify_phase(attention)
         holder["accepted"] = _accept(holder["drafted"], holder["logits"])
 
     sparse_draft = sparse_draft_attention(draft_budget)
@@ -179,6 +180,10 @@ def bench_point(s: Setup, budget: int, draft_budget: int, iters: int) -> dict[st
     out["sparse_draft_ms"] = time_ms(graphed(lambda: draft_phase(sparse_draft)), iters)
     out["select_ms"] = time_ms(graphed(select_phase), iters)
     out["verify_ms"] = time_ms(graphed(verify_phase), iters)
+    if rerank:
+        reranked = STSPolicy(policy.config, mapping, rerank=rerank, rerank_prob=1)
+        reranked.budget = budget
+        out["sts_rerank_round_ms"] = time_ms(graphed(lambda: sts_round(attention=SelectiveAttention(reranked))), iters)
     return out
 
 
@@ -203,6 +208,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--budget", type=int, default=512)
     p.add_argument("--draft-budget", type=int, default=512, help="rows the draft's later steps read (sparse draft)")
+    p.add_argument("--rerank", type=int, default=0, help="also time STS with target re-ranking of this many x the free rows")
     p.add_argument("--accept", default="2,3,4", help="forced tokens per round to report")
     p.add_argument("--measured-accept", type=float, default=None, help="tokens per round measured on real weights")
     p.add_argument("--iters", type=int, default=20)
@@ -259,7 +265,7 @@ def run(args: argparse.Namespace) -> None:
                       batch, context, args.gamma, torch.full((batch,), context, device="cuda"),
                       torch.randint(0, 1000, (batch, 1), device="cuda"))
             with torch.no_grad():
-                times = bench_point(s, args.budget, args.draft_budget, args.iters)
+                times = bench_point(s, args.budget, args.draft_budget, args.iters, args.rerank)
             mapped = len(HeadMapping.default(s.target.config, s.draft.config).draft_layers())
             bytes_ = roofline(s, args.budget, args.draft_budget, mapped)
             record = {"batch": batch, "context": context, "gamma": args.gamma, "budget": args.budget, **times, **bytes_,

@@ -114,6 +114,13 @@ def competing_rows(n: int, start_pos: Tensor, sink: int, window: int) -> tuple[T
     return (pos < sink) | (pos >= ctx - window), pos < ctx
 
 
+def sink_window_rows(start_pos: Tensor, sink: int, window: int) -> Tensor:
+    """Return ``[B, sink + window]``: the first ``sink`` and the last ``window`` context rows of each sequence
+    (meaningful when the context is longer than ``sink + window``)."""
+    col = torch.arange(sink + window, device=start_pos.device).view(1, -1)
+    return torch.where(col < sink, col, start_pos.view(-1, 1) - (sink + window) + col)
+
+
 def topk_rows(scores: Tensor, start_pos: Tensor, budget: int, sink: int, window: int) -> Tensor:
     """Return ``[B, H, budget]`` rows: the first ``sink``, the last ``window`` and the best-scored rest.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sts.selection.base import SelectionPolicy, register
+from sts.selection.base import SelectionPolicy, register, sink_window_rows
 
 
 @register
@@ -23,8 +23,7 @@ class StreamingPolicy(SelectionPolicy):
     def select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return the same rows as top-k of :meth:`scores`, computed directly (no top-k, no host sync)."""
         budget, sink = self.budget, min(self.config.sink, self.budget)
+        rows = sink_window_rows(start_pos, sink, budget - sink)  # sinks, then the latest budget - sink rows
         col = torch.arange(budget, device=start_pos.device).view(1, budget)
-        ctx = start_pos.view(-1, 1)
-        rows = torch.where(col < sink, col, ctx - budget + col)  # sinks, then the latest budget - sink rows
-        rows = torch.where(ctx <= budget, col, rows)  # short contexts: everything (the rest is invalid)
+        rows = torch.where(start_pos.view(-1, 1) <= budget, col, rows)  # short contexts: everything
         return rows.unsqueeze(1).expand(-1, k_cache.shape[1], -1)

@@ -11,7 +11,9 @@ from sts.attention.scores import Aggregate
 from sts.models.transformer import Transformer
 from sts.attention.reference import gather_rows
 from sts.errors import STSError
-from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register, topk_rows
+from sts.selection.base import (
+    RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register, sink_window_rows, topk_rows,
+)
 from sts.selection.mapping import ALL_HEADS, HeadMapping
 
 
@@ -90,7 +92,10 @@ class STSPolicy(SelectionPolicy):
         else:
             combined = (picked.clamp_min(0) * self.combo_weights.view(*self.combo_weights.shape, 1, 1)).sum(1)
         self.combined = combined.transpose(0, 1)  # [B, U, N]
-        self.rows = None
+        self.rows = self.candidates = None
+        if self.rerank and not self.wants_feedback:
+            # The draft's candidates do not depend on the target's queries: one batched top-k.
+            self.candidates = self._top_candidates(self.combined, ctx.start_pos)
         if not (self.rerank or self.wants_feedback):
             # Without per-layer refinements every layer's rows are known now: one batched top-k
             # over the distinct score rows is far cheaper on the GPU than one per target layer.
@@ -100,6 +105,8 @@ class STSPolicy(SelectionPolicy):
         """Return this layer's rows: precomputed for all layers at once, or refined with the target's queries."""
         if self.rows is not None:
             return self.rows[:, self.combo_of[layer]]
+        if self.rerank and q is not None and k_cache is not None:
+            return self._rerank_select(layer, q, k_cache, start_pos)
         return super().select(layer, q, k_cache, start_pos)
 
     def scores(self, layer: int, q: Tensor | None, k_cache: Tensor | None, start_pos: Tensor) -> Tensor:
@@ -108,8 +115,6 @@ class STSPolicy(SelectionPolicy):
         free = max(self.budget - self.config.sink - self.config.window, 0)
         if self.feedback_share > 0 and layer in self.importance:
             scores = self._promote(scores, self.importance[layer][..., : scores.shape[-1]], int(self.feedback_share * free), start_pos)
-        if self.rerank and q is not None and k_cache is not None:
-            scores = self._rerank(scores, q, k_cache, start_pos, self.rerank * free)
         return scores
 
     def _competing(self, scores: Tensor, start_pos: Tensor) -> Tensor:
@@ -124,24 +129,36 @@ class STSPolicy(SelectionPolicy):
         top = torch.topk(self._competing(importance, start_pos), min(count, scores.shape[-1]), dim=-1).indices
         return scores.scatter(-1, top, float("inf"))
 
-    def _rerank(self, scores: Tensor, q: Tensor, k_cache: Tensor, start_pos: Tensor, count: int) -> Tensor:
-        """Return scores where only the draft's top ``count`` free rows stay, ranked by the target's own q.k."""
-        if count < 1:
-            return scores
-        top = torch.topk(self._competing(scores, start_pos), min(count, scores.shape[-1]), dim=-1)
-        cand = top.indices
+    def _top_candidates(self, scores: Tensor, start_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (rows, usable) ``[B, H, C]``: the draft's ``rerank`` x free best free rows."""
+        free = max(self.budget - self.config.sink - self.config.window, 1)
+        top = torch.topk(self._competing(scores, start_pos), min(self.rerank * free, scores.shape[-1]), dim=-1)
+        return top.indices, ~torch.isinf(top.values)  # -inf: forced or past the context
+
+    def _rerank_select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
+        """Return ``[B, Hkv, budget]`` rows: sinks, window, and the candidates the target's own queries rank best."""
+        if self.candidates is not None:
+            cand, usable = (t[:, self.combo_of[layer]] for t in self.candidates)
+        else:
+            cand, usable = self._top_candidates(self.scores(layer, q, k_cache, start_pos), start_pos)
         b, hq, t, d = q.shape
         keys = gather_rows(k_cache, cand)  # [B, Hkv, C, D]: K only, never V
         logits = torch.matmul(q.float().reshape(b, keys.shape[1], -1, d), keys.float().transpose(-1, -2))
-        # Candidates that are forced or past the context (a short context) take no part.
-        logits = logits.masked_fill(torch.isinf(top.values).unsqueeze(2), float("-inf"))
+        logits = logits.masked_fill(~usable.unsqueeze(2), float("-inf"))
         if self.rerank_prob:  # the oracle's ranking, with softmax over the candidates only
-            exact = torch.softmax(logits / d**0.5, dim=-1).mean(dim=2)
+            exact = torch.nan_to_num(torch.softmax(logits / d**0.5, dim=-1), nan=0.0).mean(dim=2)
+            exact = exact.masked_fill(~usable, float("-inf"))
         else:  # max over the group's heads and the verify queries
             exact = logits.amax(dim=2)
-        # Non-candidates sink below every candidate (but stay above invalid rows' -inf).
-        ranked = torch.full_like(scores, torch.finfo(torch.float32).min).scatter(-1, cand, exact)
-        return torch.where(torch.isinf(scores) & (scores < 0), scores, ranked)
+        sink, window = self.config.sink, self.config.window
+        free = self.budget - sink - window
+        best = torch.topk(exact, min(free, exact.shape[-1]), dim=-1)
+        chosen = torch.where(torch.isinf(best.values), k_cache.shape[2], cand.gather(-1, best.indices))
+        forced = sink_window_rows(start_pos, sink, window).unsqueeze(1).expand(b, cand.shape[1], -1)
+        rows = torch.cat([forced, chosen], dim=-1)
+        # A context no longer than the budget is read whole (as topk_rows would choose).
+        everything = torch.arange(rows.shape[-1], device=rows.device).expand_as(rows)
+        return torch.where(start_pos.view(b, 1, 1) <= self.budget, everything, rows)
 
     def feedback(self, layer: int, rows: Tensor, importance: Tensor) -> None:
         """Decay this layer's remembered importance and fold in the target's attention on the rows it read."""

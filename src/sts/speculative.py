@@ -105,6 +105,8 @@ def speculative_generate(
     stats = GenerationStats()
     recorder = QueryRecorder(policy.draft_layers(draft) if policy and policy.uses_draft else ())
     verify_attention = SelectiveAttention(policy, measure_recall) if policy else dense_attention
+    if policy is not None:
+        policy.reset()
     draft_attention = sparse_draft_attention(draft_budget) if draft_budget else dense_attention
 
     start = time.perf_counter()

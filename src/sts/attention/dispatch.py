@@ -8,7 +8,7 @@ from importlib.util import find_spec
 import torch.nn.functional as F
 from torch import Tensor
 
-from sts.attention import reference, scores
+from sts.attention import reference, rerank, scores
 from sts.attention.scores import Aggregate
 
 
@@ -45,3 +45,12 @@ def score_context(q: Tensor, k_cache: Tensor, start_pos: Tensor, aggregate: Aggr
         return context_scores_triton(q, k_cache, start_pos, aggregate)
     ref = scores.context_scores(q, k_cache, start_pos, aggregate)
     return F.pad(ref, (0, k_cache.shape[2] - ref.shape[-1]), value=float("-inf"))
+
+
+def rerank_rows(
+    q: Tensor, k_cache: Tensor, cand: Tensor, usable: Tensor, start_pos: Tensor,
+    sink: int, window: int, budget: int, prob: bool,
+) -> Tensor:
+    """Return ``[B, Hkv, budget]`` rows: sinks, window and the candidates the target's queries rank best
+    (contract in :mod:`sts.attention.rerank`)."""
+    return rerank.rerank_rows(q, k_cache, cand, usable, start_pos, sink, window, budget, prob)

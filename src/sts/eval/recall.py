@@ -44,6 +44,8 @@ def shadow_recall(
     layers = sorted({dl for o in observers.values() if o.policy.uses_draft for dl in o.policy.draft_layers(draft)})
     recorder = QueryRecorder(layers)
     stats = {name: GenerationStats() for name in observers}
+    for observer in observers.values():
+        observer.policy.reset()
     start = context
     for _ in range(steps):
         draft_reads_truth(ddec, tokens, start, gamma, recorder)

@@ -54,6 +54,8 @@ def teacher_forced(
     ddec.prefill([tokens[:context]])
     recorder = QueryRecorder(policy.draft_layers(draft) if policy is not None and policy.uses_draft else ())
     attention = SelectiveAttention(policy, measure_recall) if policy is not None else None
+    if policy is not None:
+        policy.reset()
     stats = GenerationStats()
     total, count, start = 0.0, 0, context
     while start + gamma + 2 <= len(tokens):

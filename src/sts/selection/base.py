@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sts.attention.reference import attention_probs
+from sts.attention.rerank import sink_window_rows
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 
@@ -84,6 +85,9 @@ class SelectionPolicy(ABC):
         """Return the draft layers whose queries this policy needs recorded."""
         return ()
 
+    def reset(self) -> None:
+        """Forget state carried from earlier steps (called when a new generation or text starts)."""
+
     def prepare(self, ctx: RoundContext) -> None:
         """Precompute what :meth:`select` needs for this step (e.g. scores from draft queries)."""
         self.ctx = ctx
@@ -112,13 +116,6 @@ def competing_rows(n: int, start_pos: Tensor, sink: int, window: int) -> tuple[T
     pos = torch.arange(n, device=start_pos.device).view(1, 1, n)
     ctx = start_pos.view(-1, 1, 1)
     return (pos < sink) | (pos >= ctx - window), pos < ctx
-
-
-def sink_window_rows(start_pos: Tensor, sink: int, window: int) -> Tensor:
-    """Return ``[B, sink + window]``: the first ``sink`` and the last ``window`` context rows of each sequence
-    (meaningful when the context is longer than ``sink + window``)."""
-    col = torch.arange(sink + window, device=start_pos.device).view(1, -1)
-    return torch.where(col < sink, col, start_pos.view(-1, 1) - (sink + window) + col)
 
 
 def topk_rows(scores: Tensor, start_pos: Tensor, budget: int, sink: int, window: int) -> Tensor:

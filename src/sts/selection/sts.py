@@ -9,10 +9,9 @@ from torch import Tensor
 from sts.attention import dispatch
 from sts.attention.scores import Aggregate
 from sts.models.transformer import Transformer
-from sts.attention.reference import gather_rows
 from sts.errors import STSError
 from sts.selection.base import (
-    RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register, sink_window_rows, topk_rows,
+    RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register, topk_rows,
 )
 from sts.selection.mapping import ALL_HEADS, HeadMapping
 
@@ -51,7 +50,7 @@ class STSPolicy(SelectionPolicy):
         self.feedback_share = feedback
         self.decay = decay
         self.wants_feedback = feedback > 0
-        self.importance: dict[int, Tensor] = {}
+        self.reset()
         # Only the (draft layer, head) pairs some target head reads are scored, and target heads
         # with the same sources share one score row and one top-k (the default map has one per
         # draft layer: every KV head of the target layers it serves).
@@ -66,6 +65,10 @@ class STSPolicy(SelectionPolicy):
         padded = [list(c) + [(c[0][0], c[0][1], 0.0)] * (width - len(c)) for c in combos]
         self.combo_sources = torch.tensor([[source_id[s[0], s[1]] for s in c] for c in padded])
         self.combo_weights = torch.tensor([[s[2] for s in c] for c in padded], dtype=torch.float32)
+
+    def reset(self) -> None:
+        """Forget the target's attention remembered from earlier steps (feedback)."""
+        self.importance: dict[int, Tensor] = {}
 
     def draft_layers(self, draft: Transformer) -> tuple[int, ...]:
         """Return the draft layers the mapping reads."""
@@ -136,29 +139,13 @@ class STSPolicy(SelectionPolicy):
         return top.indices, ~torch.isinf(top.values)  # -inf: forced or past the context
 
     def _rerank_select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
-        """Return ``[B, Hkv, budget]`` rows: sinks, window, and the candidates the target's own queries rank best."""
+        """Return ``[B, Hkv, budget]`` rows: sinks, window, and the candidates this layer's verify queries rank best."""
         if self.candidates is not None:
             cand, usable = (t[:, self.combo_of[layer]] for t in self.candidates)
         else:
             cand, usable = self._top_candidates(self.scores(layer, q, k_cache, start_pos), start_pos)
-        b, hq, t, d = q.shape
-        keys = gather_rows(k_cache, cand)  # [B, Hkv, C, D]: K only, never V
-        logits = torch.matmul(q.float().reshape(b, keys.shape[1], -1, d), keys.float().transpose(-1, -2))
-        logits = logits.masked_fill(~usable.unsqueeze(2), float("-inf"))
-        if self.rerank_prob:  # the oracle's ranking, with softmax over the candidates only
-            exact = torch.nan_to_num(torch.softmax(logits / d**0.5, dim=-1), nan=0.0).mean(dim=2)
-            exact = exact.masked_fill(~usable, float("-inf"))
-        else:  # max over the group's heads and the verify queries
-            exact = logits.amax(dim=2)
-        sink, window = self.config.sink, self.config.window
-        free = self.budget - sink - window
-        best = torch.topk(exact, min(free, exact.shape[-1]), dim=-1)
-        chosen = torch.where(torch.isinf(best.values), k_cache.shape[2], cand.gather(-1, best.indices))
-        forced = sink_window_rows(start_pos, sink, window).unsqueeze(1).expand(b, cand.shape[1], -1)
-        rows = torch.cat([forced, chosen], dim=-1)
-        # A context no longer than the budget is read whole (as topk_rows would choose).
-        everything = torch.arange(rows.shape[-1], device=rows.device).expand_as(rows)
-        return torch.where(start_pos.view(b, 1, 1) <= self.budget, everything, rows)
+        return dispatch.rerank_rows(
+            q, k_cache, cand, usable, start_pos, self.config.sink, self.config.window, self.budget, self.rerank_prob)
 
     def feedback(self, layer: int, rows: Tensor, importance: Tensor) -> None:
         """Decay this layer's remembered importance and fold in the target's attention on the rows it read."""

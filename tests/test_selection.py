@@ -422,3 +422,72 @@ def test_sts_rerank_by_probability_covering_everything_is_the_oracle_on_free_row
             mean_prob = torch.softmax(logits, -1).mean(0)
             best = [free[i] for i in torch.topk(mean_prob, 15).indices.tolist()]
             assert sets[b, h] == forced | set(best)
+
+
+def test_mass_curves_match_brute_force():
+    from sts.calibrate import mass_curves
+
+    mass = torch.rand(2, 3, 4, 50, generator=G)
+    curves = mass_curves(mass, step=8)
+    assert curves.shape == (2, 3, 6)
+    for idx in [(0, 0), (1, 2)]:
+        for p in range(6):
+            share = [sorted(mass[idx][r].tolist(), reverse=True) for r in range(4)]
+            want = sum(sum(s[: 8 * (p + 1)]) / sum(s) for s in share) / 4
+            assert float(curves[idx][p]) == pytest.approx(want, rel=1e-5)
+
+
+def test_head_budgets_allocation_is_the_brute_force_optimum():
+    from itertools import product
+
+    from sts.selection.budgets import allocate
+
+    # Concave curves of three heads with different concentration: sorted random masses.
+    heads = [torch.rand(96, generator=G) ** e for e in (1.0, 4.0, 12.0)]
+    curve = torch.stack([(m.sort(descending=True).values.cumsum(0) / m.sum())[3::4] for m in heads]).view(1, 3, -1)
+    step, free, cap = 4, 22, 2.0  # 5 blocks of 4 + 2 extra rows per head; each head 1..11 blocks
+    got = allocate(curve, step, free, cap)
+    assert int(got.sum()) == 3 * free
+
+    def value(blocks):
+        return sum(float(curve[0, h, b - 1]) if b else 0.0 for h, b in enumerate(blocks))
+
+    feasible = [c for c in product(range(1, 12), repeat=3) if sum(c) == 15]
+    best = max(value(c) for c in feasible)
+    assert value([(int(r) - 2) // step for r in got[0]]) == pytest.approx(best, abs=1e-6)
+    assert got[0, 2] < got[0, 0]  # the concentrated head needs fewer rows than the diffuse one
+
+
+def test_sts_head_budgets_give_each_head_its_own_top_k(verify_state, tmp_path):
+    target, draft, ctx = verify_state
+    base = HeadMapping.default(target.config, draft.config)
+    n_heads = target.config.n_kv_heads
+    # Head 0 of every layer diffuse (gains spread evenly), the others concentrated: head 0 gets more rows.
+    points = 20
+    diffuse = [(p + 1) / points for p in range(points)]
+    sharp = [min(1.0, 0.9 + 0.1 * p / points) for p in range(points)]
+    curve = tuple(tuple(tuple(diffuse if h == 0 else sharp) for h in range(n_heads)) for _ in range(target.config.n_layers))
+    from dataclasses import replace
+
+    path = tmp_path / "curves.json"
+    replace(base, mass_curve=curve, curve_step=2).save(path)
+    mapping = HeadMapping.load(path)
+    assert mapping.mass_curve == curve
+    config = SelectionConfig(budget=21, sink=2, window=3)
+    policy = make_policy("sts", config, target, draft, str(path), head_budgets=2)
+    uniform = make_policy("sts", config, target, draft, str(path))
+    for p in (policy, uniform):
+        p.budget = 21
+        p.prepare(ctx)
+    widths = policy._head_widths(torch.device("cpu"))
+    assert int(widths.sum()) == 21 * widths.numel() and int(widths[0, 0]) > 21 > int(widths[0, 1])
+    for layer in range(target.config.n_layers):
+        rows = policy.select(layer, None, None, ctx.start_pos)
+        scores = uniform.scores(layer, None, None, ctx.start_pos)
+        for (b, h), chosen in as_sets(rows, ctx.start_pos).items():
+            want = brute_select(scores[b : b + 1, h : h + 1], ctx.start_pos[b : b + 1], int(widths[layer, h]), 2, 3)
+            assert chosen == want[0, 0], (layer, b, h)
+    with pytest.raises(STSError, match="mass curves"):
+        make_policy("sts", config, target, draft, head_budgets=2)
+    with pytest.raises(STSError, match="plain rule"):
+        make_policy("sts", config, target, draft, str(path), head_budgets=2, rerank=4)

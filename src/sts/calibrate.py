@@ -28,6 +28,8 @@ from sts.selection.mapping import HeadMapping
 log = logging.getLogger(__name__)
 
 Criterion = Literal["recall", "jaccard"]
+#: Rows per point of the stored per-head mass curves (the granularity of per-head budgets).
+CURVE_STEP = 16
 
 
 class ProbeAttention:
@@ -67,6 +69,23 @@ def _round_mean(x: Tensor, gamma: int) -> Tensor:
     return x[..., : r * gamma, :].reshape(*lead, r, gamma, n).mean(-2)
 
 
+def competing_mass(target_probs: Tensor, n_kv_heads: int, sink: int, window: int, gamma: int) -> Tensor:
+    """Return ``[Lt, Hkv, R, M]``: each target KV head's attention mass per round on the rows that compete
+    for the budget (sinks and window excluded), averaged over the group's heads and the round's queries."""
+    lt, hq, q, n = target_probs.shape
+    grouped = target_probs.reshape(lt, n_kv_heads, hq // n_kv_heads, q, n).mean(2)
+    return _round_mean(grouped, gamma)[..., sink : n - window]
+
+
+def mass_curves(mass: Tensor, step: int) -> Tensor:
+    """Return ``[Lt, Hkv, P]``: the share of a head's competing mass its best ``step * (p + 1)`` rows hold
+    (the oracle's recall curve, mean over rounds): how many rows the head needs, its difficulty."""
+    ranked = mass.sort(dim=-1, descending=True).values.cumsum(-1)
+    share = ranked / ranked[..., -1:].clamp_min(1e-12)
+    points = share.shape[-1] // step
+    return share[..., step - 1 : points * step : step].mean(-2)
+
+
 def score_sources(
     target_probs: Tensor, draft_probs: Tensor, n_kv_heads: int, topk: int, sink: int, window: int,
     criterion: Criterion = "recall", gamma: int = 4,
@@ -76,13 +95,11 @@ def score_sources(
     ``target_probs`` is ``[Lt, Hq_t, Q, N]``, ``draft_probs`` ``[Ld, Hq_d, Q, N]`` (same queries,
     same context). Only rows in ``[sink, N - window)`` compete, since the others are always kept.
     """
-    lt, hq, q, n = target_probs.shape
+    lt, n = target_probs.shape[0], target_probs.shape[-1]
     lo, hi = sink, n - window
     if hi - lo < topk:
         raise STSError(f"calibration context too short: {n} rows leave fewer than --topk {topk} between sink and window")
-    # Target: mass per (layer, KV head, round, row), averaged over the group's heads and the round.
-    grouped = target_probs.reshape(lt, n_kv_heads, hq // n_kv_heads, q, n).mean(2)
-    mass = _round_mean(grouped, gamma)[..., lo:hi]  # [Lt, Hkv, R, M]
+    mass = competing_mass(target_probs, n_kv_heads, sink, window, gamma)
     draft = _round_max(draft_probs.flatten(0, 1), gamma)[..., lo:hi]  # [S, R, M]
     picks = torch.topk(draft, topk, dim=-1).indices  # [S, R, k]
     if criterion == "recall":
@@ -94,7 +111,10 @@ def score_sources(
     return (inter / (2 * topk - inter)).mean(-1).permute(1, 2, 0)
 
 
-def mapping_from_scores(quality: Tensor, target: Transformer, draft: Transformer, n_sources: int, criterion: str) -> HeadMapping:
+def mapping_from_scores(
+    quality: Tensor, target: Transformer, draft: Transformer, n_sources: int, criterion: str,
+    curves: Tensor | None = None, step: int = 16,
+) -> HeadMapping:
     """Return the mapping that takes, per target head, its ``n_sources`` best draft heads (weights ∝ score)."""
     hd = draft.config.n_heads
     best = torch.topk(quality, n_sources, dim=-1)
@@ -113,6 +133,8 @@ def mapping_from_scores(quality: Tensor, target: Transformer, draft: Transformer
         draft=draft.config.identity(),
         criterion=criterion,
         quality=tuple(tuple(float(x) for x in row) for row in best.values[..., 0]),
+        mass_curve=None if curves is None else tuple(tuple(tuple(round(float(x), 5) for x in head) for head in layer) for layer in curves),
+        curve_step=step,
     )
 
 
@@ -127,17 +149,21 @@ def calibrate(
     if n_queries < gamma:
         raise STSError(f"--queries must be at least gamma ({gamma})")
     total: Tensor | None = None
+    curves: list[Tensor] = []
     for tokens in tqdm(texts, desc="calibrate", disable=not progress, file=None):
         if len(tokens) <= n_queries + topk + sink + window:
             raise STSError(f"a calibration text of {len(tokens)} tokens is too short for --topk {topk}")
+        target_probs = probe(target, tokens, n_queries)
         score = score_sources(
-            probe(target, tokens, n_queries), probe(draft, tokens, n_queries), target.config.n_kv_heads,
-            topk, sink, window, criterion, gamma,
+            target_probs, probe(draft, tokens, n_queries), target.config.n_kv_heads, topk, sink, window, criterion, gamma,
         )
         total = score if total is None else total + score
+        curves.append(mass_curves(competing_mass(target_probs, target.config.n_kv_heads, sink, window, gamma), CURVE_STEP))
     if total is None:
         raise STSError("no calibration text given")
-    return mapping_from_scores(total / len(texts), target, draft, n_sources, criterion)
+    points = min(c.shape[-1] for c in curves)  # texts of different lengths: the rows all of them have
+    curve = torch.stack([c[..., :points] for c in curves]).mean(0)
+    return mapping_from_scores(total / len(texts), target, draft, n_sources, criterion, curve, CURVE_STEP)
 
 
 def calibrate_files(args: argparse.Namespace) -> Path:

@@ -54,6 +54,8 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank", type=int, default=0, help="STS: draft proposes this many times the free rows, target ranks them")
     p.add_argument("--rerank-prob", action="store_true", help="STS: with --rerank, rank by mean softmax probability")
     p.add_argument("--feedback", type=float, default=0.0, help="STS: share of free rows kept for rows the target attended to")
+    p.add_argument("--head-budgets", type=float, default=0.0,
+                   help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
     p.add_argument("--draft-budget", type=int, default=None,
                    help="draft steps after a round's first read only sinks + the latest rows, this many in all")
     p.add_argument("--sparse-prefill", action="store_true", help="draft-chosen key blocks for the target's prefill too")
@@ -69,9 +71,10 @@ def _selection(args: argparse.Namespace):
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Return the STS refinements set on the command line (other methods take none)."""
-    options = {k: v for k, v in (("rerank", args.rerank), ("rerank_prob", args.rerank_prob), ("feedback", args.feedback)) if v}
+    chosen = (("rerank", args.rerank), ("rerank_prob", args.rerank_prob), ("feedback", args.feedback), ("head_budgets", args.head_budgets))
+    options = {k: v for k, v in chosen if v}
     if options and args.method != "sts":
-        raise STSError(f"--rerank/--feedback apply to --method sts, not {args.method}")
+        raise STSError(f"--rerank/--feedback/--head-budgets apply to --method sts, not {args.method}")
     return options
 
 

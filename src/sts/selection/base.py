@@ -118,17 +118,18 @@ def competing_rows(n: int, start_pos: Tensor, sink: int, window: int) -> tuple[T
     return (pos < sink) | (pos >= ctx - window), pos < ctx
 
 
-def topk_rows(scores: Tensor, start_pos: Tensor, budget: int, sink: int, window: int) -> Tensor:
+def topk_rows(scores: Tensor, start_pos: Tensor, budget: int, sink: int, window: int, ranked: bool = False) -> Tensor:
     """Return ``[B, H, budget]`` rows: the first ``sink``, the last ``window`` and the best-scored rest.
 
     Rows at or past ``start_pos[b]`` are never chosen before valid ones; when a sequence has no
     more than ``budget`` context rows, all of them are selected (and the padding is invalid).
+    ``ranked``: in rank order (sinks and window first), so any prefix is a smaller budget's choice.
     """
     b, h, n = scores.shape
     forced, valid = competing_rows(n, start_pos, sink, window)
-    ranked = scores.float().masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
+    order = scores.float().masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
     k = min(budget, n)
-    idx = torch.topk(ranked, k, dim=-1, sorted=False).indices
+    idx = torch.topk(order, k, dim=-1, sorted=ranked).indices
     if k < budget:
         # Fewer rows than the budget exist: pad with an invalid row index (>= start_pos).
         pad = torch.full((b, h, budget - k), n, dtype=idx.dtype, device=idx.device)

@@ -33,6 +33,10 @@ class HeadMapping:
     draft: dict[str, Any]
     criterion: str = "default"
     quality: tuple[tuple[float, ...], ...] | None = None
+    #: Per target (layer, KV head): the share of its competing attention mass held by its best
+    #: ``curve_step * (p + 1)`` rows, measured at calibration (for per-head budgets).
+    mass_curve: tuple[tuple[tuple[float, ...], ...], ...] | None = None
+    curve_step: int = 16
 
     def draft_layers(self) -> tuple[int, ...]:
         """Return every draft layer some target head reads."""
@@ -60,7 +64,11 @@ class HeadMapping:
             0 <= dl < draft.n_layers and ALL_HEADS <= dh < draft.n_heads
             for layer in self.sources for head in layer for dl, dh, _ in head
         )
-        if not (shape_ok and in_range and self.combine in ("max", "sum")):
+        curve_ok = self.mass_curve is None or (
+            len(self.mass_curve) == target.n_layers and all(len(layer) == target.n_kv_heads for layer in self.mass_curve)
+            and len({len(head) for layer in self.mass_curve for head in layer}) == 1 and self.curve_step > 0
+        )
+        if not (shape_ok and in_range and curve_ok and self.combine in ("max", "sum")):
             raise STSError("mapping file does not match the shapes of its recorded models")
 
     def save(self, path: str | Path) -> None:
@@ -75,11 +83,16 @@ class HeadMapping:
             "combine": self.combine,
             "sources": [[[list(s) for s in head] for head in layer] for layer in self.sources],
             "quality": [list(q) for q in self.quality] if self.quality is not None else None,
+            "mass_curve": [[list(h) for h in layer] for layer in self.mass_curve] if self.mass_curve is not None else None,
+            "curve_step": self.curve_step,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a mapping is an ordinary file
         os.replace(tmp, path)
 
     @classmethod
@@ -100,7 +113,7 @@ class HeadMapping:
                 tuple(tuple((int(s[0]), int(s[1]), float(s[2])) for s in head) for head in layer)
                 for layer in doc["sources"]
             )
-            quality = doc.get("quality")
+            quality, curve = doc.get("quality"), doc.get("mass_curve")
             return cls(
                 sources=sources,
                 combine=doc["combine"],
@@ -108,6 +121,8 @@ class HeadMapping:
                 draft=doc["draft"],
                 criterion=doc.get("criterion", "default"),
                 quality=tuple(tuple(q) for q in quality) if quality is not None else None,
+                mass_curve=tuple(tuple(tuple(float(x) for x in h) for h in layer) for layer in curve) if curve is not None else None,
+                curve_step=int(doc.get("curve_step", 16)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise STSError(f"mapping file {path} is malformed ({type(exc).__name__}: {exc})") from None

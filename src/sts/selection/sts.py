@@ -13,6 +13,7 @@ from sts.errors import STSError
 from sts.selection.base import (
     RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register, topk_rows,
 )
+from sts.selection.budgets import allocate, limit_rows
 from sts.selection.mapping import ALL_HEADS, HeadMapping
 
 
@@ -31,6 +32,11 @@ class STSPolicy(SelectionPolicy):
       candidates, averaged over the group and queries): the draft narrows, the target decides.
     * ``feedback = f``: a share ``f`` of the free rows goes to rows the target itself attended
       to most in earlier steps (per layer and KV head, decayed by ``decay`` each step).
+
+    ``head_budgets = c`` spreads the same total over target KV heads by their calibrated
+    difficulty (the mapping's mass curves, :mod:`sts.selection.budgets`), each head between a
+    quarter and ``c`` times the uniform share; the rows read per head are padded to the largest
+    (padding is invalid and costs no bandwidth in the kernels).
     """
 
     name = "sts"
@@ -38,11 +44,18 @@ class STSPolicy(SelectionPolicy):
 
     def __init__(
         self, config: SelectionConfig, mapping: HeadMapping, aggregate: Aggregate = "max",
-        rerank: float = 0, feedback: float = 0.0, decay: float = 0.5, rerank_prob: float = 0,
+        rerank: float = 0, feedback: float = 0.0, decay: float = 0.5, rerank_prob: float = 0, head_budgets: float = 0,
     ) -> None:
         super().__init__(config)
         if rerank < 0 or rerank != int(rerank) or not 0.0 <= feedback <= 1.0 or not 0.0 <= decay <= 1.0:
             raise STSError("rerank must be a whole number >= 0, feedback and decay in [0, 1]")
+        if head_budgets and (rerank or feedback):
+            raise STSError("head_budgets works with the plain rule, not with rerank or feedback")
+        if head_budgets and mapping.mass_curve is None:
+            raise STSError("head_budgets needs a calibrated mapping with mass curves (from `sts calibrate`)")
+        self.head_budgets = head_budgets
+        self.curve = torch.tensor(mapping.mass_curve) if mapping.mass_curve is not None else None
+        self.widths: tuple[int, Tensor] | None = None  # (budget, [L, Hkv] rows per head) when head_budgets
         self.mapping = mapping
         self.aggregate = aggregate
         self.rerank = int(rerank)
@@ -102,12 +115,17 @@ class STSPolicy(SelectionPolicy):
         if not (self.rerank or self.wants_feedback):
             # Without per-layer refinements every layer's rows are known now: one batched top-k
             # over the distinct score rows is far cheaper on the GPU than one per target layer.
-            self.rows = topk_rows(self.combined, ctx.start_pos, self.budget, self.config.sink, self.config.window)
+            width = self.budget if not self.head_budgets else int(self._head_widths(device).max())
+            self.rows = topk_rows(
+                self.combined, ctx.start_pos, width, self.config.sink, self.config.window, ranked=bool(self.head_budgets))
 
     def select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
         """Return this layer's rows: precomputed for all layers at once, or refined with the target's queries."""
         if self.rows is not None:
-            return self.rows[:, self.combo_of[layer]]
+            rows = self.rows[:, self.combo_of[layer]]
+            if self.head_budgets:
+                rows = limit_rows(rows, self._head_widths(rows.device)[layer], self.combined.shape[-1])
+            return rows
         if self.rerank and q is not None and k_cache is not None:
             return self._rerank_select(layer, q, k_cache, start_pos)
         return super().select(layer, q, k_cache, start_pos)
@@ -119,6 +137,16 @@ class STSPolicy(SelectionPolicy):
         if self.feedback_share > 0 and layer in self.importance:
             scores = self._promote(scores, self.importance[layer][..., : scores.shape[-1]], int(self.feedback_share * free), start_pos)
         return scores
+
+    def _head_widths(self, device: torch.device) -> Tensor:
+        """Return ``[L, Hkv]`` rows per head (sinks and window included) for the current budget."""
+        if self.widths is None or self.widths[0] != self.budget:
+            sink, window, dense = self.config.sink, self.config.window, self.config.dense_layers
+            assert self.curve is not None
+            free = allocate(self.curve[dense:], self.mapping.curve_step, self.budget - sink - window, self.head_budgets)
+            free = torch.cat([free.new_full((dense, free.shape[1]), self.budget - sink - window), free])
+            self.widths = (self.budget, (free + sink + window).to(device))
+        return self.widths[1]
 
     def _competing(self, scores: Tensor, start_pos: Tensor) -> Tensor:
         """Return scores with forced (sink/window) and invalid rows pushed to ``-inf``: what the free rows compete on."""

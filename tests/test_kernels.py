@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from sts.attention import reference as R
+from sts.attention.rerank import candidate_scores, rerank_rows
 from sts.attention.scores import context_scores
 
 CUDA = torch.cuda.is_available()
@@ -49,8 +50,24 @@ def _score_cases() -> list[dict]:
     return cases
 
 
+def _rerank_cases() -> list[dict]:
+    cases = []
+    for hq, hkv in HEADS:
+        for t in (1, 5):
+            for prob in (True, False):
+                n = len(cases)
+                # b=2: the second sequence's context fits the budget; scarce: fewer candidates than free rows.
+                cases.append(dict(b=1 + (n + n // 2) % 2, hq=hq, hkv=hkv, t=t, prob=prob, d_slot=1 + n // 4 % 2,
+                                  scarce=n % 3 == 2))  # fmt: skip
+    return cases
+
+
 VERIFY = _verify_cases()
 SCORES = _score_cases()
+RERANK = _rerank_cases()
+# Re-ranking shapes (sink, window, free rows, candidates): small under the interpreter, the
+# benchmark's on CUDA (budget 512, C = 4 x free).
+RERANK_SHAPE = dict(sink=4, window=64, free=444, cand=1776) if CUDA else dict(sink=4, window=8, free=60, cand=150)
 
 
 def _case_id(kind: str, c: dict) -> str:
@@ -149,6 +166,78 @@ def check_scores(c: dict, device: str) -> dict[str, float]:
     return {"scores": _rel_err(out[..., :n], ref), "tail_not_inf": float(not torch.isneginf(out[..., n:]).all())}
 
 
+def _candidates(sp: torch.Tensor, hkv: int, n: int, sink: int, window: int, gen: torch.Generator):
+    """Return (cand, usable) ``[B, Hkv, n]``: distinct free rows of each context, about a fifth of them
+    unusable, padded with unusable rows where the context has fewer free rows than ``n``."""
+    b = sp.shape[0]
+    cand = torch.zeros(b, hkv, n, dtype=torch.long)
+    usable = torch.rand(b, hkv, n, generator=gen) > 0.2
+    for i in range(b):
+        n_free = max(int(sp[i]) - sink - window, 0)
+        for h in range(hkv):
+            rows = sink + torch.randperm(n_free, generator=gen)[:n]
+            cand[i, h, : len(rows)] = rows
+            usable[i, h, len(rows) :] = False
+    return cand, usable
+
+
+def rerank_errors(out, q, k_cache, cand, usable, sp, sink: int, window: int, budget: int, prob: bool) -> dict[str, float]:
+    """Return how far the kernel's rows ``out`` are from the reference's, compared as sets per (sequence, KV head).
+
+    ``fixed``: wrong sink/window slots, or wrong rows for a context that fits the budget;
+    ``invalid``: difference in the number of unfilled (``S``) slots; ``foreign``: chosen rows that
+    are not usable candidates, or repeated; ``missing``: the largest share of the reference's
+    chosen rows the kernel left out; ``score_loss``: the largest shortfall of the kernel's chosen
+    rows' summed reference score (for max logits: above the lowest usable one) against the
+    reference's chosen rows'.
+    """
+    ref = rerank_rows(q, k_cache, cand, usable, sp, sink, window, budget, prob).cpu()
+    if out.shape != ref.shape:
+        return {"shape": math.inf}
+    out, s, forced = out.cpu(), k_cache.shape[2], sink + window
+    scores = candidate_scores(q.double(), R.gather_rows(k_cache.double(), cand), usable, prob).cpu()
+    err = dict(fixed=float((out[..., :forced] != ref[..., :forced]).sum()), invalid=0.0, foreign=0.0, missing=0.0, score_loss=0.0)
+    for b in range(out.shape[0]):
+        if int(sp[b]) <= budget:
+            err["fixed"] += float((out[b] != ref[b]).sum())
+            continue
+        for h in range(out.shape[1]):
+            ok = usable[b, h].cpu()
+            score = dict(zip(cand[b, h].cpu()[ok].tolist(), scores[b, h][ok].tolist()))
+            floor = 0.0 if prob else min(score.values(), default=0.0)
+            got, want = (r[b, h, forced:] for r in (out, ref))
+            picked, best = got[got != s].tolist(), want[want != s].tolist()
+            err["invalid"] += abs(len(picked) - len(best))
+            err["foreign"] += sum(r not in score for r in picked) + len(picked) - len(set(picked))
+            if best:
+                err["missing"] = max(err["missing"], 1 - len(set(picked) & set(best)) / len(best))
+                total = sum(score[r] - floor for r in best)
+                err["score_loss"] = max(err["score_loss"], 1 - sum(score.get(r, floor) - floor for r in picked) / total)
+    return err
+
+
+def check_rerank(c: dict, device: str) -> dict[str, float]:
+    """Return the errors of the re-ranking kernel against the reference for one case."""
+    from sts.attention.triton_rerank import rerank_rows_triton
+
+    interp = device == "cpu"
+    gen = torch.Generator().manual_seed(zlib.crc32(_case_id("r", c).encode()))
+    d = (16, 32)[c["d_slot"] - 1] if interp else (64, 128)[c["d_slot"] - 1]
+    shape = RERANK_SHAPE
+    s = 12 * shape["cand"]
+    sink, window, budget = shape["sink"], shape["window"], shape["sink"] + shape["window"] + shape["free"]
+    n_cand = shape["free"] * 2 // 3 if c["scarce"] else shape["cand"]
+    dtype = torch.float32 if interp else torch.bfloat16
+    sp = torch.randint(s // 2, s - c["t"], (c["b"],), generator=gen)
+    sp[1:] = budget - torch.arange(sp.shape[0] - 1)  # contexts that fit the budget
+    q = torch.randn(c["b"], c["hq"], c["t"], d, generator=gen).to(device, dtype)
+    kc = torch.randn(c["b"], c["hkv"], s, d, generator=gen).to(device, dtype)
+    cand, usable = (x.to(device) for x in _candidates(sp, c["hkv"], n_cand, sink, window, gen))
+    sp = sp.to(device)
+    out = rerank_rows_triton(q, kc, cand, usable, sp, sink, window, budget, c["prob"])
+    return rerank_errors(out, q.float(), kc.float(), cand, usable, sp, sink, window, budget, c["prob"])
+
+
 def check_dispatch(device: str) -> dict[str, float]:
     """Return the errors of the dispatch functions against the references (they must pick Triton here)."""
     from sts.attention import dispatch
@@ -159,11 +248,14 @@ def check_dispatch(device: str) -> dict[str, float]:
     sp = torch.tensor([20, 47], device=device)
     idx = _indices(sp.cpu(), 2, 16, 50, gen).to(device)
     scores = dispatch.score_context(q, kc, sp)
+    cand, usable = (x.to(device) for x in _candidates(sp.cpu(), 2, 20, 2, 4, gen))
+    rows = dispatch.rerank_rows(q, kc, cand, usable, sp, 2, 4, 14, True)
     return {
         "uses_triton": float(not dispatch.use_triton(q)),
         "dense": _rel_err(dispatch.verify_attention(q, kc, vc, sp), R.dense_attention(q, kc, vc, sp)),
         "sparse": _rel_err(dispatch.verify_attention(q, kc, vc, sp, idx), R.sparse_attention(q, kc, vc, sp, idx)),
         "scores": _rel_err(scores[..., :47], context_scores(q, kc, sp)) + float(scores.shape[-1] != 50),
+        "rerank": sum(rerank_errors(rows, q, kc, cand, usable, sp, 2, 4, 14, True).values()),
     }
 
 
@@ -171,6 +263,7 @@ def _run_all(device: str) -> dict[str, dict[str, float] | str]:
     results: dict[str, dict[str, float] | str] = {}
     jobs = [(_case_id("verify", c), check_verify, c) for c in VERIFY]
     jobs += [(_case_id("scores", c), check_scores, c) for c in SCORES]
+    jobs += [(_case_id("rerank", c), check_rerank, c) for c in RERANK]
     jobs.append(("dispatch", lambda _, device: check_dispatch(device), None))
     for name, fn, c in jobs:
         try:
@@ -230,6 +323,24 @@ def test_scores_match_reference(results, case):
     assert errs["scores"] < SCORES_TOL, f"relative error {errs['scores']}"
 
 
+# bf16 on CUDA: near-ties may swap a few rows, at no real loss of score; float32 under the interpreter: exact.
+RERANK_MISSING_TOL = 0.02 if CUDA else 0.0
+RERANK_SCORE_TOL = 1e-3 if CUDA else 1e-6
+
+
+def assert_rerank_close(errs: dict[str, float]) -> None:
+    """Assert that re-ranked rows match the reference (exact slots, near-equal chosen sets)."""
+    for what in ("shape", "fixed", "invalid", "foreign"):
+        assert errs.get(what, 0.0) == 0.0, f"{what}: {errs}"
+    assert errs["missing"] <= RERANK_MISSING_TOL, f"chosen sets differ: {errs}"
+    assert errs["score_loss"] <= RERANK_SCORE_TOL, f"chosen rows score lower: {errs}"
+
+
+@pytest.mark.parametrize("case", RERANK, ids=[_case_id("rerank", c) for c in RERANK])
+def test_rerank_matches_reference(results, case):
+    assert_rerank_close(_errors(results, _case_id("rerank", case)))
+
+
 def test_dispatch_picks_triton_and_matches(results):
     errs = _errors(results, "dispatch")
     assert errs.pop("uses_triton") == 0.0, "dispatch did not choose the Triton path"
@@ -251,11 +362,15 @@ def test_dispatch_falls_back_to_reference_on_cpu():
     scores = dispatch.score_context(q, kc, sp)
     assert scores.shape == (1, 2, 12) and torch.isneginf(scores[..., 6:]).all()
     assert torch.equal(scores[..., :6], context_scores(q, kc, sp))
+    cand, usable = torch.tensor([[[3, 1, 2]]]), torch.tensor([[[True, False, True]]])
+    ref = rerank_rows(q, kc, cand, usable, sp, 1, 1, 3, True)
+    assert torch.equal(dispatch.rerank_rows(q, kc, cand, usable, sp, 1, 1, 3, True), ref)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-def test_verify_and_scores_replay_in_cuda_graph():
-    """Captured once, replayed after start_pos and indices change in place: still matches the references."""
+def test_verify_scores_and_rerank_replay_in_cuda_graph():
+    """Captured once, replayed after start_pos, indices and candidates change in place: still matches the references."""
+    from sts.attention.triton_rerank import rerank_rows_triton
     from sts.attention.triton_scores import context_scores_triton
     from sts.attention.triton_verify import sparse_verify_attention
 
@@ -265,21 +380,27 @@ def test_verify_and_scores_replay_in_cuda_graph():
     kc, vc = (torch.randn(b, hkv, s, d, generator=gen).cuda().bfloat16() for _ in range(2))
     sp = torch.tensor([1000, 3000], device="cuda")
     idx = _indices(sp.cpu(), hkv, k, s, gen).cuda()
+    cand, usable = (x.cuda() for x in _candidates(sp.cpu(), hkv, 700, 4, 64, gen))
     sparse_verify_attention(q, kc, vc, sp, idx)  # compile outside the capture
     context_scores_triton(q[:, :, :4], kc, sp)
+    rerank_rows_triton(q, kc, cand, usable, sp, 4, 64, 512, True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = sparse_verify_attention(q, kc, vc, sp, idx)
         dense = sparse_verify_attention(q, kc, vc, sp)
         scores = context_scores_triton(q[:, :, :4], kc, sp)
-    sp.copy_(torch.tensor([2500, 600]))
+        rows = rerank_rows_triton(q, kc, cand, usable, sp, 4, 64, 512, True)
+    sp.copy_(torch.tensor([2500, 500]))  # the second context now fits the budget
     idx.copy_(_indices(sp.cpu(), hkv, k, s, gen))
+    for x, new in zip((cand, usable), _candidates(sp.cpu(), hkv, 700, 4, 64, gen)):
+        x.copy_(new)
     graph.replay()
     torch.cuda.synchronize()
     assert _rel_err(out, R.sparse_attention(q.double(), kc.double(), vc.double(), sp, idx)) < VERIFY_TOL
     assert _rel_err(dense, R.dense_attention(q.double(), kc.double(), vc.double(), sp)) < VERIFY_TOL
     ref = context_scores(q[:, :, :4].double(), kc.double(), sp)
     assert _rel_err(scores[..., :2500], ref) < SCORES_TOL
+    assert_rerank_close(rerank_errors(rows, q.float(), kc.float(), cand, usable, sp, 4, 64, 512, True))
 
 
 if __name__ == "__main__":

@@ -53,4 +53,8 @@ def rerank_rows(
 ) -> Tensor:
     """Return ``[B, Hkv, budget]`` rows: sinks, window and the candidates the target's queries rank best
     (contract in :mod:`sts.attention.rerank`)."""
+    if use_triton(q):
+        from sts.attention.triton_rerank import rerank_rows_triton
+
+        return rerank_rows_triton(q, k_cache, cand, usable, start_pos, sink, window, budget, prob)
     return rerank.rerank_rows(q, k_cache, cand, usable, start_pos, sink, window, budget, prob)

@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sts.attention.triton_verify import LOG2E, KernelConfig, dot_precision, load_rows, split_count, split_range
+from sts.attention.triton_verify import (
+    LOG2E, KernelConfig, dot_precision, load_rows, program_head, split_count, split_range,
+)
 
 Aggregate = Literal["max", "mean"]
 
@@ -59,10 +61,8 @@ def _score_stats_kernel(
     GQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    bh, b, h = program_head(n_kv_heads)
     split = tl.program_id(1)
-    b = (bh // n_kv_heads).to(tl.int64)
-    h = (bh % n_kv_heads).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     q_t, _ = _score_queries(q_ptr, b, h, stride_qb, stride_qh, stride_qg, d, GQ, G, G_P, BLOCK_M)
     k_base = k_ptr + b * stride_kb + h * stride_kh
@@ -90,10 +90,8 @@ def _score_probs_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     MEAN: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    bh, b, h = program_head(n_kv_heads)
     split = tl.program_id(1)
-    b = (bh // n_kv_heads).to(tl.int64)
-    h = (bh % n_kv_heads).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     q_t, row_ok = _score_queries(q_ptr, b, h, stride_qb, stride_qh, stride_qg, d, GQ, G, G_P, BLOCK_M)
     k_base = k_ptr + b * stride_kb + h * stride_kh

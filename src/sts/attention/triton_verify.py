@@ -84,6 +84,29 @@ def load_rows(base, rows, stride, ok, d):
 
 
 @triton.jit
+def program_head(n_kv_heads):
+    """Return this program's (sequence x KV head) number along grid axis 0, its sequence and its KV head (int64)."""
+    bh = tl.program_id(0)
+    return bh, (bh // n_kv_heads).to(tl.int64), (bh % n_kv_heads).to(tl.int64)
+
+
+@triton.jit
+def load_queries(
+    q_ptr, b, h, stride_qb, stride_qh, stride_qt, d,
+    GROUP: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Return the ``[D, BLOCK_M]`` transposed query tile of KV head ``h``'s group, its row numbers and real rows.
+
+    Row ``r = g * T + t`` holds query head ``h * GROUP + g`` at new token ``t``; rows past
+    ``GROUP * T`` are zeros.
+    """
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * T
+    q_rows = q_ptr + b * stride_qb + (h * GROUP + rows // T) * stride_qh + (rows % T) * stride_qt
+    return tl.load(q_rows[None, :] + d[:, None], mask=row_ok[None, :], other=0.0), rows, row_ok
+
+
+@triton.jit
 def _logits(q_t, k, mask, qk_scale, PRECISION: tl.constexpr):
     """Return the masked base-2 logits ``[keys, rows]`` of one key tile.
 
@@ -120,16 +143,11 @@ def _verify_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
     HAS_INDICES: tl.constexpr, STORE_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
+    bh, b, h = program_head(n_kv_heads)
     split = tl.program_id(1)
-    b = (bh // n_kv_heads).to(tl.int64)
-    h = (bh % n_kv_heads).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)  # row r = g * T + t: query head h * G + g, new token t
-    row_ok = rows < GROUP * T
-    t = rows % T
     d = tl.arange(0, HEAD_DIM)
-    q_rows = q_ptr + b * stride_qb + (h * GROUP + rows // T) * stride_qh + t * stride_qt
-    q_t = tl.load(q_rows[None, :] + d[:, None], mask=row_ok[None, :], other=0.0)  # [D, rows]
+    q_t, rows, row_ok = load_queries(q_ptr, b, h, stride_qb, stride_qh, stride_qt, d, GROUP, T, BLOCK_M)
+    t = rows % T
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     start = tl.load(start_ptr + b).to(tl.int32)

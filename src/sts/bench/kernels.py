@@ -10,7 +10,10 @@ and a Llama-3.2-1B-shaped draft for scoring (Hq 32, Hkv 8, D 64, G = 4 queries).
   Hq heads beforehand (the row's note says which; expanding is not timed, but the kernel then
   reads 4x the bytes); no mask (the causal mask among the 5 new rows changes no bytes);
 - ``scores``: the draft's context scores (two passes over K), and ``topk`` of the budget over
-  ``[B, Hkv, S]`` float32 scores.
+  ``[B, Hkv, S]`` float32 scores;
+- ``rerank``: the target's re-ranking of the draft's candidates (``4 x`` the free rows of a
+  budget of 512: C = 1776 per KV head, T = 5 queries), our fused kernel and the PyTorch
+  reference path; bytes are the candidates' K rows alone (what the kernel must gather).
 
 Every row is timed as a CUDA graph replaying many calls in turn, on enough distinct caches and
 index sets that each replay touches several times the 60 MB L2 (a real step streams other
@@ -34,6 +37,8 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sts.attention.rerank import rerank_rows
+from sts.attention.triton_rerank import rerank_rows_triton
 from sts.attention.triton_scores import context_scores_triton
 from sts.attention.triton_verify import KernelConfig, sparse_verify_attention, split_count
 
@@ -43,6 +48,7 @@ MAX_CALLS = 256
 BF16 = torch.bfloat16
 TARGET = dict(hq=32, hkv=8, d=128, t=5)
 DRAFT = dict(hq=32, hkv=8, d=64, g=4)
+RERANK = dict(sink=4, window=64, budget=512, mult=4)
 
 
 @dataclass
@@ -216,6 +222,26 @@ def bench_scores(b: int, ctx: int, budgets: Iterable[int]) -> list[Row]:
     return rows
 
 
+def bench_rerank(b: int, ctx: int) -> list[Row]:
+    """Return rows for re-ranking ``mult`` x the free rows of the budget, fused kernel and reference, at one shape."""
+    hq, hkv, d, t = TARGET["hq"], TARGET["hkv"], TARGET["d"], TARGET["t"]
+    sink, window, budget = RERANK["sink"], RERANK["window"], RERANK["budget"]
+    n_cand = RERANK["mult"] * (budget - sink - window)
+    k = torch.randn(b, hkv, ctx + 64, d, device="cuda", dtype=BF16)
+    q = torch.randn(b, hq, t, d, device="cuda", dtype=BF16)
+    start = torch.full((b,), ctx, device="cuda")
+    nbytes = b * hkv * n_cand * d * 2
+    # Distinct candidate sets, so that a replay gathers several times the L2's worth of rows.
+    cands = [random_indices(b, hkv, ctx, n_cand).long() for _ in range(copies(nbytes))]
+    usable = torch.ones(b, hkv, n_cand, device="cuda", dtype=torch.bool)
+    rows = []
+    for impl, fn in (("triton", rerank_rows_triton), ("torch", rerank_rows)):
+        calls = [lambda c=c, fn=fn: fn(q, k, c, usable, start, sink, window, budget, True) for c in cands]
+        us, mode = time_calls(calls)
+        rows.append(Row("rerank", impl, b, ctx, budget, us, nbytes, f"C={n_cand}, prob; {mode}"))
+    return rows
+
+
 def bench_copy() -> Row:
     """Return the device-to-device copy of 2 GB: the bandwidth ceiling, counting bytes read and written."""
     x = torch.randn(1 << 30, device="cuda", dtype=BF16)
@@ -296,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="contexts 8K and 128K, budgets 256 and 2048")
     parser.add_argument("--tune", action="store_true", help="sweep launch configurations instead")
     parser.add_argument("--no-sdpa", action="store_true", help="skip the stock SDPA rows")
+    parser.add_argument("--rerank", action="store_true", help="only the re-ranking rows: 128K, batch 1 and 4")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the kernel benchmarks need a CUDA GPU")
@@ -305,11 +332,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = [bench_copy()]
     if args.tune:
         rows += tune()
+    elif args.rerank:
+        rows += [row for b in (1, 4) for row in bench_rerank(b, 131072)]
     else:
         for b in (1, 8):
             for ctx in contexts:
                 rows += bench_verify(b, ctx, budgets, sdpa=not args.no_sdpa, same_tokens=ctx == contexts[0])
                 rows += bench_scores(b, ctx, budgets)
+                rows += bench_rerank(b, ctx)
                 torch.cuda.empty_cache()
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}

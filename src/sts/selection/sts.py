@@ -126,7 +126,7 @@ class STSPolicy(SelectionPolicy):
             if self.head_budgets:
                 rows = limit_rows(rows, self._head_widths(rows.device)[layer], self.combined.shape[-1])
             return rows
-        if self.rerank and q is not None and k_cache is not None:
+        if self.rerank and q is not None and k_cache is not None and self.budget > self.config.sink + self.config.window:
             return self._rerank_select(layer, q, k_cache, start_pos)
         return super().select(layer, q, k_cache, start_pos)
 

@@ -46,12 +46,43 @@ def test_cuda_speculative_and_full_budget_sts_equal_greedy(cuda_pair):
     assert speculative_generate(target, draft, prompts, 24, gamma=4).tokens == ref
     policy = make_policy("sts", SelectionConfig(budget=256, sink=4, window=16), target, draft)
     assert speculative_generate(target, draft, prompts, 24, gamma=4, policy=policy).tokens == ref
-    small = make_policy("sts", SelectionConfig(budget=32, sink=4, window=8), target, draft)
-    out = speculative_generate(target, draft, prompts, 24, gamma=4, policy=small, measure_recall=True)
-    assert 0 < out.stats.summary()["recall"] < 1
+    reranked = make_policy("sts", SelectionConfig(budget=256, sink=4, window=16), target, draft, rerank=4, rerank_prob=1)
+    assert speculative_generate(target, draft, prompts, 24, gamma=4, policy=reranked).tokens == ref
+    for options in ({}, {"rerank": 4, "rerank_prob": 1}):
+        small = make_policy("sts", SelectionConfig(budget=32, sink=4, window=8), target, draft, **options)
+        out = speculative_generate(target, draft, prompts, 24, gamma=4, policy=small, measure_recall=True)
+        assert 0 < out.stats.summary()["recall"] < 1
 
 
-def test_cuda_graph_replay_of_an_sts_round_matches_eager(cuda_pair):
+def test_cuda_rerank_rows_equal_the_reference_in_a_decode_round(cuda_pair):
+    """The fused kernel serves STS re-ranking on CUDA and picks the reference path's rows."""
+    from sts.attention import rerank
+    from sts.attention.backend import QueryRecorder
+    from sts.selection.base import RoundContext
+
+    _, target, draft = cuda_pair
+    prompts = [[(7 * i) % 96 for i in range(199)], [5, 6, 7] * 60]
+    speculative_generate(target, draft, prompts, 1, gamma=4)  # fills both caches
+    policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft, rerank=4, rerank_prob=1)
+    policy.budget = 48
+    recorder = QueryRecorder(policy.draft_layers(draft))
+    start = torch.tensor([190, 170], device="cuda")
+    for i in range(4):
+        draft(torch.randint(0, 96, (2, 1), device="cuda"), start + i, recorder)
+    policy.prepare(RoundContext(start, target, draft, recorder.take()))
+    q = torch.randn(2, target.config.n_heads, 5, target.config.head_dim, device="cuda")
+    k = target.layers[1].self_attn.cache.k
+    got = policy.select(1, q, k, start)
+    cand, usable = (t[:, policy.combo_of[1]] for t in policy.candidates)
+    want = rerank.rerank_rows(q, k, cand, usable, start, 4, 8, 48, True)
+    assert got.shape == want.shape
+    for b in range(2):
+        for h in range(target.config.n_kv_heads):
+            assert set(got[b, h].tolist()) == set(want[b, h].tolist()), (b, h)
+
+
+@pytest.mark.parametrize("options", [{}, {"rerank": 4, "rerank_prob": 1}], ids=["plain", "rerank"])
+def test_cuda_graph_replay_of_an_sts_round_matches_eager(cuda_pair, options):
     from sts.bench.e2e import Setup, _accept, _draft_steps, graphed
     from sts.attention.backend import QueryRecorder
     from sts.selection.attend import SelectiveAttention
@@ -65,7 +96,7 @@ def test_cuda_graph_replay_of_an_sts_round_matches_eager(cuda_pair):
                 blk.self_attn.cache.k.normal_()
                 blk.self_attn.cache.v.normal_()
         s = Setup(target, draft, 2, 256, 4, torch.tensor([256, 200], device="cuda"), torch.tensor([[3], [4]], device="cuda"))
-        policy = make_policy("sts", SelectionConfig(budget=64, sink=4, window=16), target, draft)
+        policy = make_policy("sts", SelectionConfig(budget=64, sink=4, window=16), target, draft, **options)
         policy.budget = 64
         recorder = QueryRecorder(policy.draft_layers(draft))
         out: dict[str, torch.Tensor] = {}

@@ -44,11 +44,10 @@ def test_cuda_speculative_and_full_budget_sts_equal_greedy(cuda_pair):
     prompts = [list(range(1, 80)), [5, 6, 7] * 30]
     ref = generate(target, prompts, 24).tokens
     assert speculative_generate(target, draft, prompts, 24, gamma=4).tokens == ref
-    policy = make_policy("sts", SelectionConfig(budget=256, sink=4, window=16), target, draft)
-    assert speculative_generate(target, draft, prompts, 24, gamma=4, policy=policy).tokens == ref
-    reranked = make_policy("sts", SelectionConfig(budget=256, sink=4, window=16), target, draft, rerank=4, rerank_prob=1)
-    assert speculative_generate(target, draft, prompts, 24, gamma=4, policy=reranked).tokens == ref
-    for options in ({}, {"rerank": 4, "rerank_prob": 1}):
+    for options in ({"rerank": 0}, {}):  # the paper's plain rule, the default (re-ranking)
+        policy = make_policy("sts", SelectionConfig(budget=256, sink=4, window=16), target, draft, **options)
+        assert speculative_generate(target, draft, prompts, 24, gamma=4, policy=policy).tokens == ref
+    for options in ({"rerank": 0}, {}):
         small = make_policy("sts", SelectionConfig(budget=32, sink=4, window=8), target, draft, **options)
         out = speculative_generate(target, draft, prompts, 24, gamma=4, policy=small, measure_recall=True)
         assert 0 < out.stats.summary()["recall"] < 1
@@ -63,7 +62,7 @@ def test_cuda_rerank_rows_equal_the_reference_in_a_decode_round(cuda_pair):
     _, target, draft = cuda_pair
     prompts = [[(7 * i) % 96 for i in range(199)], [5, 6, 7] * 60]
     speculative_generate(target, draft, prompts, 1, gamma=4)  # fills both caches
-    policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft, rerank=4, rerank_prob=1)
+    policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft)  # default: re-ranking
     policy.budget = 48
     recorder = QueryRecorder(policy.draft_layers(draft))
     start = torch.tensor([190, 170], device="cuda")
@@ -81,7 +80,7 @@ def test_cuda_rerank_rows_equal_the_reference_in_a_decode_round(cuda_pair):
             assert set(got[b, h].tolist()) == set(want[b, h].tolist()), (b, h)
 
 
-@pytest.mark.parametrize("options", [{}, {"rerank": 4, "rerank_prob": 1}], ids=["plain", "rerank"])
+@pytest.mark.parametrize("options", [{"rerank": 0}, {}], ids=["plain", "rerank"])
 def test_cuda_graph_replay_of_an_sts_round_matches_eager(cuda_pair, options):
     from sts.bench.e2e import Setup, _accept, _draft_steps, graphed
     from sts.attention.backend import QueryRecorder

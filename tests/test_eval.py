@@ -113,14 +113,14 @@ def test_recall_command_compares_methods_on_the_same_queries(tiny_pair_with_toke
     text.write_text(haystack_text()[:6000])
     out = tmp_path / "recall.json"
     assert main(["recall", "--target", target, "--draft", draft, "--text-file", str(text), "--context", "300",
-                 "--steps", "3", "--methods", "sts,sts/rerank=4,streaming,quest,oracle", "--budgets", "16,48",
+                 "--steps", "3", "--methods", "sts/rerank=0,sts,streaming,quest,oracle", "--budgets", "16,48",
                  "--sink", "2", "--window", "4", "--out", str(out)]) == 0
     rows = {(r["method"], r["budget"]): r for r in json.loads(out.read_text())["rows"]}
     assert len(rows) == 10
     for budget in (16.0, 48.0):
         oracle = rows["oracle", budget]["recall"]
-        assert all(rows[m, budget]["recall"] <= oracle + 1e-6 for m in ("sts", "sts/rerank=4", "streaming", "quest"))
+        assert all(rows[m, budget]["recall"] <= oracle + 1e-6 for m in ("sts/rerank=0", "sts", "streaming", "quest"))
         # The oracle holds the true top rows among all but the forced sink + window (2 + 4) rows.
         assert rows["oracle", budget]["set_recall"]["budget"] >= (budget - 6) / budget - 1e-6
     assert rows["oracle", 48.0]["recall"] > rows["oracle", 16.0]["recall"]
-    assert "sts/rerank=4" in capsys.readouterr().out
+    assert "sts/rerank=0" in capsys.readouterr().out

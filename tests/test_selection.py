@@ -212,12 +212,13 @@ def test_tidal_reuses_the_selection_layer_rows(verify_state):
     assert as_sets(policy.select(2, q2, k2, ctx.start_pos), ctx.start_pos) == as_sets(oracle.select(1, q1, k1, ctx.start_pos), ctx.start_pos)
 
 
-@pytest.mark.parametrize("method", sorted(REGISTRY))
+@pytest.mark.parametrize("method", sorted(REGISTRY) + ["sts-plain"])
 def test_budget_covering_the_context_equals_dense_speculative(tiny_pair, method):
     _, target, draft = tiny_pair
     prompts = [list(range(1, 60)), [9, 8, 7] * 20]
     dense = speculative_generate(target, draft, prompts, 20, gamma=3)
-    policy = make_policy(method, SelectionConfig(budget=200, sink=4, window=8), target, draft)
+    name, options = ("sts", {"rerank": 0}) if method == "sts-plain" else (method, {})
+    policy = make_policy(name, SelectionConfig(budget=200, sink=4, window=8), target, draft, **options)
     out = speculative_generate(target, draft, prompts, 20, gamma=3, policy=policy)
     assert out.tokens == dense.tokens
     assert out.stats.summary()["sparsity"] == 0.0
@@ -239,11 +240,12 @@ def test_small_budget_is_sparse_and_oracle_recall_bounds_every_policy(tiny_pair)
     config = SelectionConfig(budget=24, sink=2, window=4)
     observers = {}
     queries = recorder.take()
-    for method in sorted(REGISTRY):
-        policy = make_policy(method, config, target, draft)
+    variants = [(method, method, {}) for method in sorted(REGISTRY)] + [("sts-plain", "sts", {"rerank": 0})]
+    for name, method, options in variants:
+        policy = make_policy(method, config, target, draft, **options)
         policy.budget = 24
         policy.prepare(RoundContext(start, target, draft, queries))
-        observers[method] = SelectiveAttention(policy, measure_recall=True)
+        observers[name] = SelectiveAttention(policy, measure_recall=True)
     target(torch.tensor([[3, 4, 5, 6]]), start, ShadowAttention(observers))
     oracle = observers["oracle"]
     assert float(observers["sts"].sparsity[0]) == pytest.approx(1 - 24 / 120)
@@ -344,7 +346,7 @@ def test_sparse_prefill_with_a_covering_budget_equals_dense(tiny_pair):
 def test_sts_rerank_covering_everything_ranks_by_the_targets_own_logits(verify_state):
     target, draft, ctx = verify_state
     config = SelectionConfig(budget=20, sink=2, window=3)
-    policy = make_policy("sts", config, target, draft, rerank=100)
+    policy = make_policy("sts", config, target, draft, rerank=100, rerank_prob=0)
     policy.budget = 20
     policy.prepare(ctx)
     q, k = _layer_q(target, ctx.start_pos, 1)
@@ -361,7 +363,7 @@ def test_sts_rerank_covering_everything_ranks_by_the_targets_own_logits(verify_s
 def test_sts_feedback_keeps_rows_the_target_attended_to(verify_state):
     target, draft, ctx = verify_state
     config = SelectionConfig(budget=20, sink=2, window=3)
-    policy = make_policy("sts", config, target, draft, feedback=0.4, decay=0.5)
+    policy = make_policy("sts", config, target, draft, feedback=0.4, decay=0.5, rerank=0)
     assert policy.wants_feedback
     policy.budget = 20
     policy.prepare(ctx)
@@ -474,7 +476,7 @@ def test_sts_head_budgets_give_each_head_its_own_top_k(verify_state, tmp_path):
     mapping = HeadMapping.load(path)
     assert mapping.mass_curve == curve
     config = SelectionConfig(budget=21, sink=2, window=3)
-    policy = make_policy("sts", config, target, draft, str(path), head_budgets=2)
+    policy = make_policy("sts", config, target, draft, str(path), head_budgets=2, rerank=0)
     uniform = make_policy("sts", config, target, draft, str(path))
     for p in (policy, uniform):
         p.budget = 21
@@ -488,6 +490,6 @@ def test_sts_head_budgets_give_each_head_its_own_top_k(verify_state, tmp_path):
             want = brute_select(scores[b : b + 1, h : h + 1], ctx.start_pos[b : b + 1], int(widths[layer, h]), 2, 3)
             assert chosen == want[0, 0], (layer, b, h)
     with pytest.raises(STSError, match="mass curves"):
-        make_policy("sts", config, target, draft, head_budgets=2)
+        make_policy("sts", config, target, draft, head_budgets=2, rerank=0)
     with pytest.raises(STSError, match="plain rule"):
         make_policy("sts", config, target, draft, str(path), head_budgets=2, rerank=4)

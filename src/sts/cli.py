@@ -51,10 +51,12 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=64, help="last rows always kept (default 64)")
     p.add_argument("--dense-layers", type=int, default=0, help="first target layers that stay dense")
     p.add_argument("--mapping", help="head-mapping JSON from `sts calibrate` (STS only)")
-    p.add_argument("--rerank", type=int, default=0, help="STS: draft proposes this many times the free rows, target ranks them")
-    p.add_argument("--rerank-prob", action="store_true", help="STS: with --rerank, rank by mean softmax probability")
-    p.add_argument("--feedback", type=float, default=0.0, help="STS: share of free rows kept for rows the target attended to")
-    p.add_argument("--head-budgets", type=float, default=0.0,
+    p.add_argument("--rerank", type=int, default=None,
+                   help="STS: draft proposes this many times the free rows, the target's queries rank them (default 4; 0: the paper's plain rule)")
+    p.add_argument("--rerank-by", choices=("prob", "logit"), default=None,
+                   help="STS: rank candidates by mean softmax probability (default) or max logit")
+    p.add_argument("--feedback", type=float, default=None, help="STS: share of free rows kept for rows the target attended to")
+    p.add_argument("--head-budgets", type=float, default=None,
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
     p.add_argument("--draft-budget", type=int, default=None,
                    help="draft steps after a round's first read only sinks + the latest rows, this many in all")
@@ -71,10 +73,11 @@ def _selection(args: argparse.Namespace):
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Return the STS refinements set on the command line (other methods take none)."""
-    chosen = (("rerank", args.rerank), ("rerank_prob", args.rerank_prob), ("feedback", args.feedback), ("head_budgets", args.head_budgets))
-    options = {k: v for k, v in chosen if v}
+    rerank_prob = None if args.rerank_by is None else float(args.rerank_by == "prob")
+    chosen = (("rerank", args.rerank), ("rerank_prob", rerank_prob), ("feedback", args.feedback), ("head_budgets", args.head_budgets))
+    options = {k: v for k, v in chosen if v is not None}
     if options and args.method != "sts":
-        raise STSError(f"--rerank/--feedback/--head-budgets apply to --method sts, not {args.method}")
+        raise STSError(f"--rerank/--rerank-by/--feedback/--head-budgets apply to --method sts, not {args.method}")
     return options
 
 

@@ -148,7 +148,7 @@ def bench_point(s: Setup, budget: int, draft_budget: int, iters: int, rerank: in
         return _accept(drafted, t(torch.cat([s.last, drafted], 1), s.start))
 
     mapping = HeadMapping.default(t.config, d.config)
-    policy = STSPolicy(SelectionConfig(budget=budget, sink=4, window=64), mapping)
+    policy = STSPolicy(SelectionConfig(budget=budget, sink=4, window=64), mapping, rerank=0)  # the plain rule
     policy.budget = budget
     recorder = QueryRecorder(mapping.draft_layers())
     verify = SelectiveAttention(policy)
@@ -181,7 +181,7 @@ def bench_point(s: Setup, budget: int, draft_budget: int, iters: int, rerank: in
     out["select_ms"] = time_ms(graphed(select_phase), iters)
     out["verify_ms"] = time_ms(graphed(verify_phase), iters)
     if rerank:
-        reranked = STSPolicy(policy.config, mapping, rerank=rerank, rerank_prob=1)
+        reranked = STSPolicy(policy.config, mapping, rerank=rerank)
         reranked.budget = budget
         out["sts_rerank_round_ms"] = time_ms(graphed(lambda: sts_round(attention=SelectiveAttention(reranked))), iters)
     return out

@@ -24,12 +24,14 @@ class STSPolicy(SelectionPolicy):
     Draft scores are computed once per round from the recorded draft queries and the draft's
     keys (K only) of the mapped layers, aggregated over the gamma queries (``aggregate``).
 
-    Two settings close the gap to the oracle (both off by default, see docs/results.md):
+    Settings that close the gap to the oracle (docs/results.md, "Closing the gap to the oracle"):
 
-    * ``rerank = m``: the draft proposes ``m`` times as many candidates as the budget has free
-      rows, and the target's own verify queries rank them exactly (q.k over the candidates' keys,
-      max over the group and queries; with ``rerank_prob``, each query's softmax over the
-      candidates, averaged over the group and queries): the draft narrows, the target decides.
+    * ``rerank = m`` (default 4): the draft proposes ``m`` times as many candidates as the budget
+      has free rows, and the target's own verify queries rank them exactly over the candidates'
+      keys (with ``rerank_prob``, the default, by each query's softmax over the candidates,
+      averaged over the group and queries; otherwise by the max logit): the draft narrows, the
+      target decides. On CUDA this is one fused kernel per layer. ``rerank = 0`` is the paper's
+      plain rule: the draft's top-scored rows are read as they are.
     * ``feedback = f``: a share ``f`` of the free rows goes to rows the target itself attended
       to most in earlier steps (per layer and KV head, decayed by ``decay`` each step).
 
@@ -44,13 +46,13 @@ class STSPolicy(SelectionPolicy):
 
     def __init__(
         self, config: SelectionConfig, mapping: HeadMapping, aggregate: Aggregate = "max",
-        rerank: float = 0, feedback: float = 0.0, decay: float = 0.5, rerank_prob: float = 0, head_budgets: float = 0,
+        rerank: float = 4, feedback: float = 0.0, decay: float = 0.5, rerank_prob: float = 1, head_budgets: float = 0,
     ) -> None:
         super().__init__(config)
         if rerank < 0 or rerank != int(rerank) or not 0.0 <= feedback <= 1.0 or not 0.0 <= decay <= 1.0:
             raise STSError("rerank must be a whole number >= 0, feedback and decay in [0, 1]")
         if head_budgets and (rerank or feedback):
-            raise STSError("head_budgets works with the plain rule, not with rerank or feedback")
+            raise STSError("head_budgets works with the plain rule (rerank=0), not with rerank or feedback")
         if head_budgets and mapping.mass_curve is None:
             raise STSError("head_budgets needs a calibrated mapping with mass curves (from `sts calibrate`)")
         self.head_budgets = head_budgets

@@ -52,6 +52,19 @@ def test_generate_json_matches_transformers(capsys, checkpoints):
     assert full["tokens"] == ref and full["stats"]["sparsity"] == 0
 
 
+def test_sts_settings_reach_the_policy():
+    from sts.cli import _options, build_parser
+
+    def options(*extra):
+        args = build_parser().parse_args(["generate", "--target", "t", "--prompt-ids", "1", "--method", "sts", *extra])
+        return _options(args)
+
+    assert options() == {}  # the policy's defaults: re-ranking 4x candidates by probability
+    assert options("--rerank", "0") == {"rerank": 0}
+    assert options("--rerank", "8", "--rerank-by", "logit") == {"rerank": 8, "rerank_prob": 0.0}
+    assert options("--rerank", "0", "--head-budgets", "2", "--feedback", "0.25") == {"rerank": 0, "feedback": 0.25, "head_budgets": 2.0}
+
+
 def bad(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -183,7 +183,9 @@ def bench_point(s: Setup, budget: int, draft_budget: int, iters: int, rerank: in
     if rerank:
         reranked = STSPolicy(policy.config, mapping, rerank=rerank)
         reranked.budget = budget
-        out["sts_rerank_round_ms"] = time_ms(graphed(lambda: sts_round(attention=SelectiveAttention(reranked))), iters)
+        attention = SelectiveAttention(reranked)
+        out["sts_rerank_round_ms"] = time_ms(graphed(lambda: sts_round(attention=attention)), iters)
+        out["sts_rerank_sparse_draft_round_ms"] = time_ms(graphed(lambda: sts_round(sparse_draft, attention)), iters)
     return out
 
 

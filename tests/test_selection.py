@@ -343,21 +343,26 @@ def test_sparse_prefill_with_a_covering_budget_equals_dense(tiny_pair):
     assert (first_logits(32) - dense_logits).abs().max() > 1e-3  # blocks were really skipped
 
 
-def test_sts_rerank_covering_everything_ranks_by_the_targets_own_logits(verify_state):
+@pytest.mark.parametrize("prob", [0, 1], ids=["max-logit", "mean-probability"])
+def test_sts_rerank_covering_everything_ranks_free_rows_by_the_targets_queries(verify_state, prob):
+    """Candidates covering the context: re-ranking is brute-force ranking of the free rows by the target's
+    queries (max logit over group and queries; or mean softmax probability over the free rows: the oracle)."""
     target, draft, ctx = verify_state
     config = SelectionConfig(budget=20, sink=2, window=3)
-    policy = make_policy("sts", config, target, draft, rerank=100, rerank_prob=0)
+    policy = make_policy("sts", config, target, draft, rerank=100, rerank_prob=prob)
     policy.budget = 20
     policy.prepare(ctx)
     q, k = _layer_q(target, ctx.start_pos, 1)
     sets = as_sets(policy.select(1, q, k, ctx.start_pos), ctx.start_pos)
-    g = target.config.group_size
+    g, d = target.config.group_size, q.shape[-1]
     for b, n in enumerate(ctx.start_pos.tolist()):
         for h in range(target.config.n_kv_heads):
-            exact = (q[b, h * g : (h + 1) * g].reshape(-1, q.shape[-1]) @ k[b, h, :n].T).amax(0)
             forced = set(range(2)) | set(range(n - 3, n))
-            rest = sorted((r for r in range(n) if r not in forced), key=lambda r: -float(exact[r]))
-            assert sets[b, h] == forced | set(rest[:15])
+            free = [r for r in range(n) if r not in forced]
+            logits = q[b, h * g : (h + 1) * g].reshape(-1, d) @ k[b, h, free].T / math.sqrt(d)
+            score = torch.softmax(logits, -1).mean(0) if prob else logits.amax(0)
+            best = [free[i] for i in torch.topk(score, 15).indices.tolist()]
+            assert sets[b, h] == forced | set(best)
 
 
 def test_sts_feedback_keeps_rows_the_target_attended_to(verify_state):
@@ -405,25 +410,6 @@ def test_streaming_direct_rows_equal_top_k_of_recency(verify_state):
         k = target.layers[0].self_attn.cache.k
         direct = as_sets(policy.select(0, None, k, start), start)
         assert direct == as_sets(topk_rows(policy.scores(0, None, k, start), start, budget, sink, 0), start)
-
-
-def test_sts_rerank_by_probability_covering_everything_is_the_oracle_on_free_rows(verify_state):
-    target, draft, ctx = verify_state
-    config = SelectionConfig(budget=20, sink=2, window=3)
-    policy = make_policy("sts", config, target, draft, rerank=100, rerank_prob=1)
-    policy.budget = 20
-    policy.prepare(ctx)
-    q, k = _layer_q(target, ctx.start_pos, 1)
-    sets = as_sets(policy.select(1, q, k, ctx.start_pos), ctx.start_pos)
-    g, d = target.config.group_size, q.shape[-1]
-    for b, n in enumerate(ctx.start_pos.tolist()):
-        for h in range(target.config.n_kv_heads):
-            forced = set(range(2)) | set(range(n - 3, n))
-            free = [r for r in range(n) if r not in forced]
-            logits = q[b, h * g : (h + 1) * g].reshape(-1, d) @ k[b, h, free].T / math.sqrt(d)
-            mean_prob = torch.softmax(logits, -1).mean(0)
-            best = [free[i] for i in torch.topk(mean_prob, 15).indices.tolist()]
-            assert sets[b, h] == forced | set(best)
 
 
 def test_mass_curves_match_brute_force():

@@ -87,19 +87,19 @@ def mass_curves(mass: Tensor, step: int) -> Tensor:
 
 
 def score_sources(
-    target_probs: Tensor, draft_probs: Tensor, n_kv_heads: int, topk: int, sink: int, window: int,
+    mass: Tensor, draft_probs: Tensor, topk: int, sink: int, window: int,
     criterion: Criterion = "recall", gamma: int = 4,
 ) -> Tensor:
     """Return ``[Lt, Hkv, Ld * Hd]``: how well each draft head's top-k rows serve each target KV head.
 
-    ``target_probs`` is ``[Lt, Hq_t, Q, N]``, ``draft_probs`` ``[Ld, Hq_d, Q, N]`` (same queries,
-    same context). Only rows in ``[sink, N - window)`` compete, since the others are always kept.
+    ``mass`` is the target's :func:`competing_mass` ``[Lt, Hkv, R, M]``, ``draft_probs``
+    ``[Ld, Hq_d, Q, N]`` (same queries, same context). Only rows in ``[sink, N - window)``
+    compete, since the others are always kept.
     """
-    lt, n = target_probs.shape[0], target_probs.shape[-1]
+    lt, n_kv_heads, n = mass.shape[0], mass.shape[1], draft_probs.shape[-1]
     lo, hi = sink, n - window
     if hi - lo < topk:
         raise STSError(f"calibration context too short: {n} rows leave fewer than --topk {topk} between sink and window")
-    mass = competing_mass(target_probs, n_kv_heads, sink, window, gamma)
     draft = _round_max(draft_probs.flatten(0, 1), gamma)[..., lo:hi]  # [S, R, M]
     picks = torch.topk(draft, topk, dim=-1).indices  # [S, R, k]
     if criterion == "recall":
@@ -153,12 +153,10 @@ def calibrate(
     for tokens in tqdm(texts, desc="calibrate", disable=not progress, file=None):
         if len(tokens) <= n_queries + topk + sink + window:
             raise STSError(f"a calibration text of {len(tokens)} tokens is too short for --topk {topk}")
-        target_probs = probe(target, tokens, n_queries)
-        score = score_sources(
-            target_probs, probe(draft, tokens, n_queries), target.config.n_kv_heads, topk, sink, window, criterion, gamma,
-        )
+        mass = competing_mass(probe(target, tokens, n_queries), target.config.n_kv_heads, sink, window, gamma)
+        score = score_sources(mass, probe(draft, tokens, n_queries), topk, sink, window, criterion, gamma)
         total = score if total is None else total + score
-        curves.append(mass_curves(competing_mass(target_probs, target.config.n_kv_heads, sink, window, gamma), CURVE_STEP))
+        curves.append(mass_curves(mass, CURVE_STEP))
     if total is None:
         raise STSError("no calibration text given")
     points = min(c.shape[-1] for c in curves)  # texts of different lengths: the rows all of them have

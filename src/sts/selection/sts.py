@@ -51,12 +51,14 @@ class STSPolicy(SelectionPolicy):
         super().__init__(config)
         if rerank < 0 or rerank != int(rerank) or not 0.0 <= feedback <= 1.0 or not 0.0 <= decay <= 1.0:
             raise STSError("rerank must be a whole number >= 0, feedback and decay in [0, 1]")
+        if head_budgets < 0 or 0 < head_budgets < 1:
+            raise STSError(f"per-head budget cap must be >= 1 (x the mean), got {head_budgets}")
         if head_budgets and (rerank or feedback):
             raise STSError("head_budgets works with the plain rule (rerank=0), not with rerank or feedback")
         if head_budgets and mapping.mass_curve is None:
             raise STSError("head_budgets needs a calibrated mapping with mass curves (from `sts calibrate`)")
         self.head_budgets = head_budgets
-        self.curve = torch.tensor(mapping.mass_curve) if mapping.mass_curve is not None else None
+        self.curve = torch.tensor(mapping.mass_curve) if head_budgets else None
         self.widths: tuple[int, Tensor] | None = None  # (budget, [L, Hkv] rows per head) when head_budgets
         self.mapping = mapping
         self.aggregate = aggregate

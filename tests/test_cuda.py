@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import hf_config, hf_model, ours, perturbed
-from sts.decoding import generate
+from sts.engine import generate
 from sts.models.loading import build_model
 from sts.selection import SelectionConfig, make_policy
 from sts.speculative import speculative_generate

@@ -7,10 +7,11 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import hf_config, hf_model, ours, perturbed
-from sts.decoding import generate
+from sts.engine import generate
 from sts.errors import STSError
 from sts.sampling import SamplingConfig, probabilities
-from sts.speculative import accept, speculative_generate
+from sts.sampling import accept
+from sts.speculative import speculative_generate
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [40, 41, 42], list(range(10, 35))]
 
@@ -88,7 +89,7 @@ def test_speculative_sampling_end_to_end_distribution():
     prompt = [1, 2, 3]
     n = 3000
     out = speculative_generate(target, draft, [prompt] * n, 2, gamma=2, sampling=SamplingConfig(temperature=1.0),
-                               generator=torch.Generator().manual_seed(5))
+                               seed=5)
     second = torch.tensor([t[1] for t in out.tokens])
     with torch.no_grad():
         p1 = torch.softmax(hf(torch.tensor([prompt])).logits[0, -1], -1)

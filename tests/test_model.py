@@ -105,7 +105,7 @@ def test_real_gguf_model_matches_transformers(sts_cache_dir, monkeypatch):
     """SmolLM2-135M from its GGUF file: our logits and greedy output equal transformers' on real text."""
     from transformers import AutoModelForCausalLM
 
-    from sts.decoding import generate
+    from sts.engine import generate
     from sts.models import demo
 
     monkeypatch.setenv("STS_CACHE", str(sts_cache_dir))

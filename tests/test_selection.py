@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -94,7 +95,20 @@ def test_selection_config_refuses_impossible_budgets():
         SelectionConfig(budget=64, sink=-1)
     with pytest.raises(STSError, match="whole"):
         SelectionConfig(budget=10.5)
-    assert SelectionConfig(budget=0.1, sink=4, window=8).tokens(1000) == 100
+    assert SelectionConfig(budget=256, sink=4, window=8).tokens(100_000) == 256
+
+
+def test_fractional_budget_is_the_next_static_size():
+    """A fraction resolves to the smallest allowed size (64, or 2**e * (1 + i/8)) holding ceil(f * context) rows."""
+    sizes = sorted({64} | {(2**e * (8 + i)) // 8 for e in range(6, 20) for i in range(8)})
+    config = SelectionConfig(budget=0.1, sink=4, window=8)
+    for context in [10, 640, 641, 1000, 4097, 40_000, 131_072, 262_143]:
+        want = math.ceil(0.1 * context)
+        rows = config.tokens(context)
+        assert rows == min(s for s in sizes if s >= want)
+        assert want <= rows <= max(64, want * 1.125)
+    # Across a 2x growth of the context only a handful of distinct sizes (kernel shapes) occur.
+    assert len({config.tokens(c) for c in range(65_536, 131_073, 7)}) <= 9
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +129,7 @@ def verify_state(tiny_pair):
         for s in seqs:
             s.append(7)
     start = torch.tensor([len(p) for p in prompt])
-    return target, draft, RoundContext(start, target, draft, recorder.take())
+    return target, draft, RoundContext(start, target, 0, draft, recorder.take())
 
 
 def _layer_q(target, start, layer, t=4):
@@ -125,8 +139,7 @@ def _layer_q(target, start, layer, t=4):
 def test_streaming_keeps_sinks_and_latest(verify_state):
     target, draft, ctx = verify_state
     policy = make_policy("streaming", SelectionConfig(budget=20, sink=3, window=5), target, draft)
-    policy.budget = 20
-    policy.prepare(ctx)
+    policy.prepare(replace(ctx, budget=20))
     q, k = _layer_q(target, ctx.start_pos, 0)
     sets = as_sets(policy.select(0, q, k, ctx.start_pos), ctx.start_pos)
     for b, n in enumerate(ctx.start_pos.tolist()):
@@ -136,8 +149,7 @@ def test_streaming_keeps_sinks_and_latest(verify_state):
 def test_oracle_picks_the_largest_mean_attention(verify_state):
     target, draft, ctx = verify_state
     policy = make_policy("oracle", SelectionConfig(budget=24, sink=0, window=0), target, draft)
-    policy.budget = 24
-    policy.prepare(ctx)
+    policy.prepare(replace(ctx, budget=24))
     q, k = _layer_q(target, ctx.start_pos, 1)
     probs = reference.attention_probs(q, k, ctx.start_pos)  # [B, Hq, T, N]
     sets = as_sets(policy.select(1, q, k, ctx.start_pos), ctx.start_pos)
@@ -200,8 +212,7 @@ def test_tidal_reuses_the_selection_layer_rows(verify_state):
     target, draft, ctx = verify_state
     policy = make_policy("tidal", SelectionConfig(budget=16, sink=0, window=0), target, draft)
     policy.select_layers = (1,)
-    policy.budget = 16
-    policy.prepare(ctx)
+    policy.prepare(replace(ctx, budget=16))
     q0, k0 = _layer_q(target, ctx.start_pos, 0)
     assert policy.select(0, q0, k0, ctx.start_pos) is None  # before the selection layer: dense
     q1, k1 = _layer_q(target, ctx.start_pos, 1)
@@ -243,8 +254,7 @@ def test_small_budget_is_sparse_and_oracle_recall_bounds_every_policy(tiny_pair)
     variants = [(method, method, {}) for method in sorted(REGISTRY)] + [("sts-plain", "sts", {"rerank": 0})]
     for name, method, options in variants:
         policy = make_policy(method, config, target, draft, **options)
-        policy.budget = 24
-        policy.prepare(RoundContext(start, target, draft, queries))
+        policy.prepare(RoundContext(start, target, 24, draft, queries))
         observers[name] = SelectiveAttention(policy, measure_recall=True)
     target(torch.tensor([[3, 4, 5, 6]]), start, ShadowAttention(observers))
     oracle = observers["oracle"]
@@ -331,12 +341,14 @@ def test_sparse_prefill_with_a_covering_budget_equals_dense(tiny_pair):
     from sts.selection.sts import STSPolicy
 
     def first_logits(budget):
-        tdec, ddec = Decoder(target, 2, 150, prefill_chunk=32), Decoder(draft, 2, 150, prefill_chunk=32)
         if budget is None:
-            return tdec.feed(prompts)
+            return Decoder(target, 2, 150, prefill_chunk=32).feed(prompts)
+        target.setup_cache(2, 150)
+        draft.setup_cache(2, 150)
         config = SelectionConfig(budget=32, sink=2, window=8)
         policy = STSPolicy(config, HeadMapping.default(target.config, draft.config))
-        return sparse_prefill(tdec, ddec, prompts, policy, PrefillConfig(budget=budget, block=16), config)
+        return torch.cat([sparse_prefill(target, draft, b, p, policy, PrefillConfig(budget=budget, block=16), config, 32)
+                          for b, p in enumerate(prompts)])
 
     dense_logits = first_logits(None)
     torch.testing.assert_close(first_logits(128), dense_logits, atol=1e-4, rtol=1e-4)
@@ -350,8 +362,7 @@ def test_sts_rerank_covering_everything_ranks_free_rows_by_the_targets_queries(v
     target, draft, ctx = verify_state
     config = SelectionConfig(budget=20, sink=2, window=3)
     policy = make_policy("sts", config, target, draft, rerank=100, rerank_prob=prob)
-    policy.budget = 20
-    policy.prepare(ctx)
+    policy.prepare(replace(ctx, budget=20))
     q, k = _layer_q(target, ctx.start_pos, 1)
     sets = as_sets(policy.select(1, q, k, ctx.start_pos), ctx.start_pos)
     g, d = target.config.group_size, q.shape[-1]
@@ -370,8 +381,7 @@ def test_sts_feedback_keeps_rows_the_target_attended_to(verify_state):
     config = SelectionConfig(budget=20, sink=2, window=3)
     policy = make_policy("sts", config, target, draft, feedback=0.4, decay=0.5, rerank=0)
     assert policy.wants_feedback
-    policy.budget = 20
-    policy.prepare(ctx)
+    policy.prepare(replace(ctx, budget=20))
     rows = torch.tensor([[[10, 11, 12, 13, 14, 15]] * 2] * 2)
     importance = torch.tensor([[[0.0, 0.9, 0.1, 0.8, 0.2, 0.7]] * 2] * 2)
     policy.feedback(0, rows, importance)
@@ -455,8 +465,6 @@ def test_sts_head_budgets_give_each_head_its_own_top_k(verify_state, tmp_path):
     diffuse = [(p + 1) / points for p in range(points)]
     sharp = [min(1.0, 0.9 + 0.1 * p / points) for p in range(points)]
     curve = tuple(tuple(tuple(diffuse if h == 0 else sharp) for h in range(n_heads)) for _ in range(target.config.n_layers))
-    from dataclasses import replace
-
     path = tmp_path / "curves.json"
     replace(base, mass_curve=curve, curve_step=2).save(path)
     mapping = HeadMapping.load(path)
@@ -465,8 +473,7 @@ def test_sts_head_budgets_give_each_head_its_own_top_k(verify_state, tmp_path):
     policy = make_policy("sts", config, target, draft, str(path), head_budgets=2, rerank=0)
     uniform = make_policy("sts", config, target, draft, str(path))
     for p in (policy, uniform):
-        p.budget = 21
-        p.prepare(ctx)
+        p.prepare(replace(ctx, budget=21))
     widths = policy._head_widths(torch.device("cpu"))
     assert int(widths.sum()) == 21 * widths.numel() and int(widths[0, 0]) > 21 > int(widths[0, 1])
     for layer in range(target.config.n_layers):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -12,7 +11,6 @@ from torch import Tensor
 from sts.attention.backend import AttentionFn, dense_attention
 from sts.errors import STSError
 from sts.models.transformer import Transformer
-from sts.sampling import SamplingConfig, draw, probabilities
 
 #: Called with (sequence index, newly emitted token ids) as soon as tokens are final.
 StreamCallback = Callable[[int, list[int]], None]
@@ -22,32 +20,32 @@ class PrefixCache:
     """Keeps the KV rows and last logits of prefilled prompts, so that many runs share one prefill.
 
     An evaluation decodes the same prompt with many methods and budgets; prefill dominates on
-    long prompts, so each (model, prompt batch) is prefilled once and restored afterwards.
+    long prompts, so each (model, prompt) is prefilled once and restored into any batch slot.
     """
 
     def __init__(self) -> None:
         self.entries: dict[tuple, tuple[list[tuple[Tensor, Tensor]], Tensor]] = {}
 
     @staticmethod
-    def key(model: Transformer, seqs: Sequence[Sequence[int]]) -> tuple:
-        """Return the cache key of a model and a batch of prompts."""
-        return (id(model), tuple(tuple(s) for s in seqs))
+    def key(model: Transformer, prompt: Sequence[int]) -> tuple:
+        """Return the cache key of a model and a prompt."""
+        return (id(model), tuple(prompt))
 
-    def store(self, model: Transformer, seqs: Sequence[Sequence[int]], logits: Tensor) -> None:
-        """Keep a copy of the rows the prompts filled and the logits after them."""
-        n = max(len(s) for s in seqs)
-        rows = [(blk.self_attn.cache.k[:, :, :n].clone(), blk.self_attn.cache.v[:, :, :n].clone()) for blk in model.layers]
-        self.entries[self.key(model, seqs)] = (rows, logits.clone())
+    def store(self, model: Transformer, prompt: Sequence[int], slot: int, logits: Tensor) -> None:
+        """Keep a copy of the rows the prompt filled in batch slot ``slot`` and the logits ``[1, V]`` after it."""
+        n = len(prompt)
+        rows = [tuple(c[:, :, :n].clone() for c in blk.self_attn.cache.rows(slot)) for blk in model.layers]
+        self.entries[self.key(model, prompt)] = (rows, logits.clone())  # type: ignore[misc]
 
-    def restore(self, model: Transformer, seqs: Sequence[Sequence[int]]) -> Tensor | None:
-        """Write the stored rows back into the model's cache; return the stored logits, or None if absent."""
-        entry = self.entries.get(self.key(model, seqs))
+    def restore(self, model: Transformer, prompt: Sequence[int], slot: int) -> Tensor | None:
+        """Write the stored rows into batch slot ``slot``; return the stored logits, or None if absent."""
+        entry = self.entries.get(self.key(model, prompt))
         if entry is None:
             return None
         rows, logits = entry
-        for blk, (k, v) in zip(model.layers, rows):
-            blk.self_attn.cache.k[:, :, : k.shape[2]].copy_(k)
-            blk.self_attn.cache.v[:, :, : v.shape[2]].copy_(v)
+        for blk, stored in zip(model.layers, rows):
+            for cache, saved in zip(blk.self_attn.cache.rows(slot), stored):
+                cache[:, :, : saved.shape[2]].copy_(saved)
         return logits.clone()
 
 
@@ -58,28 +56,23 @@ class Decoder:
     that the cache has not seen yet, and returns the logits after each sequence's last token.
     """
 
-    def __init__(
-        self, model: Transformer, batch_size: int, max_len: int, prefill_chunk: int = 512,
-        prefix_cache: PrefixCache | None = None,
-    ) -> None:
+    def __init__(self, model: Transformer, batch_size: int, max_len: int, prefill_chunk: int = 512) -> None:
         if prefill_chunk < 1:
             raise STSError(f"prefill chunk must be >= 1, got {prefill_chunk}")
         self.model = model
-        self.prefix_cache = prefix_cache
         self.chunk = prefill_chunk
         self.device = model.embed_tokens.weight.device
         model.setup_cache(batch_size, max_len, slack=prefill_chunk)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
-        """Return the logits after each prompt, from the prefix cache when it holds this batch."""
-        cached = self.prefix_cache.restore(self.model, prompts) if self.prefix_cache else None
-        if cached is not None:
-            self.lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-            return cached
-        logits = self.feed(prompts)
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(self.model, prompts, logits)
+    def prefill(self, prompt: Sequence[int], prefix_cache: PrefixCache | None = None) -> Tensor:
+        """Return the logits ``[1, V]`` after one prompt (a batch of one), from ``prefix_cache`` when it holds it."""
+        logits = prefix_cache.restore(self.model, prompt, 0) if prefix_cache is not None else None
+        if logits is None:
+            logits = self.feed([prompt])
+            if prefix_cache is not None:
+                prefix_cache.store(self.model, prompt, 0, logits)
+        self.lengths = torch.tensor([len(prompt)], device=self.device)
         return logits
 
     def feed(self, seqs: Sequence[Sequence[int]], attention: AttentionFn = dense_attention) -> Tensor:
@@ -116,6 +109,8 @@ class GenerationStats:
     """What a generation call measured; ``--json`` prints it."""
 
     new_tokens: int = 0
+    #: Seconds spent compiling kernels and capturing CUDA graphs (once per shape set), excluded from time_s.
+    compile_s: float = 0.0
     #: Tokens that came out of the prefill forward (one per sequence), excluded from decode speed.
     prefill_tokens: int = 0
     time_s: float = 0.0
@@ -141,6 +136,7 @@ class GenerationStats:
             "new_tokens": self.new_tokens,
             "time_s": round(self.time_s, 4),
             "prefill_s": round(self.prefill_s, 4),
+            "compile_s": round(self.compile_s, 4),
             "tokens_per_s": round((self.new_tokens - self.prefill_tokens) / decode_s, 3),
             "target_forwards": self.target_forwards,
             "acceptance_length": mean(self.accepted_per_round),
@@ -223,41 +219,3 @@ def context_capacity(model: Transformer, prompts: Sequence[Sequence[int]], max_n
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise STSError(f"prompt token ids must be in [0, {vocab})")
     return need
-
-
-def generate(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
-    eos_ids: Sequence[int] = (),
-    on_tokens: StreamCallback | None = None,
-    generator: torch.Generator | None = None,
-    prefill_chunk: int = 512,
-    prefix_cache: PrefixCache | None = None,
-) -> GenerationResult:
-    """Return plain autoregressive continuations of a batch of prompts (one target forward per token)."""
-    capacity = context_capacity(model, prompts, max_new_tokens, lookahead=1)
-    decoder = Decoder(model, len(prompts), capacity, prefill_chunk, prefix_cache)
-    seqs = [list(p) for p in prompts]
-    stop = StopState(len(seqs), max_new_tokens, eos_ids, on_tokens)
-    stats = GenerationStats()
-    start = time.perf_counter()
-    logits = decoder.prefill(seqs)
-    synchronize(decoder.device)
-    stats.prefill_s = time.perf_counter() - start
-    while True:
-        nxt = draw(probabilities(logits, sampling), generator).tolist()
-        for b, tok in enumerate(nxt):
-            seqs[b].append(tok)
-            stop.emit(b, [tok])
-        if stop.finished:
-            break
-        logits = decoder.feed(seqs)
-        stats.target_forwards += 1
-    synchronize(decoder.device)
-    stats.time_s = time.perf_counter() - start
-    stats.new_tokens = sum(len(e) for e in stop.emitted)
-    stats.prefill_tokens = len(seqs)
-    stats.accepted_per_round = [1] * stats.target_forwards
-    return GenerationResult(stop.emitted, stats)

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from sts.attention import reference
-from sts.attention.backend import QueryRecorder
-from sts.decoding import Decoder
+from sts.attention.backend import AttentionFn, QueryRecorder, chunk_attention
+from sts.models.transformer import Transformer
 from sts.errors import STSError
 from sts.selection.base import RoundContext, SelectionConfig, topk_rows
 from sts.selection.sts import STSPolicy
@@ -63,30 +63,28 @@ def block_rows(row_scores: Tensor, start_pos: Tensor, config: PrefillConfig, sin
 
 
 def sparse_prefill(
-    tdec: Decoder, ddec: Decoder, prompts: Sequence[Sequence[int]], policy: STSPolicy, config: PrefillConfig,
-    selection: SelectionConfig,
+    target: Transformer, draft: Transformer, slot: int, prompt: Sequence[int], policy: STSPolicy,
+    config: PrefillConfig, selection: SelectionConfig, chunk: int,
 ) -> Tensor:
-    """Return the target's logits after each prompt, prefilled chunk by chunk with draft-chosen blocks."""
+    """Return the target's logits ``[1, V]`` after ``prompt``, read into batch slot ``slot`` of both models'
+    caches chunk by chunk: the draft reads each chunk first, and the target's chunk attends to the
+    key blocks its queries' mapped scores rank best (plus, causally, itself)."""
     recorder = QueryRecorder(policy.mapping.draft_layers())
-    chunk = tdec.chunk
-    final: list[Tensor | None] = [None] * len(prompts)
-    for end in range(chunk, max(len(p) for p in prompts) + chunk, chunk):
-        part = [list(p[:end]) for p in prompts]
-        if all(len(p) <= n for p, n in zip(part, tdec.lengths.tolist())):
-            continue
-        ddec.feed(part, recorder)
-        context = tdec.lengths.clone()
+    device = target.embed_tokens.weight.device
+    ids = torch.tensor(prompt, device=device).view(1, -1)
+    for start in range(0, len(prompt), chunk):
+        part = ids[:, start : start + chunk]
+        pos = torch.full((1,), start, device=device)
+        recorder.inner = chunk_attention(start)
+        draft.hidden(part, pos, recorder, slot=slot)
         queries = recorder.take()
-        if int(context.max()) <= config.budget:
-            logits = tdec.feed(part)
-        else:
-            policy.prepare(RoundContext(context, tdec.model, ddec.model, queries))
+        attention: AttentionFn = chunk_attention(start)
+        if start > config.budget:
+            policy.prepare(RoundContext(pos, target, config.budget, draft, queries, slot=slot))
             rows = {
-                layer: block_rows(policy.scores(layer, None, None, context), context, config, selection.sink, selection.window)
-                for layer in range(tdec.model.config.n_layers)
+                layer: block_rows(policy.scores(layer, None, None, pos), pos, config, selection.sink, selection.window)
+                for layer in range(target.config.n_layers)
             }
-            logits = tdec.feed(part, BlockAttention(rows))
-        for b, (p, n) in enumerate(zip(part, context.tolist())):
-            if len(p) == len(prompts[b]) and len(p) > n:  # this chunk held the prompt's last token
-                final[b] = logits[b]
-    return torch.stack(final)  # type: ignore[arg-type]
+            attention = BlockAttention(rows)
+        hidden = target.hidden(part, pos, attention, slot=slot)
+    return target.lm_head(hidden[:, -1]).float()

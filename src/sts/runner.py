@@ -7,14 +7,15 @@ from typing import Any, Sequence
 
 import torch
 
-from sts.decoding import GenerationResult, PrefixCache, StreamCallback, generate
+from sts.decoding import GenerationResult, PrefixCache, StreamCallback
+from sts.engine import generate
 from sts.errors import STSError
 from sts.models.loading import load_model
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
 from sts.selection import REGISTRY, SelectionConfig, make_policy
-from sts.speculative import check_pair, speculative_generate
+from sts.speculative import shared_vocab, speculative_generate
 
 #: Methods that need no selection policy.
 DENSE_METHODS = ("autoregressive", "speculative")
@@ -47,7 +48,7 @@ def load_pair(target: str, draft: str | None, dtype: torch.dtype, device: str) -
     if draft is None:
         return tgt, None
     dft = load(draft, dtype, device)
-    check_pair(tgt.model, dft.model, tgt.tokenizer, dft.tokenizer)
+    shared_vocab(tgt.model, dft.model, tgt.tokenizer, dft.tokenizer)
     return tgt, dft
 
 
@@ -87,14 +88,12 @@ def run_method(
     """
     if method not in methods():
         raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
-    device = target.model.embed_tokens.weight.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(0 if seed is None else seed)
+    seed = 0 if seed is None else seed
     eos = eos_ids(target)
     if method == "autoregressive":
         if prefill is not None or draft_budget:
             raise STSError("--sparse-prefill and --draft-budget need a draft: use a speculative method")
-        return generate(target.model, prompts, max_new_tokens, sampling, eos, on_tokens, generator, prefix_cache=prefix_cache)
+        return generate(target.model, prompts, max_new_tokens, sampling, eos, on_tokens, seed, prefix_cache=prefix_cache)
     if draft is None:
         raise STSError(f"--method {method} needs a --draft model")
     policy = None
@@ -102,6 +101,7 @@ def run_method(
         policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping, **(options or {}))
     return speculative_generate(
         target.model, draft.model, prompts, max_new_tokens, gamma, sampling, eos,
-        policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, generator=generator,
+        policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, seed=seed,
         prefix_cache=None if prefill else prefix_cache, prefill=prefill, draft_budget=draft_budget,
+        vocab=shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer),
     )

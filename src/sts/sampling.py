@@ -56,6 +56,33 @@ def probabilities(logits: Tensor, config: SamplingConfig) -> Tensor:
 
 
 def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Return one token id per row of ``probs`` ``[..., V]`` (argmax where a row is one-hot)."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    """Return one token id per row of ``probs`` ``[..., V]`` (argmax where a row is one-hot).
+
+    Exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. picks index ``i`` with
+    probability ``p_i`` (the first arrival of Poisson clocks of rates ``p``). Unlike
+    ``torch.multinomial`` it never synchronises with the host, so it can run in a CUDA graph.
+    """
+    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator).clamp_min_(1e-30)
+    return (probs.float() / race).argmax(-1)
+
+
+def accept(draft_tokens: Tensor, q: Tensor, p: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Return (accepted count ``[B]``, next token ``[B]``) by speculative rejection sampling.
+
+    ``draft_tokens`` ``[B, G]`` were drawn from ``q`` ``[B, G, V]``; ``p`` ``[B, G + 1, V]`` is
+    the target's distribution at each verified position (the last one for the bonus token).
+    """
+    b, g = draft_tokens.shape
+    p_x = p[:, :g].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+    q_x = q.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+    u = torch.rand(b, g, device=p.device, generator=generator)
+    ok = u * q_x < p_x  # u < p/q without dividing by a zero q
+    n = ok.long().cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(b, device=p.device)
+    target_at = p[rows, n]
+    draft_at = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, n]
+    residual = (target_at - draft_at).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    # All accepted: the bonus token comes from p itself (draft_at is zero there).
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_at)
+    return n, draw(residual, generator)

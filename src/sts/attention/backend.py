@@ -61,19 +61,43 @@ def dense_attention(layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, sta
     return dense_sdpa(q, k_cache, v_cache, start_pos)
 
 
+def chunk_attention(offset: int) -> AttentionFn:
+    """Return causal attention for one sequence's prefill chunk whose first token sits at row ``offset``.
+
+    Keys are rows ``0 .. offset + T - 1``; the causal diagonal is aligned to the last key
+    (PyTorch's lower-right causal bias), so SDPA runs its flash / memory-efficient kernels with
+    no ``[T, N]`` mask in memory. The KV heads are expanded to the query heads because those
+    kernels' lower-right path has no GQA; prefill is bound by arithmetic, not by that copy.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
+    def attend(layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
+        b, hq, t, _ = q.shape
+        if b != 1:
+            raise ValueError("chunk_attention serves one sequence at a time")
+        group = hq // k_cache.shape[1]
+        n = offset + t
+        k, v = (c[:, :, :n].repeat_interleave(group, dim=1) for c in (k_cache, v_cache))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, n))
+
+    return attend
+
+
 class QueryRecorder:
     """Attention (dense unless ``inner`` says otherwise) that also keeps the queries of chosen layers
-    (the draft's scoring input)."""
+    (the draft's scoring input). ``last_only`` keeps only each call's last query (a decode step
+    that also re-reads an earlier token)."""
 
-    def __init__(self, layers: Sequence[int], inner: AttentionFn = dense_attention) -> None:
+    def __init__(self, layers: Sequence[int], inner: AttentionFn = dense_attention, last_only: bool = False) -> None:
         self.layers = set(layers)
         self.inner = inner
+        self.last_only = last_only
         self.queries: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}
 
     def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return ``inner``'s attention, recording ``q`` when ``layer`` is one of the chosen layers."""
         if layer in self.layers:
-            self.queries[layer].append(q)
+            self.queries[layer].append(q[:, :, -1:] if self.last_only else q)
         return self.inner(layer, q, k_cache, v_cache, start_pos)
 
     def take(self) -> dict[int, Tensor]:

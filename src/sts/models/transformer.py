@@ -76,13 +76,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write(self, k: Tensor, v: Tensor, start_pos: Tensor) -> None:
-        """Store new rows ``[B, Hkv, T, D]`` at ``start_pos[b] + t`` in place."""
-        b, h, t, d = k.shape
-        rows = start_pos.view(b, 1, 1, 1) + torch.arange(t, device=k.device).view(1, 1, t, 1)
-        rows = rows.expand(b, h, t, d)
-        self.k.scatter_(2, rows, k.to(self.k.dtype))
-        self.v.scatter_(2, rows, v.to(self.v.dtype))
+    def rows(self, slot: int | None = None) -> tuple[Tensor, Tensor]:
+        """Return (K, V): the whole batch's cache, or one slot's ``[1, Hkv, S, D]`` view of it."""
+        if slot is None:
+            return self.k, self.v
+        return self.k[slot : slot + 1], self.v[slot : slot + 1]
+
+
+def write_rows(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, start_pos: Tensor) -> None:
+    """Store new rows ``[B, Hkv, T, D]`` at ``start_pos[b] + t`` of caches ``[B, Hkv, S, D]``, in place."""
+    b, h, t, d = k.shape
+    rows = start_pos.view(b, 1, 1, 1) + torch.arange(t, device=k.device).view(1, 1, t, 1)
+    rows = rows.expand(b, h, t, d)
+    k_cache.scatter_(2, rows, k.to(k_cache.dtype))
+    v_cache.scatter_(2, rows, v.to(v_cache.dtype))
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -111,8 +118,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * hd, config.hidden_size, bias=config.o_bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Tensor, attention: AttentionFn) -> Tensor:
-        """Return the attention block's output for ``x`` of shape ``[B, T, hidden]``."""
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Tensor, attention: AttentionFn, slot: int | None = None,
+    ) -> Tensor:
+        """Return the attention block's output for ``x`` of shape ``[B, T, hidden]`` (``B = 1`` with ``slot``)."""
         b, t, _ = x.shape
         hd, hq, hkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv_proj(x).split([hq * hd, hkv * hd, hkv * hd], dim=-1)
@@ -121,8 +130,9 @@ class Attention(nn.Module):
         v = v.view(b, t, hkv, hd).transpose(1, 2)
         q, k = rotate_qk(x, q, k, cos, sin)
         assert self.cache is not None, "call setup_cache() before forward()"
-        self.cache.write(k, v, start_pos)
-        out = attention(self.layer, q, self.cache.k, self.cache.v, start_pos)
+        k_cache, v_cache = self.cache.rows(slot)
+        write_rows(k_cache, v_cache, k, v, start_pos)
+        out = attention(self.layer, q, k_cache, v_cache, start_pos)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -151,9 +161,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Tensor, attention: AttentionFn) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Tensor, attention: AttentionFn, slot: int | None = None,
+    ) -> Tensor:
         """Return the layer's output (residual stream)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, attention)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, attention, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -199,8 +211,13 @@ class Transformer(nn.Module):
             block.self_attn.cache = KVCache(batch_size, cfg.n_kv_heads, rows, cfg.head_dim, param.dtype, param.device)
         self.batch_size, self.max_len = batch_size, rows
 
-    def hidden(self, tokens: Tensor, start_pos: Tensor, attention: AttentionFn = dense_attention) -> Tensor:
-        """Return final-norm hidden states ``[B, T, hidden]`` for ``tokens`` placed at ``start_pos[b] + t``."""
+    def hidden(
+        self, tokens: Tensor, start_pos: Tensor, attention: AttentionFn = dense_attention, slot: int | None = None,
+    ) -> Tensor:
+        """Return final-norm hidden states ``[B, T, hidden]`` for ``tokens`` placed at ``start_pos[b] + t``.
+
+        With ``slot``, ``tokens`` is one sequence (``B = 1``) that reads and writes batch slot ``slot`` of the cache.
+        """
         b, t = tokens.shape
         positions = start_pos.view(b, 1) + torch.arange(t, device=tokens.device).view(1, t)
         freqs = positions.unsqueeze(-1).float() * self.inv_freq
@@ -209,7 +226,7 @@ class Transformer(nn.Module):
         cos = (emb.cos() * self.rope_scaling).to(x.dtype).unsqueeze(1)
         sin = (emb.sin() * self.rope_scaling).to(x.dtype).unsqueeze(1)
         for block in self.layers:
-            x = block(x, cos, sin, start_pos, attention)
+            x = block(x, cos, sin, start_pos, attention, slot)
         return self.norm(x)
 
     def forward(self, tokens: Tensor, start_pos: Tensor, attention: AttentionFn = dense_attention) -> Tensor:

@@ -38,14 +38,18 @@ class SelectiveAttention:
 
         ``probs`` are the dense attention probabilities of ``q`` when the caller already has them.
         """
+        self._device = start_pos.device
         dense = layer < self.policy.config.dense_layers
         idx = None if dense else self.policy.select(layer, q, k_cache, start_pos)
         ctx = start_pos.float().clamp_min(1)
         if idx is None:
             self.sparsity[layer] = 0.0
         else:
+            # Averaged over the sequences that have a context (a free engine slot has none).
             valid = (idx < start_pos.view(-1, 1, 1)).sum(-1).float()
-            self.sparsity[layer] = (1 - valid / ctx.view(-1, 1)).mean()
+            decoding = (start_pos > 0).float().view(-1, 1)
+            skipped = (1 - valid / ctx.view(-1, 1)) * decoding
+            self.sparsity[layer] = skipped.sum() / (decoding.sum() * valid.shape[1]).clamp_min(1)
         if self.measure_recall:
             self._measure(layer, q, k_cache, start_pos, idx, probs)
         if idx is not None and self.policy.wants_feedback:
@@ -82,6 +86,11 @@ class SelectiveAttention:
             real = importance.gather(-1, top) >= 0  # sequences shorter than k: ignore padding rows
             kept = chosen.gather(-1, top) & real
             self.set_recall.setdefault(name, {})[layer] = float(kept.sum() / real.sum().clamp_min(1))
+
+    def round_sparsity(self) -> Tensor:
+        """Return ``[1]``: this step's sparsity averaged over layers, on the device (no host sync)."""
+        values = [torch.as_tensor(v, dtype=torch.float32, device=self._device) for v in self.sparsity.values()]
+        return torch.stack(values).mean().view(1)
 
     def end_step(self, stats: GenerationStats) -> None:
         """Add this verification step's layer means to ``stats`` and start the next step afresh."""

@@ -49,10 +49,23 @@ class SelectionConfig:
             )
 
     def tokens(self, context: int) -> int:
-        """Return the budget in rows for a context of ``context`` rows (at least sink + window)."""
+        """Return the budget in rows for a context of ``context`` rows (at least sink + window).
+
+        A fraction is rounded up to the next of eight sizes per octave (at most 12.5% more rows),
+        so that a growing context changes the kernels' static shapes (a recompilation and a new
+        CUDA graph) only a few times per doubling instead of every few tokens.
+        """
         if self.budget >= 1:
             return int(self.budget)
-        return max(math.ceil(self.budget * context), self.sink + self.window)
+        return max(bucket_up(math.ceil(self.budget * context)), self.sink + self.window)
+
+
+def bucket_up(n: int, per_octave: int = 8, smallest: int = 64) -> int:
+    """Return the smallest of ``smallest`` and ``2**e * (1 + i / per_octave)`` (whole numbers) that is >= ``n``."""
+    if n <= smallest:
+        return smallest
+    step = max(1, (1 << (n.bit_length() - 1)) // per_octave)
+    return -(-n // step) * step
 
 
 @dataclass
@@ -62,9 +75,21 @@ class RoundContext:
     #: ``[B]`` context rows per sequence (rows before the gamma+1 verified tokens).
     start_pos: Tensor
     target: Transformer
+    #: Rows each (sequence, target KV head) reads this round, sinks and window included
+    #: (a static number: the engine resolves fractional budgets, see :meth:`SelectionConfig.rows`).
+    budget: int
     draft: Transformer | None = None
     #: Draft layer -> that layer's queries of this round's draft steps, ``[B, Hq_draft, gamma, D]``.
     draft_queries: dict[int, Tensor] = field(default_factory=dict)
+    #: The one batch slot the round serves (a prefill), or None for the whole batch.
+    slot: int | None = None
+
+    def draft_keys(self, layer: int) -> Tensor:
+        """Return the draft's key cache ``[B, Hkv_draft, S, D]`` of ``layer`` for this round's sequences."""
+        assert self.draft is not None
+        cache = self.draft.layers[layer].self_attn.cache
+        assert cache is not None
+        return cache.rows(self.slot)[0]
 
 
 class SelectionPolicy(ABC):
@@ -74,6 +99,8 @@ class SelectionPolicy(ABC):
     name: ClassVar[str]
     #: Whether the policy reads the draft's queries (then the decode loop records them).
     uses_draft: ClassVar[bool] = False
+    #: Whether a round never synchronises with the host (then the engine captures it in a CUDA graph).
+    graph_safe: bool = False
 
     def __init__(self, config: SelectionConfig) -> None:
         self.config = config
@@ -89,8 +116,9 @@ class SelectionPolicy(ABC):
         """Forget state carried from earlier steps (called when a new generation or text starts)."""
 
     def prepare(self, ctx: RoundContext) -> None:
-        """Precompute what :meth:`select` needs for this step (e.g. scores from draft queries)."""
+        """Take this round's budget and precompute what :meth:`select` needs (e.g. scores from draft queries)."""
         self.ctx = ctx
+        self.budget = ctx.budget
 
     def feedback(self, layer: int, rows: Tensor, importance: Tensor) -> None:
         """Receive the target's attention ``[B, Hkv, K]`` on the ``rows`` it read at ``layer`` (max over group and queries)."""

@@ -17,6 +17,7 @@ class SpecPCPolicy(SelectionPolicy):
 
     name = "specpc"
     uses_draft = True
+    graph_safe = True
 
     def draft_layers(self, draft: Transformer) -> tuple[int, ...]:
         """Return every draft layer."""
@@ -27,7 +28,7 @@ class SpecPCPolicy(SelectionPolicy):
         super().prepare(ctx)
         assert ctx.draft is not None
         per_layer = [
-            dispatch.score_context(q, ctx.draft.layers[layer].self_attn.cache.k, ctx.start_pos).amax(1)
+            dispatch.score_context(q, ctx.draft_keys(layer), ctx.start_pos).amax(1)
             for layer, q in ctx.draft_queries.items()
         ]
         self.global_scores = torch.stack(per_layer).amax(0).unsqueeze(1)

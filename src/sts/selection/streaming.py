@@ -13,6 +13,7 @@ class StreamingPolicy(SelectionPolicy):
     """Attention sinks plus the most recent rows: the whole budget past the sinks is the window."""
 
     name = "streaming"
+    graph_safe = True
 
     def scores(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return recency as the score, so top-k fills the budget with the latest rows."""

@@ -67,6 +67,8 @@ class STSPolicy(SelectionPolicy):
         self.feedback_share = feedback
         self.decay = decay
         self.wants_feedback = feedback > 0
+        # The feedback memory is rebuilt every step from host-side state: not capturable.
+        self.graph_safe = not self.wants_feedback
         self.reset()
         # Only the (draft layer, head) pairs some target head reads are scored, and target heads
         # with the same sources share one score row and one top-k (the default map has one per
@@ -104,7 +106,7 @@ class STSPolicy(SelectionPolicy):
                 t.to(device) for t in (self.combo_of, self.combo_sources, self.combo_weights))
         rows = []
         for dl, heads in self.heads_of.items():
-            scores = dispatch.score_context(ctx.draft_queries[dl], ctx.draft.layers[dl].self_attn.cache.k, ctx.start_pos, self.aggregate)
+            scores = dispatch.score_context(ctx.draft_queries[dl], ctx.draft_keys(dl), ctx.start_pos, self.aggregate)
             rows += [scores.amax(1) if dh == ALL_HEADS else scores[:, dh] for dh in heads]
         picked = torch.stack(rows)[self.combo_sources]  # [U, M, B, N]
         if self.mapping.combine == "max":

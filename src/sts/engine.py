@@ -1,0 +1,514 @@
+"""The decode engine: one round for every method, run eagerly on the CPU and in CUDA graphs on the GPU.
+
+Every caller (``sts generate``, the Python API, ``sts eval``, the server and ``sts bench``)
+decodes through :class:`Engine`. Its batch is a fixed number of **slots**: each holds one
+sequence with its own length, is filled by :meth:`Engine.prefill` and freed by
+:meth:`Engine.release` between rounds, so sequences can finish and be replaced (continuous
+batching). The per-slot state lives on the device in static buffers:
+
+* ``ctx[s]``: rows of the target's cache that hold the sequence (everything but its last token);
+* ``last[s]``: the latest token, not yet in any cache; ``prev[s]``: the token before it;
+* ``active[s]``: whether the slot decodes. A free slot attends to nothing (its context is
+  treated as empty), so finished sequences cost no KV reads.
+
+One round (:meth:`Engine.step`) is, for speculative methods (Leviathan et al. 2023, "Fast
+Inference from Transformers via Speculative Decoding"; with a selection policy, STS):
+
+1. **draft**: the draft reads ``prev, last`` at rows ``ctx - 1, ctx`` (re-writing row ``ctx - 1``
+   makes up for the draft never having read the last draft token of a fully accepted round,
+   with one static shape), then proposes ``gamma`` tokens; the mapped draft layers' queries are
+   recorded for the policy;
+2. **select**: the policy scores the context and picks rows for this round's ``budget``;
+3. **verify**: the target reads ``last`` and the drafts over the selected rows; acceptance runs
+   on the device (exact match for greedy, rejection sampling otherwise) and updates the state.
+
+Rolling back rejected tokens is free: rows past ``ctx`` are scratch. On CUDA each phase is
+captured once per budget size in a CUDA graph (static shapes: the cache length, the slot count,
+``gamma`` and the budget in rows), and the only host synchronisation of a round is the copy
+of its new tokens. The CPU path runs the same functions eagerly: it is the reference the graph
+path is tested against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from sts.attention.backend import AttentionFn, QueryRecorder, chunk_attention, dense_attention
+from sts.decoding import (
+    GenerationResult, GenerationStats, PrefixCache, StopState, StreamCallback, context_capacity, synchronize,
+)
+from sts.errors import STSError
+from sts.models.transformer import Transformer
+from sts.sampling import SamplingConfig, accept, draw, probabilities
+from sts.selection.attend import SelectiveAttention
+from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
+from sts.prefill import PrefillConfig, sparse_prefill
+from sts.selection.mapping import HeadMapping
+from sts.selection.streaming import StreamingPolicy
+from sts.selection.sts import STSPolicy
+
+#: Prompt tokens per prefill chunk on CUDA: large enough for the matrix units, small enough that
+#: a chunk's activations stay a small share of memory at 128K contexts.
+CUDA_PREFILL_CHUNK = 8192
+
+
+def sparse_draft_attention(budget: int, sink: int = 4) -> SelectiveAttention:
+    """Return the draft's attention for the steps after a round's first: sinks + the latest rows, ``budget`` in all."""
+    if budget <= sink:
+        raise STSError(f"draft budget must exceed the {sink} sink rows, got {budget}")
+    policy = StreamingPolicy(SelectionConfig(budget=budget, sink=sink, window=0))
+    policy.budget = budget
+    return SelectiveAttention(policy)
+
+
+@dataclass
+class EngineConfig:
+    """How the engine decodes; the defaults decode greedily with dense speculative rounds of 4 drafts."""
+
+    gamma: int = 4
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    #: Rows the draft's steps after a round's first read (sinks + latest rows); None: dense.
+    draft_budget: int | None = None
+    #: Token ids at and past this are never proposed nor emitted (the tokenizer's size when a
+    #: pair pads its embedding tables differently); None: the target's vocabulary.
+    vocab: int | None = None
+    #: Prompt tokens per prefill chunk; None: 512 on the CPU, :data:`CUDA_PREFILL_CHUNK` on CUDA.
+    prefill_chunk: int | None = None
+    #: Capture rounds in CUDA graphs when the device and the policy allow it.
+    cuda_graphs: bool = True
+    #: Also measure recall against the target's dense attention (evaluation only; eager).
+    measure_recall: bool = False
+    #: Sparse target prefill (draft-chosen key blocks, :mod:`sts.prefill`); CPU only for now.
+    sparse_prefill: PrefillConfig | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.gamma < 1:
+            raise STSError(f"gamma must be >= 1, got {self.gamma}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise STSError(f"prefill chunk must be >= 1, got {self.prefill_chunk}")
+
+
+class _PhaseClock:
+    """Times a round's phases: CUDA events on the GPU (read after the round's one sync), host clock on the CPU."""
+
+    def __init__(self, device: torch.device, n_marks: int) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = [None] * n_marks
+
+    def mark(self, i: int) -> None:
+        """Record phase boundary ``i``."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[i] = event
+        else:
+            self.marks[i] = time.perf_counter()
+
+    def seconds(self, i: int) -> float:
+        """Return the seconds between boundaries ``i`` and ``i + 1`` (after the round has synchronised)."""
+        a, b = self.marks[i], self.marks[i + 1]
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+
+class Engine:
+    """Decodes up to ``slots`` sequences at once with one target, and optionally a draft and a selection policy.
+
+    Without a draft it decodes autoregressively (one target forward per token); with a draft,
+    speculatively; with a ``policy`` too, the target verifies over the policy's rows (STS and
+    the baselines). ``max_len`` is every slot's cache length in rows: a sequence needs its
+    prompt, its new tokens and ``gamma + 1`` scratch rows.
+
+    Raises :class:`~sts.errors.STSError` for impossible settings (see :class:`EngineConfig`).
+    """
+
+    def __init__(
+        self, target: Transformer, draft: Transformer | None = None, policy: SelectionPolicy | None = None,
+        *, slots: int = 1, max_len: int, config: EngineConfig | None = None, prefix_cache: PrefixCache | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        if policy is not None and draft is None:
+            raise STSError("a selection policy verifies a draft's tokens: give a draft model")
+        if slots < 1:
+            raise STSError(f"slots must be >= 1, got {slots}")
+        if self.config.sparse_prefill is not None and draft is None:
+            raise STSError("--sparse-prefill needs a draft: use a speculative method")
+        if self.config.sparse_prefill is not None and target.embed_tokens.weight.is_cuda:
+            raise STSError("--sparse-prefill runs on the CPU only for now (its block scoring does not fit GPU shared "
+                           "memory at long prompts); use the dense prefill on CUDA")
+        self.target, self.draft, self.policy = target, draft, policy
+        self.slots, self.max_len = slots, max_len
+        self.prefix_cache = prefix_cache
+        self.device = target.embed_tokens.weight.device
+        cuda = self.device.type == "cuda"
+        self.chunk = self.config.prefill_chunk or (CUDA_PREFILL_CHUNK if cuda else 512)
+        self.vocab = self.config.vocab or target.config.vocab_size
+        self.gamma = self.config.gamma if draft is not None else 0
+        for model in (target, draft):
+            if model is not None:
+                model.setup_cache(slots, max_len)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.config.seed)
+        if policy is not None:
+            policy.reset()
+        layers = policy.draft_layers(draft) if policy is not None and policy.uses_draft else ()
+        self.recorder = QueryRecorder(layers, last_only=True)
+        self.verify_attention: AttentionFn = (
+            SelectiveAttention(policy, self.config.measure_recall) if policy is not None else dense_attention)
+        budget = self.config.draft_budget
+        self.later_draft_attention: AttentionFn = sparse_draft_attention(budget) if budget else dense_attention
+
+        def buffer(dtype: torch.dtype, *shape: int) -> Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
+
+        long = torch.long
+        self.ctx, self.last, self.prev = buffer(long, slots), buffer(long, slots), buffer(long, slots)
+        self.active = buffer(torch.bool, slots)
+        self.out_tokens, self.out_count = buffer(long, slots, self.gamma + 1), buffer(long, slots)
+        self.round_sparsity = buffer(torch.float32, 1)
+        self.host_ctx = [0] * slots
+        self.host_active = [False] * slots
+        self.stats = GenerationStats()
+        self.graphs_enabled = (
+            cuda and self.config.cuda_graphs and not self.config.measure_recall
+            and (policy is None or policy.graph_safe))
+        self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self._hold: dict[str, Tensor] = {}
+        self.round_budget = 0
+        self._prefill_logits: dict[int, Tensor] = {}
+        if cuda:
+            self._host_tokens = torch.zeros(slots, self.gamma + 1, dtype=long).pin_memory()
+            self._host_count = torch.zeros(slots, dtype=long).pin_memory()
+            self._host_sparsity = torch.zeros(1).pin_memory()
+
+    # ------------------------------------------------------------------ slots
+
+    def free_slots(self) -> list[int]:
+        """Return the slots that hold no decoding sequence."""
+        return [s for s in range(self.slots) if not self.host_active[s]]
+
+    def room(self, slot: int) -> int:
+        """Return how many more tokens slot ``slot`` can take before its cache is full."""
+        return self.max_len - self.host_ctx[slot] - (self.gamma + 1)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = (),
+        on_tokens: StreamCallback | None = None,
+    ) -> GenerationResult:
+        """Return the continuations of up to ``slots`` prompts (prompt excluded), decoded to EOS or ``max_new_tokens``.
+
+        ``on_tokens(b, ids)`` receives each sequence's tokens as soon as they are final. A
+        sequence stops at an id in ``eos_ids`` (kept), at ``max_new_tokens``, or when its slot's
+        cache is full; its slot is then freed, so it costs nothing in later rounds.
+        """
+        if not prompts or len(prompts) > self.slots:
+            raise STSError(f"give 1 to {self.slots} prompts, got {len(prompts)}")
+        stop = StopState(len(prompts), max_new_tokens, eos_ids, on_tokens)
+        self.stats = stats = GenerationStats()
+        if self.policy is not None:
+            self.policy.reset()
+        for s in range(self.slots):
+            self.release(s)
+        start = time.perf_counter()
+        first_slot: dict[tuple[int, ...], int] = {}
+        for b, prompt in enumerate(prompts):
+            # A prompt given several times (n samples of one prompt) is read once and copied.
+            src = first_slot.setdefault(tuple(prompt), b)
+            stop.emit(b, [self.prefill(b, prompt, copy_from=None if src == b else src)])
+        synchronize(self.device)
+        stats.prefill_s = time.perf_counter() - start
+        self._release_finished(stop)
+        while not stop.finished:
+            for b, tokens in enumerate(self.step()):
+                if tokens:
+                    stop.emit(b, tokens)
+            self._release_finished(stop)
+        stats.time_s = time.perf_counter() - start - stats.compile_s
+        stats.new_tokens = sum(len(e) for e in stop.emitted)
+        stats.prefill_tokens = len(prompts)
+        return GenerationResult(stop.emitted, stats)
+
+    def _release_finished(self, stop: StopState) -> None:
+        """Free the slots of sequences that stopped, and stop those whose cache cannot take another round."""
+        for b in range(len(stop.done)):
+            if not stop.done[b] and self.room(b) < 0:
+                stop.done[b] = True
+            if stop.done[b] and self.host_active[b]:
+                self.release(b)
+
+    def prefill(self, slot: int, prompt: Sequence[int], copy_from: int | None = None) -> int:
+        """Read ``prompt`` into slot ``slot`` of both caches and return the first new token (the slot then decodes).
+
+        ``copy_from``: a slot already prefilled with the same prompt, whose rows are copied instead.
+
+        Raises :class:`~sts.errors.STSError` when the prompt is empty, holds ids outside the
+        vocabulary, or leaves no room for a round in the slot's cache.
+        """
+        if not 0 <= slot < self.slots:
+            raise STSError(f"slot {slot} does not exist (the engine has {self.slots})")
+        n = len(prompt)
+        if n == 0:
+            raise STSError("every prompt needs at least one token")
+        if n + self.gamma + 2 > self.max_len:
+            raise STSError(f"a prompt of {n} tokens leaves no room in a cache of {self.max_len} rows")
+        if any(not 0 <= t < self.target.config.vocab_size for t in prompt):
+            raise STSError(f"prompt token ids must be in [0, {self.target.config.vocab_size})")
+        if copy_from is not None:
+            logits = self._copy_slot(copy_from, slot, n)
+        elif self.config.sparse_prefill is not None:
+            assert self.draft is not None
+            scorer = self.policy if isinstance(self.policy, STSPolicy) else STSPolicy(
+                self.policy.config if self.policy else SelectionConfig(), HeadMapping.default(self.target.config, self.draft.config))
+            selection = scorer.config
+            logits = sparse_prefill(self.target, self.draft, slot, prompt, scorer, self.config.sparse_prefill, selection, self.chunk)
+        else:
+            logits = self._prefill_model(self.target, slot, prompt)
+            if self.draft is not None:
+                self._prefill_model(self.draft, slot, prompt)
+        self._prefill_logits[slot] = logits
+        first = int(self._pick(logits[:, : self.vocab]).item())
+        self.ctx[slot], self.last[slot], self.prev[slot], self.active[slot] = n, first, prompt[-1], True
+        self.host_ctx[slot], self.host_active[slot] = n, True
+        return first
+
+    def _copy_slot(self, src: int, dst: int, rows: int) -> Tensor:
+        """Copy the first ``rows`` cache rows of slot ``src`` into slot ``dst`` (both models); return src's prefill logits."""
+        for model in (self.target, self.draft):
+            if model is not None:
+                for blk in model.layers:
+                    for a, b in zip(blk.self_attn.cache.rows(src), blk.self_attn.cache.rows(dst)):
+                        b[:, :, :rows].copy_(a[:, :, :rows])
+        return self._prefill_logits[src]
+
+    def release(self, slot: int) -> None:
+        """Stop decoding slot ``slot`` (its rows become scratch for the next sequence)."""
+        self._prefill_logits.pop(slot, None)
+        self.active[slot] = False
+        self.host_active[slot] = False
+
+    def _prefill_model(self, model: Transformer, slot: int, prompt: Sequence[int]) -> Tensor:
+        """Return ``[1, V]`` float32 logits after ``prompt``, written into slot ``slot`` chunk by chunk."""
+        if self.prefix_cache is not None:
+            logits = self.prefix_cache.restore(model, prompt, slot)
+            if logits is not None:
+                return logits
+        ids = torch.tensor(prompt, device=self.device).view(1, -1)
+        for start in range(0, len(prompt), self.chunk):
+            chunk = ids[:, start : start + self.chunk]
+            pos = torch.full((1,), start, device=self.device)
+            hidden = model.hidden(chunk, pos, chunk_attention(start), slot=slot)
+        logits = model.lm_head(hidden[:, -1]).float()
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(model, prompt, slot, logits)
+        return logits
+
+    # ------------------------------------------------------------------ the round
+
+    def step(self) -> list[list[int]]:
+        """Run one round for every decoding slot; return each slot's new tokens (empty for free slots).
+
+        A slot whose cache cannot take another round must be released first (see :meth:`room`).
+        """
+        if not any(self.host_active):
+            raise STSError("no slot is decoding: prefill one first")
+        if any(a and self.room(s) < 0 for s, a in enumerate(self.host_active)):
+            raise STSError("a slot's cache is full: release it before the next round")
+        budget = self._budget()
+        phases = self._phases()
+        clock = _PhaseClock(self.device, len(phases) + 1)
+        if self.graphs_enabled:
+            graphs = self._graphs.get(budget) or self._capture(budget, phases)
+            clock.mark(0)
+            for i, graph in enumerate(graphs):
+                graph.replay()
+                clock.mark(i + 1)
+        else:
+            self.round_budget = budget
+            clock.mark(0)
+            for i, phase in enumerate(phases):
+                phase()
+                clock.mark(i + 1)
+        tokens, counts, sparsity = self._fetch()
+        self._account(clock, counts, sparsity)
+        out: list[list[int]] = []
+        for s in range(self.slots):
+            self.host_ctx[s] += counts[s]
+            out.append(tokens[s][: counts[s]])
+        return out
+
+    def _budget(self) -> int:
+        """Return this round's rows per (sequence, KV head): one static number for the batch."""
+        if self.policy is None:
+            return 0
+        longest = max(c for c, a in zip(self.host_ctx, self.host_active) if a)
+        return self.policy.config.tokens(longest)
+
+    def _phases(self) -> list[Callable[[], None]]:
+        """Return the round's phases in order (timed separately; each one CUDA graph)."""
+        if self.draft is None:
+            return [self._decode_phase]
+        return [self._draft_phase, self._select_phase, self._verify_phase]
+
+    def _context(self) -> Tensor:
+        """Return ``[S]`` context rows per slot for this round: zero for free slots (they read nothing)."""
+        return torch.where(self.active, self.ctx, torch.zeros_like(self.ctx))
+
+    def _pick(self, logits: Tensor) -> Tensor:
+        """Return one token per row of ``logits`` ``[..., V]`` under the sampling settings."""
+        if self.config.sampling.greedy:
+            return logits.argmax(-1)
+        return draw(probabilities(logits, self.config.sampling), self.generator)
+
+    def _decode_phase(self) -> None:
+        """Autoregressive round: one target step per slot."""
+        ctx = self._context()
+        logits = self.target(self.last.view(-1, 1), ctx)[:, -1, : self.vocab]
+        nxt = self._pick(logits)
+        self._advance(nxt.view(-1, 1), self.active.long(), self.last, nxt)
+
+    def _draft_phase(self) -> None:
+        """Propose ``gamma`` tokens per slot (and their distributions when sampling); record the mapped queries."""
+        assert self.draft is not None
+        ctx = self._context()
+        sampling = self.config.sampling
+        self.recorder.inner = dense_attention
+        tokens = torch.stack([self.prev, self.last], dim=1)
+        logits = self.draft(tokens, (ctx - 1).clamp_min(0), self.recorder)[:, -1, : self.vocab]
+        drafted, dists = [], []
+        for i in range(self.gamma):
+            if i:
+                self.recorder.inner = self.later_draft_attention
+                logits = self.draft(drafted[-1].view(-1, 1), ctx + i, self.recorder)[:, -1, : self.vocab]
+            if sampling.greedy:
+                drafted.append(logits.argmax(-1))
+            else:
+                dists.append(probabilities(logits, sampling))
+                drafted.append(draw(dists[-1], self.generator))
+        self._hold["drafted"] = torch.stack(drafted, dim=1)
+        if dists:
+            self._hold["draft_probs"] = torch.stack(dists, dim=1)
+        self._hold["queries"] = self.recorder.take()  # type: ignore[assignment]
+
+    def _select_phase(self) -> None:
+        """Let the policy score the context for this round (no-op for dense speculative decoding)."""
+        if self.policy is not None:
+            queries = self._hold.pop("queries")
+            ctx = RoundContext(self._context(), self.target, self.round_budget, self.draft, queries)  # type: ignore[arg-type]
+            self.policy.prepare(ctx)
+        else:
+            self._hold.pop("queries", None)
+
+    def _verify_phase(self) -> None:
+        """Verify the drafts with the target (over the selected rows) and accept on the device."""
+        ctx = self._context()
+        drafted = self._hold["drafted"]
+        logits = self.target(torch.cat([self.last.view(-1, 1), drafted], dim=1), ctx, self.verify_attention)
+        logits = logits[..., : self.vocab]
+        sampling = self.config.sampling
+        if sampling.greedy:
+            choice = logits.argmax(-1)
+            n = (choice[:, :-1] == drafted).long().cumprod(dim=1).sum(dim=1)
+            nxt = choice.gather(1, n.view(-1, 1)).view(-1)
+        else:
+            n, nxt = accept(drafted, self._hold["draft_probs"], probabilities(logits, sampling), self.generator)
+        tokens = torch.cat([drafted, nxt.view(-1, 1)], dim=1).scatter(1, n.view(-1, 1), nxt.view(-1, 1))
+        prev = torch.where(n > 0, drafted.gather(1, (n - 1).clamp_min(0).view(-1, 1)).view(-1), self.last)
+        self._advance(tokens, (n + 1) * self.active.long(), prev, nxt)
+        if isinstance(self.verify_attention, SelectiveAttention):
+            self.round_sparsity.copy_(self.verify_attention.round_sparsity())
+
+    def _advance(self, tokens: Tensor, count: Tensor, prev: Tensor, nxt: Tensor) -> None:
+        """Write the round's results into the static buffers and move every decoding slot forward."""
+        self.out_tokens.copy_(tokens)
+        self.out_count.copy_(count)
+        self.ctx.add_(count)
+        self.prev.copy_(torch.where(self.active, prev, self.prev))
+        self.last.copy_(torch.where(self.active, nxt, self.last))
+
+    def _fetch(self) -> tuple[list[list[int]], list[int], float | None]:
+        """Return (tokens, counts, sparsity) of the round: the round's one host synchronisation."""
+        measured = isinstance(self.verify_attention, SelectiveAttention)
+        if self.device.type != "cuda":
+            sparsity = float(self.round_sparsity) if measured else None
+            return self.out_tokens.tolist(), self.out_count.tolist(), sparsity
+        self._host_tokens.copy_(self.out_tokens, non_blocking=True)
+        self._host_count.copy_(self.out_count, non_blocking=True)
+        self._host_sparsity.copy_(self.round_sparsity, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return self._host_tokens.tolist(), self._host_count.tolist(), float(self._host_sparsity) if measured else None
+
+    def _account(self, clock: _PhaseClock, counts: list[int], sparsity: float | None) -> None:
+        """Add the round to the stats: acceptance per decoding slot, phase times, sparsity, recall."""
+        stats = self.stats
+        stats.target_forwards += 1
+        stats.accepted_per_round += [c for c, a in zip(counts, self.host_active) if a]
+        if self.draft is None:
+            stats.verify_s += clock.seconds(0)
+            return
+        stats.draft_s += clock.seconds(0)
+        stats.select_s += clock.seconds(1)
+        stats.verify_s += clock.seconds(2)
+        if self.config.measure_recall:
+            self.verify_attention.end_step(stats)  # type: ignore[union-attr]
+        elif sparsity is not None:
+            stats.sparsity.append(sparsity)
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def _capture(self, budget: int, phases: list[Callable[[], None]]) -> list[torch.cuda.CUDAGraph]:
+        """Return the round's phases captured in CUDA graphs for ``budget`` rows (after warm-up runs that compile).
+
+        Warm-up runs decode for real, so the slot state is saved before and restored after them.
+        """
+        began = time.perf_counter()
+        state = [t.clone() for t in (self.ctx, self.last, self.prev, self.out_tokens, self.out_count)]
+        self.round_budget = budget
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                for phase in phases:
+                    phase()
+                for saved, live in zip(state, (self.ctx, self.last, self.prev, self.out_tokens, self.out_count)):
+                    live.copy_(saved)
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = torch.cuda.graph_pool_handle()
+        graphs = []
+        for phase in phases:
+            graph = torch.cuda.CUDAGraph()
+            if not self.config.sampling.greedy:
+                graph.register_generator_state(self.generator)
+            with torch.cuda.graph(graph, pool=pool):
+                phase()
+            graphs.append(graph)
+        self._graphs[budget] = graphs
+        torch.cuda.synchronize(self.device)
+        self.stats.compile_s += time.perf_counter() - began
+        return graphs
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_ids: Sequence[int] = (),
+    on_tokens: StreamCallback | None = None,
+    seed: int = 0,
+    prefix_cache: PrefixCache | None = None,
+    prefill_chunk: int | None = None,
+) -> GenerationResult:
+    """Return plain autoregressive continuations of a batch of prompts (one target forward per token).
+
+    ``prompts``: lists of token ids; ``max_new_tokens`` per sequence; a sequence stops after an id
+    in ``eos_ids``. Raises :class:`STSError` when a prompt does not fit the model's context.
+    """
+    capacity = context_capacity(model, prompts, max_new_tokens, lookahead=1)
+    config = EngineConfig(sampling=sampling, seed=seed, prefill_chunk=prefill_chunk)
+    engine = Engine(model, slots=len(prompts), max_len=capacity, config=config, prefix_cache=prefix_cache)
+    return engine.generate(prompts, max_new_tokens, eos_ids, on_tokens)

@@ -228,3 +228,93 @@ def test_smollm2_converts_to_an_equal_hf_model(sts_cache_dir: Path, monkeypatch:
         expected = from_gguf(ids).logits
         actual = from_dir(ids).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+# --- what `sts demo` prints -------------------------------------------------------------------
+
+from sts import demo as sts_demo  # noqa: E402  (the command, beside the assets it fetches)
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The demo target's shape (MODELS.md) and Qwen2.5-1.5B's published weight count (tied embeddings).
+TARGET_LAYERS, TARGET_KV_HEADS, TARGET_HEAD_DIM, TARGET_WEIGHTS = 28, 2, 128, 1_543_714_304
+
+
+@pytest.mark.parametrize(
+    ("cuda", "device", "dtype", "expected"),
+    [
+        (True, None, None, ("cuda", "bfloat16")),
+        (False, None, None, ("cpu", "float32")),
+        (True, "cpu", None, ("cpu", "float32")),
+        (True, None, "float32", ("cuda", "float32")),
+        (False, "cuda:1", None, ("cuda:1", "bfloat16")),
+    ],
+)
+def test_demo_runs_on_the_gpu_unless_told(monkeypatch: pytest.MonkeyPatch, cuda: bool, device, dtype, expected) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert sts_demo.resolve_device(device, dtype) == expected
+
+
+def test_kv_share_is_small_at_the_demo_length_and_large_at_128k() -> None:
+    # 2 (K and V) x 28 layers x 2 KV heads x 128 = 14,336 elements per token.
+    at_2k = sts_demo.kv_share(TARGET_LAYERS, TARGET_KV_HEADS, TARGET_HEAD_DIM, TARGET_WEIGHTS, 2058)
+    assert at_2k == pytest.approx(29_503_488 / (29_503_488 + 1_543_714_304))
+    assert at_2k < 0.02
+    at_128k = sts_demo.kv_share(TARGET_LAYERS, TARGET_KV_HEADS, TARGET_HEAD_DIM, TARGET_WEIGHTS, 131072)
+    assert at_128k == pytest.approx(1_879_048_192 / (1_879_048_192 + 1_543_714_304))
+
+
+def _results() -> dict:
+    """Return demo results of the four methods as run_demo collects them."""
+    def method(speed: float, accept: float | None, sparsity: float | None, n: int, correct: float, same: bool) -> dict:
+        return {"tokens": list(range(n)), "text": f" output of {n} tokens ", "tokens_per_s": speed, "acceptance_length": accept,
+                "sparsity": sparsity, "correct": correct, "same_as_autoregressive": same}
+
+    return {"autoregressive": method(4.0, None, None, 96, 1.0, True), "speculative": method(2.5, 4.4, None, 96, 1.0, True),
+            "sts --rerank 0": method(2.6, 4.2, 0.876, 90, 0.0, False), "sts": method(2.0, 4.6, 0.876, 96, 1.0, True)}
+
+
+def _setting(device: str) -> dict:
+    share = sts_demo.kv_share(TARGET_LAYERS, TARGET_KV_HEADS, TARGET_HEAD_DIM, TARGET_WEIGHTS, 2058)
+    return {"prompt_tokens": 2058, "budget": 256.0, "mapping": "m.json", "device": device, "dtype": "float32",
+            "kv_share": share, "weight_bytes": TARGET_WEIGHTS * 4, "kv_bytes": 29_503_488 * 4}
+
+
+def test_report_table_and_why_sts_is_not_faster_here() -> None:
+    lines = sts_demo.format_report(_results(), ("Caldrith",), _setting("cpu")).splitlines()
+
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    rows = {line[:16].strip(): line[16:].split() for line in lines[header + 1 : header + 5]}
+    # new tokens, tokens/s, vs AR, vs spec, accept len, sparsity, correct, same as AR greedy
+    assert rows["sts"] == ["96", "2.00", "0.50x", "0.80x", "4.60", "0.88", "100%", "yes"]
+    assert rows["sts --rerank 0"] == ["90", "2.60", "0.65x", "1.04x", "4.20", "0.88", "0%", "no"]
+    assert rows["autoregressive"] == ["96", "4.00", "1.00x", "1.60x", "1.00", "-", "100%", "yes"]
+    assert "2058 tokens" in lines[header - 1] and "256 rows per KV head" in lines[header - 1]
+
+    # The explanation stands right under the table.
+    assert lines[header + 5] == ""
+    note = " ".join(lines[header + 6 :])
+    assert "KV cache is 1.9% of what one verify forward reads" in note
+    assert "118 MB of KV beside 6.17 GB of weights" in note
+    assert "matrix products" in note
+    assert "cannot be faster than dense speculative decoding here" in note
+    assert "skipping 88% of the KV rows saves at most 1.6% of a verify's reads" in note
+    assert "'vs spec' measures that cost, and noise (90-96 new tokens per method)" in note
+    assert sts_demo.GPU_FIGURES in note
+
+
+def test_report_on_a_gpu_names_the_weights_as_the_bound() -> None:
+    note = sts_demo.format_report(_results(), ("Caldrith",), _setting("cuda"))
+    assert "bound by reading the weights" in note
+    assert "CPU" not in note and "matrix products" not in note
+
+
+def test_fractional_budget_is_shown_as_a_share_of_the_context() -> None:
+    setting = {**_setting("cpu"), "budget": 0.1}
+    assert "STS budget 10% of the context per KV head" in sts_demo.format_report(_results(), ("x",), setting)
+
+
+def test_the_gpu_figures_the_demo_points_to_exist() -> None:
+    text = (ROOT / sts_demo.GPU_FIGURES).read_text()
+    assert "H200" in text and "128K" in text

@@ -13,6 +13,39 @@ from sts.errors import STSError
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
+def token_ids(value: Any) -> tuple[int, ...]:
+    """Return a config's token-id field (an int, a list of ints or None) as a tuple of ints."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value if v is not None)
+    return (int(value),)
+
+
+def sliding_window(hf_config: Any) -> int | None:
+    """Return the window of a config's sliding-window layers, or None when no layer slides.
+
+    Follows transformers: Mistral slides in every layer whenever ``sliding_window`` is set;
+    Qwen2 slides in the layers whose ``layer_types`` entry is ``sliding_attention`` (derived,
+    when absent, from ``use_sliding_window`` and ``max_window_layers``: layers at or past
+    ``max_window_layers`` slide), and only when ``use_sliding_window`` is on; Llama never slides.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None:
+        return None
+    if model_type == "mistral":
+        return int(window)
+    if model_type != "qwen2" or not getattr(hf_config, "use_sliding_window", False):
+        return None
+    n_layers = hf_config.num_hidden_layers
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is None:
+        first_sliding = getattr(hf_config, "max_window_layers", n_layers)
+        layer_types = ["sliding_attention" if i >= first_sliding else "full_attention" for i in range(n_layers)]
+    return int(window) if "sliding_attention" in layer_types else None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only transformer of the Llama / Qwen2 / Mistral family."""
@@ -31,11 +64,16 @@ class ModelConfig:
     o_bias: bool
     mlp_bias: bool
     tie_word_embeddings: bool
+    #: Window of the layers that attend to a sliding window; None when no layer slides.
     sliding_window: int | None
+    #: Every token id that ends a generation (config.json, generation_config.json or GGUF metadata).
     eos_token_ids: tuple[int, ...]
     name: str = ""
     #: The HF config, kept to compute RoPE frequencies for every scaling type transformers knows.
     hf_config: Any = field(default=None, compare=False, repr=False)
+    #: Per-frequency divisors ``[head_dim / 2]`` applied on top of the config's RoPE (a GGUF's
+    #: ``rope_freqs`` tensor, the only place a Llama-3.x GGUF keeps its ``llama3`` scaling).
+    rope_freq_divisors: tuple[float, ...] | None = None
 
     @property
     def group_size(self) -> int:
@@ -53,11 +91,6 @@ class ModelConfig:
         n_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
         bias = bool(getattr(hf_config, "attention_bias", False))
-        sliding = None
-        if model_type == "mistral" or getattr(hf_config, "use_sliding_window", False):
-            sliding = getattr(hf_config, "sliding_window", None)
-        eos = getattr(hf_config, "eos_token_id", None)
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         return cls(
             model_type=model_type,
             vocab_size=hf_config.vocab_size,
@@ -74,8 +107,8 @@ class ModelConfig:
             o_bias=False if model_type == "qwen2" else bias,
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            sliding_window=sliding,
-            eos_token_ids=eos_ids,
+            sliding_window=sliding_window(hf_config),
+            eos_token_ids=token_ids(getattr(hf_config, "eos_token_id", None)),
             name=name or getattr(hf_config, "_name_or_path", "") or model_type,
             hf_config=hf_config,
         )
@@ -87,6 +120,18 @@ class ModelConfig:
             return self._rope_inv_freq()
 
     def _rope_inv_freq(self) -> tuple[torch.Tensor, float]:
+        inv_freq, scaling = self._config_rope()
+        if self.rope_freq_divisors is not None:
+            divisors = torch.tensor(self.rope_freq_divisors, dtype=torch.float32)
+            if divisors.shape != inv_freq.shape:
+                raise STSError(
+                    f"{self.name}: {divisors.numel()} RoPE frequency factors for {inv_freq.numel()} frequencies"
+                )
+            inv_freq = inv_freq / divisors
+        return inv_freq, scaling
+
+    def _config_rope(self) -> tuple[torch.Tensor, float]:
+        """Return (inverse frequencies, attention scaling) as the HF config's RoPE parameters define them."""
         params = getattr(self.hf_config, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
         if rope_type == "default":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from conftest import hf_config, hf_model
+from smollm2 import smollm2_tokenizer
 from sts.cli import main
 from sts.selection import HeadMapping
 
@@ -113,3 +115,100 @@ def test_the_installed_command_exits_non_zero_without_a_traceback(checkpoints, t
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().startswith("sts: error:") and "Traceback" not in proc.stderr
+
+
+def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_path):
+    t, d = checkpoints["target"], checkpoints["draft"]
+    gen = ["generate", "--target", t, "--draft", d, "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
+    bad(capsys, gen + ["--device", "gpu0"], "--device must be")
+    bad(capsys, gen + ["--method", "speculative", "--mapping", str(tmp_path / "map.json")], "applies to --method sts")
+    bad(capsys, gen + ["--method", "sts", "--window", "8", "--mapping", str(tmp_path / "missing.json")], "does not exist")
+    for budget in ("nan", "inf"):
+        with pytest.raises(SystemExit) as exit_:
+            main(gen + ["--method", "sts", "--budget", budget])
+        assert exit_.value.code == 2 and "budget must be a number" in capsys.readouterr().err
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    # Settings are checked before the models load: a missing model is not what these report.
+    nowhere = ["--target", str(tmp_path / "none"), "--draft", str(tmp_path / "none")]
+    ev = ["eval", *nowhere, "--out", str(tmp_path / "eval"), "--window", "8"]
+    bad(capsys, ev + ["--methods", "quest/pagesize=8"], "unknown option 'pagesize' for quest (it takes page_size)")
+    bad(capsys, ev + ["--methods", "sts/rerank=2/rerank=4"], "sets an option twice")
+    bad(capsys, ev + ["--methods", "sts-cal", "--mapping", str(tmp_path / "missing.json")], "does not exist")
+    bad(capsys, ev + ["--lengths", ""], "context length")
+    bad(capsys, ev + ["--ppl-tokens", "0"], "--ppl-tokens must be >= 1")
+    bad(capsys, ev + ["--methods", "sts+sp", "--prefill-budget", "0"], "prefill budget")
+    rc = ["recall", *nowhere, "--text-file", str(a_file), "--out", str(tmp_path / "r.json")]
+    bad(capsys, rc + ["--steps", "0"], "steps must be >= 1")
+    bad(capsys, rc + ["--methods", "streaming/page_size=4"], "takes no options")
+    cal = ["calibrate", *nowhere, "--text-file", str(a_file), "--out", str(tmp_path / "m.json")]
+    bad(capsys, cal + ["--topk", "-3"], "--topk must be >= 1")
+    bad(capsys, cal + ["--skip-tokens", "-1"], "--skip-tokens must be >= 0")
+
+
+@pytest.fixture(scope="module")
+def text_models(tmp_path_factory, sts_cache_dir):
+    """Return tiny models with SmolLM2's real tokenizer whose greedy output cycles through the tokens of
+    "中文🙂" (the emoji takes two): a target, a draft, and the target with a tokenizer without a chat template."""
+    tokenizer = smollm2_tokenizer(sts_cache_dir)
+    cycle = tokenizer("中文🙂", add_special_tokens=False)["input_ids"]
+    root = tmp_path_factory.mktemp("text")
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    for name, layers, tok in (("target", 2, tokenizer), ("draft", 1, tokenizer), ("plain", 2, plain)):
+        cycling_model(len(tokenizer), cycle, layers).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return {"target": str(root / "target"), "draft": str(root / "draft"), "plain": str(root / "plain"),
+            "cycle": cycle, "tokenizer": tokenizer}
+
+
+def cycling_model(vocab: int, cycle: list[int], layers: int, hidden: int = 32):
+    """Return a tiny transformers Llama whose greedy next token after ``cycle[i]`` is ``cycle[i + 1]`` (wrapping):
+    attention and MLP outputs are zeroed, so the logits read the current token's embedding alone."""
+    model = hf_model(hf_config("llama", vocab=vocab, layers=layers, hidden=hidden), seed=layers)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(cycle):
+            model.model.embed_tokens.weight[token] = torch.eye(hidden)[i]
+            model.lm_head.weight[cycle[(i + 1) % len(cycle)]] = 10 * torch.eye(hidden)[i]
+    return model
+
+
+@pytest.mark.parametrize("method", ["autoregressive", "speculative", "sts"])
+def test_streamed_text_equals_the_json_text(capsys, text_models, method):
+    cycle, tok = text_models["cycle"], text_models["tokenizer"]
+    n = 23
+    argv = ["generate", "--target", text_models["target"], "--draft", text_models["draft"], "--prompt-ids", str(cycle[0]),
+            "--max-new-tokens", str(n), "--method", method, "--gamma", "2"]
+    if method == "sts":
+        argv += ["--budget", "8", "--sink", "1", "--window", "2"]
+    record = run_json(capsys, argv)
+    expected = tok.decode([cycle[(i + 1) % len(cycle)] for i in range(n)])
+    assert record["text"] == expected and "🙂" in expected  # characters split over tokens, so over rounds
+    assert main(argv) == 0
+    streamed = capsys.readouterr().out
+    assert streamed == record["text"] + "\n"
+
+
+def test_chat_needs_a_chat_template(capsys, text_models, tmp_path):
+    from sts.cli import _prompt_ids, build_parser
+
+    plain = ["generate", "--target", text_models["plain"], "--prompt", "hi", "--method", "autoregressive", "--max-new-tokens", "2"]
+    bad(capsys, plain + ["--chat"], "no chat template")
+    run_json(capsys, plain)  # the raw prompt is fine
+    # --chat with ids is refused before any model loads.
+    bad(capsys, ["generate", "--target", str(tmp_path / "none"), "--prompt-ids", "1", "--chat"], "not --prompt-ids")
+    tok = text_models["tokenizer"]
+    args = build_parser().parse_args(["generate", "--target", "t", "--prompt", "hi", "--chat"])
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert start in _prompt_ids(args, tok) and start not in tok("hi")["input_ids"]
+
+
+def test_the_library_does_not_import_the_cli():
+    code = "import sys, sts.eval.harness, sts.eval.recall, sts.calibrate; print('sts.cli' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

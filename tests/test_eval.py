@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import hf_config, hf_model
+from smollm2 import smollm2_tokenizer
 from sts.cli import main
 from sts.selection import SelectionConfig
 from sts.selection.attend import SelectiveAttention
@@ -60,14 +61,7 @@ def test_recall_equals_brute_force():
 @pytest.fixture(scope="module")
 def tiny_pair_with_tokenizer(tmp_path_factory, sts_cache_dir):
     """Return (target dir, draft dir): tiny random Llamas sharing SmolLM2's real tokenizer."""
-    import os
-
-    from transformers import AutoTokenizer
-
-    from sts.models import demo
-
-    os.environ.setdefault("STS_CACHE", str(sts_cache_dir))
-    tokenizer = AutoTokenizer.from_pretrained(demo.ensure_model(demo.SMOLLM2, progress=False))
+    tokenizer = smollm2_tokenizer(sts_cache_dir)
     root = tmp_path_factory.mktemp("pair")
     for name, layers, seed in (("target", 2, 0), ("draft", 1, 1)):
         hf_model(hf_config("llama", vocab=len(tokenizer), layers=layers, hidden=32), seed=seed).save_pretrained(root / name)
@@ -124,3 +118,35 @@ def test_recall_command_compares_methods_on_the_same_queries(tiny_pair_with_toke
         assert rows["oracle", budget]["set_recall"]["budget"] >= (budget - 6) / budget - 1e-6
     assert rows["oracle", 48.0]["recall"] > rows["oracle", 16.0]["recall"]
     assert "sts/rerank=0" in capsys.readouterr().out
+
+
+def test_the_readme_eval_example_builds_its_methods(tiny_pair_with_tokenizer, tmp_path, monkeypatch, capsys):
+    import shlex
+    from pathlib import Path
+
+    from sts.eval import harness
+    from sts.models.loading import load_model
+    from sts.selection import HeadMapping
+
+    target, draft = tiny_pair_with_tokenizer
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith("sts eval ")]
+    paths = {"T": target, "D": draft, "runs/eval": str(tmp_path / "eval")}
+    argv = [paths.get(word, word) for word in shlex.split(line)[1:]]
+    runs = []  # the grid itself is minutes of work: stop where it would start, after the models load
+
+    def planned(target, draft, out, settings, header=""):
+        runs.append(settings)
+        return Path(out) / "report.md"
+
+    monkeypatch.setattr(harness, "run_eval", planned)
+    assert main(argv) == 0
+    names = [spec.name for spec in runs[-1].method_specs()]
+    assert sorted(names) == sorted(["autoregressive", "speculative", "sts", "streaming", "quest", "tidal", "specpc", "oracle"])
+    assert runs[-1].lengths == (2048, 4096) and runs[-1].budgets == (64, 256, 512)
+    # Given a mapping, calibrated STS joins the default methods.
+    mapping = tmp_path / "map.json"
+    HeadMapping.default(load_model(target)[0].config, load_model(draft)[0].config).save(mapping)
+    assert main(argv + ["--mapping", str(mapping)]) == 0
+    assert "sts-cal" in [spec.name for spec in runs[-1].method_specs()]
+    capsys.readouterr()

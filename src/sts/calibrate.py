@@ -9,7 +9,6 @@ the overlap with its own top-k (``jaccard``). The best source(s) per target head
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Literal, Sequence
@@ -23,6 +22,7 @@ from sts.attention.reference import attention_probs
 from sts.decoding import Decoder
 from sts.errors import STSError
 from sts.models.transformer import Transformer
+from sts.runner import LoadedModel
 from sts.selection.mapping import HeadMapping
 
 log = logging.getLogger(__name__)
@@ -164,22 +164,24 @@ def calibrate(
     return mapping_from_scores(total / len(texts), target, draft, n_sources, criterion, curve, CURVE_STEP)
 
 
-def calibrate_files(args: argparse.Namespace) -> Path:
-    """Run ``sts calibrate`` from parsed arguments; return the written mapping's path."""
+def calibrate_files(
+    target: LoadedModel, draft: LoadedModel, text_files: Sequence[str], out: str | Path, *, skip_tokens: int = 0,
+    context: int = 2048, criterion: Criterion = "recall", topk: int = 256, n_sources: int = 1, n_queries: int = 32,
+    sink: int = 4, window: int = 64,
+) -> HeadMapping:
+    """Return the mapping calibrated on text files (``context`` tokens of each, after ``skip_tokens``), after
+    saving it to ``out``; the other settings are :func:`calibrate`'s."""
+    from sts.eval.output import output_file
     from sts.eval.text import read_token_texts
-    from sts.models.loading import parse_dtype
-    from sts.runner import load_pair
 
-    target, draft = load_pair(args.target, args.draft, parse_dtype(args.dtype), args.device)
-    assert draft is not None
     if target.tokenizer is None:
-        raise STSError("calibration needs the target's tokenizer to read --text-file")
-    texts = read_token_texts(args.text_file, target.tokenizer, args.skip_tokens, args.context)
-    mapping = calibrate(
-        target.model, draft.model, texts, criterion=args.criterion, topk=args.topk, n_sources=args.sources,
-        n_queries=args.queries, sink=args.sink, window=args.window,
-    )
-    mapping.save(args.out)
-    mean_quality = sum(sum(r) for r in mapping.quality or ()) / max(1, sum(len(r) for r in mapping.quality or ()))
-    print(f"wrote {args.out}: {args.criterion} mean {mean_quality:.3f} over {len(texts)} texts")
-    return Path(args.out)
+        raise STSError("calibration needs the target's tokenizer to read the text files")
+    heads = draft.model.config.n_layers * draft.model.config.n_heads
+    if n_sources > heads:
+        raise STSError(f"--sources {n_sources} exceeds the draft's {heads} heads")
+    out = output_file(out)
+    texts = read_token_texts(text_files, target.tokenizer, skip_tokens, context)
+    mapping = calibrate(target.model, draft.model, texts, criterion=criterion, topk=topk, n_sources=n_sources,
+                        n_queries=n_queries, sink=sink, window=window)
+    mapping.save(out)
+    return mapping

@@ -9,11 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import platform
 import sys
+from dataclasses import fields
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from sts.errors import STSError
+
+Settings = TypeVar("Settings")
 
 
 def _budget(text: str) -> float:
@@ -21,17 +28,19 @@ def _budget(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}")
     return value
 
 
-def csv_list(kind: type) -> Callable[[str], list]:
+def csv_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
     """Return an argparse type that reads comma-separated values of ``kind``."""
     def parse(text: str) -> list:
         try:
             return [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected comma-separated {getattr(kind, '__name__', '')} values, got {text!r}") from None
     return parse
 
 
@@ -41,6 +50,41 @@ def add_model_args(p: argparse.ArgumentParser, draft_required: bool = False) -> 
     p.add_argument("--draft", required=draft_required, help="draft model (same tokenizer as the target)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def _load(args: argparse.Namespace, with_draft: bool = True) -> tuple[Any, Any]:
+    """Return (target, draft or None) as :class:`~sts.runner.LoadedModel`, from the model options."""
+    import torch
+
+    from sts.models.loading import parse_dtype
+    from sts.runner import load_pair
+
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise STSError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}") from None
+    return load_pair(args.target, args.draft if with_draft else None, parse_dtype(args.dtype), args.device)
+
+
+def _at_least(args: argparse.Namespace, **least: int) -> None:
+    """Refuse (STSError) any option named in ``least`` whose value is below its minimum."""
+    for dest, minimum in least.items():
+        value = getattr(args, dest)
+        if value < minimum:
+            raise STSError(f"--{dest.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def _settings(cls: type[Settings], args: argparse.Namespace) -> Settings:
+    """Return the settings dataclass ``cls`` filled from the options of the same names (lists as tuples)."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def report_header(argv: Sequence[str]) -> str:
+    """Return a report's provenance: the command, the date and the machine."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+    return f"Command: `sts {' '.join(argv)}`\n\nDate: {now}. Machine: {machine}.\n"
 
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:
@@ -104,34 +148,45 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
         text = args.prompt
     if tokenizer is None:
         raise STSError("this checkpoint has no tokenizer: pass --prompt-ids")
-    if args.chat and getattr(tokenizer, "chat_template", None):
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise STSError("--chat: this model's tokenizer has no chat template (leave out --chat for the raw prompt)")
         return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False))
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Run one generation and print the text (or one JSON record with --json)."""
-    from sts.models.loading import parse_dtype
-    from sts.runner import load_pair, run_method
+    """Run one generation and stream the text (or print one JSON record with --json)."""
+    from sts.detokenize import IncrementalDetokenizer
+    from sts.runner import run_method
     from sts.sampling import SamplingConfig
+    from sts.selection import HeadMapping
 
+    # Every check that needs no model comes before the (slow) loading.
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     selection = _selection(args) if args.method not in ("autoregressive", "speculative") else None
-    if args.gamma < 1:
-        raise STSError(f"--gamma must be >= 1, got {args.gamma}")
-    draft_path = None if args.method == "autoregressive" else args.draft
-    target, draft = load_pair(args.target, draft_path, parse_dtype(args.dtype), args.device)
+    _at_least(args, gamma=1, max_new_tokens=1)
+    if args.chat and args.prompt_ids is not None:
+        raise STSError("--chat wraps prompt text: use it with --prompt or --prompt-file, not --prompt-ids")
+    if args.mapping is not None:
+        if args.method != "sts":
+            raise STSError(f"--mapping applies to --method sts, not {args.method}")
+        HeadMapping.load(args.mapping)
+    prefill, options = _prefill(args), _options(args)
+    target, draft = _load(args, with_draft=args.method != "autoregressive")
     prompt = _prompt_ids(args, target.tokenizer)
     tok = target.tokenizer
-    stream = None
-    if not args.json and tok is not None:
-        def stream(b: int, ids: list[int]) -> None:
-            sys.stdout.write(tok.decode(ids, skip_special_tokens=True))
-            sys.stdout.flush()
+    text = IncrementalDetokenizer(tok) if not args.json and tok is not None else None
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
     result = run_method(
         args.method, target, draft, [prompt], args.max_new_tokens, gamma=args.gamma, sampling=sampling,
-        selection=selection, mapping=args.mapping, measure_recall=args.measure_recall, on_tokens=stream, seed=args.seed,
-        prefill=_prefill(args), options=_options(args), draft_budget=args.draft_budget,
+        selection=selection, mapping=args.mapping, measure_recall=args.measure_recall, seed=args.seed,
+        on_tokens=None if text is None else lambda b, ids: write(text.add(ids)),
+        prefill=prefill, options=options, draft_budget=args.draft_budget,
     )
     tokens = result.tokens[0]
     stats = result.stats.summary()
@@ -141,10 +196,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             record["text"] = tok.decode(tokens, skip_special_tokens=True)
         print(json.dumps(record))
     else:
-        if tok is None:
+        if text is None:
             print(",".join(map(str, tokens)))
         else:
-            print()
+            write(text.flush() + "\n")
         print(json.dumps(stats), file=sys.stderr)
     return 0
 
@@ -153,23 +208,87 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate the draft->target head mapping and write it to --out."""
     from sts.calibrate import calibrate_files
 
-    calibrate_files(args)
+    _at_least(args, topk=1, sources=1, queries=1, context=1, skip_tokens=0, sink=0, window=0)
+    target, draft = _load(args)
+    mapping = calibrate_files(
+        target, draft, args.text_file, args.out, skip_tokens=args.skip_tokens, context=args.context,
+        criterion=args.criterion, topk=args.topk, n_sources=args.sources, n_queries=args.queries,
+        sink=args.sink, window=args.window,
+    )
+    quality = [q for row in mapping.quality or () for q in row]
+    print(f"wrote {args.out}: {args.criterion} mean {sum(quality) / max(1, len(quality)):.3f} over {len(args.text_file)} texts")
     return 0
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Add ``sts eval``'s options (defaults: :class:`~sts.eval.harness.EvalSettings`)."""
+    from sts.eval.harness import EvalSettings
+    from sts.eval.tasks import TASKS
+
+    defaults = EvalSettings()
+    add_model_args(p, draft_required=True)
+    p.add_argument("--tasks", type=csv_list(str), default=list(defaults.tasks), help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument("--lengths", type=csv_list(int), default=list(defaults.lengths), help="context lengths in tokens")
+    p.add_argument("--depths", type=csv_list(float), default=list(defaults.depths), help="needle depths (needle task)")
+    p.add_argument("--methods", type=csv_list(str), default=None,
+                   help="comma list (default: every method, sts-cal only with --mapping)")
+    p.add_argument("--budgets", type=csv_list(_budget), default=list(defaults.budgets),
+                   help="token counts, or fractions < 1")
+    p.add_argument("--limit", type=int, default=defaults.limit, help="samples per task and length")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--ppl-tokens", type=int, default=defaults.ppl_tokens, help="teacher-forced tokens scored per perplexity sample")
+    p.add_argument("--gamma", type=int, default=defaults.gamma)
+    p.add_argument("--sink", type=int, default=defaults.sink)
+    p.add_argument("--window", type=int, default=defaults.window)
+    p.add_argument("--mapping", help="calibrated mapping for method sts-cal")
+    p.add_argument("--prefill-budget", type=int, default=defaults.prefill_budget, help="rows per KV head for +sp methods' sparse prefill")
+    p.add_argument("--prefill-block", type=int, default=defaults.prefill_block)
+    p.add_argument("--no-recall", dest="measure_recall", action="store_false",
+                   help="skip recall measurement (it computes dense attention)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--out", required=True, help="output directory (results.jsonl, report.md, plots)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Run the evaluation grid."""
-    from sts.eval.harness import run_eval_cli
+    """Run the evaluation grid and write its report."""
+    from sts.eval.harness import EvalSettings, run_eval
 
-    run_eval_cli(args)
+    settings = _settings(EvalSettings, args)
+    settings.method_specs()  # refuse impossible settings before loading the models
+    target, draft = _load(args)
+    report = run_eval(target, draft, args.out, settings, header=report_header(args.argv))
+    print(f"wrote {report}")
     return 0
 
 
-def cmd_recall(args: argparse.Namespace) -> int:
-    """Compare selections' recall on identical queries."""
-    from sts.eval.recall import run_recall_cli
+def add_recall_args(p: argparse.ArgumentParser) -> None:
+    """Add ``sts recall``'s options (defaults: :class:`~sts.eval.recall.RecallSettings`)."""
+    from sts.eval.recall import RecallSettings
 
-    run_recall_cli(args)
+    defaults = RecallSettings()
+    add_model_args(p, draft_required=True)
+    p.add_argument("--text-file", action="append", required=True, help="text to read (repeatable)")
+    p.add_argument("--skip-tokens", type=int, default=defaults.skip_tokens, help="tokens skipped at the start of each text")
+    p.add_argument("--context", type=int, default=defaults.context)
+    p.add_argument("--steps", type=int, default=defaults.steps, help="verify steps measured per text")
+    p.add_argument("--gamma", type=int, default=defaults.gamma)
+    p.add_argument("--methods", type=csv_list(str), default=list(defaults.methods))
+    p.add_argument("--budgets", type=csv_list(_budget), default=list(defaults.budgets))
+    p.add_argument("--sink", type=int, default=defaults.sink)
+    p.add_argument("--window", type=int, default=defaults.window)
+    p.add_argument("--mapping", help="calibrated mapping for method sts-cal")
+    p.add_argument("--out", required=True, help="JSON file for the results")
+
+
+def cmd_recall(args: argparse.Namespace) -> int:
+    """Compare selections' recall on identical queries and print the table."""
+    from sts.eval.recall import RecallSettings, recall_table, run_recall
+
+    settings = _settings(RecallSettings, args)
+    settings.method_specs()  # refuse impossible settings before loading the models
+    target, draft = _load(args)
+    rows = run_recall(target, draft, args.text_file, args.out, settings, header=report_header(args.argv))
+    print(recall_table(rows))
     return 0
 
 
@@ -230,13 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", type=int, default=64)
     c.set_defaults(func=cmd_calibrate)
 
-    from sts.eval.harness import add_eval_args
-
     e = sub.add_parser("eval", help="accuracy, recall and acceptance of every method on offline long-context tasks")
     add_eval_args(e)
     e.set_defaults(func=cmd_eval)
-
-    from sts.eval.recall import add_recall_args
 
     r = sub.add_parser("recall", help="mass and set recall of methods and budgets on the same teacher-forced queries")
     add_recall_args(r)
@@ -263,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sts`` command line; return the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the reports name the command that made them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func

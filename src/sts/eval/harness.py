@@ -8,31 +8,34 @@ token agreement, and teacher-forced dense verification the reference for perplex
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from sts.cli import add_model_args, csv_list
 from sts.decoding import PrefixCache
 from sts.errors import STSError
+from sts.eval.output import output_dir
 from sts.eval.report import write_report
 from sts.eval.scoring import score
 from sts.eval.tasks import TASKS, Sample, make_prompt, needle_grid, token_counter
 from sts.eval.teacher import teacher_forced
 from sts.prefill import PrefillConfig
-from sts.runner import DENSE_METHODS, LoadedModel, load_pair, run_method
-from sts.selection import REGISTRY, SelectionConfig, make_policy
+from sts.runner import DENSE_METHODS, LoadedModel, run_method
+from sts.selection import REGISTRY, HeadMapping, SelectionConfig, check_options, make_policy
 
+#: Every method ``sts eval`` knows, in report order; ``sts-cal`` (calibrated STS) needs a mapping file.
 DEFAULT_METHODS = ("autoregressive", "speculative", "sts", "sts-cal", "streaming", "quest", "tidal", "specpc", "oracle")
+
+
+def default_methods(mapping: str | None) -> tuple[str, ...]:
+    """Return the methods evaluated when none are named: all of them, ``sts-cal`` only given a mapping."""
+    return DEFAULT_METHODS if mapping is not None else tuple(m for m in DEFAULT_METHODS if m != "sts-cal")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
             options = tuple((k, float(v)) for k, v in (p.split("=") for p in pairs))
         except ValueError:
             raise STSError(f"method {name!r}: options must look like /key=number") from None
+        if len({k for k, _ in options}) < len(options):
+            raise STSError(f"method {name!r} sets an option twice")
         if base == "sts-cal":
             if mapping is None:
                 raise STSError("method sts-cal needs --mapping (a file from `sts calibrate`)")
@@ -81,38 +86,93 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
             raise STSError(f"unknown method {name!r} (choose from {', '.join(DEFAULT_METHODS)}, each optionally +sp)")
         if sparse_prefill and not spec.sparse:
             raise STSError(f"{name}: sparse prefill (+sp) applies to sparse methods only")
+        if options and not spec.sparse:
+            raise STSError(f"{name}: options apply to selection methods only")
+        if options:
+            check_options(spec.method, dict(options))
         specs.append(spec)
+    if not specs:
+        raise STSError("name at least one method")
     return specs
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    """Add ``sts eval``'s options."""
-    add_model_args(p, draft_required=True)
-    p.add_argument("--tasks", type=csv_list(str), default=list(TASKS), help=f"comma list of {', '.join(TASKS)}")
-    p.add_argument("--lengths", type=csv_list(int), default=[2048], help="context lengths in tokens")
-    p.add_argument("--depths", type=csv_list(float), default=[0.1, 0.5, 0.9], help="needle depths (needle task)")
-    p.add_argument("--methods", type=csv_list(str), default=list(DEFAULT_METHODS))
-    p.add_argument("--budgets", type=csv_list(float), default=[64, 128, 256, 512], help="token counts, or fractions < 1")
-    p.add_argument("--limit", type=int, default=1, help="samples per task and length")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--ppl-tokens", type=int, default=64, help="teacher-forced tokens scored per perplexity sample")
-    p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--sink", type=int, default=4)
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--mapping", help="calibrated mapping for method sts-cal")
-    p.add_argument("--prefill-budget", type=int, default=1024, help="rows per KV head for +sp methods' sparse prefill")
-    p.add_argument("--prefill-block", type=int, default=64)
-    p.add_argument("--no-recall", action="store_true", help="skip recall measurement (it computes dense attention)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory (results.jsonl, report.md, plots)")
+@dataclass(frozen=True)
+class GridSettings:
+    """Methods x budgets, and the selection settings they share: what ``sts eval`` and ``sts recall`` compare."""
+
+    #: Method names (see :func:`parse_methods`); None: :func:`default_methods`.
+    methods: tuple[str, ...] | None = None
+    #: Token counts, or fractions of the context below 1.
+    budgets: tuple[float, ...] = (64, 128, 256, 512)
+    gamma: int = 4
+    sink: int = 4
+    #: Last rows always kept; small, so that sink + window fit the smallest default budget.
+    window: int = 16
+    #: Calibrated mapping file, for method ``sts-cal``.
+    mapping: str | None = None
+
+    def method_specs(self) -> list[MethodSpec]:
+        """Return the methods to run, after refusing impossible settings (call it before loading models)."""
+        specs = parse_methods(self.methods if self.methods is not None else default_methods(self.mapping), self.mapping)
+        if self.mapping is not None and any(s.mapping for s in specs):
+            HeadMapping.load(self.mapping)  # a missing or broken file fails now, not after the first runs
+        if self.gamma < 1:
+            raise STSError(f"gamma must be >= 1, got {self.gamma}")
+        if any(s.sparse for s in specs) and not self.budgets:
+            raise STSError("name at least one budget")
+        for budget in self.budgets:
+            SelectionConfig(budget=budget, sink=self.sink, window=self.window)
+        return specs
+
+
+@dataclass(frozen=True)
+class EvalSettings(GridSettings):
+    """What ``sts eval`` runs: tasks x context lengths x methods x budgets, and how each run decodes."""
+
+    tasks: tuple[str, ...] = tuple(TASKS)
+    #: Context lengths in tokens.
+    lengths: tuple[int, ...] = (2048,)
+    #: Needle depths (needle task only).
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    #: Samples per task and length.
+    limit: int = 1
+    max_new_tokens: int = 24
+    #: Teacher-forced tokens scored per perplexity sample.
+    ppl_tokens: int = 64
+    #: Rows per KV head, and rows per block, of the ``+sp`` methods' sparse prefill.
+    prefill_budget: int = 1024
+    prefill_block: int = 64
+    #: Measure recall (it computes dense attention).
+    measure_recall: bool = True
+    seed: int = 0
+
+    def method_specs(self) -> list[MethodSpec]:
+        """Return the methods to run, after refusing impossible settings (call it before loading models)."""
+        specs = super().method_specs()
+        check_tasks(self.tasks)
+        if not self.lengths:
+            raise STSError("name at least one context length")
+        for name, value in (("--limit", self.limit), ("--max-new-tokens", self.max_new_tokens),
+                            ("--ppl-tokens", self.ppl_tokens)):
+            if value < 1:
+                raise STSError(f"{name} must be >= 1, got {value}")
+        if any(s.sparse_prefill for s in specs):
+            PrefillConfig(self.prefill_budget, self.prefill_block)
+        return specs
+
+
+def check_tasks(tasks: Sequence[str]) -> None:
+    """Refuse an empty or unknown task list (STSError)."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        what = f"unknown task {unknown[0]!r}" if unknown else "no task named"
+        raise STSError(f"{what} (choose from {', '.join(TASKS)})")
 
 
 def build_samples(tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float], limit: int,
                   tokenizer: Any, seed: int) -> list[Sample]:
     """Return the evaluation samples: for the needle task the length x depth grid, else ``limit`` per length."""
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise STSError(f"unknown task {unknown[0]!r} (choose from {', '.join(TASKS)})")
+    check_tasks(tasks)
     count = token_counter(tokenizer)
     samples: list[Sample] = []
     for task in tasks:
@@ -159,35 +219,34 @@ def _agreement(tokens: Sequence[int], reference: Sequence[int]) -> float:
 class Evaluator:
     """Runs the grid for one pair and appends records as they finish."""
 
-    def __init__(self, args: argparse.Namespace, target: LoadedModel, draft: LoadedModel) -> None:
-        self.args = args
+    def __init__(self, settings: EvalSettings, target: LoadedModel, draft: LoadedModel, out: Path) -> None:
+        self.settings = settings
         self.target, self.draft = target, draft
         self.tokenizer = target.tokenizer
-        self.out = Path(args.out)
+        self.out = out
         self.results = self.out / "results.jsonl"
         self.dense_nll: dict[str, float] = {}
 
     def selection(self, budget: float) -> SelectionConfig:
         """Return the selection settings for a budget."""
-        a = self.args
-        return SelectionConfig(budget=budget, sink=a.sink, window=a.window)
+        return SelectionConfig(budget=budget, sink=self.settings.sink, window=self.settings.window)
 
     def runs(self, samples: Sequence[Sample], specs: Sequence[MethodSpec]) -> Iterator[tuple[Sample, MethodSpec, float | None]]:
         """Yield every (sample, method, budget) of the grid; dense greedy first for each sample."""
         for sample in samples:
             for spec in specs:
-                for budget in _budgets(spec, self.args.budgets):
+                for budget in _budgets(spec, self.settings.budgets):
                     yield sample, spec, budget
 
     def run(self, samples: Sequence[Sample], specs: Sequence[MethodSpec]) -> None:
         """Run the grid, skipping what ``results.jsonl`` already holds."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        output_dir(self.out)
         done = _done_records(self.results)
         todo = [r for r in self.runs(samples, specs) if _key(*r) not in done]
-        bar = tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr)
         current: str | None = None
         cache = PrefixCache()
-        with self.results.open("a") as sink:
+        # The bar is closed (its line ended) even when a run fails, so an error prints on a line of its own.
+        with self.results.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr) as bar:
             for sample, spec, budget in todo:
                 if sample.sample_id != current:  # one prefill per sample, shared by its runs
                     cache, current = PrefixCache(), sample.sample_id
@@ -199,7 +258,6 @@ class Evaluator:
                     bar.set_postfix_str(f"{sample.task}@{sample.context_tokens} {spec.name} {budget}")
                     _append(sink, done, self.evaluate(sample, spec, budget, cache, done))
                 bar.update()
-        bar.close()
 
     def evaluate(self, sample: Sample, spec: MethodSpec, budget: float | None, cache: PrefixCache, done: dict[str, dict]) -> dict:
         """Return the record of one (sample, method, budget) run."""
@@ -219,11 +277,11 @@ class Evaluator:
 
     def _generate(self, sample: Sample, prompt: list[int], spec: MethodSpec, budget: float | None,
                   cache: PrefixCache, done: dict[str, dict]) -> dict[str, Any]:
-        a = self.args
+        a = self.settings
         result = run_method(
             spec.method, self.target, self.draft, [prompt], a.max_new_tokens, gamma=a.gamma,
             selection=self.selection(budget) if budget is not None else None, mapping=spec.mapping,
-            measure_recall=spec.sparse and not a.no_recall, prefix_cache=cache, seed=a.seed,
+            measure_recall=spec.sparse and a.measure_recall, prefix_cache=cache, seed=a.seed,
             prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
             options=spec.policy_options(),
         )
@@ -242,7 +300,7 @@ class Evaluator:
 
     def _perplexity(self, sample: Sample, prompt: list[int], spec: MethodSpec, budget: float | None,
                     cache: PrefixCache) -> dict[str, Any]:
-        a = self.args
+        a = self.settings
         context = max(1, len(prompt) - a.ppl_tokens)
         if sample.sample_id not in self.dense_nll:
             dense = teacher_forced(self.target.model, self.draft.model, prompt, context, a.gamma, None, prefix_cache=cache)
@@ -252,7 +310,7 @@ class Evaluator:
             policy = make_policy(spec.method, self.selection(budget), self.target.model, self.draft.model, spec.mapping,
                                  **spec.policy_options())
         run = teacher_forced(self.target.model, self.draft.model, prompt, context, a.gamma, policy,
-                             measure_recall=policy is not None and not a.no_recall, prefix_cache=cache)
+                             measure_recall=policy is not None and a.measure_recall, prefix_cache=cache)
         summary = run.stats.summary()
         return {
             "score": None, "prediction": "", "tokens": [], "agreement": None,
@@ -262,27 +320,18 @@ class Evaluator:
         }
 
 
-def report_header(argv: Sequence[str]) -> str:
-    """Return the report's provenance: command, date and machine."""
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
-    return f"Command: `sts {' '.join(argv)}`\n\nDate: {now}. Machine: {machine}.\n"
+def run_eval(target: LoadedModel, draft: LoadedModel, out: str | Path, settings: EvalSettings = EvalSettings(),
+             header: str = "") -> Path:
+    """Return the path of the report after running the grid of ``settings`` into the folder ``out``.
 
-
-def run_eval_cli(args: argparse.Namespace) -> Path:
-    """Run ``sts eval`` from parsed arguments; return the report's path."""
-    from sts.models.loading import parse_dtype
-
-    specs = parse_methods(args.methods, args.mapping)
-    for budget in args.budgets:
-        SelectionConfig(budget=budget, sink=args.sink, window=args.window)  # refuse impossible budgets up front
-    if args.limit < 1:
-        raise STSError(f"--limit must be >= 1, got {args.limit}")
-    target, draft = load_pair(args.target, args.draft, parse_dtype(args.dtype), args.device)
-    if draft is None or target.tokenizer is None:
-        raise STSError("sts eval needs a draft and a target with a tokenizer")
-    samples = build_samples(args.tasks, args.lengths, args.depths, args.limit, target.tokenizer, args.seed)
-    Evaluator(args, target, draft).run(samples, specs)
-    report = write_report(Path(args.out) / "results.jsonl", Path(args.out), header=report_header(sys.argv[1:]))
-    print(f"wrote {report}")
-    return report
+    Runs already in ``out/results.jsonl`` are kept and skipped; ``header`` (the command and the
+    machine, say) opens the report.
+    """
+    specs = settings.method_specs()
+    if target.tokenizer is None:
+        raise STSError("sts eval needs a target with a tokenizer")
+    samples = build_samples(settings.tasks, settings.lengths, settings.depths, settings.limit, target.tokenizer,
+                            settings.seed)
+    out = Path(out)
+    Evaluator(settings, target, draft, out).run(samples, specs)
+    return write_report(out / "results.jsonl", out, header=header)

@@ -8,9 +8,9 @@ The draft reads the true continuation, as a draft that guessed right would.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,12 +18,14 @@ import torch
 from tqdm import tqdm
 
 from sts.attention.backend import QueryRecorder
-from sts.cli import add_model_args, csv_list
 from sts.decoding import Decoder, GenerationStats
+from sts.eval.harness import GridSettings, MethodSpec
+from sts.eval.output import output_file
 from sts.eval.teacher import draft_reads_truth
 from sts.eval.text import read_token_texts
 from sts.errors import STSError
 from sts.models.transformer import Transformer
+from sts.runner import LoadedModel
 from sts.selection import SelectionConfig, make_policy
 from sts.selection.attend import SelectiveAttention, ShadowAttention
 from sts.selection.base import RoundContext
@@ -52,8 +54,7 @@ def shadow_recall(
         queries = recorder.take()
         start_pos = torch.tensor([start], device=tdec.device)
         for observer in observers.values():
-            observer.policy.budget = observer.policy.config.tokens(start)
-            observer.policy.prepare(RoundContext(start_pos, target, draft, queries))
+            observer.policy.prepare(RoundContext(start_pos, target, observer.policy.config.tokens(start), draft, queries))
         block = torch.tensor([tokens[start : start + gamma + 1]], device=tdec.device)
         target(block, start_pos, ShadowAttention(observers))
         for name, observer in observers.items():
@@ -62,63 +63,62 @@ def shadow_recall(
     return stats
 
 
-def add_recall_args(p: argparse.ArgumentParser) -> None:
-    """Add ``sts recall``'s options."""
-    add_model_args(p, draft_required=True)
-    p.add_argument("--text-file", action="append", required=True, help="text to read (repeatable)")
-    p.add_argument("--skip-tokens", type=int, default=0, help="tokens skipped at the start of each text")
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=8, help="verify steps measured per text")
-    p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--methods", type=csv_list(str), default=["sts", "streaming", "quest", "specpc", "oracle"])
-    p.add_argument("--budgets", type=csv_list(float), default=[64, 128, 256, 512])
-    p.add_argument("--sink", type=int, default=4)
-    p.add_argument("--window", type=int, default=16)
-    p.add_argument("--mapping", help="calibrated mapping for method sts-cal")
-    p.add_argument("--out", required=True, help="JSON file for the results")
+@dataclass(frozen=True)
+class RecallSettings(GridSettings):
+    """What ``sts recall`` compares: methods x budgets, over ``steps`` verify steps after ``context`` tokens."""
+
+    #: Selection method names (see :func:`~sts.eval.harness.parse_methods`); dense ones are skipped.
+    methods: tuple[str, ...] | None = ("sts", "streaming", "quest", "specpc", "oracle")
+    context: int = 4096
+    #: Verify steps measured per text.
+    steps: int = 8
+    #: Tokens skipped at the start of each text (headers).
+    skip_tokens: int = 0
+
+    def method_specs(self) -> list[MethodSpec]:
+        """Return the selection methods to compare, after refusing impossible settings (before loading models)."""
+        specs = [s for s in super().method_specs() if s.sparse]
+        if not specs:
+            raise STSError("sts recall compares selection methods: name at least one sparse method")
+        if self.context < 1 or self.steps < 1 or self.skip_tokens < 0:
+            raise STSError("context and steps must be >= 1, skipped tokens >= 0")
+        return specs
 
 
-def run_recall_cli(args: argparse.Namespace) -> Path:
-    """Run ``sts recall`` from parsed arguments; write and return the JSON results."""
-    from sts.eval.harness import parse_methods, report_header
-    from sts.models.loading import parse_dtype
-    from sts.runner import load_pair
-
-    specs = [s for s in parse_methods(args.methods, args.mapping) if s.sparse]
-    if not specs:
-        raise STSError("sts recall compares selection methods: name at least one sparse method")
-    target, draft = load_pair(args.target, args.draft, parse_dtype(args.dtype), args.device)
-    assert draft is not None
+def run_recall(target: LoadedModel, draft: LoadedModel, text_files: Sequence[str], out: str | Path,
+               settings: RecallSettings = RecallSettings(), header: str = "") -> list[dict]:
+    """Return one row per (method, budget), mean over the texts, after writing them as JSON to ``out``
+    and as a markdown table beside it (``.md``)."""
+    specs = settings.method_specs()
     if target.tokenizer is None:
-        raise STSError("sts recall needs the target's tokenizer to read --text-file")
+        raise STSError("sts recall needs the target's tokenizer to read the text files")
+    out = output_file(out)
+    s = settings
     rows: dict[str, dict] = {}
-    texts = read_token_texts(args.text_file, target.tokenizer, args.skip_tokens)
-    for name, ids in tqdm(list(zip(args.text_file, texts)), desc="texts", file=sys.stderr):
-        observers = {}
-        for spec in specs:
-            for budget in args.budgets:
-                config = SelectionConfig(budget=budget, sink=args.sink, window=args.window)
-                policy = make_policy(spec.method, config, target.model, draft.model, spec.mapping, **spec.policy_options())
-                observers[f"{spec.name}|{budget:g}"] = SelectiveAttention(policy, measure_recall=True)
-        stats = shadow_recall(target.model, draft.model, ids, args.context, args.gamma, args.steps, observers)
-        for key, st in stats.items():
-            row = rows.setdefault(key, {"method": key.split("|")[0], "budget": float(key.split("|")[1]), "texts": []})
-            summary = st.summary()
-            row["texts"].append({"file": Path(name).name, "recall": summary["recall"], "recall_context": summary["recall_context"],
-                                 "set_recall": summary["set_recall"], "recall_per_layer": st.recall_per_layer()})
+    texts = read_token_texts(text_files, target.tokenizer, s.skip_tokens)
+    with tqdm(list(zip(text_files, texts)), desc="texts", file=sys.stderr) as bar:  # closed on errors too
+        for name, ids in bar:
+            observers = {}
+            for spec in specs:
+                for budget in s.budgets:
+                    config = SelectionConfig(budget=budget, sink=s.sink, window=s.window)
+                    policy = make_policy(spec.method, config, target.model, draft.model, spec.mapping, **spec.policy_options())
+                    observers[f"{spec.name}|{budget:g}"] = SelectiveAttention(policy, measure_recall=True)
+            stats = shadow_recall(target.model, draft.model, ids, s.context, s.gamma, s.steps, observers)
+            for key, st in stats.items():
+                row = rows.setdefault(key, {"method": key.split("|")[0], "budget": float(key.split("|")[1]), "texts": []})
+                summary = st.summary()
+                row["texts"].append({"file": Path(name).name, "recall": summary["recall"], "recall_context": summary["recall_context"],
+                                     "set_recall": summary["set_recall"], "recall_per_layer": st.recall_per_layer()})
     for row in rows.values():
         n = len(row["texts"])
         row["recall"] = sum(t["recall"] for t in row["texts"]) / n
         row["recall_context"] = sum(t["recall_context"] for t in row["texts"]) / n
         row["set_recall"] = {k: sum(t["set_recall"][k] for t in row["texts"]) / n for k in row["texts"][0]["set_recall"]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"header": report_header(sys.argv[1:]), "context": args.context, "steps": args.steps,
-                               "rows": list(rows.values())}, indent=1))
-    table = recall_table(list(rows.values()))
-    out.with_suffix(".md").write_text(table)
-    print(table)
-    return out
+    out.write_text(json.dumps({"header": header, "context": s.context, "steps": s.steps, "rows": list(rows.values())},
+                              indent=1))
+    out.with_suffix(".md").write_text(recall_table(list(rows.values())))
+    return list(rows.values())
 
 
 def recall_table(rows: list[dict]) -> str:

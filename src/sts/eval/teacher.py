@@ -48,10 +48,10 @@ def teacher_forced(
     for verified tokens come from its sparse forward, as in decoding.
     """
     tokens = list(tokens)
-    tdec = Decoder(target, 1, len(tokens) + gamma + 1, prefix_cache=prefix_cache)
-    ddec = Decoder(draft, 1, len(tokens) + gamma + 1, prefix_cache=prefix_cache)
-    tdec.prefill([tokens[:context]])
-    ddec.prefill([tokens[:context]])
+    tdec = Decoder(target, 1, len(tokens) + gamma + 1)
+    ddec = Decoder(draft, 1, len(tokens) + gamma + 1)
+    tdec.prefill(tokens[:context], prefix_cache)
+    ddec.prefill(tokens[:context], prefix_cache)
     recorder = QueryRecorder(policy.draft_layers(draft) if policy is not None and policy.uses_draft else ())
     attention = SelectiveAttention(policy, measure_recall) if policy is not None else None
     if policy is not None:
@@ -63,8 +63,7 @@ def teacher_forced(
             if policy.uses_draft:
                 draft_reads_truth(ddec, tokens, start, gamma, recorder)
             start_pos = torch.tensor([start], device=tdec.device)
-            policy.budget = policy.config.tokens(start)
-            policy.prepare(RoundContext(start_pos, target, draft, recorder.take()))
+            policy.prepare(RoundContext(start_pos, target, policy.config.tokens(start), draft, recorder.take()))
         block = torch.tensor([tokens[start : start + gamma + 1]], device=tdec.device)
         kwargs = {} if attention is None else {"attention": attention}
         logits = target(block, torch.tensor([start], device=tdec.device), **kwargs)

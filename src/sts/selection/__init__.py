@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Iterable
 
 from sts.errors import STSError
 from sts.models.transformer import Transformer
@@ -10,23 +11,41 @@ from sts.selection import oracle, quest, specpc, streaming, sts, tidal  # noqa: 
 from sts.selection.base import REGISTRY, RoundContext, SelectionConfig, SelectionPolicy
 from sts.selection.mapping import HeadMapping
 
-__all__ = ["REGISTRY", "RoundContext", "SelectionConfig", "SelectionPolicy", "HeadMapping", "make_policy"]
+__all__ = ["REGISTRY", "RoundContext", "SelectionConfig", "SelectionPolicy", "HeadMapping", "check_options", "make_policy"]
+
+#: Constructor arguments that make_policy fills itself: never options.
+_GIVEN = ("self", "config", "mapping")
+
+
+def check_options(method: str, names: Iterable[str]) -> None:
+    """Refuse, with an STSError naming the valid ones, any option in ``names`` that policy ``method`` does not take."""
+    if method not in REGISTRY:
+        raise STSError(f"unknown selection method {method!r} (choose from {', '.join(REGISTRY)})")
+    params = inspect.signature(REGISTRY[method].__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    valid = [p.name for p in params if p.kind in keyword and p.name not in _GIVEN]
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise STSError(f"unknown option {', '.join(map(repr, unknown))} for {method} "
+                       f"(it takes {', '.join(valid) if valid else 'no options'})")
 
 
 def make_policy(
     method: str, config: SelectionConfig, target: Transformer, draft: Transformer, mapping: str | None = None,
     **options: Any,
 ) -> SelectionPolicy:
-    """Return the policy named ``method`` with its options; STS uses the mapping file if given, else the default map."""
-    if method not in REGISTRY:
-        raise STSError(f"unknown selection method {method!r} (choose from {', '.join(REGISTRY)})")
-    try:
-        if method == "sts":
-            head_map = HeadMapping.load(mapping) if mapping else HeadMapping.default(target.config, draft.config)
-            head_map.check_pair(target.config, draft.config)
-            return sts.STSPolicy(config, head_map, **options)
-        if mapping:
-            raise STSError(f"--mapping applies to --method sts, not {method}")
-        return REGISTRY[method](config, **options)
-    except TypeError as exc:  # an option the policy does not take
-        raise STSError(f"bad option for {method}: {exc}") from None
+    """Return the policy named ``method`` with its options; STS uses the mapping file if given, else the default map.
+
+    An option the policy's constructor does not name is a user error; anything else the
+    constructor raises is left to surface.
+    """
+    check_options(method, options)
+    if method == "sts":
+        head_map = HeadMapping.load(mapping) if mapping else HeadMapping.default(target.config, draft.config)
+        head_map.check_pair(target.config, draft.config)
+        return sts.STSPolicy(config, head_map, **options)
+    if mapping:
+        raise STSError(f"--mapping applies to --method sts, not {method}")
+    return REGISTRY[method](config, **options)

@@ -1,4 +1,4 @@
-"""Tests for the offline demo models: joining GGUF parts out of wheels, and the real conversion."""
+"""Tests for the offline demo: joining GGUF parts out of wheels, the real conversion, and what `sts demo` prints."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sts import demo as sts_demo
 from sts.errors import STSError
 from sts.models import demo
 from sts.models.demo import DemoModel
@@ -231,8 +232,6 @@ def test_smollm2_converts_to_an_equal_hf_model(sts_cache_dir: Path, monkeypatch:
 
 
 # --- what `sts demo` prints -------------------------------------------------------------------
-
-from sts import demo as sts_demo  # noqa: E402  (the command, beside the assets it fetches)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The demo target's shape (MODELS.md) and Qwen2.5-1.5B's published weight count (tied embeddings).

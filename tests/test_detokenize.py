@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from smollm2 import smollm2_tokenizer
@@ -12,34 +15,48 @@ from sts.detokenize import IncrementalDetokenizer
 TEXT = "中文🙂" * 4 + " hello world. the fox 日本 🧑‍🚀 end"
 
 
-def byte_level_bpe():
-    """Return a GPT-2-style byte-level BPE trained in-process on ASCII: every CJK character and emoji
-    is spelled in several byte tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def bpe_tokenizer(folder: Path, pieces: list[str], merges: list[tuple[str, str]], **parts: object):
+    """Return a fast tokenizer built from a ``tokenizer.json`` spec: a BPE over ``pieces`` (merges added to
+    the vocabulary) with the given normalizer, pre-tokenizer and decoder, and ``<eos>`` as a special token."""
     from transformers import PreTrainedTokenizerFast
 
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])
-    raw.train_from_iterator(["the quick brown fox jumps over the lazy dog. hello world, again."] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    vocab = {piece: i for i, piece in enumerate(pieces + [a + b for a, b in merges])}
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None, "post_processor": None,
+        "added_tokens": [{"id": len(vocab), "content": "<eos>", "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True}],
+        "normalizer": None, "pre_tokenizer": None, **parts,
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>" if "<unk>" in vocab else None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                  "byte_fallback": "<0x00>" in vocab, "ignore_merges": False, "vocab": vocab,
+                  "merges": [list(m) for m in merges]},
+    }
+    path = folder / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<eos>")
 
 
-def sentencepiece_byte_fallback():
+def byte_level_bpe(folder: Path):
+    """Return a GPT-2-style byte-level BPE: every CJK character and emoji is spelled in several byte tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return bpe_tokenizer(folder, list(bytes_to_unicode().values()), [("h", "e"), ("Ġ", "t"), ("Ġt", "he"), ("l", "l")],
+                         pre_tokenizer=byte_level, decoder=byte_level)
+
+
+def sentencepiece_byte_fallback(folder: Path):
     """Return a Llama-2-style tokenizer: ``▁`` for spaces, ``<0xNN>`` byte tokens for unknown characters,
     and a decoder that strips the leading space of whatever it decodes."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = ["<unk>", "<eos>", *(f"<0x{i:02X}>" for i in range(256)), "▁", *"abcdefghijklmnopqrstuvwxyz.,", "▁h", "▁he", "▁w"]
-    raw = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[("▁", "h"), ("▁h", "e"), ("▁", "w")],
-                               byte_fallback=True, unk_token="<unk>"))
-    raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="<unk>")
+    pieces = ["<unk>", *(f"<0x{i:02X}>" for i in range(256)), "▁", *"abcdefghijklmnopqrstuvwxyz.,"]
+    space = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    return bpe_tokenizer(
+        folder, pieces, [("▁", "h"), ("▁h", "e"), ("▁", "w")],
+        normalizer={"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, space]},
+        decoder={"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                                                  {"type": "ByteFallback"}, {"type": "Fuse"},
+                                                  {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+    )
 
 
 def stream(tokenizer, ids: list[int], size: int) -> list[str]:
@@ -49,8 +66,8 @@ def stream(tokenizer, ids: list[int], size: int) -> list[str]:
 
 
 @pytest.mark.parametrize("make", [byte_level_bpe, sentencepiece_byte_fallback])
-def test_stream_equals_the_whole_decode(make):
-    tokenizer = make()
+def test_stream_equals_the_whole_decode(make, tmp_path):
+    tokenizer = make(tmp_path)
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     # A special token inside is skipped, as decode skips it.
     ids = ids + [tokenizer.eos_token_id] + tokenizer("中文🙂", add_special_tokens=False)["input_ids"]
@@ -73,8 +90,8 @@ def test_smollm2_stream_of_repeated_cjk_and_emoji(sts_cache_dir):
             assert "".join(stream(tokenizer, ids, size)) == tokenizer.decode(ids), (k, size)
 
 
-def test_flush_returns_a_character_never_finished():
-    tokenizer = byte_level_bpe()
+def test_flush_returns_a_character_never_finished(tmp_path):
+    tokenizer = byte_level_bpe(tmp_path)
     ids = tokenizer("ok 中", add_special_tokens=False)["input_ids"][:-1]  # the last byte of 中 never comes
     text = IncrementalDetokenizer(tokenizer)
     held = "".join(text.add([i]) for i in ids)

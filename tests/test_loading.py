@@ -63,7 +63,7 @@ def write_gguf(hf, path: Path, arch: str, *, name: str = "tiny", tokenizer: str 
     ``llama3`` only as the ``rope_freqs.weight`` tensor). Tensors: GGUF names from ``gguf``'s own
     name map, Llama q/k rows permuted for llama.cpp's RoPE, no ``output.weight`` when tied.
     The smallest tokenizer transformers accepts: ``gpt2`` BPE over byte-level characters with three
-    special tokens, no merges, zero scores. ``tokenizer=None`` leaves the tokenizer out; any other
+    special tokens and one merge (``a b`` -> ``ab``), zero scores. ``tokenizer=None`` leaves the tokenizer out; any other
     string is written as ``tokenizer.ggml.model``.
     """
     import gguf
@@ -94,13 +94,13 @@ def write_gguf(hf, path: Path, arch: str, *, name: str = "tiny", tokenizer: str 
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     if tokenizer is not None:
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        tokens = specials + list(bytes_to_unicode().values())[: cfg.vocab_size - len(specials)]
+        tokens = specials + list(bytes_to_unicode().values())[: cfg.vocab_size - len(specials) - 1] + ["ab"]
         writer.add_tokenizer_model(tokenizer)
         writer.add_tokenizer_pre("qwen2")
         writer.add_token_list(tokens)
         writer.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
         writer.add_token_scores([0.0] * len(tokens))
-        writer.add_token_merges([])
+        writer.add_token_merges(["a b"])  # transformers 5.17 needs at least one merge for Qwen2
         writer.add_bos_token_id(0)
         writer.add_eos_token_id(2)
         if eot is not None:
@@ -165,7 +165,8 @@ def test_gguf_matches_transformers_on_the_original_weights(case, tmp_path):
         ref = hf(tokens).logits
         out = model(tokens, torch.zeros(2, dtype=torch.long))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    assert tokenizer is not None and tokenizer.decode(tokenizer("hello")["input_ids"]) == "hello"
+    ids = tokenizer("hello_abc")["input_ids"]
+    assert tokenizer.decode(ids) == "hello_abc" and ids[-2:] == [95, tokenizer.convert_tokens_to_ids("c")]  # "ab" merged
     if rope is not None or family == "llama":
         # The test can fail: the same weights with the RoPE transformers' GGUF loader sees are far off.
         from transformers import AutoConfig

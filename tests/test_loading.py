@@ -55,7 +55,7 @@ def _permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def write_gguf(hf, path: Path, arch: str, *, name: str = "tiny", tokenizer: str | None = "gpt2",
-               eot: int | None = None) -> Path:
+               eot: int | None = None, merges: tuple[str, ...] = ("a b", "c d")) -> Path:
     """Write a transformers model as an F32 GGUF file, as llama.cpp's ``convert_hf_to_gguf.py`` would.
 
     Metadata: the ``{arch}.*`` hyper-parameters transformers' GGUF loader maps, RoPE scaling as
@@ -63,8 +63,8 @@ def write_gguf(hf, path: Path, arch: str, *, name: str = "tiny", tokenizer: str 
     ``llama3`` only as the ``rope_freqs.weight`` tensor). Tensors: GGUF names from ``gguf``'s own
     name map, Llama q/k rows permuted for llama.cpp's RoPE, no ``output.weight`` when tied.
     The smallest tokenizer transformers accepts: ``gpt2`` BPE over byte-level characters with three
-    special tokens and one merge (``a b`` -> ``ab``), zero scores. ``tokenizer=None`` leaves the tokenizer out; any other
-    string is written as ``tokenizer.ggml.model``.
+    special tokens and two merges (``ab``, ``cd``), zero scores. ``tokenizer=None`` leaves the tokenizer out; any other
+    string is written as ``tokenizer.ggml.model``; ``merges`` replaces the merges.
     """
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -94,13 +94,14 @@ def write_gguf(hf, path: Path, arch: str, *, name: str = "tiny", tokenizer: str 
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     if tokenizer is not None:
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        tokens = specials + list(bytes_to_unicode().values())[: cfg.vocab_size - len(specials) - 1] + ["ab"]
+        tokens = specials + list(bytes_to_unicode().values())[: cfg.vocab_size - len(specials) - 2] + ["ab", "cd"]
         writer.add_tokenizer_model(tokenizer)
         writer.add_tokenizer_pre("qwen2")
         writer.add_token_list(tokens)
         writer.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
         writer.add_token_scores([0.0] * len(tokens))
-        writer.add_token_merges(["a b"])  # transformers 5.17 needs at least one merge for Qwen2
+        # transformers 5.17 needs merges for Qwen2, and reads a one-element array as a scalar: two merges.
+        writer.add_token_merges(list(merges))
         writer.add_bos_token_id(0)
         writer.add_eos_token_id(2)
         if eot is not None:
@@ -165,8 +166,8 @@ def test_gguf_matches_transformers_on_the_original_weights(case, tmp_path):
         ref = hf(tokens).logits
         out = model(tokens, torch.zeros(2, dtype=torch.long))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    ids = tokenizer("hello_abc")["input_ids"]
-    assert tokenizer.decode(ids) == "hello_abc" and ids[-2:] == [95, tokenizer.convert_tokens_to_ids("c")]  # "ab" merged
+    ids = tokenizer("hello_abcd")["input_ids"]
+    assert tokenizer.decode(ids) == "hello_abcd" and ids[-2:] == [94, 95]  # "ab" and "cd" merged
     if rope is not None or family == "llama":
         # The test can fail: the same weights with the RoPE transformers' GGUF loader sees are far off.
         from transformers import AutoConfig
@@ -216,7 +217,7 @@ def test_gguf_without_tokenizer_loads_without_one(tmp_path):
 
 def test_gguf_with_a_broken_tokenizer_is_an_error(tmp_path):
     hf = hf_model(hf_config("qwen2"))
-    path = write_gguf(hf, tmp_path / "m.gguf", "qwen2", tokenizer="no-such-tokenizer-model")
+    path = write_gguf(hf, tmp_path / "m.gguf", "qwen2", merges=("x y", "p q"))  # "xy", "pq" are not tokens
     with pytest.raises(STSError, match=r"tokenizer of .*m\.gguf fails to load: \w+") as info:
         load_model(path)
     assert "\n" not in str(info.value) and info.value.__cause__ is not None

@@ -20,7 +20,8 @@ def hf_config(family: str, vocab: int = 96, layers: int = 2, heads: int = 4, kv_
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024)
+                  num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=extra.pop("max_position_embeddings", 1024))
     if family == "llama":
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 128, "rope_theta": 500000.0}

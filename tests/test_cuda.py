@@ -63,12 +63,11 @@ def test_cuda_rerank_rows_equal_the_reference_in_a_decode_round(cuda_pair):
     prompts = [[(7 * i) % 96 for i in range(199)], [5, 6, 7] * 60]
     speculative_generate(target, draft, prompts, 1, gamma=4)  # fills both caches
     policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft)  # default: re-ranking
-    policy.budget = 48
     recorder = QueryRecorder(policy.draft_layers(draft))
     start = torch.tensor([190, 170], device="cuda")
     for i in range(4):
         draft(torch.randint(0, 96, (2, 1), device="cuda"), start + i, recorder)
-    policy.prepare(RoundContext(start, target, draft, recorder.take()))
+    policy.prepare(RoundContext(start, target, 48, draft, recorder.take()))
     q = torch.randn(2, target.config.n_heads, 5, target.config.head_dim, device="cuda")
     k = target.layers[1].self_attn.cache.k
     got = policy.select(1, q, k, start)
@@ -80,36 +79,130 @@ def test_cuda_rerank_rows_equal_the_reference_in_a_decode_round(cuda_pair):
             assert set(got[b, h].tolist()) == set(want[b, h].tolist()), (b, h)
 
 
-@pytest.mark.parametrize("options", [{"rerank": 0}, {}], ids=["plain", "rerank"])
-def test_cuda_graph_replay_of_an_sts_round_matches_eager(cuda_pair, options):
-    from sts.bench.e2e import Setup, _accept, _draft_steps, graphed
-    from sts.attention.backend import QueryRecorder
-    from sts.selection.attend import SelectiveAttention
-    from sts.selection.base import RoundContext
+ENGINE_METHODS = ["autoregressive", "speculative", "speculative+sd", "sts", "sts+sd", "sts-plain", "streaming",
+                  "specpc", "quest", "tidal", "oracle"]
+
+
+def run_engine(target, draft, method, prompts, n, graphs, eos=(), budget=64.0, sampling=None, seed=0, slots=None):
+    """Return the generation of ``method`` through the engine, with or without CUDA graphs."""
+    from sts.engine import Engine, EngineConfig
+    from sts.sampling import SamplingConfig
+
+    name, sparse_draft = method.removesuffix("+sd"), method.endswith("+sd")
+    config = EngineConfig(gamma=4, cuda_graphs=graphs, draft_budget=24 if sparse_draft else None,
+                          sampling=sampling or SamplingConfig(), seed=seed)
+    policy = None
+    if name not in ("autoregressive", "speculative"):
+        base, options = ("sts", {"rerank": 0}) if name == "sts-plain" else (name, {})
+        policy = make_policy(base, SelectionConfig(budget=budget, sink=4, window=8), target, draft, **options)
+    engine = Engine(target, None if name == "autoregressive" else draft, policy, slots=slots or len(prompts),
+                    max_len=max(map(len, prompts)) + n + 8, config=config)
+    return engine, engine.generate(prompts, n, eos)
+
+
+@pytest.mark.parametrize("method", ENGINE_METHODS)
+def test_cuda_graph_path_equals_eager_path(cuda_pair, method):
+    """Every method decodes the same tokens with its rounds in CUDA graphs as eagerly (greedy, bf16 too)."""
+    _, target, draft = cuda_pair
+    prompts = [[(7 * i) % 96 for i in range(300)], [5, 6, 7] * 70, list(range(1, 90))]
+    engine, graphed = run_engine(target, draft, method, prompts, 40, graphs=True)
+    _, eager = run_engine(target, draft, method, prompts, 40, graphs=False)
+    assert graphed.tokens == eager.tokens
+    expect_graphs = method.removesuffix("+sd") in ("autoregressive", "speculative", "sts", "sts-plain", "streaming", "specpc")
+    assert bool(engine._graphs) == expect_graphs
+    if method in ("autoregressive", "speculative", "speculative+sd"):  # lossless methods equal plain greedy
+        assert graphed.tokens == generate(target, prompts, 40).tokens
+
+
+def test_cuda_graphed_sampling_keeps_the_target_distribution():
+    """Rejection sampling inside CUDA graphs: the second token's empirical law is the target's exact marginal."""
+    from scipy.stats import chisquare
+    from sts.sampling import SamplingConfig
+
+    hf = hf_model(hf_config("llama", vocab=8, layers=1, hidden=64), seed=11)  # head dim 16: the kernels' smallest
+    target = ours(hf)
+    draft = perturbed(target, 0.5, seed=12)
+    prompt, n = [1, 2, 3], 4000
+    engine, out = run_engine(on_cuda(target), on_cuda(draft), "speculative", [prompt] * n, 2, graphs=True,
+                             sampling=SamplingConfig(temperature=1.0), seed=5)
+    assert engine._graphs
+    second = torch.tensor([t[1] for t in out.tokens])
+    with torch.no_grad():
+        p1 = torch.softmax(hf(torch.tensor([prompt])).logits[0, -1], -1)
+        p2 = torch.softmax(hf(torch.tensor([prompt + [t] for t in range(8)])).logits[:, -1], -1)
+    marginal = (p1.unsqueeze(1) * p2).sum(0)
+    counts = torch.bincount(second, minlength=8).float()
+    assert chisquare(counts.numpy(), (marginal * n).numpy()).pvalue > 1e-3
+
+
+def test_cuda_heads_the_kernels_do_not_take_fall_back_to_the_reference():
+    """Head dim 8 (under the kernels' 16): the PyTorch paths serve it, eagerly, and greedy stays lossless."""
+    hf = hf_model(hf_config("llama", vocab=64, layers=2, hidden=32), seed=4)
+    target = on_cuda(ours(hf))
+    draft = on_cuda(perturbed(ours(hf), 0.2, seed=5))
+    prompts = [list(range(1, 40)), [3, 4] * 20]
+    engine, out = run_engine(target, draft, "sts", prompts, 20, graphs=True, budget=16)
+    assert not engine._graphs
+    assert run_engine(target, draft, "speculative", prompts, 20, graphs=True)[1].tokens == generate(target, prompts, 20).tokens
+    assert all(len(t) == 20 for t in out.tokens)
+
+
+def test_cuda_batch_of_four_lengths_with_early_eos_equals_each_alone(cuda_pair):
+    """Sequences stop at different rounds (EOS, limit); every one equals its own solo greedy decode."""
+    _, target, draft = cuda_pair
+    prompts = [[5, 0], [5, 7], list(range(1, 60)), [9, 8] * 40]
+    solo = [generate(target, [p], 60).tokens[0] for p in prompts]
+    eos = solo[1][3]  # stops sequence 1 early (and any other that emits it)
+    for method in ("speculative", "sts"):
+        _, out = run_engine(target, draft, method, prompts, 60, graphs=True, eos=[eos], budget=1024)
+        for b, ref in enumerate(solo):
+            cut = ref.index(eos) + 1 if eos in ref else 60
+            assert out.tokens[b] == ref[:cut], (method, b)
+
+
+def long_model(layers: int = 2):
+    """Return a small-width random Llama (bf16, CUDA) whose context reaches 80K tokens."""
+    hf = hf_model(hf_config("llama", layers=layers, heads=4, kv_heads=2, hidden=256, vocab=512,
+                            max_position_embeddings=80_000), seed=3)
+    return hf, build_model(ours(hf).config, hf.state_dict(), torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("context,budget", [(65_536, 0.1), (32_768, 8192.0)])
+def test_cuda_long_context_budgets_run_to_the_end(context, budget):
+    """Budgets past the fused re-rank kernel's candidate limit, and fractions at 64K, decode to the end in graphs."""
+    _, target = long_model()
+    draft = build_model(target.config, {k: v + 0.01 * torch.randn_like(v) for k, v in target.state_dict().items()},
+                        torch.bfloat16, "cuda")
+    prompt = torch.randint(0, 512, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+    for method in ("sts", "sts-plain"):
+        engine, out = run_engine(target, draft, method, [prompt], 24, graphs=True, budget=budget)
+        assert len(out.tokens[0]) == 24 and engine._graphs
+        sparsity = out.stats.summary()["sparsity"]
+        rows = SelectionConfig(budget=budget, sink=4, window=8).tokens(context)
+        assert sparsity == pytest.approx(1 - rows / context, abs=0.01)
+
+
+def test_cuda_chunked_prefill_matches_a_single_forward_at_long_context():
+    """The prefill path (lower-right causal SDPA per chunk) equals transformers' one-shot forward."""
+    from sts.engine import Engine, EngineConfig
+
+    hf, _ = long_model(layers=1)
+    target = build_model(ours(hf).config, hf.state_dict(), torch.float32, "cuda")
+    hf = hf.cuda()
+    tokens = torch.randint(0, 512, (1, 5000), device="cuda")
+    engine = Engine(target, slots=2, max_len=5100, config=EngineConfig(prefill_chunk=1536))
+    engine.prefill(1, tokens[0].tolist())
+    logits = engine._prefill_logits[1]
+    with torch.no_grad():
+        ref = hf(tokens).logits[:, -1]
+    torch.testing.assert_close(logits, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_cuda_sparse_prefill_is_refused_before_any_work(cuda_pair):
+    from sts.engine import Engine, EngineConfig
+    from sts.errors import STSError
+    from sts.prefill import PrefillConfig
 
     _, target, draft = cuda_pair
-    with torch.no_grad():
-        for m in (target, draft):
-            m.setup_cache(2, 300)
-            for blk in m.layers:
-                blk.self_attn.cache.k.normal_()
-                blk.self_attn.cache.v.normal_()
-        s = Setup(target, draft, 2, 256, 4, torch.tensor([256, 200], device="cuda"), torch.tensor([[3], [4]], device="cuda"))
-        policy = make_policy("sts", SelectionConfig(budget=64, sink=4, window=16), target, draft, **options)
-        policy.budget = 64
-        recorder = QueryRecorder(policy.draft_layers(draft))
-        out: dict[str, torch.Tensor] = {}
-
-        def sts_round() -> None:
-            drafted = _draft_steps(s, recorder)
-            policy.prepare(RoundContext(s.start, target, draft, recorder.take()))
-            logits = target(torch.cat([s.last, drafted], 1), s.start, SelectiveAttention(policy))
-            out["logits"], out["n"] = logits, _accept(drafted, logits)
-
-        sts_round()
-        eager = out["logits"].clone()
-        replay = graphed(sts_round)
-        out["logits"].zero_()
-        replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out["logits"], eager, atol=1e-4, rtol=1e-4)
+    with pytest.raises(STSError, match="CPU only"):
+        Engine(target, draft, slots=1, max_len=64, config=EngineConfig(sparse_prefill=PrefillConfig()))

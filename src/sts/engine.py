@@ -33,23 +33,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Generator, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from sts.attention import dispatch
+from sts.attention.dispatch import kernel_head_dim
 from sts.attention.backend import AttentionFn, QueryRecorder, chunk_attention, dense_attention
 from sts.decoding import (
     GenerationResult, GenerationStats, PrefixCache, StopState, StreamCallback, context_capacity, synchronize,
 )
 from sts.errors import STSError
 from sts.models.transformer import Transformer
-from sts.sampling import SamplingConfig, accept, draw, probabilities
+from sts.sampling import SamplingConfig, SamplingRows, accept, draw, probabilities
 from sts.selection.attend import SelectiveAttention
+from sts.attention.rerank import sink_window_rows
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
 from sts.prefill import PrefillConfig, sparse_prefill
 from sts.selection.mapping import HeadMapping
-from sts.selection.streaming import StreamingPolicy
 from sts.selection.sts import STSPolicy
 
 #: Prompt tokens per prefill chunk on CUDA: large enough for the matrix units, small enough that
@@ -57,13 +59,29 @@ from sts.selection.sts import STSPolicy
 CUDA_PREFILL_CHUNK = 8192
 
 
-def sparse_draft_attention(budget: int, sink: int = 4) -> SelectiveAttention:
-    """Return the draft's attention for the steps after a round's first: sinks + the latest rows, ``budget`` in all."""
-    if budget <= sink:
-        raise STSError(f"draft budget must exceed the {sink} sink rows, got {budget}")
-    policy = StreamingPolicy(SelectionConfig(budget=budget, sink=sink, window=0))
-    policy.budget = budget
-    return SelectiveAttention(policy)
+class SparseDraftAttention:
+    """The draft's attention for the steps after a round's first: the first ``sink`` rows and the latest rows,
+    ``budget`` in all (StreamingLLM's selection, Xiao et al. 2023).
+
+    The rows depend only on the step's positions, so they are computed once per step (the first
+    layer's call) and shared by every layer: a step adds one small kernel, not a few per layer.
+    """
+
+    def __init__(self, budget: int, sink: int = 4) -> None:
+        if budget <= sink:
+            raise STSError(f"draft budget must exceed the {sink} sink rows, got {budget}")
+        self.budget, self.sink = budget, sink
+        self._positions: Tensor | None = None
+        self._rows: Tensor | None = None
+
+    def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
+        """Return the attention of ``q`` over the sink and latest rows (and, causally, the new rows)."""
+        if start_pos is not self._positions:
+            rows = sink_window_rows(start_pos, self.sink, self.budget - self.sink)
+            col = torch.arange(self.budget, device=start_pos.device).view(1, -1)
+            rows = torch.where(start_pos.view(-1, 1) <= self.budget, col, rows)  # short contexts: everything
+            self._positions, self._rows = start_pos, rows.unsqueeze(1).expand(-1, k_cache.shape[1], -1)
+        return dispatch.verify_attention(q, k_cache, v_cache, start_pos, self._rows)
 
 
 @dataclass
@@ -161,7 +179,7 @@ class Engine:
         self.verify_attention: AttentionFn = (
             SelectiveAttention(policy, self.config.measure_recall) if policy is not None else dense_attention)
         budget = self.config.draft_budget
-        self.later_draft_attention: AttentionFn = sparse_draft_attention(budget) if budget else dense_attention
+        self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget else dense_attention
 
         def buffer(dtype: torch.dtype, *shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=dtype, device=self.device)
@@ -171,13 +189,18 @@ class Engine:
         self.active = buffer(torch.bool, slots)
         self.out_tokens, self.out_count = buffer(long, slots, self.gamma + 1), buffer(long, slots)
         self.round_sparsity = buffer(torch.float32, 1)
+        self.sampling_rows = SamplingRows.filled(self.config.sampling, slots, self.device)
+        self.host_sampling = [self.config.sampling] * slots
+        self.round_mode = "greedy"
         self.host_ctx = [0] * slots
         self.host_active = [False] * slots
         self.stats = GenerationStats()
+        # The PyTorch reference paths (heads the kernels do not take) size their work on the host.
+        kernels = all(kernel_head_dim(m.config.head_dim) for m in (target, draft) if m is not None)
         self.graphs_enabled = (
-            cuda and self.config.cuda_graphs and not self.config.measure_recall
+            cuda and kernels and self.config.cuda_graphs and not self.config.measure_recall
             and (policy is None or policy.graph_safe))
-        self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self._graphs: dict[tuple[int, str], list[torch.cuda.CUDAGraph]] = {}
         self._hold: dict[str, Tensor] = {}
         self.round_budget = 0
         self._prefill_logits: dict[int, Tensor] = {}
@@ -198,9 +221,13 @@ class Engine:
 
     def generate(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = (),
-        on_tokens: StreamCallback | None = None,
+        on_tokens: StreamCallback | None = None, cached: bool = False,
     ) -> GenerationResult:
         """Return the continuations of up to ``slots`` prompts (prompt excluded), decoded to EOS or ``max_new_tokens``.
+
+        ``cached``: slot ``b``'s rows of both models already hold prompt ``b`` (an earlier run over
+        the same models read it: decoding never changes a prompt's rows), so prefill only re-reads
+        each prompt's last token.
 
         ``on_tokens(b, ids)`` receives each sequence's tokens as soon as they are final. A
         sequence stops at an id in ``eos_ids`` (kept), at ``max_new_tokens``, or when its slot's
@@ -219,7 +246,7 @@ class Engine:
         for b, prompt in enumerate(prompts):
             # A prompt given several times (n samples of one prompt) is read once and copied.
             src = first_slot.setdefault(tuple(prompt), b)
-            stop.emit(b, [self.prefill(b, prompt, copy_from=None if src == b else src)])
+            stop.emit(b, [self.prefill(b, prompt, copy_from=None if src == b else src, cached=cached)])
         synchronize(self.device)
         stats.prefill_s = time.perf_counter() - start
         self._release_finished(stop)
@@ -241,16 +268,65 @@ class Engine:
             if stop.done[b] and self.host_active[b]:
                 self.release(b)
 
-    def prefill(self, slot: int, prompt: Sequence[int], copy_from: int | None = None) -> int:
+    def prefill(
+        self, slot: int, prompt: Sequence[int], sampling: SamplingConfig | None = None,
+        copy_from: int | None = None, cached: bool = False,
+    ) -> int:
         """Read ``prompt`` into slot ``slot`` of both caches and return the first new token (the slot then decodes).
 
-        ``copy_from``: a slot already prefilled with the same prompt, whose rows are copied instead.
+        ``sampling``: this sequence's settings (default: the engine's). ``copy_from``: a slot
+        already prefilled with the same prompt, whose rows are copied instead. ``cached``: the
+        slot's rows already hold the prompt but its last token (an earlier run over the same
+        models read it: decoding never changes a prompt's rows); only the last token is read.
 
-        Raises :class:`~sts.errors.STSError` when the prompt is empty, holds ids outside the
-        vocabulary, or leaves no room for a round in the slot's cache.
+        Raises :class:`~sts.errors.STSError` when the slot does not exist or decodes, the prompt
+        is empty, holds ids outside the vocabulary, or leaves no room for a round in the cache.
         """
+        first = None
+        for first in self.prefill_steps(slot, prompt, sampling, copy_from, cached):
+            pass
+        assert first is not None
+        return first
+
+    def prefill_steps(
+        self, slot: int, prompt: Sequence[int], sampling: SamplingConfig | None = None,
+        copy_from: int | None = None, cached: bool = False,
+    ) -> Iterator[int | None]:
+        """Like :meth:`prefill`, one chunk per ``next()``: yields None after each chunk, then the first new token.
+
+        Decode rounds may run between chunks (continuous batching): the slot is not decoding yet,
+        and its context is what its chunks have written so far, so the rounds only write scratch
+        rows past it.
+        """
+        n = self._check_prompt(slot, prompt)
+        if copy_from is not None:
+            logits = self._copy_slot(copy_from, slot, n)
+        elif cached:
+            logits = yield from self._prefill_chunks(self.target, slot, prompt, first=n - 1)
+        elif self.config.sparse_prefill is not None:
+            assert self.draft is not None
+            scorer = self.policy if isinstance(self.policy, STSPolicy) else STSPolicy(
+                self.policy.config if self.policy else SelectionConfig(), HeadMapping.default(self.target.config, self.draft.config))
+            logits = sparse_prefill(self.target, self.draft, slot, prompt, scorer, self.config.sparse_prefill, scorer.config, self.chunk)
+        else:
+            logits = yield from self._prefill_chunks(self.target, slot, prompt)
+            if self.draft is not None:
+                yield from self._prefill_chunks(self.draft, slot, prompt)
+        self._prefill_logits[slot] = logits
+        config = sampling or self.config.sampling
+        self.sampling_rows.set(slot, config)
+        self.host_sampling[slot] = config
+        first = int(self._pick_first(logits[:, : self.vocab], config))
+        self.ctx[slot], self.last[slot], self.prev[slot], self.active[slot] = n, first, prompt[-1], True
+        self.host_ctx[slot], self.host_active[slot] = n, True
+        yield first
+
+    def _check_prompt(self, slot: int, prompt: Sequence[int]) -> int:
+        """Return the prompt's length after checking that slot ``slot`` can take it."""
         if not 0 <= slot < self.slots:
             raise STSError(f"slot {slot} does not exist (the engine has {self.slots})")
+        if self.host_active[slot]:
+            raise STSError(f"slot {slot} is decoding: release it first")
         n = len(prompt)
         if n == 0:
             raise STSError("every prompt needs at least one token")
@@ -258,23 +334,7 @@ class Engine:
             raise STSError(f"a prompt of {n} tokens leaves no room in a cache of {self.max_len} rows")
         if any(not 0 <= t < self.target.config.vocab_size for t in prompt):
             raise STSError(f"prompt token ids must be in [0, {self.target.config.vocab_size})")
-        if copy_from is not None:
-            logits = self._copy_slot(copy_from, slot, n)
-        elif self.config.sparse_prefill is not None:
-            assert self.draft is not None
-            scorer = self.policy if isinstance(self.policy, STSPolicy) else STSPolicy(
-                self.policy.config if self.policy else SelectionConfig(), HeadMapping.default(self.target.config, self.draft.config))
-            selection = scorer.config
-            logits = sparse_prefill(self.target, self.draft, slot, prompt, scorer, self.config.sparse_prefill, selection, self.chunk)
-        else:
-            logits = self._prefill_model(self.target, slot, prompt)
-            if self.draft is not None:
-                self._prefill_model(self.draft, slot, prompt)
-        self._prefill_logits[slot] = logits
-        first = int(self._pick(logits[:, : self.vocab]).item())
-        self.ctx[slot], self.last[slot], self.prev[slot], self.active[slot] = n, first, prompt[-1], True
-        self.host_ctx[slot], self.host_active[slot] = n, True
-        return first
+        return n
 
     def _copy_slot(self, src: int, dst: int, rows: int) -> Tensor:
         """Copy the first ``rows`` cache rows of slot ``src`` into slot ``dst`` (both models); return src's prefill logits."""
@@ -286,26 +346,38 @@ class Engine:
         return self._prefill_logits[src]
 
     def release(self, slot: int) -> None:
-        """Stop decoding slot ``slot`` (its rows become scratch for the next sequence)."""
+        """Stop decoding slot ``slot`` (its rows become scratch for the next sequence; it reads nothing any more)."""
         self._prefill_logits.pop(slot, None)
         self.active[slot] = False
+        self.ctx[slot] = 0
         self.host_active[slot] = False
+        self.host_ctx[slot] = 0
 
-    def _prefill_model(self, model: Transformer, slot: int, prompt: Sequence[int]) -> Tensor:
-        """Return ``[1, V]`` float32 logits after ``prompt``, written into slot ``slot`` chunk by chunk."""
-        if self.prefix_cache is not None:
+    def _prefill_chunks(self, model: Transformer, slot: int, prompt: Sequence[int], first: int = 0) -> Generator[None, None, Tensor]:
+        """Write ``prompt`` from token ``first`` into slot ``slot`` chunk by chunk (yielding after each); return the ``[1, V]``
+        float32 logits after it."""
+        if self.prefix_cache is not None and not first:
             logits = self.prefix_cache.restore(model, prompt, slot)
             if logits is not None:
                 return logits
         ids = torch.tensor(prompt, device=self.device).view(1, -1)
-        for start in range(0, len(prompt), self.chunk):
+        for start in range(first, len(prompt), self.chunk):
             chunk = ids[:, start : start + self.chunk]
             pos = torch.full((1,), start, device=self.device)
             hidden = model.hidden(chunk, pos, chunk_attention(start), slot=slot)
+            if model is self.target:
+                self.ctx[slot] = start + chunk.shape[1]  # decode rounds in between write past it
+            yield None
         logits = model.lm_head(hidden[:, -1]).float()
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and not first:
             self.prefix_cache.store(model, prompt, slot, logits)
         return logits
+
+    def _pick_first(self, logits: Tensor, config: SamplingConfig) -> int:
+        """Return the first new token from the prefill's logits ``[1, V]`` under ``config``."""
+        if config.greedy:
+            return int(logits.argmax(-1))
+        return int(draw(probabilities(logits, config), self.generator))
 
     # ------------------------------------------------------------------ the round
 
@@ -318,17 +390,17 @@ class Engine:
             raise STSError("no slot is decoding: prefill one first")
         if any(a and self.room(s) < 0 for s, a in enumerate(self.host_active)):
             raise STSError("a slot's cache is full: release it before the next round")
-        budget = self._budget()
+        budget, mode = self._budget(), self._mode()
         phases = self._phases()
         clock = _PhaseClock(self.device, len(phases) + 1)
         if self.graphs_enabled:
-            graphs = self._graphs.get(budget) or self._capture(budget, phases)
+            graphs = self._graphs.get((budget, mode)) or self._capture(budget, mode, phases)
             clock.mark(0)
             for i, graph in enumerate(graphs):
                 graph.replay()
                 clock.mark(i + 1)
         else:
-            self.round_budget = budget
+            self.round_budget, self.round_mode = budget, mode
             clock.mark(0)
             for i, phase in enumerate(phases):
                 phase()
@@ -348,21 +420,36 @@ class Engine:
         longest = max(c for c, a in zip(self.host_ctx, self.host_active) if a)
         return self.policy.config.tokens(longest)
 
+    def _mode(self) -> str:
+        """Return how this round draws tokens: "greedy" (every decoding slot), "filtered" (some slot uses top-k or
+        top-p), else "sample"."""
+        configs = [c for c, a in zip(self.host_sampling, self.host_active) if a]
+        if all(c.greedy for c in configs):
+            return "greedy"
+        return "filtered" if any(c.top_k or c.top_p < 1.0 for c in configs if not c.greedy) else "sample"
+
     def _phases(self) -> list[Callable[[], None]]:
         """Return the round's phases in order (timed separately; each one CUDA graph)."""
         if self.draft is None:
             return [self._decode_phase]
+        if self.policy is None:
+            return [self._draft_phase, self._verify_phase]
         return [self._draft_phase, self._select_phase, self._verify_phase]
 
     def _context(self) -> Tensor:
-        """Return ``[S]`` context rows per slot for this round: zero for free slots (they read nothing)."""
-        return torch.where(self.active, self.ctx, torch.zeros_like(self.ctx))
+        """Return ``[S]`` context rows per slot for this round: free slots have none (they read nothing), a slot
+        being prefilled has what its chunks wrote (the round's scratch rows then fall past them)."""
+        return self.ctx.clone()
+
+    def _distributions(self, logits: Tensor) -> Tensor:
+        """Return each slot's distributions ``[S, ..., V]`` under its own sampling settings (this round's mode)."""
+        return probabilities(logits, self.sampling_rows, filtered=self.round_mode == "filtered")
 
     def _pick(self, logits: Tensor) -> Tensor:
-        """Return one token per row of ``logits`` ``[..., V]`` under the sampling settings."""
-        if self.config.sampling.greedy:
+        """Return one token per slot from ``logits`` ``[S, V]`` under each slot's sampling settings."""
+        if self.round_mode == "greedy":
             return logits.argmax(-1)
-        return draw(probabilities(logits, self.config.sampling), self.generator)
+        return draw(self._distributions(logits), self.generator)
 
     def _decode_phase(self) -> None:
         """Autoregressive round: one target step per slot."""
@@ -375,7 +462,6 @@ class Engine:
         """Propose ``gamma`` tokens per slot (and their distributions when sampling); record the mapped queries."""
         assert self.draft is not None
         ctx = self._context()
-        sampling = self.config.sampling
         self.recorder.inner = dense_attention
         tokens = torch.stack([self.prev, self.last], dim=1)
         logits = self.draft(tokens, (ctx - 1).clamp_min(0), self.recorder)[:, -1, : self.vocab]
@@ -384,24 +470,23 @@ class Engine:
             if i:
                 self.recorder.inner = self.later_draft_attention
                 logits = self.draft(drafted[-1].view(-1, 1), ctx + i, self.recorder)[:, -1, : self.vocab]
-            if sampling.greedy:
+            if self.round_mode == "greedy":
                 drafted.append(logits.argmax(-1))
             else:
-                dists.append(probabilities(logits, sampling))
+                dists.append(self._distributions(logits))
                 drafted.append(draw(dists[-1], self.generator))
         self._hold["drafted"] = torch.stack(drafted, dim=1)
         if dists:
             self._hold["draft_probs"] = torch.stack(dists, dim=1)
-        self._hold["queries"] = self.recorder.take()  # type: ignore[assignment]
+        if self.policy is not None:
+            self._hold["queries"] = self.recorder.take()  # type: ignore[assignment]
 
     def _select_phase(self) -> None:
-        """Let the policy score the context for this round (no-op for dense speculative decoding)."""
-        if self.policy is not None:
-            queries = self._hold.pop("queries")
-            ctx = RoundContext(self._context(), self.target, self.round_budget, self.draft, queries)  # type: ignore[arg-type]
-            self.policy.prepare(ctx)
-        else:
-            self._hold.pop("queries", None)
+        """Let the policy score the context for this round's budget."""
+        assert self.policy is not None
+        queries = self._hold.pop("queries")
+        ctx = RoundContext(self._context(), self.target, self.round_budget, self.draft, queries)  # type: ignore[arg-type]
+        self.policy.prepare(ctx)
 
     def _verify_phase(self) -> None:
         """Verify the drafts with the target (over the selected rows) and accept on the device."""
@@ -409,13 +494,12 @@ class Engine:
         drafted = self._hold["drafted"]
         logits = self.target(torch.cat([self.last.view(-1, 1), drafted], dim=1), ctx, self.verify_attention)
         logits = logits[..., : self.vocab]
-        sampling = self.config.sampling
-        if sampling.greedy:
+        if self.round_mode == "greedy":
             choice = logits.argmax(-1)
             n = (choice[:, :-1] == drafted).long().cumprod(dim=1).sum(dim=1)
             nxt = choice.gather(1, n.view(-1, 1)).view(-1)
         else:
-            n, nxt = accept(drafted, self._hold["draft_probs"], probabilities(logits, sampling), self.generator)
+            n, nxt = accept(drafted, self._hold["draft_probs"], self._distributions(logits), self.generator)
         tokens = torch.cat([drafted, nxt.view(-1, 1)], dim=1).scatter(1, n.view(-1, 1), nxt.view(-1, 1))
         prev = torch.where(n > 0, drafted.gather(1, (n - 1).clamp_min(0).view(-1, 1)).view(-1), self.last)
         self._advance(tokens, (n + 1) * self.active.long(), prev, nxt)
@@ -451,8 +535,9 @@ class Engine:
             stats.verify_s += clock.seconds(0)
             return
         stats.draft_s += clock.seconds(0)
-        stats.select_s += clock.seconds(1)
-        stats.verify_s += clock.seconds(2)
+        if self.policy is not None:
+            stats.select_s += clock.seconds(1)
+        stats.verify_s += clock.seconds(2 if self.policy is not None else 1)
         if self.config.measure_recall:
             self.verify_attention.end_step(stats)  # type: ignore[union-attr]
         elif sparsity is not None:
@@ -460,14 +545,15 @@ class Engine:
 
     # ------------------------------------------------------------------ CUDA graphs
 
-    def _capture(self, budget: int, phases: list[Callable[[], None]]) -> list[torch.cuda.CUDAGraph]:
-        """Return the round's phases captured in CUDA graphs for ``budget`` rows (after warm-up runs that compile).
+    def _capture(self, budget: int, mode: str, phases: list[Callable[[], None]]) -> list[torch.cuda.CUDAGraph]:
+        """Return the round's phases captured in CUDA graphs for ``budget`` rows and sampling ``mode`` (after warm-up
+        runs that compile).
 
         Warm-up runs decode for real, so the slot state is saved before and restored after them.
         """
         began = time.perf_counter()
         state = [t.clone() for t in (self.ctx, self.last, self.prev, self.out_tokens, self.out_count)]
-        self.round_budget = budget
+        self.round_budget, self.round_mode = budget, mode
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -481,12 +567,12 @@ class Engine:
         graphs = []
         for phase in phases:
             graph = torch.cuda.CUDAGraph()
-            if not self.config.sampling.greedy:
+            if mode != "greedy":
                 graph.register_generator_state(self.generator)
             with torch.cuda.graph(graph, pool=pool):
                 phase()
             graphs.append(graph)
-        self._graphs[budget] = graphs
+        self._graphs[budget, mode] = graphs
         torch.cuda.synchronize(self.device)
         self.stats.compile_s += time.perf_counter() - began
         return graphs

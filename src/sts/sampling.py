@@ -32,27 +32,64 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
-def probabilities(logits: Tensor, config: SamplingConfig) -> Tensor:
-    """Return the distribution ``[..., V]`` (float32) that tokens are drawn from.
+@dataclass
+class SamplingRows:
+    """Per-sequence sampling settings as tensors ``[B]`` (the engine keeps one row per batch slot).
 
-    Greedy decoding is the one-hot distribution on the argmax, so speculative acceptance
-    (min(1, p/q)) needs no special case: it reduces to exact matching.
+    ``temperature == 0`` rows are greedy; ``top_k == 0`` and ``top_p == 1`` rows are unfiltered.
+    """
+
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+
+    @classmethod
+    def filled(cls, config: SamplingConfig, rows: int, device: torch.device | str = "cpu") -> "SamplingRows":
+        """Return ``rows`` copies of one config."""
+        def full(value: float, dtype: torch.dtype) -> Tensor:
+            return torch.full((rows,), value, dtype=dtype, device=device)
+
+        return cls(full(config.temperature, torch.float32), full(config.top_k, torch.long), full(config.top_p, torch.float32))
+
+    def set(self, row: int, config: SamplingConfig) -> None:
+        """Give row ``row`` the settings of ``config`` (in place: safe while CUDA graphs read these tensors)."""
+        self.temperature[row], self.top_k[row], self.top_p[row] = config.temperature, config.top_k, config.top_p
+
+
+def probabilities(logits: Tensor, config: SamplingConfig | SamplingRows, filtered: bool | None = None) -> Tensor:
+    """Return the distributions ``[B, ..., V]`` (float32) that tokens are drawn from, row ``b`` under row ``b``'s settings.
+
+    Greedy rows get the one-hot distribution on the argmax, so speculative acceptance
+    (min(1, p/q)) needs no special case: it reduces to exact matching. ``filtered=False``
+    skips the top-k / top-p pass (a sort of the vocabulary) when no row uses them; by default
+    it runs when some row might.
     """
     logits = logits.float()
-    if config.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / config.temperature
-    if config.top_k:
-        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        # Drop a token once the mass before it already reaches top_p (the first token always stays).
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= config.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    if isinstance(config, SamplingConfig):
+        if config.greedy:
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        filtered = config.top_k > 0 or config.top_p < 1.0
+        config = SamplingRows.filled(config, logits.shape[0], logits.device)
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    greedy = (config.temperature == 0).view(shape)
+    scaled = logits / torch.where(greedy, 1.0, config.temperature.view(shape))
+    if filtered is None or filtered:
+        scaled = _top_k_top_p(scaled, config.top_k.view(shape), config.top_p.view(shape))
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.where(greedy, one_hot, torch.softmax(scaled, dim=-1))
+
+
+def _top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Return ``logits`` with tokens outside each row's top ``k`` (when k > 0) and top-``p`` nucleus set to ``-inf``."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    kth = sorted_logits.gather(-1, (top_k - 1).clamp_min(0).expand(*logits.shape[:-1], 1))
+    sorted_logits = sorted_logits.masked_fill((top_k > 0) & (sorted_logits < kth), float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token once the mass before it already reaches top_p (the first token always stays).
+    drop_sorted = ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1.0)
+    drop_sorted |= torch.isinf(sorted_logits)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -12,9 +12,15 @@ from sts.attention import reference, rerank, scores
 from sts.attention.scores import Aggregate
 
 
-def use_triton(t: Tensor) -> bool:
-    """Return whether the Triton kernels serve tensors on ``t``'s device."""
-    return find_spec("triton") is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+def kernel_head_dim(head_dim: int) -> bool:
+    """Return whether the Triton kernels take this head dimension (a power of two from 16 to 256)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def use_triton(q: Tensor) -> bool:
+    """Return whether the Triton kernels serve queries ``q`` ``[..., D]`` on their device (else the PyTorch references)."""
+    on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_device and find_spec("triton") is not None and kernel_head_dim(q.shape[-1])
 
 
 def verify_attention(
@@ -52,9 +58,16 @@ def rerank_rows(
     sink: int, window: int, budget: int, prob: bool,
 ) -> Tensor:
     """Return ``[B, Hkv, budget]`` rows: sinks, window and the candidates the target's queries rank best
-    (contract in :mod:`sts.attention.rerank`)."""
-    if use_triton(q):
-        from sts.attention.triton_rerank import rerank_rows_triton
+    (contract in :mod:`sts.attention.rerank`).
 
-        return rerank_rows_triton(q, k_cache, cand, usable, start_pos, sink, window, budget, prob)
+    The fused kernel holds at most ``MAX_CANDIDATES`` candidates and ``MAX_QUERY_ROWS`` query rows
+    per KV head in one program; past that (budgets of thousands of rows) the exact PyTorch path
+    serves, which is also free of host synchronisation.
+    """
+    if use_triton(q):
+        from sts.attention.triton_rerank import MAX_CANDIDATES, MAX_QUERY_ROWS, rerank_rows_triton
+
+        rows = (q.shape[1] // k_cache.shape[1]) * q.shape[2]
+        if cand.shape[-1] <= MAX_CANDIDATES and rows <= MAX_QUERY_ROWS:
+            return rerank_rows_triton(q, k_cache, cand, usable, start_pos, sink, window, budget, prob)
     return rerank.rerank_rows(q, k_cache, cand, usable, start_pos, sink, window, budget, prob)

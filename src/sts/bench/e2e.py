@@ -1,10 +1,13 @@
-"""End-to-end decode speed on the GPU: autoregressive vs dense speculative vs STS, in one process.
+"""End-to-end decode speed on the GPU, through the engine users run: autoregressive vs dense speculative vs STS.
 
-Speed depends on shapes, not weight values, so the models are Llama-3.1-8B / Llama-3.2-1B shaped
-with random bf16 weights and random KV caches filled to the context length. Every step runs
-under a CUDA graph. A round's time does not depend on how many drafts are accepted (shapes are
-static), so tokens/s at an acceptance length ``a`` is ``a / round_time``: the table reports
-forced acceptance lengths and the one measured on real weights (``--measured-accept``).
+Every figure comes from :meth:`sts.engine.Engine.generate`, the function behind ``sts generate``,
+the Python API, eval and the server, in one process. Speed depends on shapes, not weight values,
+so the models are Llama-3.1-8B / Llama-3.2-1B shaped; their weights are a synthetic pair
+(:mod:`sts.bench.synthetic`) whose draft agrees with the target on a chosen share of tokens, so
+acceptance is measured in the run, not assumed. Per (batch, context): the prompt is prefilled once
+through the engine (timed, as a share of the matrix rate), then every method decodes from it
+(``cached=True``: decoding never changes a prompt's rows): a first call compiles and captures
+(reported as ``compile_s``), a second is timed. Peak GPU memory is recorded per method.
 """
 
 from __future__ import annotations
@@ -13,23 +16,21 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import Tensor
+from tqdm import tqdm
 
-from sts.attention.backend import AttentionFn, QueryRecorder, dense_attention
+from sts.engine import Engine, EngineConfig
 from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
-from sts.selection.attend import SelectiveAttention
-from sts.selection.base import RoundContext, SelectionConfig
-from sts.selection.mapping import HeadMapping
-from sts.selection.sts import STSPolicy
-from sts.speculative import sparse_draft_attention
+from sts.selection import SelectionConfig, make_policy
 
 #: Bytes per second used for roofline bounds: the GEMV rate measured on the H200 (see DESIGN.md).
 ROOFLINE_BW = 4.07e12
+#: bf16 matrix rate measured on the H200 (KINDS.md: 769-798 TFLOP/s on random data).
+MATRIX_FLOPS = 790e12
 
 SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -40,30 +41,30 @@ SHAPES = {
 }
 
 
-def random_model(shape: str, batch: int, max_len: int, device: str = "cuda") -> Transformer:
-    """Return a model of a named shape with random bf16 weights and a KV cache full of random rows."""
-    from transformers import LlamaConfig
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked decoding path: the draft or not, a policy name and options, a sparse draft or not."""
 
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
-    config = ModelConfig.from_hf(LlamaConfig(**SHAPES[shape], rope_parameters=rope), name=shape)
-    with torch.device("meta"):
-        model = Transformer(config).to(torch.bfloat16)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.inv_freq = config.rope_inv_freq()[0].to(device)
-    model.setup_cache(batch, max_len)
-    with torch.no_grad():
-        for blk in model.layers:
-            blk.self_attn.cache.k.normal_()
-            blk.self_attn.cache.v.normal_()
-    return model.eval().requires_grad_(False)
+    name: str
+    speculative: bool = True
+    policy: str | None = None
+    options: tuple[tuple[str, float], ...] = ()
+    sparse_draft: bool = False
+
+
+METHODS = (
+    Method("autoregressive", speculative=False),
+    Method("speculative"),
+    Method("speculative+sd", sparse_draft=True),
+    Method("sts", policy="sts"),
+    Method("sts+sd", policy="sts", sparse_draft=True),
+    Method("sts-plain", policy="sts", options=(("rerank", 0),)),
+    Method("sts-plain+sd", policy="sts", options=(("rerank", 0),), sparse_draft=True),
+)
 
 
 def weight_bytes(model: Transformer) -> int:
-    """Return the bytes of weights one forward reads (the embedding table only through the LM head)."""
+    """Return the bytes of weights one forward reads (of the embedding table only the step's rows: none counted)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if not model.config.tie_word_embeddings:
         total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
@@ -76,131 +77,79 @@ def kv_bytes(config: ModelConfig, batch: int, rows: int, layers: int | None = No
     return batch * n_layers * (1 if k_only else 2) * config.n_kv_heads * rows * config.head_dim * 2
 
 
-def graphed(fn: Callable[[], object], warmup: int = 2) -> Callable[[], None]:
-    """Return a replay function of ``fn`` captured in a CUDA graph (after eager warm-up runs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+def round_bytes(method: Method, target: Transformer, draft: Transformer, batch: int, context: int, gamma: int,
+                budget: int, draft_budget: int, mapped_layers: int) -> int:
+    """Return the fewest bytes one round of ``method`` must move: weights once per forward, the KV rows it reads."""
+    t, d = target.config, draft.config
+    if not method.speculative:
+        return weight_bytes(target) + kv_bytes(t, batch, context)
+    later = min(draft_budget, context) if method.sparse_draft else context
+    draft_bytes = gamma * weight_bytes(draft) + kv_bytes(d, batch, context) + (gamma - 1) * kv_bytes(d, batch, later)
+    if method.policy is None:
+        return draft_bytes + weight_bytes(target) + kv_bytes(t, batch, context)
+    score = kv_bytes(d, batch, context, layers=mapped_layers, k_only=True)
+    return draft_bytes + score + weight_bytes(target) + kv_bytes(t, batch, min(budget, context))
 
 
-def time_ms(fn: Callable[[], None], iters: int) -> float:
-    """Return the median milliseconds of ``fn`` over ``iters`` timed runs (CUDA events)."""
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def prefill_flops(config: ModelConfig, params: int, tokens: int) -> float:
+    """Return the FLOPs of a causal prefill of ``tokens`` tokens: ``2 * params`` per token plus attention's ``2 * n^2 * d_q * L``."""
+    return 2.0 * params * tokens + 2.0 * tokens**2 * config.n_heads * config.head_dim * config.n_layers
 
 
-@dataclass
-class Setup:
-    """One benchmark point: models, context, and the static input tensors every graph reads."""
-
-    target: Transformer
-    draft: Transformer
-    batch: int
-    context: int
-    gamma: int
-    start: Tensor
-    last: Tensor
-
-
-def _draft_steps(s: Setup, recorder: QueryRecorder | None, later: AttentionFn = dense_attention) -> Tensor:
-    """Return ``[B, gamma]`` greedy draft tokens from ``gamma`` one-token draft forwards.
-
-    The first step attends densely; later steps through ``later`` (a sparse draft).
-    """
-    tok, out = s.last, []
-    for i in range(s.gamma):
-        attention = later if i else dense_attention
-        if recorder is not None:
-            recorder.inner, attention = attention, recorder
-        tok = s.draft(tok, s.start + i, attention)[:, -1].argmax(-1, keepdim=True)
-        out.append(tok)
-    return torch.cat(out, dim=1)
-
-
-def _accept(drafted: Tensor, logits: Tensor) -> Tensor:
-    """Return accepted counts ``[B]`` by greedy matching, on the GPU (no host round-trip)."""
-    choice = logits.argmax(-1)
-    return (choice[:, :-1] == drafted).long().cumprod(1).sum(1)
-
-
-def bench_point(s: Setup, budget: int, draft_budget: int, iters: int, rerank: int = 0) -> dict[str, float]:
-    """Return milliseconds per AR step, dense speculative round, STS round (dense and sparse draft, and
-    with target re-ranking of ``rerank`` x the free rows when set) and each STS phase."""
-    t, d = s.target, s.draft
-    ar = graphed(lambda: t(s.last, s.start).argmax(-1))
-
-    def dense_round() -> Tensor:
-        drafted = _draft_steps(s, None)
-        return _accept(drafted, t(torch.cat([s.last, drafted], 1), s.start))
-
-    mapping = HeadMapping.default(t.config, d.config)
-    policy = STSPolicy(SelectionConfig(budget=budget, sink=4, window=64), mapping, rerank=0)  # the plain rule
-    policy.budget = budget
-    recorder = QueryRecorder(mapping.draft_layers())
-    verify = SelectiveAttention(policy)
-    holder: dict[str, Tensor] = {}
-
-    def draft_phase(later: AttentionFn = dense_attention) -> None:
-        holder["drafted"] = _draft_steps(s, recorder, later)
-        holder["queries"] = recorder.take()
-
-    def select_phase() -> None:
-        policy.prepare(RoundContext(s.start, t, d, holder["queries"]))
-        holder["rows"] = torch.stack([policy.select(layer, None, None, s.start) for layer in range(t.config.n_layers)])
-
-    def verify_phase(attention: SelectiveAttention = verify) -> None:
-        holder["logits"] = t(torch.cat([s.last, holder["drafted"]], 1), s.start, attention)
-
-    def sts_round(later: AttentionFn = dense_attention, attention: SelectiveAttention = verify) -> None:
-        draft_phase(later)
-        attention.policy.prepare(RoundContext(s.start, t, d, holder["queries"]))
-        verify_phase(attention)
-        holder["accepted"] = _accept(holder["drafted"], holder["logits"])
-
-    sparse_draft = sparse_draft_attention(draft_budget)
-
-    out = {"ar_ms": time_ms(ar, iters), "dense_round_ms": time_ms(graphed(dense_round), iters)}
-    out["sts_round_ms"] = time_ms(graphed(sts_round), iters)
-    out["sts_sparse_draft_round_ms"] = time_ms(graphed(lambda: sts_round(sparse_draft)), iters)
-    out["draft_ms"] = time_ms(graphed(draft_phase), iters)
-    out["sparse_draft_ms"] = time_ms(graphed(lambda: draft_phase(sparse_draft)), iters)
-    out["select_ms"] = time_ms(graphed(select_phase), iters)
-    out["verify_ms"] = time_ms(graphed(verify_phase), iters)
-    if rerank:
-        reranked = STSPolicy(policy.config, mapping, rerank=rerank)
-        reranked.budget = budget
-        attention = SelectiveAttention(reranked)
-        out["sts_rerank_round_ms"] = time_ms(graphed(lambda: sts_round(attention=attention)), iters)
-        out["sts_rerank_sparse_draft_round_ms"] = time_ms(graphed(lambda: sts_round(sparse_draft, attention)), iters)
-    return out
-
-
-def roofline(s: Setup, budget: int, draft_budget: int, mapped_layers: int) -> dict[str, float]:
-    """Return the bytes each path must move per round (weights, KV rows, score pass)."""
-    t, d, b, n, g = s.target, s.draft, s.batch, s.context, s.gamma
-    draft_bytes = g * (weight_bytes(d) + kv_bytes(d.config, b, n))
-    sparse_draft_bytes = g * weight_bytes(d) + kv_bytes(d.config, b, n) + (g - 1) * kv_bytes(d.config, b, min(draft_budget, n))
-    sts_verify = weight_bytes(t) + kv_bytes(t.config, b, min(budget, n)) + kv_bytes(d.config, b, n, layers=mapped_layers, k_only=True)
-    return {
-        "ar_bytes": weight_bytes(t) + kv_bytes(t.config, b, n),
-        "dense_round_bytes": draft_bytes + weight_bytes(t) + kv_bytes(t.config, b, n),
-        "sts_round_bytes": draft_bytes + sts_verify,
-        "sts_sparse_draft_round_bytes": sparse_draft_bytes + sts_verify,
-    }
+def bench_point(target: Transformer, draft: Transformer, batch: int, context: int, args: argparse.Namespace) -> list[dict]:
+    """Return one record per method at (batch, context): prefill, then decode speed, acceptance, bound share, memory."""
+    gen = torch.Generator().manual_seed(batch * 1_000_003 + context)
+    prompt = torch.randint(0, target.config.vocab_size, (context,), generator=gen).tolist()
+    max_len = context + args.new_tokens + args.gamma + 2
+    reader = Engine(target, draft, slots=batch, max_len=max_len, config=EngineConfig(gamma=args.gamma))
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    reader.prefill(0, prompt)
+    end.record()
+    end.synchronize()
+    prefill_s = start.elapsed_time(end) / 1e3
+    for b in range(1, batch):  # one long prefill, copied into every slot
+        reader.prefill(b, prompt, copy_from=0)
+    # Each sequence ends in its own token: the synthetic pair's continuation (and so its acceptance)
+    # depends on it alone, and the methods below re-read only that last token (cached=True).
+    prompts = [prompt[:-1] + [int(t)] for t in torch.randint(0, target.config.vocab_size, (batch,), generator=gen)]
+    flops = sum(prefill_flops(m.config, weight_bytes(m) // 2, context) for m in (target, draft))
+    common = {"batch": batch, "context": context, "gamma": args.gamma, "budget": args.budget,
+              "draft_budget": args.draft_budget, "agreement": args.agreement,
+              "prefill_s": prefill_s, "prefill_matrix_share": flops / prefill_s / MATRIX_FLOPS}
+    selection = SelectionConfig(budget=args.budget, sink=4, window=64)
+    records = []
+    for method in METHODS:
+        policy = None
+        if method.policy is not None:
+            policy = make_policy(method.policy, selection, target, draft, **dict(method.options))
+        config = EngineConfig(gamma=args.gamma, draft_budget=args.draft_budget if method.sparse_draft else None)
+        engine = Engine(target, draft if method.speculative else None, policy, slots=batch, max_len=max_len, config=config)
+        torch.cuda.reset_peak_memory_stats()
+        first = engine.generate(prompts, args.new_tokens, cached=True)  # compiles and captures
+        timed = engine.generate(prompts, args.new_tokens, cached=True).stats
+        rounds = max(timed.target_forwards, 1)
+        decode_s = timed.time_s - timed.prefill_s
+        mapped = len(policy.draft_layers(draft)) if policy is not None else 0
+        bytes_ = round_bytes(method, target, draft, batch, context, args.gamma, args.budget, args.draft_budget, mapped)
+        summary = timed.summary()
+        records.append({
+            **common, "method": method.name, "tokens_per_s": summary["tokens_per_s"],
+            "ms_per_round": 1e3 * decode_s / rounds, "acceptance_length": summary["acceptance_length"],
+            "sparsity": summary["sparsity"], "compile_s": first.stats.compile_s,
+            **{f"{phase}_ms": 1e3 * getattr(timed, f"{phase}_s") / rounds for phase in ("draft", "select", "verify")},
+            "round_bytes": bytes_, "bound_share": bytes_ / ROOFLINE_BW / (decode_s / rounds),
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+        })
+        del engine
+    ar = records[0]["tokens_per_s"]
+    spec = records[1]["tokens_per_s"]
+    for r in records:
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ar
+        r["speedup_vs_spec"] = r["tokens_per_s"] / spec
+    return records
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -208,85 +157,71 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="8192,32768,131072")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--budget", type=int, default=512)
-    p.add_argument("--draft-budget", type=int, default=512, help="rows the draft's later steps read (sparse draft)")
-    p.add_argument("--rerank", type=int, default=0, help="also time STS with target re-ranking of this many x the free rows")
-    p.add_argument("--accept", default="2,3,4", help="forced tokens per round to report")
-    p.add_argument("--measured-accept", type=float, default=None, help="tokens per round measured on real weights")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--budget", type=int, default=512, help="STS rows per KV head (sinks and window included)")
+    p.add_argument("--draft-budget", type=int, default=512, help="rows the sparse draft's later steps read")
+    p.add_argument("--agreement", type=float, default=0.77,
+                   help="share of tokens where the synthetic draft predicts the target (0.77: ~3 tokens per round at gamma 4)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per sequence in the timed run")
     p.add_argument("--out", default="e2e.jsonl")
+    p.add_argument("--png", default=None, help="also draw the speed-ups into this PNG")
 
 
-def plot(records: list[dict], path: Path, accept: float = 3.0) -> Path:
-    """Write a PNG of decode speed-up over autoregressive vs context, per path and batch, at ``accept`` tokens per round."""
+def plot(records: list[dict], path: Path) -> Path:
+    """Write a PNG of decode speed-up over autoregressive vs context, one line per method and batch."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2))
+    fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
-    paths = (("dense speculative", "dense_round_ms"), ("STS", "sts_round_ms"), ("STS + sparse draft", "sts_sparse_draft_round_ms"))
-    for batch, style in ((1, "-o"), (4, "--s")):
-        rows = sorted((r for r in records if r["batch"] == batch), key=lambda r: r["context"])
-        for label, key in paths:
-            ax.plot([r["context"] // 1024 for r in rows], [accept * r["ar_ms"] / r[key] for r in rows], style, label=f"{label}, batch {batch}")
+    for batch, style in zip(sorted({r["batch"] for r in records}), ("-o", "--s", ":^", "-.v")):
+        for method in [m.name for m in METHODS[1:]]:
+            rows = sorted((r for r in records if r["batch"] == batch and r["method"] == method), key=lambda r: r["context"])
+            if rows:
+                ax.plot([r["context"] // 1024 for r in rows], [r["speedup_vs_ar"] for r in rows], style,
+                        label=f"{method}, batch {batch}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (K tokens)")
-    ax.set_ylabel(f"decode speed-up over autoregressive\n({accept:g} tokens per round, forced)")
-    ax.set_title("Llama-3.1-8B target, Llama-3.2-1B draft shapes, H200, bf16, CUDA graphs", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("decode tokens/s over autoregressive")
+    ax.set_title("sts.engine, Llama-3.1-8B / 3.2-1B shapes (synthetic pair), H200, bf16", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the options and run the grid (or, with ``--plot``, only draw an earlier run's results)."""
+    """Parse the options and run the grid, one JSON line per (batch, context, method)."""
+    from sts.bench.synthetic import synthetic_pair
+
     parser = argparse.ArgumentParser(prog="sts bench e2e", description=__doc__.splitlines()[0])
     add_args(parser)
-    parser.add_argument("--plot", help="draw this JSON-lines file's speed-ups into --png instead of running")
-    parser.add_argument("--png", default="e2e.png")
     args = parser.parse_args(argv)
-    if args.plot:
-        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], Path(args.png))
-        return
-    run(args)
-
-
-def run(args: argparse.Namespace) -> None:
-    """Run the grid and append one JSON line per (batch, context)."""
-    accepts = [float(a) for a in args.accept.split(",")] + ([args.measured_accept] if args.measured_accept else [])
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    longest = max(contexts) + args.new_tokens + args.gamma + 2
+    target, draft = synthetic_pair("llama3-8b", "llama3.2-1b", args.agreement, max_position_embeddings=longest)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "argv": argv}
     out = Path(args.out)
-    for batch in [int(x) for x in args.batches.split(",")]:
-        for context in [int(x) for x in args.contexts.split(",")]:
+    records: list[dict] = []
+    with torch.no_grad():
+        for batch, context in tqdm([(b, c) for b in batches for c in contexts], desc="e2e", file=sys.stderr):
             torch.cuda.empty_cache()
-            max_len = context + args.gamma + 2
-            s = Setup(random_model("llama3-8b", batch, max_len), random_model("llama3.2-1b", batch, max_len),
-                      batch, context, args.gamma, torch.full((batch,), context, device="cuda"),
-                      torch.randint(0, 1000, (batch, 1), device="cuda"))
-            with torch.no_grad():
-                times = bench_point(s, args.budget, args.draft_budget, args.iters, args.rerank)
-            mapped = len(HeadMapping.default(s.target.config, s.draft.config).draft_layers())
-            bytes_ = roofline(s, args.budget, args.draft_budget, mapped)
-            record = {"batch": batch, "context": context, "gamma": args.gamma, "budget": args.budget, **times, **bytes_,
-                      "ar_bound_share": bytes_["ar_bytes"] / ROOFLINE_BW / (times["ar_ms"] / 1e3),
-                      "dense_round_bound_share": bytes_["dense_round_bytes"] / ROOFLINE_BW / (times["dense_round_ms"] / 1e3),
-                      "sts_round_bound_share": bytes_["sts_round_bytes"] / ROOFLINE_BW / (times["sts_round_ms"] / 1e3),
-                      "sts_sparse_draft_round_bound_share":
-                      bytes_["sts_sparse_draft_round_bytes"] / ROOFLINE_BW / (times["sts_sparse_draft_round_ms"] / 1e3)}
-            # Same acceptance for both speculative paths: STS over dense speculative is a ratio of round times.
-            record["speedup_sts_vs_spec"] = times["dense_round_ms"] / times["sts_round_ms"]
-            record["speedup_sts_sparse_draft_vs_spec"] = times["dense_round_ms"] / times["sts_sparse_draft_round_ms"]
-            for a in accepts:
-                record[f"speedup_sts_vs_ar@{a:g}"] = a * times["ar_ms"] / times["sts_round_ms"]
-                record[f"speedup_sts_sparse_draft_vs_ar@{a:g}"] = a * times["ar_ms"] / times["sts_sparse_draft_round_ms"]
-                record[f"speedup_spec_vs_ar@{a:g}"] = a * times["ar_ms"] / times["dense_round_ms"]
-            with out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(json.dumps(record), file=sys.stderr, flush=True)
-            del s
+            for record in bench_point(target, draft, batch, context, args):
+                record.update(meta)
+                records.append(record)
+                with out.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"b={batch} ctx={context} {record['method']:<15} {record['tokens_per_s']:9.1f} tok/s "
+                      f"x{record['speedup_vs_ar']:.2f} AR x{record['speedup_vs_spec']:.2f} spec  "
+                      f"accept {record['acceptance_length'] or 1:.2f}  {record['ms_per_round']:.2f} ms/round "
+                      f"bound {record['bound_share']:.0%}  compile {record['compile_s']:.1f}s  peak {record['peak_gb']:.1f} GB",
+                      file=sys.stderr, flush=True)
+    if args.png:
+        plot(records, Path(args.png))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ def fused_on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
     def run(x: Tensor, *args: Any) -> Any:
         if x.is_cuda and x.shape[1] <= KERNEL_MAX_TOKENS and os.environ.get("STS_COMPILE", "1") != "0":
             if not compiled:
+                # One specialisation per (batch, tokens, width) seen: decode, the draft's two-token
+                # step and verification, for target and draft, at a few batch sizes.
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 compiled.append(torch.compile(fn, dynamic=False, fullgraph=True))
             return compiled[0](x, *args)
         return fn(x, *args)

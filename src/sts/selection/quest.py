@@ -28,7 +28,8 @@ class QuestPolicy(SelectionPolicy):
         n = int(start_pos.max())
         pages = -(-n // self.page_size)
         rows = pages * self.page_size
-        k = k_cache[:, :, :rows].float()
+        # The last page may run past the cache's end: pad it (the padding is masked out below).
+        k = torch.nn.functional.pad(k_cache[:, :, :rows].float(), (0, 0, 0, rows - min(rows, k_cache.shape[2])))
         valid = (torch.arange(rows, device=k.device).view(1, 1, rows, 1) < start_pos.view(b, 1, 1, 1))
         k_min = k.masked_fill(~valid, float("inf")).view(b, hkv, pages, self.page_size, d).amin(3)
         k_max = k.masked_fill(~valid, float("-inf")).view(b, hkv, pages, self.page_size, d).amax(3)

@@ -206,3 +206,12 @@ def test_cuda_sparse_prefill_is_refused_before_any_work(cuda_pair):
     _, target, draft = cuda_pair
     with pytest.raises(STSError, match="CPU only"):
         Engine(target, draft, slots=1, max_len=64, config=EngineConfig(sparse_prefill=PrefillConfig()))
+
+
+@pytest.mark.parametrize("method", ["speculative", "sts"])
+def test_cuda_continuous_batching_with_chunked_prefill_is_lossless(cuda_pair, method):
+    from test_generation import interleaved_equals_solo
+
+    _, target, draft = cuda_pair
+    policy = make_policy("sts", SelectionConfig(budget=256, sink=4, window=8), target, draft) if method == "sts" else None
+    interleaved_equals_solo(target, draft, policy)

@@ -124,3 +124,39 @@ def test_sparse_draft_keeps_output_lossless_and_changes_only_acceptance(tiny_pai
     assert out.stats.accepted_per_round != dense_draft.stats.accepted_per_round  # the draft really read less
     with pytest.raises(STSError, match="draft budget"):
         speculative_generate(target, draft, prompts, 4, draft_budget=3)
+
+
+def interleaved_equals_solo(target, draft, policy=None, chunk: int = 16) -> None:
+    """Sequences admitted between rounds, their prefill chunk by chunk while others decode, each equal their solo run."""
+    from sts.engine import Engine, EngineConfig
+
+    prompts = [list(range(1, 50)), [9, 8, 7] * 30, [(5 * i) % 90 + 1 for i in range(70)]]
+    solo = [generate(target, [p], 24).tokens[0] for p in prompts]
+    engine = Engine(target, draft, policy, slots=2, max_len=128, config=EngineConfig(gamma=3, prefill_chunk=chunk))
+    out: dict[int, list[int]] = {}
+    owner: dict[int, int] = {}
+    waiting = list(range(len(prompts)))
+    jobs: dict[int, object] = {}
+    while waiting or jobs or any(engine.host_active):
+        for slot in engine.free_slots():
+            if slot not in jobs and waiting:
+                b = waiting.pop(0)
+                owner[slot], out[b] = b, []
+                jobs[slot] = engine.prefill_steps(slot, prompts[b])
+        for slot, job in list(jobs.items()):  # one chunk per round for each prefilling slot
+            first = next(job)
+            if first is not None:
+                out[owner[slot]].append(first)
+                del jobs[slot]
+        if any(engine.host_active):
+            for slot, tokens in enumerate(engine.step()):
+                if engine.host_active[slot]:
+                    out[owner[slot]].extend(tokens)
+                    if len(out[owner[slot]]) >= 24:
+                        engine.release(slot)
+    assert [out[b][:24] for b in range(len(prompts))] == solo
+
+
+def test_continuous_batching_with_chunked_prefill_is_lossless(tiny_pair):
+    _, target, draft = tiny_pair
+    interleaved_equals_solo(target, draft)

@@ -160,3 +160,75 @@ def interleaved_equals_solo(target, draft, policy=None, chunk: int = 16) -> None
 def test_continuous_batching_with_chunked_prefill_is_lossless(tiny_pair):
     _, target, draft = tiny_pair
     interleaved_equals_solo(target, draft)
+
+
+def test_batch_with_early_stops_equals_each_sequence_alone(tiny_pair):
+    """Issue 12's case: two sequences of one batch stop at different rounds; each equals transformers' own output."""
+    hf, target, draft = tiny_pair
+    prompts = [[5, 0], [5, 7], list(range(3, 40))]
+    out = speculative_generate(target, draft, prompts, 200, gamma=4)
+    for prompt, tokens in zip(prompts, out.tokens):
+        ids = torch.tensor([prompt])  # an explicit mask: token 0 is a real token here, not padding
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=200, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+        assert tokens == ref[0, len(prompt):].tolist()
+    eos = out.tokens[1][7]  # sequence 1 stops after 8 tokens; the others run on (or stop where they emit it)
+    early = speculative_generate(target, draft, prompts, 200, gamma=4, eos_ids=[eos])
+    for full, cut in zip(out.tokens, early.tokens):
+        assert cut == full[: full.index(eos) + 1] if eos in full else cut == full
+
+
+def test_finished_sequences_read_nothing(tiny_pair):
+    """A slot whose sequence stopped has no context: later rounds read none of its rows."""
+    from sts.engine import Engine, EngineConfig
+
+    _, target, draft = tiny_pair
+    engine = Engine(target, draft, slots=2, max_len=300, config=EngineConfig(gamma=4))
+    engine.prefill(0, list(range(1, 60)))
+    engine.prefill(1, [5, 7])
+    engine.step()
+    engine.release(0)
+    for _ in range(3):
+        new = engine.step()
+        assert new[0] == [] and new[1]
+    assert int(engine.ctx[0]) == 0 and engine.host_ctx[0] == 0
+
+
+class _Vocab:
+    """A tokenizer's vocabulary as the pair check reads it (ids 0 .. n-1)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"t{i}": i for i in range(self.n)}
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_pair_with_padded_embedding_tables_decodes_the_targets_greedy_output():
+    """One tokenizer of 256 ids, a target table of 384 rows and a draft one of 256 (as Qwen2.5 0.5B -> 7B pads):
+    the pair is accepted, no id past the tokenizer is proposed or emitted, and the output is the target's
+    greedy decode over the tokenizer's ids (transformers with the padded ids suppressed)."""
+    from sts.models.loading import build_model
+    from sts.speculative import shared_vocab
+
+    hf = hf_model(hf_config("llama", vocab=384, layers=2), seed=21)
+    target = ours(hf)
+    noisy = perturbed(target, 0.1, seed=22).state_dict()
+    small = {k: (v[:256] if k in ("embed_tokens.weight", "lm_head.weight") else v) for k, v in noisy.items()}
+    draft = build_model(ours(hf_model(hf_config("llama", vocab=256, layers=2))).config, small, torch.float32, "cpu")
+    with pytest.raises(STSError, match="vocabulary"):
+        shared_vocab(target, draft)  # without tokenizers the tables must match
+    with pytest.raises(STSError, match="tokenizers differ"):
+        shared_vocab(target, draft, _Vocab(256), _Vocab(255))
+    vocab = shared_vocab(target, draft, _Vocab(256), _Vocab(256))
+    assert vocab == 256
+    prompts = [[1, 2, 3, 4], list(range(100, 160))]
+    out = speculative_generate(target, draft, prompts, 40, gamma=4, vocab=vocab)
+    for prompt, tokens in zip(prompts, out.tokens):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, suppress_tokens=list(range(256, 384)))
+        assert tokens == ref[0, len(prompt):].tolist()
+        assert max(tokens) < 256

@@ -57,6 +57,24 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that, on the CPU, runs 2-8 rows as one matrix-vector product each.
+
+    MKL's GEMM packs the whole weight matrix on every call, so a verify or draft step of a few
+    rows costs several times a GEMV per row (measured, fp32, 2 threads, 896 x 9728 weights: 2 rows
+    14.5 ms as one GEMM vs 4.6 ms as two GEMVs; 5 rows 23.8 vs 11.8 ms; from about 10 rows on the
+    GEMM wins). GPUs and longer inputs take the ordinary path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return ``x @ weight.T + bias`` for ``x`` ``[..., in]``."""
+        rows = x.numel() // x.shape[-1]
+        if x.is_cuda or rows < 2 or rows > 8:
+            return super().forward(x)
+        flat = x.reshape(rows, x.shape[-1])
+        return torch.stack([super(Linear, self).forward(row) for row in flat]).view(*x.shape[:-1], -1)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm."""
 
@@ -117,8 +135,8 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         hd = config.head_dim
         # q, k and v in one matrix: one GEMV per step instead of three (see fuse_projections).
-        self.qkv_proj = nn.Linear(config.hidden_size, (config.n_heads + 2 * config.n_kv_heads) * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.n_heads * hd, config.hidden_size, bias=config.o_bias)
+        self.qkv_proj = Linear(config.hidden_size, (config.n_heads + 2 * config.n_kv_heads) * hd, bias=config.qkv_bias)
+        self.o_proj = Linear(config.n_heads * hd, config.hidden_size, bias=config.o_bias)
         self.cache: KVCache | None = None
 
     def forward(
@@ -145,8 +163,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)  # gate and up in one GEMV
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_up_proj = Linear(h, 2 * i, bias=bias)  # gate and up in one GEMV
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return down(silu(gate(x)) * up(x))."""
@@ -182,7 +200,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         inv_freq, self.rope_scaling = config.rope_inv_freq()

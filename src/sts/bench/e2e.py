@@ -176,10 +176,10 @@ def plot(records: list[dict], path: Path) -> Path:
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     for batch, style in zip(sorted({r["batch"] for r in records}), ("-o", "--s", ":^", "-.v")):
-        for method in [m.name for m in METHODS[1:]]:
+        for i, method in enumerate(m.name for m in METHODS[1:]):
             rows = sorted((r for r in records if r["batch"] == batch and r["method"] == method), key=lambda r: r["context"])
-            if rows:
-                ax.plot([r["context"] // 1024 for r in rows], [r["speedup_vs_ar"] for r in rows], style,
+            if rows:  # one colour per method, one line style per batch size
+                ax.plot([r["context"] // 1024 for r in rows], [r["speedup_vs_ar"] for r in rows], style, color=f"C{i}",
                         label=f"{method}, batch {batch}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
@@ -193,12 +193,16 @@ def plot(records: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the options and run the grid, one JSON line per (batch, context, method)."""
+    """Parse the options and run the grid, one JSON line per (batch, context, method); or, with ``--plot``, only draw."""
     from sts.bench.synthetic import synthetic_pair
 
     parser = argparse.ArgumentParser(prog="sts bench e2e", description=__doc__.splitlines()[0])
     add_args(parser)
+    parser.add_argument("--plot", help="only draw this JSON-lines file's records into --png (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.plot:
+        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], Path(args.png or "e2e.png"))
+        return
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     longest = max(contexts) + args.new_tokens + args.gamma + 2

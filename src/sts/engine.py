@@ -212,7 +212,8 @@ class Engine:
     # ------------------------------------------------------------------ slots
 
     def free_slots(self) -> list[int]:
-        """Return the slots that hold no decoding sequence."""
+        """Return the slots that hold no decoding sequence (one whose prefill is under way counts as free:
+        its caller knows it)."""
         return [s for s in range(self.slots) if not self.host_active[s]]
 
     def room(self, slot: int) -> int:
@@ -225,9 +226,9 @@ class Engine:
     ) -> GenerationResult:
         """Return the continuations of up to ``slots`` prompts (prompt excluded), decoded to EOS or ``max_new_tokens``.
 
-        ``cached``: slot ``b``'s rows of both models already hold prompt ``b`` (an earlier run over
-        the same models read it: decoding never changes a prompt's rows), so prefill only re-reads
-        each prompt's last token.
+        ``cached``: slot ``b``'s rows of both models already hold prompt ``b`` but its last token (an
+        earlier run over the same models read it: decoding never changes a prompt's rows), so
+        prefill only reads each prompt's last token.
 
         ``on_tokens(b, ids)`` receives each sequence's tokens as soon as they are final. A
         sequence stops at an id in ``eos_ids`` (kept), at ``max_new_tokens``, or when its slot's

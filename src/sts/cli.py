@@ -308,6 +308,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the pair over an OpenAI-compatible HTTP API (options: :mod:`sts.serve.options`)."""
+    from sts.serve.options import run_serve
+
+    return run_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
     from sts.runner import methods
@@ -372,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="float32")
     d.add_argument("--json-out", help="also write the demo's record as JSON here")
     d.set_defaults(func=cmd_demo)
+
+    from sts.serve.options import add_serve_args
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (needs sts[serve])")
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,364 @@
+"""The Python API: from checkpoints to text in three lines, through the one engine and the serving scheduler.
+
+    from sts import LLM
+    llm = LLM("path/to/target", "path/to/draft", budget=0.1)
+    print(llm.generate("...long document...", max_tokens=128)[0].text)
+
+:class:`LLM` loads a pair (HF ids, directories or GGUF files), builds one
+:class:`~sts.engine.Engine` with ``slots`` batch slots and a
+:class:`~sts.serve.scheduler.Scheduler` over it; ``generate``, ``stream`` and ``chat`` queue
+requests there and drive it, and ``sts serve`` runs the same object from its own thread.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from sts.decoding import GenerationStats
+from sts.engine import Engine, EngineConfig
+from sts.errors import STSError
+from sts.models.transformer import Transformer
+from sts.prefill import PrefillConfig
+from sts.runner import DENSE_METHODS, LoadedModel, eos_ids, load, methods
+from sts.sampling import SamplingConfig
+from sts.selection import HeadMapping, SelectionConfig, check_options, make_policy
+from sts.serve.scheduler import Delta, Request, RequestError, RequestParams, Scheduler
+from sts.speculative import shared_vocab
+
+#: The share of free memory (device memory on CUDA, available RAM on the CPU) that the KV caches
+#: may take when ``max_model_len`` is not given; the rest is left for activations and the system.
+CACHE_MEMORY_SHARE = 0.5
+
+
+@dataclass
+class Completion:
+    """One prompt's result.
+
+    ``token_ids`` are the new tokens (an end-of-sequence id that stopped it included, as
+    :func:`sts.runner.run_method` returns them); ``text`` is their text without special tokens,
+    cut before a stop string. ``finish_reason``: "stop" (end of sequence or stop string) or
+    "length" (``max_tokens`` or the context). ``stats``: this request's rounds (phase times are
+    the rounds' times, shared with the requests decoding beside it).
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int]
+    stats: GenerationStats
+
+
+def available_memory(device: torch.device) -> int:
+    """Return the bytes free for new tensors on ``device``: free device memory on CUDA, MemAvailable (Linux) on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cache_rows(models: Sequence[Transformer], slots: int, max_model_len: int | None = None) -> int:
+    """Return each slot's cache length in rows: ``max_model_len``, else the models' context capped to what fits.
+
+    "Fits": every slot's KV cache in both models takes at most :data:`CACHE_MEMORY_SHARE` of
+    :func:`available_memory`. Raises :class:`STSError` when ``max_model_len`` exceeds a model's
+    context (or sliding window), or when memory cannot hold a useful cache.
+    """
+    limit = min(m.config.max_position_embeddings for m in models)
+    windows = [m.config.sliding_window for m in models if m.config.sliding_window is not None]
+    limit = min([limit, *windows])
+    if max_model_len is not None:
+        if not 1 <= max_model_len <= limit:
+            raise STSError(f"max model length must be in [1, {limit}] (the models' context), got {max_model_len}")
+        return max_model_len
+    weights = models[0].embed_tokens.weight
+    row_bytes = slots * sum(2 * m.config.n_layers * m.config.n_kv_heads * m.config.head_dim for m in models) * weights.element_size()
+    fit = int(available_memory(weights.device) * CACHE_MEMORY_SHARE) // row_bytes
+    if fit < 64:
+        raise STSError(f"memory holds only {fit} cache rows per slot for {slots} slots: use fewer slots")
+    return min(limit, fit)
+
+
+def build_engine(
+    method: str, target: LoadedModel, draft: LoadedModel | None, *, slots: int, max_len: int, gamma: int = 4,
+    selection: SelectionConfig | None = None, mapping: str | None = None, options: dict[str, Any] | None = None,
+    draft_budget: int | None = None, prefill: PrefillConfig | None = None, prefill_chunk: int | None = None, seed: int = 0,
+) -> Engine:
+    """Return an engine that decodes with ``method`` (see :func:`sts.runner.methods`) in ``slots`` slots of ``max_len`` rows.
+
+    Raises :class:`STSError` for a method that needs a draft without one, or settings the method does not take.
+    """
+    if method not in methods():
+        raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
+    if method == "autoregressive":
+        if prefill is not None or draft_budget:
+            raise STSError("sparse prefill and a draft budget need a draft: use a speculative method")
+        return Engine(target.model, slots=slots, max_len=max_len, config=EngineConfig(seed=seed, prefill_chunk=prefill_chunk))
+    if draft is None:
+        raise STSError(f"method {method} needs a draft model")
+    policy = None
+    if method not in DENSE_METHODS:
+        policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping, **(options or {}))
+    vocab = shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer)
+    config = EngineConfig(gamma=gamma, draft_budget=draft_budget, vocab=vocab, seed=seed, sparse_prefill=prefill,
+                          prefill_chunk=prefill_chunk)
+    return Engine(target.model, draft.model, policy, slots=slots, max_len=max_len, config=config)
+
+
+def _default_device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """Return the dtype to load in: as given, else bfloat16 on CUDA and float32 on the CPU."""
+    from sts.models.loading import parse_dtype
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return parse_dtype(dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+
+
+class LLM:
+    """A target (and draft) loaded once, decoding any number of prompts with continuous batching.
+
+    ``target``, ``draft``: HF hub ids, checkpoint directories or ``.gguf`` files (or models
+    loaded with :func:`sts.runner.load`). ``method``: one of :func:`sts.runner.methods`; by
+    default ``sts`` with a draft, ``autoregressive`` without. ``budget``, ``sink``, ``window``,
+    ``dense_layers``, ``mapping``, ``draft_budget``, ``prefill`` and ``**options`` (e.g.
+    ``rerank=0``) are ``sts generate``'s settings of the same names. ``slots``: sequences decoded
+    together; ``max_model_len``: each slot's context in tokens (default: the models' context,
+    capped so that the caches take at most half of the free memory). ``prefill_chunk``: prompt
+    tokens per prefill forward, the unit that prefill interleaves with decode rounds (default
+    512 on the CPU, 8192 on CUDA). ``device``: default CUDA
+    when there is one; ``dtype``: default bfloat16 on CUDA, float32 on the CPU. ``seed``: the
+    engine's random generator (sampling). ``max_queue``: requests that may wait for a slot when
+    serving (``generate`` waits without bound).
+
+    Not thread-safe by itself: call it from one thread, or :meth:`start` its scheduler's thread,
+    after which any thread may call it (the server does).
+
+    Raises :class:`STSError` for impossible settings (before loading anything when it can).
+    """
+
+    def __init__(
+        self, target: str | Path | LoadedModel, draft: str | Path | LoadedModel | None = None, method: str | None = None, *,
+        budget: float = 256, sink: int = 4, window: int = 64, dense_layers: int = 0, gamma: int = 4,
+        mapping: str | None = None, draft_budget: int | None = None, prefill: PrefillConfig | None = None,
+        slots: int = 1, max_model_len: int | None = None, prefill_chunk: int | None = None, device: str | None = None,
+        dtype: str | torch.dtype | None = None, seed: int = 0, max_queue: int = 256, **options: Any,
+    ) -> None:
+        self.method = method or ("sts" if draft is not None else "autoregressive")
+        if self.method not in methods():
+            raise STSError(f"unknown method {self.method!r} (choose from {', '.join(methods())})")
+        self.selection = SelectionConfig(budget=budget, sink=sink, window=window, dense_layers=dense_layers)
+        self.draft_budget, self.options = draft_budget, dict(options)
+        if options:
+            if self.method in DENSE_METHODS:
+                raise STSError(f"options {', '.join(options)} apply to selection methods, not {self.method}")
+            check_options(self.method, options)
+        if mapping is not None:
+            HeadMapping.load(mapping)
+        if slots < 1:
+            raise STSError(f"slots must be >= 1, got {slots}")
+        if self.method != "autoregressive" and draft is None:
+            raise STSError(f"method {self.method} needs a draft model")
+        device = _default_device(device)
+        loaded = [m if isinstance(m, LoadedModel) or m is None else load(str(m), _dtype(dtype, device), device)
+                  for m in (target, draft if self.method != "autoregressive" else None)]
+        self.target, self.draft = loaded
+        if self.draft is not None:
+            shared_vocab(self.target.model, self.draft.model, self.target.tokenizer, self.draft.tokenizer)
+        self.tokenizer = self.target.tokenizer
+        models = [m.model for m in loaded if m is not None]
+        self.max_model_len = cache_rows(models, slots, max_model_len)
+        self.engine = build_engine(
+            self.method, self.target, self.draft, slots=slots, max_len=self.max_model_len, gamma=gamma,
+            selection=self.selection, mapping=mapping, options=options, draft_budget=draft_budget, prefill=prefill,
+            prefill_chunk=prefill_chunk, seed=seed)
+        #: Draft tokens per round (0 for autoregressive decoding).
+        self.gamma = self.engine.gamma
+        self.scheduler = Scheduler(self.engine, self.tokenizer, eos_ids(self.target), max_queue)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Return the settings fixed when the engine was built (method, gamma, selection, draft budget)."""
+        sel = self.selection
+        return {"method": self.method, "gamma": self.gamma, "budget": sel.budget, "sink": sel.sink, "window": sel.window,
+                "dense_layers": sel.dense_layers, "draft_budget": self.draft_budget}
+
+    # ------------------------------------------------------------------ requests
+
+    def prompt_ids(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
+        """Return the token ids of a text prompt (with the tokenizer's special tokens), or of a list of ids as given.
+
+        Raises :class:`RequestError` for text without a tokenizer, an empty prompt, or ids outside the vocabulary.
+        """
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this checkpoint has no tokenizer: give the prompt as token ids", param)
+            ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.target.model.config.vocab_size
+        if not ids:
+            raise RequestError("the prompt is empty (no tokens)", param)
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param)
+        return ids
+
+    def chat_ids(self, messages: Sequence[dict[str, Any]], param: str = "messages") -> list[int]:
+        """Return the token ids of a conversation in the target tokenizer's chat template, ready for the assistant's turn.
+
+        Raises :class:`RequestError` without a chat template or for messages the template refuses.
+        """
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model's tokenizer has no chat template: use the completions endpoint", param)
+        try:
+            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+        except Exception as exc:  # noqa: BLE001  (jinja raises whatever the template raises)
+            raise RequestError(f"the chat template refused these messages: {exc}", param) from None
+        return self.prompt_ids(list(ids), param)
+
+    def params(
+        self, prompt_tokens: int, max_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+        stop: str | Sequence[str] | None = None, seed: int | None = None,
+    ) -> RequestParams:
+        """Return a request's parameters for a prompt of ``prompt_tokens`` (``max_tokens`` None: all the context left).
+
+        Raises :class:`RequestError` (naming the parameter) when the prompt or ``max_tokens`` do not fit the context,
+        or a sampling setting is out of range.
+        """
+        scratch = self.gamma + 1  # rows a round writes past the sequence
+        context = self.max_model_len - scratch - 1
+        if prompt_tokens > context:
+            raise RequestError(f"the prompt has {prompt_tokens} tokens but this model's context holds {context} "
+                               f"(max model length {self.max_model_len}, {scratch} rows for a round, 1 new token)",
+                               "prompt", "context_length_exceeded")
+        room = self.max_model_len - prompt_tokens - scratch
+        if max_tokens is None:
+            max_tokens = room
+        if max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+        if max_tokens > room:
+            raise RequestError(f"max_tokens {max_tokens} goes past the context: a prompt of {prompt_tokens} tokens leaves "
+                               f"{room} (max model length {self.max_model_len})", "max_tokens", "context_length_exceeded")
+        for name, ok, rule in (("temperature", temperature >= 0, ">= 0"), ("top_p", 0 < top_p <= 1, "in (0, 1]"),
+                               ("top_k", top_k >= 0, ">= 0")):
+            if not ok:
+                raise RequestError(f"{name} must be {rule}", name)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if stops and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer, and this checkpoint has none", "stop")
+        return RequestParams(max_tokens, SamplingConfig(temperature, top_k, top_p), stops, seed)
+
+    def submit(self, prompt_ids: Sequence[int], params: RequestParams, sink: Any, bounded: bool = True) -> Request:
+        """Queue a request whose deltas go to ``sink`` (called from the scheduler's thread); return it."""
+        request = Request(prompt_ids, params, sink, self.tokenizer)
+        self.scheduler.submit(request, bounded)
+        return request
+
+    # ------------------------------------------------------------------ driving
+
+    def start(self) -> None:
+        """Run the scheduler in a thread of its own, so that several threads can submit at once (the server)."""
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        """Stop the scheduler's thread (requests then run when a caller drives them again)."""
+        self.scheduler.stop()
+
+    def _deltas(self, request: Request, outbox: queue.SimpleQueue) -> Iterator[Delta]:
+        """Yield ``request``'s deltas until it finishes, driving the scheduler unless its own thread does.
+
+        Leaving early (a closed generator) cancels the request and frees its slot.
+        """
+        try:
+            while True:
+                while outbox.empty() and not self.scheduler.started:
+                    if not self.scheduler.run_once() and outbox.empty():
+                        raise RuntimeError(f"request {request.id} is neither queued nor decoding")
+                delta: Delta = outbox.get()
+                if delta.error is not None:
+                    raise delta.error
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if request.finish_reason is None:
+                self.scheduler.cancel(request)
+
+    def _start_all(self, prompts: Sequence[list[int]], params: dict[str, Any]) -> list[tuple[Request, queue.SimpleQueue]]:
+        """Submit one request per prompt (every prompt checked before any is queued); return them with their outboxes."""
+        checked = [(ids, self.params(len(ids), **params)) for ids in prompts]
+        started = []
+        for ids, p in checked:
+            outbox: queue.SimpleQueue = queue.SimpleQueue()
+            started.append((self.submit(ids, p, outbox.put, bounded=False), outbox))
+        return started
+
+    def _complete(self, prompts: Sequence[list[int]], params: dict[str, Any]) -> list[Completion]:
+        """Decode every prompt (together, as slots allow) and return their completions in order."""
+        started = self._start_all(prompts, params)
+        results = []
+        try:
+            for request, outbox in started:
+                text = "".join(d.text for d in self._deltas(request, outbox))
+                results.append(Completion(text, list(request.token_ids), request.finish_reason or "", request.prompt_ids,
+                                          request.stats))
+        finally:
+            for request, _ in started:
+                if request.finish_reason is None:
+                    self.scheduler.cancel(request)
+        return results
+
+    # ------------------------------------------------------------------ the API
+
+    def generate(
+        self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], max_tokens: int | None = 64,
+        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """Return one :class:`Completion` per prompt (text, or a list of token ids), decoded together as slots allow.
+
+        ``temperature`` 0 is greedy; ``max_tokens`` None: up to the context. Raises :class:`RequestError` for a
+        prompt or setting that cannot be served (before any decoding) and :class:`STSError` for other user errors.
+        """
+        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        ids = [self.prompt_ids(p) for p in batch]  # type: ignore[arg-type]
+        return self._complete(ids, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                        stop=stop, seed=seed))
+
+    def chat(
+        self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]], max_tokens: int | None = 64,
+        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """Return the assistant's reply to a conversation (a list of ``{"role", "content"}``), or one per conversation."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        ids = [self.chat_ids(c) for c in conversations]  # type: ignore[arg-type]
+        return self._complete(ids, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                        stop=stop, seed=seed))
+
+    def stream(
+        self, prompt: str | Sequence[int], max_tokens: int | None = 64, temperature: float = 0.0, top_p: float = 1.0,
+        top_k: int = 0, stop: str | Sequence[str] | None = None, seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the text of one prompt's continuation piece by piece as rounds are accepted (pieces join to the text
+        :meth:`generate` returns). Leaving the loop early cancels the request."""
+        ids = self.prompt_ids(prompt)
+        ((request, outbox),) = self._start_all([ids], dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                           top_k=top_k, stop=stop, seed=seed))
+        for delta in self._deltas(request, outbox):
+            if delta.text:
+                yield delta.text

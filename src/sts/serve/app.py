@@ -1,0 +1,268 @@
+"""The OpenAI-compatible HTTP routes over one :class:`~sts.api.LLM` whose scheduler runs in its own thread.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``: server-sent
+events in OpenAI's chunk format, ended by ``data: [DONE]``), ``GET /v1/models``, ``GET /health``
+and ``GET /metrics`` (Prometheus). With an API key every route but ``/health`` needs
+``Authorization: Bearer KEY``. Every error is answered with OpenAI's body
+(``{"error": {"message", "type", "param", "code"}}``): 400 for a request that cannot be
+served as asked, 401 without the key, 404 for an unknown model or route, 429 when the queue
+is full, 500 when decoding fails inside (that request only: the server goes on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sts.api import LLM
+from sts.errors import STSError
+from sts.serve.metrics import CONTENT_TYPE, Metrics
+from sts.serve.protocol import APIError, ChatRequest, CompletionRequest, Reply, _Body, check_body, error_body, usage
+from sts.serve.scheduler import Delta, Request as Job, RequestError
+
+log = logging.getLogger(__name__)
+
+#: Seconds between checks that the client of a request without ``stream`` is still connected.
+DISCONNECT_POLL_S = 0.5
+
+
+def api_error(exc: BaseException) -> APIError:
+    """Return the HTTP error for an exception: user errors 4xx, anything else 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestError):
+        return APIError(exc.status, str(exc), exc.param, exc.code)
+    if isinstance(exc, STSError):
+        return APIError(400, str(exc))
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="internal_error")
+
+
+class _CountResponses:
+    """ASGI middleware that counts responses by route and status (pure ASGI: streams and disconnects pass untouched)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.http_response(scope["path"], message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+class _Flight:
+    """One submitted request as the event loop sees it: its deltas arrive from the scheduler's thread."""
+
+    def __init__(self, llm: LLM, ids: list[int], body: _Body, max_tokens: int | None, http: Request) -> None:
+        self.llm, self.http = llm, http
+        params = llm.params(len(ids), max_tokens, body.temperature, body.top_p, body.top_k, body.stop, body.seed)
+        loop = asyncio.get_running_loop()
+        self.deltas: asyncio.Queue[Delta] = asyncio.Queue()
+        self.job: Job = llm.submit(ids, params, lambda d: loop.call_soon_threadsafe(self.deltas.put_nowait, d))
+        self.next_check = loop.time() + DISCONNECT_POLL_S
+
+    async def next(self, poll: bool) -> Delta | None:
+        """Return the next delta; with ``poll``, None once the client has gone (the request is then cancelled).
+
+        The client is checked every :data:`DISCONNECT_POLL_S` seconds, whether or not deltas keep coming.
+        """
+        if not poll:
+            return await self.deltas.get()
+        loop = asyncio.get_running_loop()
+        while True:
+            if loop.time() >= self.next_check:
+                self.next_check = loop.time() + DISCONNECT_POLL_S
+                if await self.http.is_disconnected():
+                    self.cancel()
+                    return None
+            try:
+                return await asyncio.wait_for(self.deltas.get(), max(0.0, self.next_check - loop.time()))
+            except asyncio.TimeoutError:
+                continue
+
+    def cancel(self) -> None:
+        """Free the request's slot if it still decodes."""
+        if self.job.finish_reason is None:
+            self.llm.scheduler.cancel(self.job)
+
+    def usage(self) -> dict[str, int]:
+        return usage(len(self.job.prompt_ids), len(self.job.token_ids))
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    """Return the JSON error response for an exception (the scheduler has logged internal ones)."""
+    err = api_error(exc)
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"  # ASCII: no client can split a line inside it
+
+
+def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI:
+    """Return the server's ASGI app over ``llm`` (its scheduler runs in its own thread while the app runs)."""
+    metrics = Metrics(max(llm.gamma, 1))
+    llm.scheduler.observer = metrics
+    settings = llm.settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        llm.start()
+        try:
+            yield
+        finally:
+            llm.stop()
+
+    app = FastAPI(title="sts", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_CountResponses, metrics=metrics)
+
+    def authorize(http: Request) -> None:
+        if api_key is None:
+            return
+        header = http.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
+
+    guarded = [Depends(authorize)]
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(STSError)
+    async def on_user_error(_: Request, exc: STSError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message, param = "the body is not valid JSON", None
+        else:
+            message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(error_body(message, "invalid_request_error", param, first.get("type")), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def on_internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=exc)
+        return _error_response(exc)
+
+    def check(body: _Body) -> None:
+        if body.model != model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}", "model",
+                           "model_not_found")
+        check_body(body, settings)
+
+    async def answer(reply: Reply, body: _Body, ids: list[int], max_tokens: int | None, http: Request) -> Response:
+        flight = _Flight(llm, ids, body, max_tokens, http)
+        try:
+            first = await flight.next(poll=True)
+        except BaseException:
+            flight.cancel()
+            raise
+        if first is None:
+            return Response(status_code=499)  # the client has gone: nobody reads this
+        if first.error is not None:
+            return _error_response(first.error)
+        if body.stream:
+            # The background task also runs when the client leaves before the stream has started.
+            return StreamingResponse(_stream(reply, body, flight, first), media_type="text/event-stream",
+                                     background=BackgroundTask(flight.cancel))
+        try:
+            text, last = [first.text], first
+            while last.finish_reason is None:
+                delta = await flight.next(poll=True)
+                if delta is None:
+                    return Response(status_code=499)
+                if delta.error is not None:
+                    return _error_response(delta.error)
+                text.append(delta.text)
+                last = delta
+        finally:
+            flight.cancel()
+        job = flight.job
+        ids = (job.token_ids, job.prompt_ids) if body.return_token_ids else (None, None)
+        return JSONResponse(reply.full("".join(text), last.finish_reason, flight.usage(), job.stats.summary(), *ids))
+
+    async def _stream(reply: Reply, body: _Body, flight: _Flight, first: Delta) -> AsyncIterator[str]:
+        try:
+            if reply.kind == "chat":
+                yield _sse(reply.chunk(None, role=True))
+            delta: Delta | None = first
+            while delta is not None:
+                if delta.error is not None:
+                    yield _sse(api_error(delta.error).body())
+                    break
+                ids = delta.token_ids if body.return_token_ids else None
+                if delta.text or ids:
+                    yield _sse(reply.chunk(delta.text, token_ids=ids))
+                if delta.finish_reason is not None:
+                    yield _sse(reply.chunk(None if reply.kind == "chat" else "", delta.finish_reason))
+                    if body.include_usage:
+                        yield _sse(reply.usage_chunk(flight.usage()))
+                    break
+                delta = await flight.next(poll=False)
+            yield "data: [DONE]\n\n"
+        finally:
+            flight.cancel()  # a client that disconnects mid-stream cancels this generator: free the slot
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, http: Request) -> Response:
+        check(body)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, f"give one prompt per request, got {len(prompt)}", "prompt")
+            prompt = prompt[0]
+        ids = await run_in_threadpool(llm.prompt_ids, prompt)  # type: ignore[arg-type]
+        return await answer(Reply("completion", model_name), body, ids, body.max_tokens, http)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatRequest, http: Request) -> Response:
+        check(body)
+        messages = [m.template_input(i) for i, m in enumerate(body.messages)]
+        ids = await run_in_threadpool(llm.chat_ids, messages)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await answer(Reply("chat", model_name), body, ids, limit, http)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict[str, Any]:
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "sts",
+                "max_model_len": llm.max_model_len, "sts": settings}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = llm.scheduler.started
+        return JSONResponse({"status": "ok" if ok else "scheduler stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", dependencies=guarded)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,70 @@
+"""``sts serve``: its command-line options and the call that loads the pair and runs the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+from sts.errors import STSError
+
+log = logging.getLogger(__name__)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Add ``sts serve``'s options: ``sts generate``'s model and method settings, then the server's own."""
+    from sts.cli import add_model_args, add_selection_args
+    from sts.runner import methods
+
+    add_model_args(p)
+    p.add_argument("--method", default=None, choices=methods(),
+                   help="decoding method (default: sts with --draft, autoregressive without)")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    add_selection_args(p)
+    p.add_argument("--seed", type=int, default=0, help="the engine's random generator (sampling)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("STS_API_KEY"),
+                   help="require Authorization: Bearer KEY on every route but /health (default: $STS_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --target as given)")
+    p.add_argument("--slots", type=int, default=4, help="sequences decoded together (continuous batching width)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; past it: 429")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context per slot in tokens (default: the models' context, capped to half the free memory)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the :class:`~sts.api.LLM` keyword arguments that ``args`` set (everything but the model paths)."""
+    from sts.cli import _options, _prefill
+
+    args.method = args.method or ("sts" if args.draft else "autoregressive")
+    for name, least in (("gamma", 1), ("slots", 1), ("max_queue", 1)):
+        if getattr(args, name) < least:
+            raise STSError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if not 0 < args.port < 65536:
+        raise STSError(f"--port must be in [1, 65535], got {args.port}")
+    return dict(method=args.method, budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers,
+                gamma=args.gamma, mapping=args.mapping, draft_budget=args.draft_budget, prefill=_prefill(args),
+                slots=args.slots, max_model_len=args.max_model_len, device=args.device, dtype=args.dtype, seed=args.seed,
+                max_queue=args.max_queue, **_options(args))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the pair and serve it until interrupted; return the exit status."""
+    try:
+        import uvicorn
+
+        from sts.serve.app import create_app
+    except ImportError as exc:
+        raise STSError(f"sts serve needs the serve extra: pip install 'sts[serve]' ({exc.name} is missing)") from None
+    from sts.api import LLM
+
+    settings = llm_settings(args)
+    llm = LLM(args.target, args.draft, **settings)
+    name = args.served_model_name or args.target
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    uvicorn.run(create_app(llm, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,229 @@
+"""The OpenAI wire format: request bodies (pydantic, strict types), responses, stream chunks and error bodies.
+
+Fields sts does not implement are refused when set to anything but their neutral value (so a
+client never silently gets something else than it asked for); unknown fields are ignored.
+Extra fields beyond OpenAI's: ``top_k``; ``return_token_ids`` (as vLLM: the response's choice, and
+each stream chunk's, carries ``token_ids``, and the response ``prompt_token_ids``); and the server's method settings (``method``,
+``gamma``, ``budget``, ``sink``, ``window``, ``dense_layers``, ``draft_budget``), which are
+accepted only with the server's own values: each is fixed when the engine is built (the round's
+budget, shapes and CUDA graphs are shared by every slot), so a request cannot change it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sts.errors import STSError
+from sts.selection import SelectionConfig
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        """Return the JSON body."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """Return OpenAI's error body."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Body(BaseModel):
+    """Fields both endpoints take."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    return_token_ids: bool = False
+    # The server's method settings: accepted only as the server has them (see the module docstring).
+    method: str | None = None
+    gamma: int | None = None
+    budget: float | None = None
+    sink: int | None = None
+    window: int | None = None
+    dense_layers: int | None = None
+    draft_budget: int | None = None
+
+    def unsupported(self) -> list[tuple[str, bool]]:
+        """Return (field, whether it asks for something sts does not do) pairs, checked by :func:`check_body`."""
+        return [("presence_penalty", self.presence_penalty != 0), ("frequency_penalty", self.frequency_penalty != 0),
+                ("logit_bias", bool(self.logit_bias))]
+
+    @property
+    def include_usage(self) -> bool:
+        """Return whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Body):
+    """``POST /v1/completions``: one prompt, as text or token ids."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    best_of: int | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> list[tuple[str, bool]]:
+        return super().unsupported() + [("echo", self.echo), ("best_of", (self.best_of or 1) != 1),
+                                        ("logprobs", self.logprobs is not None), ("suffix", bool(self.suffix))]
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content; only text parts are read."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def template_input(self, index: int) -> dict[str, Any]:
+        """Return the message as the chat template reads it (text parts joined); raise :class:`APIError` for other parts."""
+        content = self.content
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise APIError(400, "only text content parts are supported", f"messages.{index}.content")
+            content = "".join(p.text or "" for p in content)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatRequest(_Body):
+    """``POST /v1/chat/completions``: a conversation, rendered with the target tokenizer's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[tuple[str, bool]]:
+        fmt = (self.response_format or {}).get("type", "text")
+        return super().unsupported() + [("logprobs", self.logprobs), ("top_logprobs", self.top_logprobs is not None),
+                                        ("tools", bool(self.tools)), ("response_format", fmt != "text")]
+
+
+def check_body(body: _Body, settings: dict[str, Any]) -> None:
+    """Refuse (:class:`APIError` 400) ``n > 1``, unsupported fields, and method settings other than the server's ``settings``.
+
+    ``settings``: the server's values by field name (``method``, ``gamma``, ``budget``, ``sink``, ``window``,
+    ``dense_layers``, ``draft_budget``). An impossible budget (e.g. below sink + window) is refused as invalid
+    before the question whether it could be overridden.
+    """
+    if body.n != 1:
+        raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
+    for name, asked in body.unsupported():
+        if asked:
+            raise APIError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
+    selection = {k: getattr(body, k) for k in ("budget", "sink", "window", "dense_layers") if getattr(body, k) is not None}
+    if selection:
+        try:
+            SelectionConfig(**{k: settings[k] for k in ("budget", "sink", "window", "dense_layers")} | selection)
+        except STSError as exc:
+            raise APIError(400, f"invalid selection settings: {exc}", next(iter(selection)), "invalid_value") from None
+    if body.draft_budget is not None and body.draft_budget <= 4:
+        raise APIError(400, f"draft_budget must exceed the 4 sink rows, got {body.draft_budget}", "draft_budget",
+                       "invalid_value")
+    for name in ("method", "gamma", "budget", "sink", "window", "dense_layers", "draft_budget"):
+        value = getattr(body, name)
+        if value is not None and value != settings[name]:
+            raise APIError(400, f"{name} is fixed when the server starts (this server: {name}={settings[name]}); "
+                                "per request only max_tokens, temperature, top_p, top_k, stop and seed can change",
+                           name, "unsupported_override")
+
+
+class Reply:
+    """Builds one request's response objects: the whole response, or its stream chunks (OpenAI's shapes)."""
+
+    def __init__(self, kind: Literal["completion", "chat"], model: str) -> None:
+        self.kind, self.model = kind, model
+        self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _choice(self, text: str | None, finish_reason: str | None, chunk: bool, token_ids: list[int] | None) -> dict[str, Any]:
+        if self.kind == "completion":
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        elif chunk:
+            delta = {} if text is None else {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            message = {"role": "assistant", "content": text or ""}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        if token_ids is not None:
+            choice["token_ids"] = token_ids
+        return choice
+
+    def _object(self, chunk: bool) -> str:
+        if self.kind == "completion":
+            return "text_completion"
+        return "chat.completion.chunk" if chunk else "chat.completion"
+
+    def full(
+        self, text: str, finish_reason: str, usage: dict[str, int], stats: dict[str, Any],
+        token_ids: list[int] | None = None, prompt_token_ids: list[int] | None = None,
+    ) -> dict[str, Any]:
+        """Return the response to a request without ``stream`` (``stats``: sts's own numbers, under ``"sts"``;
+        the ids only when asked for)."""
+        out = {"id": self.id, "object": self._object(False), "created": self.created, "model": self.model,
+               "choices": [self._choice(text, finish_reason, False, token_ids)], "usage": usage, "sts": stats}
+        if prompt_token_ids is not None:
+            out["prompt_token_ids"] = prompt_token_ids
+        return out
+
+    def chunk(
+        self, text: str | None, finish_reason: str | None = None, role: bool = False, token_ids: list[int] | None = None,
+    ) -> dict[str, Any]:
+        """Return one stream chunk with ``text`` (``role``: the chat stream's opening chunk)."""
+        out = {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
+               "choices": [self._choice(text, finish_reason, True, token_ids)]}
+        if role:
+            out["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        return out
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        """Return the stream's closing usage chunk (``stream_options.include_usage``)."""
+        return {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
+                "choices": [], "usage": usage}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """Return OpenAI's usage object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

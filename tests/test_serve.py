@@ -1,0 +1,618 @@
+"""``sts serve`` and the Python API: the official openai client against a live server, continuous batching,
+a bounded load test, bad requests, internal errors, disconnects, and ``LLM`` against ``run_method``.
+
+The pair is a tiny random Llama target and a noisy copy as draft with SmolLM2's real tokenizer
+(byte-level BPE with a chat template), saved as checkpoint directories. Greedy outputs are
+compared token for token with ``sts generate`` / :func:`sts.runner.run_method` decoding the same
+prompt alone (one slot, no scheduler, no HTTP), and batched outputs with the same requests sent
+one at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.client
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import openai
+import pytest
+import torch
+
+from conftest import hf_config, hf_model
+from smollm2 import smollm2_tokenizer
+from sts.runner import load_pair, run_method
+from sts.selection import SelectionConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The server's method settings: a budget of 32 rows makes verification sparse past 32 tokens of context.
+SETTINGS = dict(method="sts", budget=32, sink=4, window=8, gamma=3)
+CLI_SETTINGS = ["--method", "sts", "--budget", "32", "--sink", "4", "--window", "8", "--gamma", "3"]
+MAX_LEN = 512
+MODEL = "tiny"
+TEXT = ("The committee met on a grey morning to discuss the harbour, the budget for the new bridge and "
+        "the long list of complaints about the ferry timetable. ")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: on a shared 2-core machine a second intra-op thread only adds contention (measured 30x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, sts_cache_dir) -> dict[str, Any]:
+    """Return checkpoint directories of the target and draft (with the tokenizer) and the loaded reference pair."""
+    tokenizer = smollm2_tokenizer(sts_cache_dir)
+    root = tmp_path_factory.mktemp("serve-pair")
+    config = hf_config("llama", vocab=len(tokenizer), layers=2, max_position_embeddings=MAX_LEN)
+    target = hf_model(config, seed=0)
+    draft = copy.deepcopy(target)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=noise) * p.std())
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    loaded = load_pair(str(root / "target"), str(root / "draft"), torch.float32, "cpu")
+    return {"target": str(root / "target"), "draft": str(root / "draft"), "tokenizer": tokenizer, "loaded": loaded,
+            "hf": target}
+
+
+def reference(pair: dict[str, Any], ids: list[int], max_tokens: int, method: str = "sts") -> list[int]:
+    """Return ``run_method``'s greedy tokens for one prompt alone, with the server's settings."""
+    target, draft = pair["loaded"]
+    selection = SelectionConfig(budget=32, sink=4, window=8)
+    return run_method(method, target, draft, [ids], max_tokens, gamma=3, selection=selection).tokens[0]
+
+
+def make_llm(pair: dict[str, Any], **extra: Any):
+    from sts import LLM
+
+    settings = {**SETTINGS, "max_model_len": MAX_LEN, **extra}
+    return LLM(pair["target"], pair["draft"], **settings)
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread on a free port of 127.0.0.1; yield its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(pair) -> Iterator[tuple[str, Any]]:
+    """Return (base URL, LLM) of a server with 4 slots whose prefill reads 16 tokens per chunk."""
+    from sts.serve.app import create_app
+
+    llm = make_llm(pair, slots=4, prefill_chunk=16)
+    with serving(create_app(llm, MODEL)) as url:
+        yield url, llm
+
+
+def client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def post(url: str, path: str, body: bytes | dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """Return (status, JSON body) of a raw POST (any bytes, unlike a client library's)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    status, payload = response.status, response.read()
+    conn.close()
+    return status, json.loads(payload) if payload else {}
+
+
+def generate_json(capsys, pair, text: str, max_tokens: int, chat: bool = False) -> list[int]:
+    """Return the tokens of ``sts generate --json`` with the server's settings."""
+    from sts.cli import main
+
+    argv = ["generate", "--target", pair["target"], "--draft", pair["draft"], "--prompt", text, *CLI_SETTINGS,
+            "--max-new-tokens", str(max_tokens), "--json"] + (["--chat"] if chat else [])
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)["tokens"]
+
+
+def wait_idle(llm, timeout: float = 30.0) -> None:
+    """Wait until the server's scheduler holds no request and every slot is free."""
+    deadline = time.monotonic() + timeout
+    while not (llm.scheduler.idle and len(llm.engine.free_slots()) == llm.engine.slots):
+        assert time.monotonic() < deadline, "the scheduler kept a request"
+        time.sleep(0.02)
+
+
+# --- the openai client against the server ---------------------------------------------------
+
+
+def test_openai_client_completion_chat_and_streams_equal_sts_generate(capsys, pair, server):
+    url, _ = server
+    tok = pair["tokenizer"]
+    api = client(url)
+    prompt = TEXT * 2  # 50-odd tokens: sparse verification, prefill in 4 chunks
+    expected = generate_json(capsys, pair, prompt, 12)
+    assert len(tok(prompt)["input_ids"]) > 32
+
+    done = api.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    choice = done.choices[0]
+    assert choice.token_ids == expected and choice.finish_reason == "length"
+    assert choice.text == tok.decode(expected, skip_special_tokens=True)
+    assert done.usage.completion_tokens == 12 and done.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+    assert done.model_extra["sts"]["acceptance_length"] >= 1
+
+    stop = choice.text[len(choice.text) // 2 :][:3]
+    cut = api.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stop=["\x00", stop])
+    assert cut.choices[0].text == choice.text[: choice.text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+    chunks = list(api.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                         extra_body={"return_token_ids": True}))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks for t in (getattr(c.choices[0], "token_ids", None) or [])] == expected
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length" and len(chunks) > 2
+
+    question = "Which bridge did the committee discuss?"
+    expected_chat = generate_json(capsys, pair, question, 10, chat=True)
+    messages = [{"role": "user", "content": question}]
+    reply = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                        extra_body={"return_token_ids": True})
+    assert reply.choices[0].token_ids == expected_chat
+    assert reply.choices[0].message.content == tok.decode(expected_chat, skip_special_tokens=True)
+    assert reply.choices[0].message.role == "assistant"
+
+    stream = list(api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
+    assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == 10
+
+    assert [m.id for m in api.models.list().data] == [MODEL]
+    conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"))
+    conn.request("GET", "/metrics")  # Prometheus' text format
+    text = conn.getresponse().read().decode()
+    for name in ("sts_requests_total", "sts_generation_tokens_total", "sts_acceptance_length_bucket", "sts_sparsity_bucket",
+                 "sts_queue_length", "sts_time_to_first_token_seconds_bucket"):
+        assert name in text, name
+
+
+def test_continuous_batching_is_lossless(pair, server):
+    """8 greedy requests of different lengths at once through 4 slots give the tokens each gives alone."""
+    url, llm = server
+    api = client(url)
+    jobs = [(TEXT * (1 + i % 4) + f" Item {i}.", 6 + 5 * i) for i in range(8)]  # 30 to 130 prompt tokens
+
+    def ask(job: tuple[str, int]) -> list[int]:
+        out = api.completions.create(model=MODEL, prompt=job[0], max_tokens=job[1], temperature=0,
+                                     extra_body={"return_token_ids": True})
+        return out.choices[0].token_ids
+
+    alone = [ask(job) for job in jobs]
+    together: list[list[int] | None] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        together[i] = ask(jobs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone
+    assert [len(a) for a in alone] == [n for _, n in jobs]
+    # And alone equals the one-slot reference (no scheduler, no chunked prefill).
+    tok = pair["tokenizer"]
+    assert alone[3] == reference(pair, tok(jobs[3][0])["input_ids"], jobs[3][1])
+    wait_idle(llm)
+
+
+def test_a_long_prefill_does_not_stall_decoding_and_changes_no_token(pair):
+    """Prefill chunks interleave with decode rounds: the decoding request gets tokens in every iteration while a
+    400-token prompt is read 16 tokens at a time, and both outputs equal each request decoded alone."""
+    llm = make_llm(pair, slots=2, prefill_chunk=16)
+    llm.scheduler.prefill_slice_s = 0.0  # one chunk between two rounds
+    tok = pair["tokenizer"]
+    short, long = tok(TEXT)["input_ids"], (tok(TEXT * 20)["input_ids"])[:400]
+    alone = [llm.generate([ids], max_tokens=n)[0].token_ids for ids, n in ((short, 150), (long, 20))]
+
+    got: dict[int, list] = {0: [], 1: []}
+    a = llm.submit(short, llm.params(len(short), 150), got[0].append)
+    while not got[0]:
+        llm.scheduler.run_once()
+    b = llm.submit(long, llm.params(len(long), 20), got[1].append)
+    stalled = iterations = 0
+    while not got[1]:
+        before = len(a.token_ids)
+        llm.scheduler.run_once()
+        iterations += 1
+        stalled += len(a.token_ids) == before and a.finish_reason is None
+    assert iterations >= 2 * 400 // 16 and stalled == 0  # target and draft chunks, each beside a round
+    while not llm.scheduler.idle:
+        llm.scheduler.run_once()
+    assert [a.token_ids, b.token_ids] == alone == [reference(pair, short, 150), reference(pair, long, 20)]
+
+
+# --- a bounded load test on localhost -------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    """Return the resident memory of process ``pid`` (Linux /proc)."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": round(pick(0.5), 4), "p90": round(pick(0.9), 4), "p99": round(pick(0.99), 4), "max": round(ordered[-1], 4)}
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
+def test_load_1000_requests_16_clients_no_errors_flat_memory(pair, tmp_path):
+    """``sts serve`` in a subprocess on 127.0.0.1; 16 clients send 1000 streamed requests in all (bounded)."""
+    port, total, clients, max_tokens = free_port(), 1000, 16, 8
+    argv = [sys.executable, "-m", "sts.cli", "serve", "--target", pair["target"], "--draft", pair["draft"], *CLI_SETTINGS,
+            "--slots", "8", "--max-model-len", str(MAX_LEN), "--port", str(port), "--served-model-name", MODEL,
+            "--log-level", "warning"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "sts serve did not come up"
+            time.sleep(0.5)
+        api = client(url)
+        lock = threading.Lock()
+        issued, finished, errors = [0], [0], []
+        ttft, rates, rss = [], [], {}
+        began = time.perf_counter()
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if issued[0] >= total:
+                        return
+                    i = issued[0]
+                    issued[0] += 1
+                try:
+                    start = time.perf_counter()
+                    first, n, reason = None, 0, None
+                    for chunk in api.completions.create(model=MODEL, prompt=f"Request {i}: " + TEXT[: 20 + i % 60],
+                                                        max_tokens=max_tokens, temperature=0, stream=True,
+                                                        extra_body={"return_token_ids": True}):
+                        ids = getattr(chunk.choices[0], "token_ids", None) or []
+                        if ids and first is None:
+                            first = time.perf_counter()
+                        n += len(ids)
+                        reason = chunk.choices[0].finish_reason or reason
+                    end = time.perf_counter()
+                    assert n == max_tokens or (reason == "stop" and n > 0), (n, reason)  # "stop": an end-of-sequence id
+                    with lock:
+                        ttft.append(first - start)
+                        rates.append((n - 1) / max(end - first, 1e-9))
+                except Exception as exc:  # noqa: BLE001  (counted, reported below)
+                    with lock:
+                        errors.append(repr(exc))
+                with lock:
+                    finished[0] += 1
+                    if finished[0] in (200, total):
+                        rss[finished[0]] = rss_bytes(proc.pid)
+
+        threads = [threading.Thread(target=worker) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        wall = time.perf_counter() - began
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    assert not errors, errors[:5]
+    growth = rss[total] / rss[200] - 1
+    report = {
+        "command": " ".join(["sts", *argv[3:]]).replace(pair["target"], "TARGET").replace(pair["draft"], "DRAFT"),
+        "clients": clients, "requests": total, "max_tokens": max_tokens,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (client and server share them)",
+        "model": "tiny random Llama pair (2 layers, hidden 64) with SmolLM2's tokenizer, float32, OMP_NUM_THREADS=1",
+        "errors": len(errors), "wall_s": round(wall, 2), "requests_per_s": round(total / wall, 2),
+        "tokens_per_s_total": round(total * max_tokens / wall, 1),
+        "time_to_first_token_s": percentiles(ttft), "tokens_per_s_per_request": percentiles(rates),
+        "rss_mb_at_200": round(rss[200] / 2**20, 1), "rss_mb_at_1000": round(rss[total] / 2**20, 1),
+        "rss_growth_200_to_1000": round(growth, 4),
+    }
+    print(json.dumps(report, indent=2))
+    (ROOT / "docs" / "bench").mkdir(parents=True, exist_ok=True)
+    (ROOT / "docs" / "bench" / "serve-load-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    assert growth < 0.05, report
+
+
+# --- bad requests, internal errors, disconnects ---------------------------------------------
+
+
+def assert_error(status: int, body: dict, expected: int, param: str | None = None, code: str | None = None) -> None:
+    assert status == expected, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], body
+    if param is not None:
+        assert error["param"] == param, body
+    if code is not None:
+        assert error["code"] == code, body
+
+
+def assert_serves(url: str) -> None:
+    status, body = post(url, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] == 3, body
+
+
+GOOD = {"model": MODEL, "prompt": "Hello", "max_tokens": 3}
+BAD_REQUESTS = [
+    ("malformed JSON", b'{"model": "tiny", "prompt": ', 400, None, "json_invalid"),
+    ("unknown model", {**GOOD, "model": "gpt-5"}, 404, "model", "model_not_found"),
+    ("max_tokens a string", {**GOOD, "max_tokens": "ten"}, 400, "max_tokens", None),
+    ("temperature a list", {**GOOD, "temperature": [1]}, 400, "temperature", None),
+    ("no prompt", {"model": MODEL}, 400, "prompt", None),
+    ("max_tokens past the context", {**GOOD, "max_tokens": MAX_LEN}, 400, "max_tokens", "context_length_exceeded"),
+    ("prompt past the context", {**GOOD, "prompt": [7] * (MAX_LEN + 1)}, 400, "prompt", "context_length_exceeded"),
+    ("empty prompt", {**GOOD, "prompt": ""}, 400, "prompt", None),
+    ("ids outside the vocabulary", {**GOOD, "prompt": [10**6]}, 400, "prompt", None),
+    ("impossible budget", {**GOOD, "budget": 8}, 400, "budget", "invalid_value"),
+    ("budget override", {**GOOD, "budget": 64}, 400, "budget", "unsupported_override"),
+    ("gamma override", {**GOOD, "gamma": 5}, 400, "gamma", "unsupported_override"),
+    ("n > 1", {**GOOD, "n": 2}, 400, "n", None),
+    ("negative temperature", {**GOOD, "temperature": -1.0}, 400, "temperature", None),
+    ("top_p out of range", {**GOOD, "top_p": 1.5}, 400, "top_p", None),
+    ("logprobs", {**GOOD, "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
+    ("several prompts", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt", None),
+]
+
+
+@pytest.mark.parametrize(("what", "body", "status", "param", "code"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_a_bad_request_gets_its_4xx_and_the_next_one_succeeds(server, what, body, status, param, code):
+    url, _ = server
+    assert_error(*post(url, "/v1/completions", body), status, param, code)
+    assert_serves(url)
+
+
+def test_bad_chat_requests_and_routes(server):
+    url, llm = server
+    chat = {"model": MODEL, "max_tokens": 2}
+    assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": []}), 400, "messages")
+    assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": 3}]}), 400)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": image}), 400, "messages.0.content")
+    assert_error(*post(url, "/v1/nothing", GOOD), 404)
+    llm.scheduler.max_queue = 0  # every slot "busy": the queue takes nobody
+    try:
+        assert_error(*post(url, "/v1/completions", GOOD), 429, code="queue_full")
+    finally:
+        llm.scheduler.max_queue = 64
+    assert_serves(url)
+
+
+def test_an_internal_error_fails_that_request_only(server, monkeypatch):
+    url, llm = server
+    real_step, real_prefill = llm.engine.step, llm.engine.prefill_steps
+
+    def broken_step():
+        monkeypatch.setattr(llm.engine, "step", real_step)
+        raise RuntimeError("injected fault in a round")
+
+    monkeypatch.setattr(llm.engine, "step", broken_step)
+    status, body = post(url, "/v1/completions", {**GOOD, "max_tokens": 20})
+    assert_error(status, body, 500)
+    assert "injected fault" in body["error"]["message"] and body["error"]["type"] == "internal_error"
+    assert_serves(url)
+
+    def broken_prefill(*args, **kwargs):
+        monkeypatch.setattr(llm.engine, "prefill_steps", real_prefill)
+        yield None
+        raise ValueError("injected fault in a prefill")
+
+    monkeypatch.setattr(llm.engine, "prefill_steps", broken_prefill)
+    assert_error(*post(url, "/v1/completions", GOOD), 500)
+    assert_serves(url)
+
+    monkeypatch.setattr(llm.engine, "step", broken_step)  # mid-stream: an error event, then [DONE]
+    with pytest.raises(openai.APIError, match="injected fault"):
+        list(client(url).completions.create(model=MODEL, prompt="Hello", max_tokens=20, stream=True))
+    assert_serves(url)
+    wait_idle(llm)
+
+
+def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
+    url, llm = server
+    real_step = llm.engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", slow_step)
+    host, port = url.removeprefix("http://").split(":")
+    finished: list = []
+    observer = llm.scheduler.observer
+    monkeypatch.setattr(observer, "finished", lambda request, real=observer.finished: (finished.append(request), real(request)))
+    for stream in (True, False):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 400, "temperature": 0, "stream": stream}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        if stream:
+            response = conn.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"data: ")
+        else:
+            time.sleep(0.3)
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        wait_idle(llm, timeout=20)
+        assert finished[-1].finish_reason == "abort" and len(finished[-1].token_ids) < 400, (stream, [(r.finish_reason, len(r.token_ids), r.prompt_ids) for r in finished])
+    assert_serves(url)
+
+
+def test_an_api_key_guards_every_route_but_health(pair):
+    from sts.serve.app import create_app
+
+    llm = make_llm(pair, method="autoregressive", slots=1)
+    with serving(create_app(llm, MODEL, api_key="s3cret")) as url:
+        assert_error(*post(url, "/v1/completions", GOOD), 401, code="invalid_api_key")
+        assert_error(*post(url, "/v1/completions", GOOD, {"Authorization": "Bearer wrong"}), 401)
+        for path in ("/v1/models", "/metrics", "/health"):
+            conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"))
+            conn.request("GET", path)
+            assert conn.getresponse().status == (200 if path == "/health" else 401), path
+        out = client(url, key="s3cret").completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
+        assert out.usage.completion_tokens == 2
+
+
+# --- the Python API -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm(pair):
+    return make_llm(pair, slots=2)
+
+
+def test_llm_generate_stream_and_chat_equal_run_method(pair, llm):
+    tok = pair["tokenizer"]
+    prompts = [TEXT, TEXT * 3, "Short one."]
+    results = llm.generate(prompts, max_tokens=15)  # three prompts through two slots
+    for prompt, result in zip(prompts, results):
+        ids = tok(prompt)["input_ids"]
+        assert result.token_ids == reference(pair, ids, 15) and result.prompt_token_ids == ids
+        assert result.text == tok.decode(result.token_ids, skip_special_tokens=True)
+        assert result.finish_reason == "length" and result.stats.new_tokens == 15
+        assert result.stats.summary()["acceptance_length"] >= 1
+    pieces = list(llm.stream(prompts[1], max_tokens=15))
+    assert "".join(pieces) == results[1].text and len(pieces) > 1
+    messages = [{"role": "user", "content": "Which bridge?"}]
+    (reply,) = llm.chat(messages, max_tokens=9)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert reply.token_ids == reference(pair, list(ids), 9)
+    assert llm.generate(tok(TEXT)["input_ids"], max_tokens=15)[0].token_ids == results[0].token_ids  # ids as the prompt
+
+
+def test_llm_dense_speculative_equals_transformers(pair):
+    """With ``speculative`` the output is the target's own greedy decoding (transformers' generate)."""
+    llm = make_llm(pair, method="speculative")
+    ids = pair["tokenizer"](TEXT)["input_ids"]
+    hf = pair["hf"].generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert llm.generate(ids, max_tokens=12)[0].token_ids == hf[0, len(ids):].tolist()
+
+
+def test_stop_strings_and_end_of_sequence_cut_the_output(pair, llm, monkeypatch):
+    tok = pair["tokenizer"]
+    full = llm.generate(TEXT, max_tokens=30)[0]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 4]
+    cut = llm.generate(TEXT, max_tokens=30, stop=["@@never@@", stop])[0]
+    assert cut.text == full.text[: full.text.find(stop)] and cut.finish_reason == "stop"
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids and len(cut.token_ids) < 30
+    assert "".join(llm.stream(TEXT, max_tokens=30, stop=stop)) == cut.text
+    eos = full.token_ids[7]
+    monkeypatch.setattr(llm.scheduler, "eos", frozenset({eos}))
+    ended = llm.generate(TEXT, max_tokens=30)[0]
+    assert ended.token_ids == full.token_ids[: full.token_ids.index(eos) + 1] and ended.finish_reason == "stop"
+    assert ended.text == tok.decode(ended.token_ids, skip_special_tokens=True)
+
+
+def test_a_seed_repeats_a_sampled_request(llm):
+    first, again, other = (llm.generate(TEXT, max_tokens=12, temperature=0.9, seed=s)[0].token_ids for s in (5, 5, 6))
+    assert first == again and first != other
+
+
+def test_a_stream_left_early_frees_its_slot(llm):
+    pieces = llm.stream(TEXT, max_tokens=60)
+    next(pieces)
+    pieces.close()
+    assert llm.generate("Hi", max_tokens=2)[0].finish_reason == "length"
+    assert llm.scheduler.idle and len(llm.engine.free_slots()) == llm.engine.slots
+
+
+def test_llm_refuses_what_it_cannot_serve(pair, llm):
+    from sts.errors import STSError
+    from sts.serve.scheduler import RequestError
+
+    with pytest.raises(RequestError, match="past the context"):
+        llm.generate("Hi", max_tokens=MAX_LEN)
+    with pytest.raises(RequestError, match="top_p"):
+        llm.generate("Hi", top_p=0)
+    with pytest.raises(STSError, match="exceed the budget"):
+        make_llm(pair, budget=8)
+    with pytest.raises(STSError, match="unknown option"):
+        make_llm(pair, reranking=3)
+    with pytest.raises(STSError, match="needs a draft"):
+        from sts import LLM
+
+        LLM(pair["target"], method="sts")
+
+
+def test_import_sts_stays_cheap():
+    code = "import sys, sts; print(any(m in sys.modules for m in ('torch', 'transformers', 'fastapi')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_the_readme_examples_run(pair, server, capsys):
+    import shlex
+
+    from sts.cli import build_parser
+    from sts.serve.options import llm_settings
+
+    readme = (ROOT / "README.md").read_text()
+    serving_section = readme.split("## Serving\n")[1].split("\n## ")[0]
+    python_section = readme.split("## Python\n")[1].split("\n## ")[0]
+    (line,) = [x for x in serving_section.splitlines() if x.startswith("sts serve ")]
+    settings = llm_settings(build_parser().parse_args(shlex.split(line)[1:]))
+    assert (settings["method"], settings["budget"], settings["gamma"], settings["slots"]) == ("sts", 0.1, 4, 8)
+    url, _ = server
+    client_code = serving_section.split("```python\n")[1].split("```")[0]
+    exec(client_code.replace("http://127.0.0.1:8000", url).replace('model="T"', f'model="{MODEL}"'), {})
+    api_code = python_section.split("```python\n")[1].split("```")[0]
+    exec(api_code.replace("path/to/target", pair["target"]).replace("path/to/draft", pair["draft"]), {})
+    out = capsys.readouterr().out.splitlines()
+    assert len([x for x in out if x.strip()]) >= 2, out

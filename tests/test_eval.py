@@ -150,3 +150,19 @@ def test_the_readme_eval_example_builds_its_methods(tiny_pair_with_tokenizer, tm
     assert main(argv + ["--mapping", str(mapping)]) == 0
     assert "sts-cal" in [spec.name for spec in runs[-1].method_specs()]
     capsys.readouterr()
+
+
+def test_teacher_forced_dense_perplexity_equals_transformers(tiny_pair):
+    """The engine's teacher-forced rounds, verifying densely, score the text exactly as one transformers forward."""
+    from sts.eval.teacher import teacher_forced
+
+    hf, target, draft = tiny_pair
+    tokens = [(11 * i + 3) % 96 for i in range(75)]
+    context, gamma = 40, 3
+    run = teacher_forced(target, draft, tokens, context, gamma, None)
+    assert run.n_tokens == 32 and run.stats.target_forwards == 8  # 8 blocks of gamma + 1 after the context
+    with torch.no_grad():
+        logits = hf(torch.tensor([tokens])).logits[0]
+    scored = range(context + 1, context + 1 + run.n_tokens)
+    want = torch.nn.functional.cross_entropy(logits[[i - 1 for i in scored]], torch.tensor([tokens[i] for i in scored]))
+    assert run.nll == pytest.approx(float(want), rel=1e-4)

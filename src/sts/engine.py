@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Iterator, Sequence
+from typing import Callable, Generator, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ from sts.decoding import (
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 from sts.sampling import SamplingConfig, SamplingRows, accept, draw, probabilities
-from sts.selection.attend import SelectiveAttention
+from sts.selection.attend import SelectiveAttention, ShadowAttention
 from sts.attention.rerank import sink_window_rows
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
 from sts.prefill import PrefillConfig, sparse_prefill
@@ -204,6 +204,7 @@ class Engine:
         self._hold: dict[str, Tensor] = {}
         self.round_budget = 0
         self._prefill_logits: dict[int, Tensor] = {}
+        self._forced: Tensor | None = None
         if cuda:
             self._host_tokens = torch.zeros(slots, self.gamma + 1, dtype=long).pin_memory()
             self._host_count = torch.zeros(slots, dtype=long).pin_memory()
@@ -414,6 +415,53 @@ class Engine:
             out.append(tokens[s][: counts[s]])
         return out
 
+    def forced_step(self, blocks: Sequence[Sequence[int]], observers: Mapping[str, SelectiveAttention] | None = None) -> Tensor:
+        """Run one teacher-forced round over known text; return the target's float32 logits ``[S, gamma + 1, V]``.
+
+        ``blocks[s]`` holds slot ``s``'s next ``gamma + 2`` tokens, from its context on. The draft reads
+        the first ``gamma`` of them (as a draft that guessed right would; its mapped queries are
+        recorded), the policy selects rows for this round, and the target verifies the first
+        ``gamma + 1`` over them: the logits predict tokens ``1 .. gamma + 1``. Every decoding slot then
+        moves ``gamma + 1`` tokens on. With ``observers`` the target attends densely and each
+        observer's policy chooses rows for those same queries (:class:`ShadowAttention`), so recall
+        differences come from the selections alone. Eager: evaluation only (perplexity, recall).
+        """
+        if self.draft is None:
+            raise STSError("teacher-forced verification needs a draft model")
+        block = torch.tensor(blocks, device=self.device)
+        if block.shape != (self.slots, self.gamma + 2):
+            raise STSError(f"forced_step takes {self.gamma + 2} tokens for each of {self.slots} slots")
+        if observers:
+            self.recorder.watch(layer for o in observers.values() if o.policy.uses_draft for layer in o.policy.draft_layers(self.draft))
+        self.round_budget, self.round_mode = self._budget(), "greedy"
+        self.last.copy_(torch.where(self.active, block[:, 0], self.last))
+        self._forced = block[:, 1 : self.gamma + 1]
+        try:
+            self._draft_phase()
+        finally:
+            self._forced = None
+        ctx = self._context()
+        attention: AttentionFn = self.verify_attention
+        if observers:
+            queries = self.recorder.take()
+            longest = max(c for c, a in zip(self.host_ctx, self.host_active) if a)
+            for observer in observers.values():
+                observer.policy.prepare(RoundContext(ctx, self.target, observer.policy.config.tokens(longest), self.draft, queries))
+            attention = ShadowAttention(dict(observers))
+        elif self.policy is not None:
+            self._select_phase()
+        logits = self.target(block[:, : self.gamma + 1], ctx, attention)[..., : self.vocab]
+        count = (self.gamma + 1) * self.active.long()
+        self._advance(block[:, 1:], count, block[:, self.gamma], block[:, self.gamma + 1])
+        self.stats.target_forwards += 1
+        if isinstance(attention, SelectiveAttention):
+            if self.config.measure_recall:
+                attention.end_step(self.stats)
+            else:
+                self.stats.sparsity.append(float(attention.round_sparsity()))
+        self.host_ctx = [c + self.gamma + 1 if a else c for c, a in zip(self.host_ctx, self.host_active)]
+        return logits
+
     def _budget(self) -> int:
         """Return this round's rows per (sequence, KV head): one static number for the batch."""
         if self.policy is None:
@@ -471,7 +519,9 @@ class Engine:
             if i:
                 self.recorder.inner = self.later_draft_attention
                 logits = self.draft(drafted[-1].view(-1, 1), ctx + i, self.recorder)[:, -1, : self.vocab]
-            if self.round_mode == "greedy":
+            if self._forced is not None:  # teacher forcing: the draft reads the known text
+                drafted.append(self._forced[:, i])
+            elif self.round_mode == "greedy":
                 drafted.append(logits.argmax(-1))
             else:
                 dists.append(self._distributions(logits))

@@ -8,7 +8,7 @@ measurement are all such functions; the model code never changes.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,12 @@ class QueryRecorder:
         self.inner = inner
         self.last_only = last_only
         self.queries: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}
+
+    def watch(self, layers: Iterable[int]) -> None:
+        """Also record the queries of ``layers`` from now on."""
+        for layer in layers:
+            self.layers.add(layer)
+            self.queries.setdefault(layer, [])
 
     def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return ``inner``'s attention, recording ``q`` when ``layer`` is one of the chosen layers."""

@@ -14,21 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from tqdm import tqdm
 
-from sts.attention.backend import QueryRecorder
-from sts.decoding import Decoder, GenerationStats
+from sts.decoding import GenerationStats
+from sts.engine import Engine, EngineConfig
 from sts.eval.harness import GridSettings, MethodSpec
 from sts.eval.output import output_file
-from sts.eval.teacher import draft_reads_truth
 from sts.eval.text import read_token_texts
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 from sts.runner import LoadedModel
 from sts.selection import SelectionConfig, make_policy
-from sts.selection.attend import SelectiveAttention, ShadowAttention
-from sts.selection.base import RoundContext
+from sts.selection.attend import SelectiveAttention
 
 
 def shadow_recall(
@@ -38,25 +35,17 @@ def shadow_recall(
     """Return per-observer stats (recall, set recall, per layer) over ``steps`` teacher-forced verify steps."""
     if context + steps * (gamma + 1) > len(tokens):
         raise STSError(f"text too short: {len(tokens)} tokens for a context of {context} and {steps} steps")
-    tokens = list(tokens[: context + steps * (gamma + 1)])
-    tdec = Decoder(target, 1, len(tokens) + 1)
-    ddec = Decoder(draft, 1, len(tokens) + 1)
-    tdec.feed([tokens[:context]])
-    ddec.feed([tokens[:context]])
-    layers = sorted({dl for o in observers.values() if o.policy.uses_draft for dl in o.policy.draft_layers(draft)})
-    recorder = QueryRecorder(layers)
+    tokens = list(tokens[: context + steps * (gamma + 1) + 1])
+    engine = Engine(target, draft, max_len=len(tokens) + gamma + 2, config=EngineConfig(gamma=gamma))
+    engine.prefill(0, tokens[:context])
     stats = {name: GenerationStats() for name in observers}
     for observer in observers.values():
         observer.policy.reset()
     start = context
     for _ in range(steps):
-        draft_reads_truth(ddec, tokens, start, gamma, recorder)
-        queries = recorder.take()
-        start_pos = torch.tensor([start], device=tdec.device)
-        for observer in observers.values():
-            observer.policy.prepare(RoundContext(start_pos, target, observer.policy.config.tokens(start), draft, queries))
-        block = torch.tensor([tokens[start : start + gamma + 1]], device=tdec.device)
-        target(block, start_pos, ShadowAttention(observers))
+        block = tokens[start : start + gamma + 2]
+        block += [0] * (gamma + 2 - len(block))  # the last label past the text is never scored here
+        engine.forced_step([block], observers)
         for name, observer in observers.items():
             observer.end_step(stats[name])
         start += gamma + 1

@@ -65,16 +65,6 @@ class Decoder:
         model.setup_cache(batch_size, max_len, slack=prefill_chunk)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
 
-    def prefill(self, prompt: Sequence[int], prefix_cache: PrefixCache | None = None) -> Tensor:
-        """Return the logits ``[1, V]`` after one prompt (a batch of one), from ``prefix_cache`` when it holds it."""
-        logits = prefix_cache.restore(self.model, prompt, 0) if prefix_cache is not None else None
-        if logits is None:
-            logits = self.feed([prompt])
-            if prefix_cache is not None:
-                prefix_cache.store(self.model, prompt, 0, logits)
-        self.lengths = torch.tensor([len(prompt)], device=self.device)
-        return logits
-
     def feed(self, seqs: Sequence[Sequence[int]], attention: AttentionFn = dense_attention) -> Tensor:
         """Return logits ``[B, V]`` after each sequence's last token, processing its unseen tokens in chunks.
 

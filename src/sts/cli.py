@@ -375,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=96)
     d.add_argument("--gamma", type=int, default=4)
     d.add_argument("--budget", type=_budget, default=256.0, help="STS budget (rows per KV head)")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--dtype", default="float32")
+    d.add_argument("--device", default=None, help="default: cuda when a GPU is there, else cpu")
+    d.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     d.add_argument("--json-out", help="also write the demo's record as JSON here")
     d.set_defaults(func=cmd_demo)
 

@@ -368,8 +368,10 @@ def test_load_1000_requests_16_clients_no_errors_flat_memory(pair, tmp_path):
         "rss_growth_200_to_1000": round(growth, 4),
     }
     print(json.dumps(report, indent=2))
-    (ROOT / "docs" / "bench").mkdir(parents=True, exist_ok=True)
-    (ROOT / "docs" / "bench" / "serve-load-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    # The committed record (docs/bench/serve-load-cpu.json) is refreshed on purpose, not by every test run:
+    # STS_SERVE_LOAD_RECORD=docs/bench/serve-load-cpu.json python -m pytest -q tests/test_serve.py -k load
+    record = os.environ.get("STS_SERVE_LOAD_RECORD")
+    (Path(record) if record else tmp_path / "serve-load.json").write_text(json.dumps(report, indent=2) + "\n")
     assert growth < 0.05, report
 
 

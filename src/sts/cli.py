@@ -155,8 +155,12 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Run one generation and stream the text (or print one JSON record with --json)."""
+def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] = _load) -> int:
+    """Run one generation and stream the text (or print one JSON record with --json).
+
+    ``load`` reads the models: under ``--tensor-parallel`` each rank reads its part of the target
+    (:func:`sts.parallel.launch_generate`).
+    """
     from sts.detokenize import IncrementalDetokenizer
     from sts.runner import run_method
     from sts.sampling import SamplingConfig
@@ -173,7 +177,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise STSError(f"--mapping applies to --method sts, not {args.method}")
         HeadMapping.load(args.mapping)
     prefill, options = _prefill(args), _options(args)
-    target, draft = _load(args, with_draft=args.method != "autoregressive")
+    if args.tensor_parallel != 1 and load is _load:
+        from sts.parallel import launch_generate
+
+        return launch_generate(cmd_generate, args)
+    target, draft = load(args, with_draft=args.method != "autoregressive")
     prompt = _prompt_ids(args, target.tokenizer)
     tok = target.tokenizer
     text = IncrementalDetokenizer(tok) if not args.json and tok is not None else None
@@ -340,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_selection_args(g)
     g.add_argument("--measure-recall", action="store_true", help="also compute dense attention to report recall (slow)")
     g.add_argument("--json", action="store_true", help="print one JSON record on stdout")
+    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the target by heads over N processes (cpu: gloo; cuda: NCCL, one GPU each); rank 0 prints")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("calibrate", help="map each target KV head to the draft head that predicts it best")

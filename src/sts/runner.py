@@ -10,7 +10,7 @@ import torch
 from sts.decoding import GenerationResult, PrefixCache, StreamCallback
 from sts.engine import generate
 from sts.errors import STSError
-from sts.models.loading import load_model
+from sts.models.loading import Partition, load_model
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
@@ -34,17 +34,22 @@ class LoadedModel:
     tokenizer: Any
 
 
-def load(source: str, dtype: torch.dtype, device: str) -> LoadedModel:
-    """Return the model (and tokenizer) at ``source``."""
+def load(source: str, dtype: torch.dtype, device: str, partition: Partition | None = None) -> LoadedModel:
+    """Return the model (and tokenizer) at ``source``; with ``partition``, this process's part of the model."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise STSError("--device cuda asked for, but no CUDA device is available")
-    model, tokenizer = load_model(source, dtype=dtype, device=device)
+    model, tokenizer = load_model(source, dtype=dtype, device=device, partition=partition)
     return LoadedModel(model, tokenizer)
 
 
-def load_pair(target: str, draft: str | None, dtype: torch.dtype, device: str) -> tuple[LoadedModel, LoadedModel | None]:
-    """Return (target, draft or None), refusing a draft whose vocabulary or tokenizer differs."""
-    tgt = load(target, dtype, device)
+def load_pair(
+    target: str, draft: str | None, dtype: torch.dtype, device: str, partition: Partition | None = None,
+) -> tuple[LoadedModel, LoadedModel | None]:
+    """Return (target, draft or None), refusing a draft whose vocabulary or tokenizer differs.
+
+    ``partition``: the target is this process's part of it (tensor parallelism); the draft is whole.
+    """
+    tgt = load(target, dtype, device, partition)
     if draft is None:
         return tgt, None
     dft = load(draft, dtype, device)

@@ -74,6 +74,10 @@ class ModelConfig:
     #: Per-frequency divisors ``[head_dim / 2]`` applied on top of the config's RoPE (a GGUF's
     #: ``rope_freqs`` tensor, the only place a Llama-3.x GGUF keeps its ``llama3`` scaling).
     rope_freq_divisors: tuple[float, ...] | None = None
+    #: (rank, world size) under tensor parallelism: this model holds the rank-th of ``world`` equal
+    #: parts of every layer's heads and feed-forward width, and ``n_heads``, ``n_kv_heads`` and
+    #: ``intermediate_size`` are that part's (:mod:`sts.parallel`); (0, 1) for a whole model.
+    shard: tuple[int, int] = (0, 1)
 
     @property
     def group_size(self) -> int:

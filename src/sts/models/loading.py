@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -101,6 +101,26 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor], dtype: torch
     return model.eval().requires_grad_(False)
 
 
+class Partition(Protocol):
+    """The part of a model this process holds: :class:`sts.parallel.Shard` under tensor parallelism.
+
+    Given one, :func:`load_model` reads only the part of each weight it names (a safetensors
+    slice read lazily, so no process reads the whole checkpoint) and builds the model from them.
+    """
+
+    def take(self, config: ModelConfig, name: str, tensor: Any) -> Tensor:
+        """Return this part of checkpoint weight ``name`` of a ``config`` model (``tensor``: a Tensor or a safetensors slice)."""
+        ...
+
+    def build(self, config: ModelConfig, weights: dict[str, Tensor], dtype: torch.dtype, device: str | torch.device) -> Transformer:
+        """Return the model part of a ``config`` model holding ``weights``, the parts :meth:`take` returned."""
+        ...
+
+
+#: Returns the part of a named checkpoint weight (a Tensor or a safetensors slice) that a process keeps.
+Take = Callable[[str, Any], Tensor]
+
+
 def _index_shards(index: Path) -> list[Path]:
     """Return the shard files a weight index (``*.index.json``) names; a missing shard is an error."""
     try:
@@ -118,12 +138,15 @@ def _index_shards(index: Path) -> list[Path]:
     return shards
 
 
-def _read_weights(directory: Path) -> dict[str, Tensor]:
+def _read_weights(directory: Path, take: Take | None = None) -> dict[str, Tensor]:
     """Return every tensor of the checkpoint's weights: safetensors, else PyTorch ``.bin`` files.
 
     Follows the weight index when there is one (as transformers does), else the single
     ``model.safetensors`` / ``pytorch_model.bin``, else every file of that format in the directory.
+    With ``take``, each tensor is what ``take(name, tensor)`` keeps of it (from safetensors, only
+    that part is read).
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     for index_name, single, pattern, kind in _WEIGHT_FORMATS:
@@ -138,10 +161,14 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for f in files:
             try:
-                if kind == "safetensors":
+                if kind == "safetensors" and take is not None:
+                    with safe_open(str(f), "pt") as handle:
+                        out.update({name: take(name, handle.get_slice(name)) for name in handle.keys()})
+                elif kind == "safetensors":
                     out.update(load_file(str(f)))
                 else:
-                    out.update(torch.load(f, map_location="cpu", weights_only=True))
+                    state = torch.load(f, map_location="cpu", weights_only=True)
+                    out.update(state if take is None else {name: take(name, t) for name, t in state.items()})
             except Exception as exc:  # corrupt or truncated files surface as many exception types
                 raise STSError(f"cannot read the weights in {f}: {_cause(exc)}") from exc
         return out
@@ -202,8 +229,16 @@ def _model_config(hf_config: Any, name: str, source: Path) -> ModelConfig:
         raise STSError(f"{source} has an unusable model config: {_cause(exc)}") from exc
 
 
-def _load_directory(directory: Path, dtype: torch.dtype, device, name: str | None = None) -> tuple[Transformer, Any]:
-    """Return (model, tokenizer or None) from an HF checkpoint directory; ``name`` overrides the model name."""
+def _build(config: ModelConfig, weights: dict[str, Tensor], dtype: torch.dtype, device, partition: Partition | None) -> Transformer:
+    """Return the model (or, with ``partition``, its part) holding ``weights``."""
+    return (partition.build if partition is not None else build_model)(config, weights, dtype, device)
+
+
+def _load_directory(
+    directory: Path, dtype: torch.dtype, device, name: str | None = None, partition: Partition | None = None,
+) -> tuple[Transformer, Any]:
+    """Return (model or its ``partition``, tokenizer or None) from an HF checkpoint directory; ``name`` overrides
+    the model name."""
     from transformers import AutoConfig
 
     if not (directory / "config.json").is_file():
@@ -214,7 +249,8 @@ def _load_directory(directory: Path, dtype: torch.dtype, device, name: str | Non
         raise STSError(f"cannot read {directory / 'config.json'}: {_cause(exc)}") from exc
     config = _model_config(hf_config, name or _model_name(directory, hf_config), directory / "config.json")
     config = _with_eos(config, _generation_eos(directory))
-    model = build_model(config, _read_weights(directory), dtype, device)
+    take = (lambda key, tensor: partition.take(config, key, tensor)) if partition is not None else None
+    model = _build(config, _read_weights(directory, take), dtype, device, partition)
     tokenizer = _load_tokenizer(directory) if has_tokenizer_files(directory) else None
     return model, tokenizer
 
@@ -342,8 +378,8 @@ def _apply_gguf_rope(hf_config: Any, extras: GGUFExtras) -> tuple[float, ...] | 
     return extras.rope_freq_divisors
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device) -> tuple[Transformer, Any]:
-    """Return (model, tokenizer or None) from a GGUF file, dequantised by transformers."""
+def _load_gguf(path: Path, dtype: torch.dtype, device, partition: Partition | None = None) -> tuple[Transformer, Any]:
+    """Return (model or its ``partition``, tokenizer or None) from a GGUF file, dequantised (whole) by transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     extras = read_gguf_extras(path)
@@ -364,7 +400,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, device) -> tuple[Transformer, Any
         hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
         raise STSError(f"cannot load GGUF {path}: {_cause(exc)}") from exc
-    model = build_model(config, hf_model.state_dict(), dtype, device)
+    state = hf_model.state_dict()
+    if partition is not None:
+        state = {key: partition.take(config, key, tensor) for key, tensor in state.items()}
+    model = _build(config, state, dtype, device, partition)
     tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if extras.has_tokenizer else None
     return model, tokenizer
 
@@ -415,21 +454,26 @@ def _download(repo_id: str) -> Path:
     return snapshot
 
 
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Transformer, Any]:
+def load_model(
+    source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    partition: Partition | None = None,
+) -> tuple[Transformer, Any]:
     """Return (model, tokenizer or None) from a checkpoint directory, a ``.gguf`` file or a hub id.
 
     The model's ``config.eos_token_ids`` holds every end-of-generation id the checkpoint names
     (config.json, generation_config.json, GGUF metadata). The tokenizer is None only for a
     checkpoint without tokenizer files; tokenizer files that fail to load raise STSError.
+    With ``partition``, the model is this process's part of it (tensor parallelism, see
+    :func:`sts.parallel.load_sharded`); from safetensors only that part of each weight is read.
     """
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise STSError(f"{path} is a file but not a .gguf model")
-        return _load_gguf(path, dtype, device)
+        return _load_gguf(path, dtype, device, partition)
     if path.is_dir():
-        return _load_directory(path, dtype, device)
+        return _load_directory(path, dtype, device, partition=partition)
     looks_like_id = isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
     if looks_like_id:
-        return _load_directory(_download(source), dtype, device, name=source)
+        return _load_directory(_download(source), dtype, device, name=source, partition=partition)
     raise STSError(f"model path {source} does not exist")

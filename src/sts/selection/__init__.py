@@ -43,7 +43,9 @@ def make_policy(
     """
     check_options(method, options)
     if method == "sts":
-        head_map = HeadMapping.load(mapping) if mapping else HeadMapping.default(target.config, draft.config)
+        # A tensor-parallel target part (sts.parallel) reads the file's rows for its own KV heads.
+        head_map = (HeadMapping.load(mapping).shard(*target.config.shard) if mapping
+                    else HeadMapping.default(target.config, draft.config))
         head_map.check_pair(target.config, draft.config)
         return sts.STSPolicy(config, head_map, **options)
     if mapping:

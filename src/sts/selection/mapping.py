@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,28 @@ class HeadMapping:
             dl = layer * draft.n_layers // target.n_layers
             sources.append(tuple(((dl, ALL_HEADS, 1.0),) for _ in range(target.n_kv_heads)))
         return cls(tuple(sources), "max", target.identity(), draft.identity())
+
+    def shard(self, rank: int, world: int) -> "HeadMapping":
+        """Return the mapping of tensor-parallel rank ``rank`` of ``world``: its equal share of each layer's
+        target KV heads, recorded for the target part that holds them (:mod:`sts.parallel`).
+
+        Per-head budgets (STS ``head_budgets``) are then spread over the rank's own heads: each rank
+        reads the same total, but not the one-process spread. Raises :class:`STSError` when a
+        layer's KV heads do not split into ``world`` equal parts.
+        """
+        if world == 1:
+            return self
+        if any(len(layer) % world for layer in self.sources) or self.target.get("n_heads", 0) % world:
+            raise STSError(f"mapping's target KV heads do not split evenly over {world} tensor-parallel ranks")
+
+        def part(layers: tuple[tuple[Any, ...], ...] | None) -> Any:
+            if layers is None:
+                return None
+            return tuple(layer[rank * len(layer) // world : (rank + 1) * len(layer) // world] for layer in layers)
+
+        target = {**self.target, **{k: self.target[k] // world for k in ("n_heads", "n_kv_heads") if k in self.target}}
+        return replace(self, sources=part(self.sources), quality=part(self.quality), mass_curve=part(self.mass_curve),
+                       target=target)
 
     def check_pair(self, target: ModelConfig, draft: ModelConfig) -> None:
         """Raise :class:`STSError` unless this mapping was made for exactly this target and draft."""

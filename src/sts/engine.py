@@ -513,7 +513,8 @@ class Engine:
         ctx = self._context()
         self.recorder.inner = dense_attention
         tokens = torch.stack([self.prev, self.last], dim=1)
-        logits = self.draft(tokens, (ctx - 1).clamp_min(0), self.recorder)[:, -1, : self.vocab]
+        hidden = self.draft.hidden(tokens, (ctx - 1).clamp_min(0), self.recorder)[:, -1]
+        logits = self.draft.lm_head(hidden).float()[:, : self.vocab]  # the LM head for the last position only
         drafted, dists = [], []
         for i in range(self.gamma):
             if i:

@@ -52,6 +52,10 @@ def test_generate_json_matches_transformers(capsys, checkpoints):
     assert stats["sparsity"] > 0 and 0 < stats["recall"] <= 1 and stats["verify_s"] > 0
     full = run_json(capsys, base + ["--method", "quest", "--budget", "64", "--window", "8"])
     assert full["tokens"] == ref and full["stats"]["sparsity"] == 0
+    # Without --method: speculative with a draft, autoregressive without one.
+    assert run_json(capsys, base)["method"] == "speculative"
+    alone = run_json(capsys, base[:3] + base[5:])
+    assert alone["method"] == "autoregressive" and alone["tokens"] == ref
 
 
 def test_sts_settings_reach_the_policy():
@@ -101,7 +105,7 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "streaming", "--window", "8", "--rerank", "4"], "apply to --method sts")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "0", "--head-budgets", "2"], "mass curves")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "0", "--head-budgets", "0.5"], "cap must be >= 1")
-    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--head-budgets", "2"], "rerank=0")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--head-budgets", "2"], "--rerank 0")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "-1"], "whole number >= 0")
     if not torch.cuda.is_available():
         bad(capsys, ["bench", "e2e", "--contexts", "8192"], "needs a CUDA device")

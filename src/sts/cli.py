@@ -166,6 +166,8 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
     from sts.sampling import SamplingConfig
     from sts.selection import HeadMapping
 
+    if args.method is None:
+        args.method = "speculative" if args.draft else "autoregressive"
     # Every check that needs no model comes before the (slow) loading.
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     selection = _selection(args) if args.method not in ("autoregressive", "speculative") else None
@@ -344,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--method", default="speculative", choices=methods())
+    g.add_argument("--method", default=None, choices=methods(),
+                   help="default: speculative with --draft, autoregressive without")
     add_selection_args(g)
     g.add_argument("--measure-recall", action="store_true", help="also compute dense attention to report recall (slow)")
     g.add_argument("--json", action="store_true", help="print one JSON record on stdout")

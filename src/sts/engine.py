@@ -179,7 +179,7 @@ class Engine:
         self.verify_attention: AttentionFn = (
             SelectiveAttention(policy, self.config.measure_recall) if policy is not None else dense_attention)
         budget = self.config.draft_budget
-        self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget else dense_attention
+        self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget is not None else dense_attention
 
         def buffer(dtype: torch.dtype, *shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=dtype, device=self.device)

@@ -42,6 +42,8 @@ def make_policy(
     constructor raises is left to surface.
     """
     check_options(method, options)
+    if config.dense_layers > target.config.n_layers:
+        raise STSError(f"--dense-layers {config.dense_layers} exceeds the target's {target.config.n_layers} layers")
     if method == "sts":
         # A tensor-parallel target part (sts.parallel) reads the file's rows for its own KV heads.
         head_map = (HeadMapping.load(mapping).shard(*target.config.shard) if mapping

@@ -427,6 +427,7 @@ def test_bad_chat_requests_and_routes(server):
     chat = {"model": MODEL, "max_tokens": 2}
     assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": []}), 400, "messages")
     assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": 3}]}), 400)
+    assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": [{"role": "wizard", "content": "hi"}]}), 400)
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": image}), 400, "messages.0.content")
     assert_error(*post(url, "/v1/nothing", GOOD), 404)
@@ -618,3 +619,16 @@ def test_the_readme_examples_run(pair, server, capsys):
     exec(api_code.replace("path/to/target", pair["target"]).replace("path/to/draft", pair["draft"]), {})
     out = capsys.readouterr().out.splitlines()
     assert len([x for x in out if x.strip()]) >= 2, out
+
+
+def test_a_port_in_use_is_one_line_before_loading(capsys, tmp_path):
+    """The port is checked before the models load (minutes on real weights): one line, exit 2."""
+    from sts.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--target", str(tmp_path / "not-loaded-yet"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sts: error: cannot listen on 127.0.0.1:") and "\n" not in err, err

@@ -51,6 +51,18 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
                 max_queue=args.max_queue, **_options(args))
 
 
+def _check_port(host: str, port: int) -> None:
+    """Raise :class:`STSError` when ``host:port`` cannot be bound (in use, no permission, unknown host)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        raise STSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the pair and serve it until interrupted; return the exit status."""
     try:
@@ -61,6 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise STSError(f"sts serve needs the serve extra: pip install 'sts[serve]' ({exc.name} is missing)") from None
     from sts.api import LLM
 
+    _check_port(args.host, args.port)  # before minutes of loading, not after
     settings = llm_settings(args)
     llm = LLM(args.target, args.draft, **settings)
     name = args.served_model_name or args.target

@@ -232,3 +232,12 @@ def test_pair_with_padded_embedding_tables_decodes_the_targets_greedy_output():
                           eos_token_id=None, suppress_tokens=list(range(256, 384)))
         assert tokens == ref[0, len(prompt):].tolist()
         assert max(tokens) < 256
+
+
+def test_measure_recall_on_a_dense_method_reports_no_recall(tiny_pair):
+    """Dense speculative decoding selects nothing: asking for recall changes nothing and reports none."""
+    _, target, draft = tiny_pair
+    plain = speculative_generate(target, draft, PROMPTS, 12, gamma=3)
+    measured = speculative_generate(target, draft, PROMPTS, 12, gamma=3, measure_recall=True)
+    assert measured.tokens == plain.tokens
+    assert measured.stats.summary()["recall"] is None and measured.stats.summary()["sparsity"] is None

@@ -48,10 +48,10 @@ from sts.errors import STSError
 from sts.models.transformer import Transformer
 from sts.sampling import SamplingConfig, SamplingRows, accept, draw, probabilities
 from sts.selection.attend import SelectiveAttention, ShadowAttention
-from sts.attention.rerank import sink_window_rows
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
 from sts.prefill import PrefillConfig, sparse_prefill
 from sts.selection.mapping import HeadMapping
+from sts.selection.streaming import streaming_rows
 from sts.selection.sts import STSPolicy
 
 #: Prompt tokens per prefill chunk on CUDA: large enough for the matrix units, small enough that
@@ -77,10 +77,8 @@ class SparseDraftAttention:
     def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return the attention of ``q`` over the sink and latest rows (and, causally, the new rows)."""
         if start_pos is not self._positions:
-            rows = sink_window_rows(start_pos, self.sink, self.budget - self.sink)
-            col = torch.arange(self.budget, device=start_pos.device).view(1, -1)
-            rows = torch.where(start_pos.view(-1, 1) <= self.budget, col, rows)  # short contexts: everything
-            self._positions, self._rows = start_pos, rows.unsqueeze(1).expand(-1, k_cache.shape[1], -1)
+            self._positions = start_pos
+            self._rows = streaming_rows(start_pos, self.budget, self.sink, k_cache.shape[1])
         return dispatch.verify_attention(q, k_cache, v_cache, start_pos, self._rows)
 
 
@@ -454,11 +452,7 @@ class Engine:
         count = (self.gamma + 1) * self.active.long()
         self._advance(block[:, 1:], count, block[:, self.gamma], block[:, self.gamma + 1])
         self.stats.target_forwards += 1
-        if isinstance(attention, SelectiveAttention):
-            if self.config.measure_recall:
-                attention.end_step(self.stats)
-            else:
-                self.stats.sparsity.append(float(attention.round_sparsity()))
+        self._record_selection(attention, float(attention.round_sparsity()) if isinstance(attention, SelectiveAttention) else None)
         self.host_ctx = [c + self.gamma + 1 if a else c for c, a in zip(self.host_ctx, self.host_active)]
         return logits
 
@@ -590,10 +584,16 @@ class Engine:
         if self.policy is not None:
             stats.select_s += clock.seconds(1)
         stats.verify_s += clock.seconds(2 if self.policy is not None else 1)
+        self._record_selection(self.verify_attention, sparsity)
+
+    def _record_selection(self, attention: AttentionFn, sparsity: float | None) -> None:
+        """Add a verify step's sparsity, or with ``measure_recall`` its sparsity and recall, to the stats (dense: nothing)."""
+        if not isinstance(attention, SelectiveAttention):
+            return
         if self.config.measure_recall:
-            self.verify_attention.end_step(stats)  # type: ignore[union-attr]
+            attention.end_step(self.stats)
         elif sparsity is not None:
-            stats.sparsity.append(sparsity)
+            self.stats.sparsity.append(sparsity)
 
     # ------------------------------------------------------------------ CUDA graphs
 

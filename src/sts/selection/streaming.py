@@ -8,6 +8,16 @@ from torch import Tensor
 from sts.selection.base import SelectionPolicy, register, sink_window_rows
 
 
+def streaming_rows(start_pos: Tensor, budget: int, sink: int, n_kv_heads: int) -> Tensor:
+    """Return ``[B, Hkv, budget]`` rows: the first ``sink`` and the latest ``budget - sink`` context rows of each
+    sequence (all rows ``0 .. budget - 1`` when its context fits the budget; those past it are invalid)."""
+    sink = min(sink, budget)
+    rows = sink_window_rows(start_pos, sink, budget - sink)
+    col = torch.arange(budget, device=start_pos.device).view(1, budget)
+    rows = torch.where(start_pos.view(-1, 1) <= budget, col, rows)  # short contexts: everything
+    return rows.unsqueeze(1).expand(-1, n_kv_heads, -1)
+
+
 @register
 class StreamingPolicy(SelectionPolicy):
     """Attention sinks plus the most recent rows: the whole budget past the sinks is the window."""
@@ -23,8 +33,4 @@ class StreamingPolicy(SelectionPolicy):
 
     def select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return the same rows as top-k of :meth:`scores`, computed directly (no top-k, no host sync)."""
-        budget, sink = self.budget, min(self.config.sink, self.budget)
-        rows = sink_window_rows(start_pos, sink, budget - sink)  # sinks, then the latest budget - sink rows
-        col = torch.arange(budget, device=start_pos.device).view(1, budget)
-        rows = torch.where(start_pos.view(-1, 1) <= budget, col, rows)  # short contexts: everything
-        return rows.unsqueeze(1).expand(-1, k_cache.shape[1], -1)
+        return streaming_rows(start_pos, self.budget, self.config.sink, k_cache.shape[1])

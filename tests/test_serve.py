@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +30,7 @@ import torch
 
 from conftest import hf_config, hf_model
 from smollm2 import smollm2_tokenizer
+from sts.bench.serve import serving
 from sts.runner import load_pair, run_method
 from sts.selection import SelectionConfig
 
@@ -85,29 +85,6 @@ def make_llm(pair: dict[str, Any], **extra: Any):
 
     settings = {**SETTINGS, "max_model_len": MAX_LEN, **extra}
     return LLM(pair["target"], pair["draft"], **settings)
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a thread on a free port of 127.0.0.1; yield its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -561,6 +538,75 @@ def test_stop_strings_and_end_of_sequence_cut_the_output(pair, llm, monkeypatch)
     ended = llm.generate(TEXT, max_tokens=30)[0]
     assert ended.token_ids == full.token_ids[: full.token_ids.index(eos) + 1] and ended.finish_reason == "stop"
     assert ended.text == tok.decode(ended.token_ids, skip_special_tokens=True)
+
+
+def test_a_stop_string_ends_the_ids_at_the_token_that_completes_it(pair, llm, server):
+    """The ids end with the token that completes the stop string (none past it), through the API and the server
+    (whole and streamed); the text ends before the stop string."""
+    tok = pair["tokenizer"]
+    full = llm.generate(TEXT, max_tokens=30)[0]
+    prefixes = [tok.decode(full.token_ids[:k], skip_special_tokens=True) for k in range(31)]
+    # A 3-character stop string whose first occurrence ends inside token j's text (j from the middle on).
+    j, stop = next((j, prefixes[j + 1][len(prefixes[j]) - 2 : len(prefixes[j]) + 1]) for j in range(12, 30)
+                   if len(prefixes[j]) >= 2 and len(prefixes[j + 1]) > len(prefixes[j])
+                   and full.text.find(prefixes[j + 1][len(prefixes[j]) - 2 : len(prefixes[j]) + 1]) == len(prefixes[j]) - 2)
+    expected_ids, expected_text = full.token_ids[: j + 1], full.text[: len(prefixes[j]) - 2]
+    cut = llm.generate(TEXT, max_tokens=30, stop=stop)[0]
+    assert (cut.token_ids, cut.text, cut.finish_reason) == (expected_ids, expected_text, "stop")
+    url, _ = server
+    body = {"model": MODEL, "prompt": TEXT, "max_tokens": 30, "temperature": 0, "stop": stop, "return_token_ids": True}
+    status, whole = post(url, "/v1/completions", body)
+    assert status == 200 and whole["choices"][0]["token_ids"] == expected_ids and whole["choices"][0]["text"] == expected_text
+    chunks = list(client(url).completions.create(model=MODEL, prompt=TEXT, max_tokens=30, temperature=0, stop=stop,
+                                                 stream=True, extra_body={"return_token_ids": True}))
+    assert [t for c in chunks for t in (getattr(c.choices[0], "token_ids", None) or [])] == expected_ids
+    assert "".join(c.choices[0].text for c in chunks) == expected_text and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_stop_string_is_found_at_a_token_that_also_starts_a_character(tmp_path):
+    """A byte-level BPE token can end a word and start a multi-byte character ("d" + the first byte of "—"):
+    a stop string ending in that word stops at that token, not once the character's last byte arrives."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from sts.serve.text import TextStream
+    from test_detokenize import bpe_tokenizer
+
+    byte = bytes_to_unicode()
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    tokenizer = bpe_tokenizer(tmp_path, list(byte.values()), [("d", byte[0xE2])], pre_tokenizer=level, decoder=level)
+    ids = tokenizer("and\u2014so", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[2] == "d" + byte[0xE2]  # the token under test
+    text = TextStream(tokenizer, ["nd"])
+    pieces, stopped_at = [], None
+    for k, token in enumerate(ids):
+        pieces.append(text.add(token))
+        if text.stopped and stopped_at is None:
+            stopped_at = k
+    assert stopped_at == 2 and "".join(pieces) + text.finish() == "a"
+    plain = TextStream(tokenizer, ["so"])  # a stop past the character: all of it before
+    assert "".join(plain.add(t) for t in ids) + plain.finish() == "and\u2014" and plain.stopped
+
+
+def test_max_tokens_defaults_as_openai_and_ignore_eos_decodes_past_eos(pair, server, monkeypatch):
+    """A completion without max_tokens gets 16 tokens (OpenAI's default), a chat the rest of the context;
+    ``ignore_eos`` decodes past end-of-sequence ids, which otherwise end the request (kept in the ids)."""
+    url, llm = server
+    body = {"model": MODEL, "prompt": TEXT, "temperature": 0, "return_token_ids": True}
+    status, plain = post(url, "/v1/completions", {**body, "ignore_eos": True})
+    full = plain["choices"][0]["token_ids"]
+    assert status == 200 and len(full) == 16 and plain["choices"][0]["finish_reason"] == "length"
+    assert full == reference(pair, pair["tokenizer"](TEXT)["input_ids"], 16)
+    monkeypatch.setattr(llm.scheduler, "eos", frozenset({full[5]}))
+    status, ended = post(url, "/v1/completions", body)
+    assert ended["choices"][0]["token_ids"] == full[: full.index(full[5]) + 1]
+    assert ended["choices"][0]["finish_reason"] == "stop"
+    status, past = post(url, "/v1/completions", {**body, "ignore_eos": True})
+    assert past["choices"][0]["token_ids"] == full
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "ignore_eos": True}
+    status, reply = post(url, "/v1/chat/completions", chat)
+    usage = reply["usage"]
+    assert status == 200 and reply["choices"][0]["finish_reason"] == "length"
+    assert usage["completion_tokens"] == MAX_LEN - usage["prompt_tokens"] - (SETTINGS["gamma"] + 1)  # rows for a round
 
 
 def test_a_seed_repeats_a_sampled_request(llm):

@@ -232,9 +232,10 @@ class LLM:
 
     def params(
         self, prompt_tokens: int, max_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-        stop: str | Sequence[str] | None = None, seed: int | None = None,
+        stop: str | Sequence[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
     ) -> RequestParams:
-        """Return a request's parameters for a prompt of ``prompt_tokens`` (``max_tokens`` None: all the context left).
+        """Return a request's parameters for a prompt of ``prompt_tokens`` (``max_tokens`` None: all the context left;
+        ``ignore_eos``: decode past end-of-sequence ids).
 
         Raises :class:`RequestError` (naming the parameter) when the prompt or ``max_tokens`` do not fit the context,
         or a sampling setting is out of range.
@@ -260,7 +261,7 @@ class LLM:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if stops and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this checkpoint has none", "stop")
-        return RequestParams(max_tokens, SamplingConfig(temperature, top_k, top_p), stops, seed)
+        return RequestParams(max_tokens, SamplingConfig(temperature, top_k, top_p), stops, seed, ignore_eos)
 
     def submit(self, prompt_ids: Sequence[int], params: RequestParams, sink: Any, bounded: bool = True) -> Request:
         """Queue a request whose deltas go to ``sink`` (called from the scheduler's thread); return it."""

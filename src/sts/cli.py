@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from sts.bench.cli import add_bench_args
 
-    b = sub.add_parser("bench", help="GPU benchmarks: kernels and end-to-end decode speed")
+    b = sub.add_parser("bench", help="GPU benchmarks: kernels, end-to-end decode speed, server throughput")
     add_bench_args(b)
     b.set_defaults(func=cmd_bench)
 

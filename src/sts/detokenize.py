@@ -45,6 +45,18 @@ class IncrementalDetokenizer:
         """Return the text still held back; later :meth:`add` calls continue after it."""
         return self._advance(final=True)
 
+    def peek(self) -> str:
+        """Return the text held back by :meth:`add` up to its unfinished character, without emitting it.
+
+        A stop string may end there: a token can finish a word and start a character at once
+        (byte-level BPE merges bytes across character boundaries), and waiting for the character's
+        last byte would look for the stop one token late.
+        """
+        if self.read_offset == len(self.ids):
+            return ""
+        emitted = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        return self._decode(self.ids[self.prefix_offset :])[len(emitted) :].rstrip(REPLACEMENT)
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 

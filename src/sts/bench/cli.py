@@ -8,7 +8,7 @@ import importlib
 from sts.errors import STSError
 
 #: Benchmark name -> module exposing ``main(argv)``.
-BENCHMARKS = {"kernels": "sts.bench.kernels", "e2e": "sts.bench.e2e"}
+BENCHMARKS = {"kernels": "sts.bench.kernels", "e2e": "sts.bench.e2e", "serve": "sts.bench.serve"}
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:

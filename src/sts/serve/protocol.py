@@ -2,8 +2,11 @@
 
 Fields sts does not implement are refused when set to anything but their neutral value (so a
 client never silently gets something else than it asked for); unknown fields are ignored.
+``max_tokens`` defaults as OpenAI's: 16 for a completion, the rest of the context for a chat (an
+explicit null: the rest of the context for both).
 Extra fields beyond OpenAI's: ``top_k``; ``return_token_ids`` (as vLLM: the response's choice, and
-each stream chunk's, carries ``token_ids``, and the response ``prompt_token_ids``); and the server's method settings (``method``,
+each stream chunk's, carries ``token_ids``, and the response ``prompt_token_ids``); ``ignore_eos``
+(as vLLM: decode past end-of-sequence ids up to ``max_tokens``); and the server's method settings (``method``,
 ``gamma``, ``budget``, ``sink``, ``window``, ``dense_layers``, ``draft_budget``), which are
 accepted only with the server's own values: each is fixed when the engine is built (the round's
 budget, shapes and CUDA graphs are shared by every slot), so a request cannot change it.
@@ -59,6 +62,7 @@ class _Body(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     return_token_ids: bool = False
+    ignore_eos: bool = False
     # The server's method settings: accepted only as the server has them (see the module docstring).
     method: str | None = None
     gamma: int | None = None
@@ -83,6 +87,7 @@ class CompletionRequest(_Body):
     """``POST /v1/completions``: one prompt, as text or token ids."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
     best_of: int | None = None
     logprobs: int | None = None

@@ -11,9 +11,10 @@ iteration
    seconds while other requests decode, so a long prompt delays their next round by about one
    chunk, not by its whole prefill;
 4. runs one decode round (``Engine.step``) for the decoding slots and hands each request its
-   tokens; a request stops at an end-of-sequence id (kept in its ids, not in its text), at
-   ``max_tokens``, at a stop string (:class:`~sts.serve.text.TextStream`) or when its slot's
-   cache is full, and its slot is released at once.
+   tokens; a request stops at an end-of-sequence id (kept in its ids, not in its text; unless it
+   asked to ignore them), at ``max_tokens``, at a stop string (:class:`~sts.serve.text.TextStream`:
+   its ids end with the token that completed it) or when its slot's cache is full, and its slot
+   is released at once.
 
 A request's output arrives as :class:`Delta` objects through the callable it was made with,
 from the scheduler's thread. An exception inside the engine fails the requests it concerns
@@ -65,6 +66,8 @@ class RequestParams:
     stop: tuple[str, ...] = ()
     #: Reseeds the engine's generator as the request starts (see :class:`Scheduler`): best effort.
     seed: int | None = None
+    #: Decode past end-of-sequence ids, up to ``max_tokens`` (benchmarks: every request decodes the same count).
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -315,7 +318,7 @@ class Scheduler:
             ids.append(int(token))
             request.token_ids.append(int(token))
             text.append(request.text.add(token))
-            if request.text.stopped or token in self.eos:
+            if request.text.stopped or (token in self.eos and not request.params.ignore_eos):
                 reason = "stop"
             elif len(request.token_ids) >= request.params.max_tokens:
                 reason = "length"

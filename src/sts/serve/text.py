@@ -12,7 +12,9 @@ class TextStream:
 
     The text returned never includes a stop string nor anything after it (OpenAI's rule). Text
     that could be the start of a stop string (its last ``len(longest stop) - 1`` characters) is
-    held back until the next token shows it is not, or until :meth:`finish`. Without a tokenizer
+    held back until the next token shows it is not, or until :meth:`finish`. A stop string is found
+    at the token that completes it, even when that token also starts a character it does not finish
+    (:meth:`~sts.detokenize.IncrementalDetokenizer.peek`), so the caller can end the ids there. Without a tokenizer
     (checkpoints saved without one) the text is empty and there can be no stop strings.
     """
 
@@ -44,9 +46,11 @@ class TextStream:
         # A stop string not found before must end in the new text, so it starts at most `hold` characters earlier.
         start = max(0, len(self.text) - self.hold)
         self.text += new
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        # The detokenizer's held-back text counts too: a stop string ending there ends the text at this token.
+        seen = self.text + self.detokenizer.peek() if self.stop and self.detokenizer is not None else self.text
+        hits = [i for i in (seen.find(s, start) for s in self.stop) if i >= 0]
         if hits:
-            self.text, self.stopped, final = self.text[: min(hits)], True, True
+            self.text, self.stopped, final = seen[: min(hits)], True, True
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
         piece, self.sent = self.text[self.sent : end], end
         return piece

@@ -50,7 +50,7 @@ def test_generate_json_matches_transformers(capsys, checkpoints):
     assert len(sts["tokens"]) == 12
     stats = sts["stats"]
     assert stats["sparsity"] > 0 and 0 < stats["recall"] <= 1 and stats["verify_s"] > 0
-    full = run_json(capsys, base + ["--method", "quest", "--budget", "64", "--window", "8"])
+    full = run_json(capsys, base + ["--method", "quest", "--budget", "64", "--window", "8", "--verify", "sparse"])
     assert full["tokens"] == ref and full["stats"]["sparsity"] == 0
     # Without --method: speculative with a draft, autoregressive without one.
     assert run_json(capsys, base)["method"] == "speculative"

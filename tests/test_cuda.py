@@ -46,7 +46,7 @@ def test_cuda_speculative_and_full_budget_sts_equal_greedy(cuda_pair):
     assert speculative_generate(target, draft, prompts, 24, gamma=4).tokens == ref
     for options in ({"rerank": 0}, {}):  # the paper's plain rule, the default (re-ranking)
         policy = make_policy("sts", SelectionConfig(budget=256, sink=4, window=16), target, draft, **options)
-        assert speculative_generate(target, draft, prompts, 24, gamma=4, policy=policy).tokens == ref
+        assert speculative_generate(target, draft, prompts, 24, gamma=4, policy=policy, verify="sparse").tokens == ref
     for options in ({"rerank": 0}, {}):
         small = make_policy("sts", SelectionConfig(budget=32, sink=4, window=8), target, draft, **options)
         out = speculative_generate(target, draft, prompts, 24, gamma=4, policy=small, measure_recall=True)
@@ -83,14 +83,17 @@ ENGINE_METHODS = ["autoregressive", "speculative", "speculative+sd", "sts", "sts
                   "specpc", "quest", "tidal", "oracle"]
 
 
-def run_engine(target, draft, method, prompts, n, graphs, eos=(), budget=64.0, sampling=None, seed=0, slots=None):
-    """Return the generation of ``method`` through the engine, with or without CUDA graphs."""
+def run_engine(target, draft, method, prompts, n, graphs, eos=(), budget=64.0, sampling=None, seed=0, slots=None,
+               verify="sparse", hardware=None):
+    """Return the generation of ``method`` through the engine, with or without CUDA graphs (a policy's rounds sparse
+    unless ``verify="auto"``, whose cross-over is modelled on ``hardware``, default an H200's)."""
+    from sts.costmodel import Hardware
     from sts.engine import Engine, EngineConfig
     from sts.sampling import SamplingConfig
 
     name, sparse_draft = method.removesuffix("+sd"), method.endswith("+sd")
     config = EngineConfig(gamma=4, cuda_graphs=graphs, draft_budget=24 if sparse_draft else None,
-                          sampling=sampling or SamplingConfig(), seed=seed)
+                          sampling=sampling or SamplingConfig(), seed=seed, verify=verify, hardware=hardware or Hardware())
     policy = None
     if name not in ("autoregressive", "speculative"):
         base, options = ("sts", {"rerank": 0}) if name == "sts-plain" else (name, {})
@@ -112,6 +115,35 @@ def test_cuda_graph_path_equals_eager_path(cuda_pair, method):
     assert bool(engine._graphs) == expect_graphs
     if method in ("autoregressive", "speculative", "speculative+sd"):  # lossless methods equal plain greedy
         assert graphed.tokens == generate(target, prompts, 40).tokens
+
+
+@pytest.mark.parametrize("method", ["sts", "sts+sd", "specpc"])
+def test_cuda_dense_crossover_rounds_graphed_equal_eager(cuda_pair, method):
+    """Below the break-even (these tiny models never reach the H200's) a policy's rounds verify densely in their own
+    graphs: graphed equals eager equals dense speculative decoding; no select phase is captured."""
+    _, target, draft = cuda_pair
+    prompts = [[(7 * i) % 96 for i in range(300)], [5, 6, 7] * 70]
+    engine, graphed = run_engine(target, draft, method, prompts, 40, graphs=True, verify="auto")
+    _, eager = run_engine(target, draft, method, prompts, 40, graphs=False, verify="auto")
+    _, dense = run_engine(target, draft, method.replace(method.removesuffix("+sd"), "speculative"), prompts, 40, graphs=True)
+    assert graphed.tokens == eager.tokens == dense.tokens
+    assert graphed.stats.dense_rounds == graphed.stats.target_forwards and graphed.stats.select_s == 0
+    assert set(engine._graphs) == {(0, "greedy")} and len(engine._graphs[0, "greedy"]) == 2  # draft, verify
+
+
+def test_cuda_crossing_the_break_even_mid_generation_graphed_equals_eager(cuda_pair):
+    """Counting bytes only, the slots cross the break-even while decoding: dense and sparse rounds each replay their
+    own graphs, and the tokens equal the eager path's."""
+    from sts.costmodel import Hardware
+
+    _, target, draft = cuda_pair
+    bytes_only = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0)
+    prompts = [[(7 * i) % 96 for i in range(320)], [5, 6, 7] * 110]
+    engine, graphed = run_engine(target, draft, "sts", prompts, 60, graphs=True, verify="auto", hardware=bytes_only)
+    _, eager = run_engine(target, draft, "sts", prompts, 60, graphs=False, verify="auto", hardware=bytes_only)
+    assert graphed.tokens == eager.tokens
+    assert 0 < graphed.stats.dense_rounds == eager.stats.dense_rounds < graphed.stats.target_forwards
+    assert set(engine._graphs) == {(0, "greedy"), (64, "greedy")}
 
 
 def test_cuda_graphed_sampling_keeps_the_target_distribution():

@@ -132,7 +132,8 @@ def interleaved_equals_solo(target, draft, policy=None, chunk: int = 16) -> None
 
     prompts = [list(range(1, 50)), [9, 8, 7] * 30, [(5 * i) % 90 + 1 for i in range(70)]]
     solo = [generate(target, [p], 24).tokens[0] for p in prompts]
-    engine = Engine(target, draft, policy, slots=2, max_len=128, config=EngineConfig(gamma=3, prefill_chunk=chunk))
+    config = EngineConfig(gamma=3, prefill_chunk=chunk, verify="sparse")
+    engine = Engine(target, draft, policy, slots=2, max_len=128, config=config)
     out: dict[int, list[int]] = {}
     owner: dict[int, int] = {}
     waiting = list(range(len(prompts)))

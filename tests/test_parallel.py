@@ -48,7 +48,7 @@ def _outputs(logit_models: dict[str, Transformer], target: Transformer, draft: T
     out["speculative"] = speculative_generate(target, draft, PROMPTS, 12, gamma=3).tokens
     for name, options, mapped in STS_RUNS:
         policy = make_policy("sts", SELECTION, target, draft, mapping if mapped else None, **options)
-        out[name] = speculative_generate(target, draft, PROMPTS, 12, gamma=3, policy=policy).tokens
+        out[name] = speculative_generate(target, draft, PROMPTS, 12, gamma=3, policy=policy, verify="sparse").tokens
     sampling = SamplingConfig(temperature=1.0)
     out["sampled"] = speculative_generate(target, draft, PROMPTS, 12, gamma=3, sampling=sampling, seed=3).tokens
     return out
@@ -184,7 +184,7 @@ def test_cli_tensor_parallel_equals_one_process(tmp_path, capfd):
     hf_model(hf_config("llama", heads=8, kv_heads=4), seed=0).save_pretrained(tmp_path / "draft")
     argv = ["--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--prompt-ids",
             ",".join(map(str, PROMPTS[0])), "--method", "sts", "--budget", "16", "--sink", "2", "--window", "4",
-            "--max-new-tokens", "8"]
+            "--max-new-tokens", "8", "--verify", "sparse"]
     one = _generate_json(capfd, argv)
     two = _generate_json(capfd, [*argv, "--tensor-parallel", "2"])
     assert two["tokens"] == one["tokens"] and len(one["tokens"]) == 8

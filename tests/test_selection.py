@@ -230,9 +230,9 @@ def test_budget_covering_the_context_equals_dense_speculative(tiny_pair, method)
     dense = speculative_generate(target, draft, prompts, 20, gamma=3)
     name, options = ("sts", {"rerank": 0}) if method == "sts-plain" else (method, {})
     policy = make_policy(name, SelectionConfig(budget=200, sink=4, window=8), target, draft, **options)
-    out = speculative_generate(target, draft, prompts, 20, gamma=3, policy=policy)
+    out = speculative_generate(target, draft, prompts, 20, gamma=3, policy=policy, verify="sparse")
     assert out.tokens == dense.tokens
-    assert out.stats.summary()["sparsity"] == 0.0
+    assert out.stats.summary()["sparsity"] == 0.0 and out.stats.dense_rounds == 0
 
 
 def test_small_budget_is_sparse_and_oracle_recall_bounds_every_policy(tiny_pair):

@@ -16,7 +16,7 @@ import os
 import queue
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -94,6 +94,7 @@ def build_engine(
     method: str, target: LoadedModel, draft: LoadedModel | None, *, slots: int, max_len: int, gamma: int = 4,
     selection: SelectionConfig | None = None, mapping: str | None = None, options: dict[str, Any] | None = None,
     draft_budget: int | None = None, prefill: PrefillConfig | None = None, prefill_chunk: int | None = None, seed: int = 0,
+    verify: Literal["auto", "sparse"] = "auto",
 ) -> Engine:
     """Return an engine that decodes with ``method`` (see :func:`sts.runner.methods`) in ``slots`` slots of ``max_len`` rows.
 
@@ -112,7 +113,7 @@ def build_engine(
         policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping, **(options or {}))
     vocab = shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer)
     config = EngineConfig(gamma=gamma, draft_budget=draft_budget, vocab=vocab, seed=seed, sparse_prefill=prefill,
-                          prefill_chunk=prefill_chunk)
+                          prefill_chunk=prefill_chunk, verify=verify)
     return Engine(target.model, draft.model, policy, slots=slots, max_len=max_len, config=config)
 
 
@@ -143,7 +144,8 @@ class LLM:
     512 on the CPU, 8192 on CUDA). ``device``: default CUDA
     when there is one; ``dtype``: default bfloat16 on CUDA, float32 on the CPU. ``seed``: the
     engine's random generator (sampling). ``max_queue``: requests that may wait for a slot when
-    serving (``generate`` waits without bound).
+    serving (``generate`` waits without bound). ``verify``: "auto" verifies a selection method's
+    rounds densely below the break-even context (:mod:`sts.costmodel`), "sparse" always sparsely.
 
     Not thread-safe by itself: call it from one thread, or :meth:`start` its scheduler's thread,
     after which any thread may call it (the server does).
@@ -156,7 +158,8 @@ class LLM:
         budget: float = 256, sink: int = 4, window: int = 64, dense_layers: int = 0, gamma: int = 4,
         mapping: str | None = None, draft_budget: int | None = None, prefill: PrefillConfig | None = None,
         slots: int = 1, max_model_len: int | None = None, prefill_chunk: int | None = None, device: str | None = None,
-        dtype: str | torch.dtype | None = None, seed: int = 0, max_queue: int = 256, **options: Any,
+        dtype: str | torch.dtype | None = None, seed: int = 0, max_queue: int = 256,
+        verify: Literal["auto", "sparse"] = "auto", **options: Any,
     ) -> None:
         self.method = method or ("sts" if draft is not None else "autoregressive")
         if self.method not in methods():
@@ -185,7 +188,7 @@ class LLM:
         self.engine = build_engine(
             self.method, self.target, self.draft, slots=slots, max_len=self.max_model_len, gamma=gamma,
             selection=self.selection, mapping=mapping, options=options, draft_budget=draft_budget, prefill=prefill,
-            prefill_chunk=prefill_chunk, seed=seed)
+            prefill_chunk=prefill_chunk, seed=seed, verify=verify)
         #: Draft tokens per round (0 for autoregressive decoding).
         self.gamma = self.engine.gamma
         self.scheduler = Scheduler(self.engine, self.tokenizer, eos_ids(self.target), max_queue)

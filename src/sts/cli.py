@@ -104,6 +104,10 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
     p.add_argument("--draft-budget", type=int, default=None,
                    help="draft steps after a round's first read only sinks + the latest rows, this many in all")
+    p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
+                   help="auto (default): verify densely in rounds whose contexts are below the break-even, where the "
+                        "selection costs more than the KV reads it saves (sts.costmodel, H200 figures); sparse: always "
+                        "over the selected rows")
     p.add_argument("--sparse-prefill", action="store_true", help="draft-chosen key blocks for the target's prefill too")
     p.add_argument("--prefill-budget", type=int, default=1024, help="context rows per KV head in sparse prefill")
     p.add_argument("--prefill-block", type=int, default=64, help="rows per block in sparse prefill")
@@ -196,7 +200,7 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
         args.method, target, draft, [prompt], args.max_new_tokens, gamma=args.gamma, sampling=sampling,
         selection=selection, mapping=args.mapping, measure_recall=args.measure_recall, seed=args.seed,
         on_tokens=None if text is None else lambda b, ids: write(text.add(ids)),
-        prefill=prefill, options=options, draft_budget=args.draft_budget,
+        prefill=prefill, options=options, draft_budget=args.draft_budget, verify=args.verify,
     )
     tokens = result.tokens[0]
     stats = result.stats.summary()

@@ -110,6 +110,9 @@ class GenerationStats:
     draft_s: float = 0.0
     select_s: float = 0.0
     verify_s: float = 0.0
+    #: Rounds of a selection policy that verified densely: sparse verification did not pay at their contexts
+    #: (:mod:`sts.costmodel`); their sparsity is 0 (every row read).
+    dense_rounds: int = 0
     sparsity: list[float] = field(default_factory=list)
     recall: list[float] = field(default_factory=list)
     recall_context: list[float] = field(default_factory=list)
@@ -133,6 +136,7 @@ class GenerationStats:
             "draft_s": round(self.draft_s, 4),
             "select_s": round(self.select_s, 4),
             "verify_s": round(self.verify_s, 4),
+            "dense_rounds": self.dense_rounds,
             "sparsity": mean(self.sparsity),
             "recall": mean(self.recall),
             "recall_context": mean(self.recall_context),

@@ -22,6 +22,12 @@ Inference from Transformers via Speculative Decoding"; with a selection policy, 
 3. **verify**: the target reads ``last`` and the drafts over the selected rows; acceptance runs
    on the device (exact match for greedy, rejection sampling otherwise) and updates the state.
 
+Below a break-even context the selection costs more than the KV reads it saves (the weights,
+read either way, dominate the step), so by default (``verify="auto"``) each round first asks the
+bandwidth model of :mod:`sts.costmodel`, on the host, whether sparse verification pays for the
+slots' contexts; when it does not, the round skips the select phase and verifies densely (budget 0):
+it then decodes exactly what dense speculative decoding decodes.
+
 Rolling back rejected tokens is free: rows past ``ctx`` are scratch. On CUDA each phase is
 captured once per budget size in a CUDA graph (static shapes: the cache length, the slot count,
 ``gamma`` and the budget in rows), and the only host synchronisation of a round is the copy
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Iterator, Mapping, Sequence
+from typing import Callable, Generator, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -41,6 +47,7 @@ from torch import Tensor
 from sts.attention import dispatch
 from sts.attention.dispatch import kernel_head_dim
 from sts.attention.backend import AttentionFn, QueryRecorder, chunk_attention, dense_attention
+from sts.costmodel import Hardware, round_cost, selection_reads
 from sts.decoding import (
     GenerationResult, GenerationStats, PrefixCache, StopState, StreamCallback, context_capacity, synchronize,
 )
@@ -102,10 +109,18 @@ class EngineConfig:
     #: Sparse target prefill (draft-chosen key blocks, :mod:`sts.prefill`); CPU only for now.
     sparse_prefill: PrefillConfig | None = None
     seed: int = 0
+    #: How a selection policy's rounds verify: "auto" densely in the rounds where, by :mod:`sts.costmodel`,
+    #: the selection costs more than the KV reads it saves (short contexts), else over the policy's rows;
+    #: "sparse": always over the policy's rows. Recall measurement and teacher-forced rounds are always sparse.
+    verify: Literal["auto", "sparse"] = "auto"
+    #: The bandwidth and overheads the "auto" decision is modelled with (default: an H200's; a parameter, not a probe).
+    hardware: Hardware = field(default_factory=Hardware)
 
     def __post_init__(self) -> None:
         if self.gamma < 1:
             raise STSError(f"gamma must be >= 1, got {self.gamma}")
+        if self.verify not in ("auto", "sparse"):
+            raise STSError(f"verify must be 'auto' or 'sparse', got {self.verify!r}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise STSError(f"prefill chunk must be >= 1, got {self.prefill_chunk}")
 
@@ -176,6 +191,11 @@ class Engine:
         self.recorder = QueryRecorder(layers, last_only=True)
         self.verify_attention: AttentionFn = (
             SelectiveAttention(policy, self.config.measure_recall) if policy is not None else dense_attention)
+        #: Whether each round asks the cost model if sparse verification pays (else every round of a policy is sparse).
+        self.crossover = policy is not None and self.config.verify == "auto" and not self.config.measure_recall
+        if self.crossover:
+            assert policy is not None and draft is not None
+            self.reads = selection_reads(policy, target, draft)
         budget = self.config.draft_budget
         self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget is not None else dense_attention
 
@@ -198,7 +218,7 @@ class Engine:
         self.graphs_enabled = (
             cuda and kernels and self.config.cuda_graphs and not self.config.measure_recall
             and (policy is None or policy.graph_safe))
-        self._graphs: dict[tuple[int, str], list[torch.cuda.CUDAGraph]] = {}
+        self._graphs: dict[tuple[int, str], list[torch.cuda.CUDAGraph]] = {}  # (budget, mode); budget 0: dense
         self._hold: dict[str, Tensor] = {}
         self.round_budget = 0
         self._prefill_logits: dict[int, Tensor] = {}
@@ -391,7 +411,7 @@ class Engine:
         if any(a and self.room(s) < 0 for s, a in enumerate(self.host_active)):
             raise STSError("a slot's cache is full: release it before the next round")
         budget, mode = self._budget(), self._mode()
-        phases = self._phases()
+        phases = self._phases(budget)
         clock = _PhaseClock(self.device, len(phases) + 1)
         if self.graphs_enabled:
             graphs = self._graphs.get((budget, mode)) or self._capture(budget, mode, phases)
@@ -406,7 +426,7 @@ class Engine:
                 phase()
                 clock.mark(i + 1)
         tokens, counts, sparsity = self._fetch()
-        self._account(clock, counts, sparsity)
+        self._account(clock, counts, sparsity, dense=budget == 0)
         out: list[list[int]] = []
         for s in range(self.slots):
             self.host_ctx[s] += counts[s]
@@ -431,7 +451,7 @@ class Engine:
             raise STSError(f"forced_step takes {self.gamma + 2} tokens for each of {self.slots} slots")
         if observers:
             self.recorder.watch(layer for o in observers.values() if o.policy.uses_draft for layer in o.policy.draft_layers(self.draft))
-        self.round_budget, self.round_mode = self._budget(), "greedy"
+        self.round_budget, self.round_mode = self._rows() if self.policy is not None else 0, "greedy"
         self.last.copy_(torch.where(self.active, block[:, 0], self.last))
         self._forced = block[:, 1 : self.gamma + 1]
         try:
@@ -456,12 +476,26 @@ class Engine:
         self.host_ctx = [c + self.gamma + 1 if a else c for c, a in zip(self.host_ctx, self.host_active)]
         return logits
 
+    def _rows(self) -> int:
+        """Return the policy's rows per (sequence, KV head) for this round's longest context: one static number."""
+        assert self.policy is not None
+        return self.policy.config.tokens(max(c for c, a in zip(self.host_ctx, self.host_active) if a))
+
     def _budget(self) -> int:
-        """Return this round's rows per (sequence, KV head): one static number for the batch."""
+        """Return this round's rows per (sequence, KV head), or 0 when it verifies densely: without a policy, or when
+        sparse verification does not pay for the decoding slots' contexts (:mod:`sts.costmodel`; host only, no sync)."""
         if self.policy is None:
             return 0
-        longest = max(c for c, a in zip(self.host_ctx, self.host_active) if a)
-        return self.policy.config.tokens(longest)
+        rows = self._rows()
+        if self.crossover:
+            assert self.draft is not None
+            contexts = [c for c, a in zip(self.host_ctx, self.host_active) if a]
+            dtype_bytes = self.target.embed_tokens.weight.element_size()
+            cost = round_cost(self.target.config, self.draft.config, self.reads, contexts, rows, dtype_bytes,
+                              self.config.hardware)
+            if not cost.sparse_pays:
+                return 0
+        return rows
 
     def _mode(self) -> str:
         """Return how this round draws tokens: "greedy" (every decoding slot), "filtered" (some slot uses top-k or
@@ -471,11 +505,11 @@ class Engine:
             return "greedy"
         return "filtered" if any(c.top_k or c.top_p < 1.0 for c in configs if not c.greedy) else "sample"
 
-    def _phases(self) -> list[Callable[[], None]]:
-        """Return the round's phases in order (timed separately; each one CUDA graph)."""
+    def _phases(self, budget: int) -> list[Callable[[], None]]:
+        """Return the phases of a round of ``budget`` rows (0: dense) in order (timed separately; each one CUDA graph)."""
         if self.draft is None:
             return [self._decode_phase]
-        if self.policy is None:
+        if budget == 0:
             return [self._draft_phase, self._verify_phase]
         return [self._draft_phase, self._select_phase, self._verify_phase]
 
@@ -535,10 +569,11 @@ class Engine:
         self.policy.prepare(ctx)
 
     def _verify_phase(self) -> None:
-        """Verify the drafts with the target (over the selected rows) and accept on the device."""
+        """Verify the drafts with the target (over the selected rows; budget 0: every row) and accept on the device."""
         ctx = self._context()
         drafted = self._hold["drafted"]
-        logits = self.target(torch.cat([self.last.view(-1, 1), drafted], dim=1), ctx, self.verify_attention)
+        attention = self.verify_attention if self.round_budget else dense_attention
+        logits = self.target(torch.cat([self.last.view(-1, 1), drafted], dim=1), ctx, attention)
         logits = logits[..., : self.vocab]
         if self.round_mode == "greedy":
             choice = logits.argmax(-1)
@@ -549,8 +584,10 @@ class Engine:
         tokens = torch.cat([drafted, nxt.view(-1, 1)], dim=1).scatter(1, n.view(-1, 1), nxt.view(-1, 1))
         prev = torch.where(n > 0, drafted.gather(1, (n - 1).clamp_min(0).view(-1, 1)).view(-1), self.last)
         self._advance(tokens, (n + 1) * self.active.long(), prev, nxt)
-        if isinstance(self.verify_attention, SelectiveAttention):
-            self.round_sparsity.copy_(self.verify_attention.round_sparsity())
+        if isinstance(attention, SelectiveAttention):
+            self.round_sparsity.copy_(attention.round_sparsity())
+        else:
+            self.round_sparsity.zero_()  # a dense round reads every row
 
     def _advance(self, tokens: Tensor, count: Tensor, prev: Tensor, nxt: Tensor) -> None:
         """Write the round's results into the static buffers and move every decoding slot forward."""
@@ -572,8 +609,9 @@ class Engine:
         torch.cuda.current_stream().synchronize()
         return self._host_tokens.tolist(), self._host_count.tolist(), float(self._host_sparsity) if measured else None
 
-    def _account(self, clock: _PhaseClock, counts: list[int], sparsity: float | None) -> None:
-        """Add the round to the stats: acceptance per decoding slot, phase times, sparsity, recall."""
+    def _account(self, clock: _PhaseClock, counts: list[int], sparsity: float | None, dense: bool) -> None:
+        """Add the round to the stats: acceptance per decoding slot, phase times, sparsity (0 for a policy's dense
+        round: it reads every row), recall, and whether a policy's round verified densely."""
         stats = self.stats
         stats.target_forwards += 1
         stats.accepted_per_round += [c for c, a in zip(counts, self.host_active) if a]
@@ -581,9 +619,11 @@ class Engine:
             stats.verify_s += clock.seconds(0)
             return
         stats.draft_s += clock.seconds(0)
-        if self.policy is not None:
+        if not dense:
             stats.select_s += clock.seconds(1)
-        stats.verify_s += clock.seconds(2 if self.policy is not None else 1)
+        stats.verify_s += clock.seconds(1 if dense else 2)
+        if self.policy is not None and dense:
+            stats.dense_rounds += 1
         self._record_selection(self.verify_attention, sparsity)
 
     def _record_selection(self, attention: AttentionFn, sparsity: float | None) -> None:

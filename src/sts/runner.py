@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -84,12 +84,14 @@ def run_method(
     prefill: PrefillConfig | None = None,
     options: dict[str, Any] | None = None,
     draft_budget: int | None = None,
+    verify: Literal["auto", "sparse"] = "auto",
 ) -> GenerationResult:
     """Return the generation of ``method`` (autoregressive, speculative or a selection policy).
 
     ``prefill`` makes the target's prefill sparse (speculative methods only); ``options`` go to the
     selection policy (e.g. ``rerank``, ``feedback`` for STS); ``draft_budget`` makes the draft's
-    steps after the first of each round sparse (see :func:`~sts.speculative.speculative_generate`).
+    steps after the first of each round sparse (see :func:`~sts.speculative.speculative_generate`); ``verify``
+    "sparse" keeps a selection policy's verification sparse below the break-even context too (default "auto").
     """
     if method not in methods():
         raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
@@ -108,5 +110,5 @@ def run_method(
         target.model, draft.model, prompts, max_new_tokens, gamma, sampling, eos,
         policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, seed=seed,
         prefix_cache=None if prefill else prefix_cache, prefill=prefill, draft_budget=draft_budget,
-        vocab=shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer),
+        vocab=shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer), verify=verify,
     )

@@ -8,7 +8,7 @@ checks that a pair fits together and offers the one-call API.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from sts.decoding import GenerationResult, PrefixCache, StreamCallback, context_capacity
 from sts.engine import Engine, EngineConfig
@@ -57,6 +57,7 @@ def speculative_generate(
     draft_budget: int | None = None,
     vocab: int | None = None,
     prefill_chunk: int | None = None,
+    verify: Literal["auto", "sparse"] = "auto",
 ) -> GenerationResult:
     """Return continuations decoded speculatively; with ``policy``, verification reads only selected rows.
 
@@ -66,13 +67,15 @@ def speculative_generate(
     queries score the context); the others read sinks + the latest rows, ``draft_budget`` in all.
     ``vocab``: shared token ids (:func:`shared_vocab`); by default the tables must match.
     ``prefill_chunk``: prompt tokens per prefill forward (default: the engine's).
+    ``verify``: with a policy, "auto" verifies densely in rounds whose contexts are below the break-even
+    (:mod:`sts.costmodel`), "sparse" always over the policy's rows (see :class:`~sts.engine.EngineConfig`).
     Raises :class:`STSError` for impossible settings or prompts that do not fit the context.
     """
     if vocab is None:
         vocab = shared_vocab(target, draft)
     config = EngineConfig(gamma=gamma, sampling=sampling, draft_budget=draft_budget, vocab=vocab,
                           measure_recall=measure_recall, seed=seed, sparse_prefill=prefill,
-                          prefill_chunk=prefill_chunk)
+                          prefill_chunk=prefill_chunk, verify=verify)
     capacity = context_capacity(target, prompts, max_new_tokens, lookahead=gamma + 1)
     context_capacity(draft, prompts, max_new_tokens, lookahead=gamma + 1)
     engine = Engine(target, draft, policy, slots=len(prompts), max_len=capacity, config=config, prefix_cache=prefix_cache)

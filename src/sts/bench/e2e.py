@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from sts.costmodel import break_even, selection_reads
 from sts.engine import Engine, EngineConfig
 from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
@@ -117,7 +118,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
     prompts = [prompt[:-1] + [int(t)] for t in torch.randint(0, target.config.vocab_size, (batch,), generator=gen)]
     flops = sum(prefill_flops(m.config, weight_bytes(m) // 2, context) for m in (target, draft))
     common = {"batch": batch, "context": context, "gamma": args.gamma, "budget": args.budget,
-              "draft_budget": args.draft_budget, "agreement": args.agreement,
+              "draft_budget": args.draft_budget, "agreement": args.agreement, "verify": args.verify,
               "prefill_s": prefill_s, "prefill_matrix_share": flops / prefill_s / MATRIX_FLOPS}
     selection = SelectionConfig(budget=args.budget, sink=4, window=64)
     records = []
@@ -125,7 +126,8 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
         policy = None
         if method.policy is not None:
             policy = make_policy(method.policy, selection, target, draft, **dict(method.options))
-        config = EngineConfig(gamma=args.gamma, draft_budget=args.draft_budget if method.sparse_draft else None)
+        config = EngineConfig(gamma=args.gamma, draft_budget=args.draft_budget if method.sparse_draft else None,
+                              verify=args.verify)
         engine = Engine(target, draft if method.speculative else None, policy, slots=batch, max_len=max_len, config=config)
         torch.cuda.reset_peak_memory_stats()
         first = engine.generate(prompts, args.new_tokens, cached=True)  # compiles and captures
@@ -134,6 +136,14 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
         decode_s = timed.time_s - timed.prefill_s
         mapped = len(policy.draft_layers(draft)) if policy is not None else 0
         bytes_ = round_bytes(method, target, draft, batch, context, args.gamma, args.budget, args.draft_budget, mapped)
+        crossover = {"break_even": None, "dense_round_share": None}
+        if policy is not None:  # the cost model's break-even context, and the rounds it verified densely
+            dense = round_bytes(replace(method, policy=None), target, draft, batch, context, args.gamma, args.budget,
+                                args.draft_budget, mapped)
+            bytes_ = (dense * timed.dense_rounds + bytes_ * (rounds - timed.dense_rounds)) // rounds
+            reads, element = selection_reads(policy, target, draft), target.embed_tokens.weight.element_size()
+            crossover = {"break_even": break_even(target.config, draft.config, reads, selection, batch, element, config.hardware),
+                         "dense_round_share": timed.dense_rounds / rounds}
         summary = timed.summary()
         records.append({
             **common, "method": method.name, "tokens_per_s": summary["tokens_per_s"],
@@ -141,7 +151,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
             "sparsity": summary["sparsity"], "compile_s": first.stats.compile_s,
             **{f"{phase}_ms": 1e3 * getattr(timed, f"{phase}_s") / rounds for phase in ("draft", "select", "verify")},
             "round_bytes": bytes_, "bound_share": bytes_ / ROOFLINE_BW / (decode_s / rounds),
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30, **crossover,
         })
         del engine
     ar = records[0]["tokens_per_s"]
@@ -162,6 +172,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agreement", type=float, default=0.77,
                    help="share of tokens where the synthetic draft predicts the target (0.77: ~3 tokens per round at gamma 4)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per sequence in the timed run")
+    p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
+                   help="STS rows: auto verifies densely below the cost model's break-even context; sparse always")
     p.add_argument("--out", default="e2e.jsonl")
     p.add_argument("--png", default=None, help="also draw the speed-ups into this PNG")
 
@@ -222,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"b={batch} ctx={context} {record['method']:<15} {record['tokens_per_s']:9.1f} tok/s "
                       f"x{record['speedup_vs_ar']:.2f} AR x{record['speedup_vs_spec']:.2f} spec  "
                       f"accept {record['acceptance_length'] or 1:.2f}  {record['ms_per_round']:.2f} ms/round "
-                      f"bound {record['bound_share']:.0%}  compile {record['compile_s']:.1f}s  peak {record['peak_gb']:.1f} GB",
+                      f"bound {record['bound_share']:.0%}  compile {record['compile_s']:.1f}s  peak {record['peak_gb']:.1f} GB"
+                      + (f"  dense rounds {record['dense_round_share']:.0%} (break-even {record['break_even'] or 'never'})"
+                         if record["dense_round_share"] is not None else ""),
                       file=sys.stderr, flush=True)
     if args.png:
         plot(records, Path(args.png))

@@ -284,6 +284,7 @@ class Evaluator:
             measure_recall=spec.sparse and a.measure_recall, prefix_cache=cache, seed=a.seed,
             prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
             options=spec.policy_options(),
+            verify="sparse",  # accuracy is the policy's own: no dense rounds below the break-even context
         )
         tokens = result.tokens[0]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)

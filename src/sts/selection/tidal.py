@@ -8,6 +8,11 @@ from torch import Tensor
 from sts.selection.base import SelectionConfig, SelectionPolicy, dense_scores, register
 
 
+def default_select_layers(n_layers: int) -> tuple[int, ...]:
+    """Return TidalDecode's selection layers for a target of ``n_layers``: layer 2 and again mid-way."""
+    return tuple(sorted({min(2, n_layers - 1), n_layers // 2}))
+
+
 @register
 class TidalPolicy(SelectionPolicy):
     """Layers before ``select_layers[0]`` and the selection layers attend densely; the others reuse
@@ -21,11 +26,10 @@ class TidalPolicy(SelectionPolicy):
         self.chosen: Tensor | None = None
 
     def prepare(self, ctx) -> None:  # type: ignore[override]
-        """Default to TidalDecode's layout for this target: select at layer 2 and again mid-way."""
+        """Default to TidalDecode's layout for this target (:func:`default_select_layers`)."""
         super().prepare(ctx)
         if self.select_layers is None:
-            n = ctx.target.config.n_layers
-            self.select_layers = tuple(sorted({min(2, n - 1), n // 2}))
+            self.select_layers = default_select_layers(ctx.target.config.n_layers)
         self.chosen = None
 
     def scores(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:

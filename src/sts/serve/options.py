@@ -48,7 +48,7 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
     return dict(method=args.method, budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers,
                 gamma=args.gamma, mapping=args.mapping, draft_budget=args.draft_budget, prefill=_prefill(args),
                 slots=args.slots, max_model_len=args.max_model_len, device=args.device, dtype=args.dtype, seed=args.seed,
-                max_queue=args.max_queue, **_options(args))
+                max_queue=args.max_queue, verify=args.verify, **_options(args))
 
 
 def _check_port(host: str, port: int) -> None:

@@ -300,6 +300,7 @@ class Scheduler:
             stats.select_s += measured.select_s
             stats.verify_s += measured.verify_s
             stats.compile_s += measured.compile_s
+            stats.dense_rounds += measured.dense_rounds
             self._guarded_emit(request, tokens)
         if self.observer is not None:
             self.observer.round(accepted, sparsity)

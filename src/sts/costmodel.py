@@ -1,0 +1,182 @@
+"""Whether sparse verification pays: a bandwidth model of one round's verify step, dense against sparse.
+
+Decoding is bound by memory bandwidth (DESIGN.md, "Where the time goes"), so a verify step is
+modelled as the bytes it reads over the bandwidth. **Densely**, the target reads its weights and
+every context row of every decoding slot at every layer and KV head (K and V). **Sparsely**, it
+reads its weights and ``budget`` rows per (slot, layer, KV head) (every row in the layers the policy
+keeps dense), and the selection reads what it scores with (:class:`SelectionReads`): the draft's K
+rows of the scored draft layers over each slot's context, the score rows top-k ranks, the target's
+K rows of STS's re-rank candidates (or of the whole context, for policies that score with the
+target's own queries). A sparse round also costs time no byte count shows: the select phase's
+launches and top-k, the re-rank kernel per layer, the gather kernels' lower efficiency
+(:class:`Hardware`). Sparse verification pays when its modelled time is below the dense one;
+below the break-even context it does not, because the weights, read either way, dominate the step.
+
+The model knows the shapes, not the device: bandwidth and overheads are parameters (default: an
+H200's, fitted from docs/bench/e2e-h200.jsonl), so it answers the same on any machine and in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from sts.errors import STSError
+from sts.models.config import ModelConfig
+from sts.models.transformer import Transformer
+from sts.selection.base import SelectionConfig, SelectionPolicy
+from sts.selection.oracle import OraclePolicy
+from sts.selection.quest import QuestPolicy
+from sts.selection.sts import STSPolicy
+from sts.selection.tidal import TidalPolicy, default_select_layers
+
+#: Bytes per score that top-k ranks (float32).
+SCORE_BYTES = 4
+
+# The H200 constants below come from docs/bench/e2e-h200.jsonl (2026-11-29: batch 1 and 4 at 8K, 32K
+# and 128K, batch 16 at 32K; Llama-3.1-8B / 3.2-1B shapes, bf16, budget 512, default mapping). For each
+# of those 7 points and for `sts` and `sts-plain`, the measured select + verify time minus the dense
+# speculative verify time, minus this module's byte difference over the bandwidth, is the time a
+# sparse round pays beyond its bytes; a least-squares fit of the three constants over the 14 points
+# leaves residuals of at most 0.3 ms (the select phase alone is 0.35 ms at 8K and 1.5 ms at 128K, batch 1).
+
+#: Bytes per second the H200 reads weights at in a GEMV (DESIGN.md; ``sts.bench.e2e.ROOFLINE_BW``).
+H200_BANDWIDTH = 4.07e12
+#: Seconds a sparse round costs beyond its bytes, whatever the context: the select phase's launches
+#: and the sparse verify kernels' lower efficiency than the dense split-KV kernel (H200 fit).
+H200_ROUND_S = 0.92e-3
+#: Seconds per target layer that STS re-ranks (one fused kernel launch and its top-k each; H200 fit).
+H200_RERANK_LAYER_S = 22.5e-6
+#: Seconds per score that top-k ranks (per score row, context row and slot; H200 fit).
+H200_SCORE_S = 0.64e-9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The device a round is modelled on: memory bandwidth (B/s) and a sparse round's costs beyond its bytes (s)."""
+
+    bandwidth: float = H200_BANDWIDTH
+    #: Fixed seconds per sparse round.
+    round_s: float = H200_ROUND_S
+    #: Seconds per target layer whose rows STS re-ranks with the verify queries.
+    rerank_layer_s: float = H200_RERANK_LAYER_S
+    #: Seconds per score top-k ranks.
+    score_s: float = H200_SCORE_S
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth > 0:
+            raise STSError(f"bandwidth must be > 0 B/s, got {self.bandwidth}")
+        if min(self.round_s, self.rerank_layer_s, self.score_s) < 0:
+            raise STSError("the sparse round's overheads must be >= 0 s")
+
+
+@dataclass(frozen=True)
+class SelectionReads:
+    """What a policy's selection reads in a round besides the rows it selects (per decoding slot)."""
+
+    #: Rows every layer always keeps (sinks + window); the rest of the budget is the free rows.
+    forced: int = 0
+    #: Target layers verified over every row even in a sparse round.
+    dense_layers: int = 0
+    #: Draft layers whose K rows the selection reads over the context (scoring with the draft's queries).
+    draft_layers: int = 0
+    #: Score rows top-k ranks over the context.
+    score_rows: int = 0
+    #: STS re-ranking: the target's K rows of ``rerank`` x the free rows are read per sparse (layer, KV head).
+    rerank: int = 0
+    #: The selection reads every K row of each sparse target layer (it scores with the target's own queries).
+    key_scan: bool = False
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """One round's modelled verify-step time (select phase included), in seconds, dense and sparse."""
+
+    dense_s: float
+    sparse_s: float
+
+    @property
+    def sparse_pays(self) -> bool:
+        """Return whether verifying over the selected rows is faster than densely."""
+        return self.sparse_s < self.dense_s
+
+
+def selection_reads(policy: SelectionPolicy, target: Transformer, draft: Transformer) -> SelectionReads:
+    """Return what ``policy``'s selection reads per round for this pair (see :class:`SelectionReads`)."""
+    config = policy.config
+    n_layers = target.config.n_layers
+    dense = min(config.dense_layers, n_layers)
+    drafted = len(policy.draft_layers(draft)) if policy.uses_draft else 0
+    forced = config.sink + config.window
+    if isinstance(policy, STSPolicy):
+        return SelectionReads(forced, dense, drafted, len(policy.combo_sources), policy.rerank)
+    if isinstance(policy, (QuestPolicy, OraclePolicy)):
+        return SelectionReads(forced, dense, drafted, (n_layers - dense) * target.config.n_kv_heads, key_scan=True)
+    if isinstance(policy, TidalPolicy):
+        chosen = policy.select_layers or default_select_layers(n_layers)
+        # Layers before the first selection layer and the selection layers attend densely (and score there).
+        tidal_dense = set(range(max(dense, min(chosen)))) | set(chosen)
+        return SelectionReads(forced, len(tidal_dense), drafted, len(chosen) * target.config.n_kv_heads)
+    return SelectionReads(forced, dense, drafted, 1 if drafted else 0)
+
+
+def weight_bytes(config: ModelConfig, dtype_bytes: int) -> int:
+    """Return the bytes of weight matrices one forward reads (projections, MLP, LM head; norms and biases left out)."""
+    d, hd = config.hidden_size, config.head_dim
+    attention = d * hd * 2 * (config.n_heads + config.n_kv_heads)  # q and o; k and v
+    mlp = 3 * d * config.intermediate_size
+    return dtype_bytes * (config.n_layers * (attention + mlp) + config.vocab_size * d)
+
+
+def round_cost(
+    target: ModelConfig, draft: ModelConfig, reads: SelectionReads, contexts: Sequence[int], budget: int,
+    dtype_bytes: int, hardware: Hardware = Hardware(),
+) -> RoundCost:
+    """Return the modelled verify-step time of one round, dense and sparse.
+
+    ``contexts``: each decoding slot's context rows (free slots left out); ``budget``: rows per
+    (slot, KV head) this round; ``dtype_bytes``: bytes per cache and weight element (2 for bf16).
+    """
+    row = target.n_kv_heads * target.head_dim * dtype_bytes  # one K (or V) row of one layer, every KV head
+    draft_row = draft.n_kv_heads * draft.head_dim * dtype_bytes
+    sparse_layers = target.n_layers - reads.dense_layers
+    free = max(budget - reads.forced, 0)
+    candidates = reads.rerank * free
+    dense = sparse = 0
+    for n in contexts:
+        dense += 2 * row * target.n_layers * n
+        keys = n if reads.key_scan else min(candidates, n)
+        sparse += (2 * row * (reads.dense_layers * n + sparse_layers * min(budget, n)) + row * sparse_layers * keys
+                   + draft_row * reads.draft_layers * n + SCORE_BYTES * reads.score_rows * n)
+    weights = weight_bytes(target, dtype_bytes)
+    overhead = (hardware.round_s + hardware.rerank_layer_s * sparse_layers * (candidates > 0)
+                + hardware.score_s * reads.score_rows * sum(contexts))
+    return RoundCost((weights + dense) / hardware.bandwidth, (weights + sparse) / hardware.bandwidth + overhead)
+
+
+def break_even(
+    target: ModelConfig, draft: ModelConfig, reads: SelectionReads, selection: SelectionConfig, batch: int,
+    dtype_bytes: int, hardware: Hardware = Hardware(), limit: int = 1 << 24,
+) -> int | None:
+    """Return the shortest context (rows per slot, every one of ``batch`` slots alike) at which sparse verification
+    pays, or None when it does not pay even at ``limit`` rows.
+
+    Found by bisection, which assumes that once sparse verification pays it keeps paying at longer
+    contexts: true for a whole-number budget, since past the budget every row saves more than its
+    selection costs (else it never pays). A fractional budget grows with the context in buckets
+    (:meth:`SelectionConfig.tokens`), and near the break-even a bucket's step can flip the comparison
+    back for a while: the context returned pays, the one before it does not.
+    """
+    if batch < 1:
+        raise STSError(f"batch must be >= 1, got {batch}")
+
+    def pays(n: int) -> bool:
+        return round_cost(target, draft, reads, [n] * batch, selection.tokens(n), dtype_bytes, hardware).sparse_pays
+
+    if not pays(limit):
+        return None
+    lo, hi = 0, limit  # lo does not pay (an empty context saves nothing), hi pays
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if pays(mid) else (mid, hi)
+    return hi

@@ -1,0 +1,171 @@
+"""The automatic cross-over: a selection policy verifies densely where, by the bandwidth model, sparse
+verification does not pay, and the model's accounting against the models' own tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import hf_config, hf_model, ours, perturbed
+from sts.costmodel import Hardware, RoundCost, break_even, round_cost, selection_reads, weight_bytes
+from sts.engine import Engine, EngineConfig
+from sts.selection import SelectionConfig, make_policy
+from sts.speculative import speculative_generate
+
+#: Only bytes count: sparse verification pays exactly when it reads fewer bytes than dense verification.
+BYTES_ONLY = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0)
+SELECTION = SelectionConfig(budget=32, sink=4, window=8)
+#: (method, policy options) whose reads the model accounts for differently.
+POLICIES = [("sts", {}), ("sts", {"rerank": 0}), ("specpc", {}), ("streaming", {}), ("quest", {}), ("tidal", {})]
+
+
+def decode(target, draft, policy, prompts, n, verify="auto", hardware=Hardware(), gamma=3):
+    """Return the engine's generation of ``prompts`` with ``policy`` under the given cross-over settings."""
+    config = EngineConfig(gamma=gamma, verify=verify, hardware=hardware)
+    engine = Engine(target, draft, policy, slots=len(prompts), max_len=max(map(len, prompts)) + n + gamma + 2, config=config)
+    return engine.generate(prompts, n)
+
+
+def sts(target, draft, budget=32):
+    return make_policy("sts", SelectionConfig(budget=budget, sink=4, window=8), target, draft)
+
+
+@pytest.mark.parametrize("method,options", POLICIES, ids=lambda x: str(x) if x else "")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_break_even_is_the_first_context_where_sparse_pays(tiny_pair, method, options, batch):
+    _, target, draft = tiny_pair
+    policy = make_policy(method, SELECTION, target, draft, **options)
+    reads = selection_reads(policy, target, draft)
+    for hardware in (BYTES_ONLY, Hardware(bandwidth=1e6, round_s=2e-3, rerank_layer_s=1e-4, score_s=1e-9)):
+        def pays(n):
+            return round_cost(target.config, draft.config, reads, [n] * batch, 32, 4, hardware).sparse_pays
+        brute = next((n for n in range(1, 20_000) if pays(n)), None)
+        got = break_even(target.config, draft.config, reads, SELECTION, batch, 4, hardware, limit=20_000)
+        assert got == brute, (method, options, hardware)
+        if brute is not None:  # past the break-even it keeps paying
+            assert all(pays(n) for n in range(brute, brute + 2000, 7))
+    # With the H200's overheads these tiny models' rows are never worth selecting.
+    assert break_even(target.config, draft.config, reads, SELECTION, batch, 4, limit=20_000) is None
+
+
+def test_fractional_budget_break_even_pays_and_the_context_before_does_not(tiny_pair):
+    _, target, draft = tiny_pair
+    selection = SelectionConfig(budget=0.1, sink=4, window=8)
+    reads = selection_reads(make_policy("sts", selection, target, draft), target, draft)
+    n = break_even(target.config, draft.config, reads, selection, 2, 4, BYTES_ONLY)
+    assert n is not None
+    cost = [round_cost(target.config, draft.config, reads, [c, c], selection.tokens(c), 4, BYTES_ONLY) for c in (n - 1, n)]
+    assert not cost[0].sparse_pays and cost[1].sparse_pays
+
+
+def test_round_cost_counts_the_models_own_tensors(tiny_pair):
+    """Dense: the target's weight matrices and every context row of its caches; sparse: budget rows plus the draft K
+    rows the STS scores read, the score rows, and the candidates' target K rows."""
+    _, target, draft = tiny_pair
+    matrices = sum(p.nbytes for name, p in target.named_parameters() if p.dim() == 2 and "embed" not in name)
+    assert weight_bytes(target.config, 4) == matrices + (target.embed_tokens.weight.nbytes if target.config.tie_word_embeddings else 0)
+    target.setup_cache(1, 600)
+    draft.setup_cache(1, 600)
+    n, budget = 500, 32
+    kv = sum(c.k[:, :, :n].nbytes + c.v[:, :, :n].nbytes for c in (blk.self_attn.cache for blk in target.layers))
+    policy = sts(target, draft)
+    reads = selection_reads(policy, target, draft)
+    mapped = policy.draft_layers(draft)
+    draft_keys = sum(draft.layers[layer].self_attn.cache.k[:, :, :n].nbytes for layer in mapped)
+    candidates = sum(blk.self_attn.cache.k[:, :, : 4 * (budget - 12)].nbytes for blk in target.layers)
+    selected = sum(c.k[:, :, :budget].nbytes + c.v[:, :, :budget].nbytes for c in (blk.self_attn.cache for blk in target.layers))
+    scores = 4 * n * len({head for layer in policy.mapping.sources for head in layer})
+    cost = round_cost(target.config, draft.config, reads, [n], budget, 4, BYTES_ONLY)
+    assert cost == RoundCost(matrices + kv, matrices + selected + draft_keys + candidates + scores)
+
+
+def test_below_break_even_sts_equals_dense_speculative_and_every_round_is_dense(tiny_pair):
+    _, target, draft = tiny_pair
+    prompts = [[(7 * i) % 96 for i in range(300)], [9, 8, 7] * 50]
+    dense = speculative_generate(target, draft, prompts, 24, gamma=3)
+    out = decode(target, draft, sts(target, draft), prompts, 24)  # the H200's overheads: these models never pay
+    assert out.tokens == dense.tokens
+    summary = out.stats.summary()
+    assert summary["dense_rounds"] == summary["target_forwards"] > 0
+    assert summary["sparsity"] == 0.0 and out.stats.select_s == 0.0
+    sparse = decode(target, draft, sts(target, draft), prompts, 24, verify="sparse")
+    assert sparse.stats.dense_rounds == 0 and sparse.stats.summary()["sparsity"] > 0.5
+    assert sparse.tokens != dense.tokens  # the budget really cuts: this is not dense by another name
+
+
+def test_above_break_even_rounds_are_sparse_and_equal_the_forced_sparse_path(tiny_pair):
+    _, target, draft = tiny_pair
+    prompts = [[(7 * i) % 96 for i in range(300)], [9, 8, 7] * 100]
+    reads = selection_reads(sts(target, draft), target, draft)
+    assert break_even(target.config, draft.config, reads, SELECTION, 2, 4, BYTES_ONLY) < 290
+    auto = decode(target, draft, sts(target, draft), prompts, 24, hardware=BYTES_ONLY)
+    forced = decode(target, draft, sts(target, draft), prompts, 24, verify="sparse")
+    assert auto.tokens == forced.tokens
+    assert auto.stats.dense_rounds == 0 and auto.stats.summary()["sparsity"] == forced.stats.summary()["sparsity"] > 0.5
+
+
+def test_a_batch_crossing_the_break_even_switches_modes_and_equals_each_sequence_alone(tiny_pair):
+    """Prompts of one length and a draft equal to the target: dense rounds accept every draft, so the slots' contexts
+    move together and cross the break-even in the same round, alone as in the batch."""
+    _, target, _ = tiny_pair
+    draft = perturbed(target, 0.0, seed=0)  # the target's weights in a model (and cache) of its own
+    prompts = [torch.randint(0, 96, (130,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
+    reads = selection_reads(sts(target, draft), target, draft)
+    crossing = break_even(target.config, draft.config, reads, SELECTION, 1, 4, BYTES_ONLY)
+    assert crossing == break_even(target.config, draft.config, reads, SELECTION, 3, 4, BYTES_ONLY)
+    assert 130 < crossing < 130 + 60
+    batch = decode(target, draft, sts(target, draft), prompts, 60, hardware=BYTES_ONLY)
+    assert 0 < batch.stats.dense_rounds < batch.stats.target_forwards
+    for prompt, tokens in zip(prompts, batch.tokens):
+        alone = decode(target, draft, sts(target, draft), [prompt], 60, hardware=BYTES_ONLY)
+        assert tokens == alone.tokens[0]
+        assert 0 < alone.stats.dense_rounds < alone.stats.target_forwards
+    head = crossing - len(prompts[0])  # tokens decoded before the crossing: dense decoding's
+    dense = speculative_generate(target, draft, prompts, 60, gamma=3)
+    assert [t[:head] for t in batch.tokens] == [t[:head] for t in dense.tokens]
+    assert all(b != d for b, d in zip(batch.tokens, dense.tokens))  # after it, the budget cuts
+
+
+def test_teacher_forced_rounds_and_recall_measurement_stay_sparse(tiny_pair):
+    """Evaluation measures the policy itself: forced_step and measure_recall never fall back to dense verification."""
+    _, target, draft = tiny_pair
+    tokens = torch.randint(0, 96, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    engine = Engine(target, draft, sts(target, draft), max_len=220, config=EngineConfig(gamma=3))
+    engine.prefill(0, tokens[:150])
+    engine.forced_step([tokens[150:155]])
+    assert engine.stats.dense_rounds == 0 and engine.stats.sparsity[-1] > 0.5
+    prompts = [tokens[:150]]
+    measured = speculative_generate(target, draft, prompts, 12, gamma=3, policy=sts(target, draft), measure_recall=True)
+    forced = speculative_generate(target, draft, prompts, 12, gamma=3, policy=sts(target, draft), verify="sparse")
+    assert measured.tokens == forced.tokens and measured.stats.dense_rounds == 0 and measured.stats.recall
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crossover")
+    hf_model(hf_config("llama", layers=2), seed=0).save_pretrained(root / "target")
+    hf_model(hf_config("llama", layers=2), seed=1).save_pretrained(root / "draft")
+    return root
+
+
+def test_cli_verify_flag(capsys, checkpoints):
+    from sts.cli import main
+
+    prompt = ",".join(str((7 * i) % 96) for i in range(200))
+    base = ["generate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"), "--prompt-ids",
+            prompt, "--max-new-tokens", "16", "--budget", "32", "--window", "8", "--gamma", "3", "--json"]
+
+    def record(*extra):
+        assert main([*base, *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    spec = record("--method", "speculative")
+    auto = record("--method", "sts")
+    assert auto["tokens"] == spec["tokens"] and auto["stats"]["dense_rounds"] == auto["stats"]["target_forwards"]
+    sparse = record("--method", "sts", "--verify", "sparse")
+    assert sparse["stats"]["dense_rounds"] == 0 and sparse["stats"]["sparsity"] > 0.5
+    with pytest.raises(SystemExit):
+        main([*base, "--method", "sts", "--verify", "dense"])
+    assert "invalid choice" in capsys.readouterr().err

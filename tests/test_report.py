@@ -211,3 +211,30 @@ def test_write_report_links_existing_pngs(tmp_path: Path) -> None:
     for link in links:
         assert (report.parent / link).read_bytes().startswith(PNG_MAGIC)
     assert not list(report.parent.glob(".*.tmp"))
+
+
+def test_interval_tables_pair_samples_by_id_and_match_the_intervals() -> None:
+    from scipy import stats
+
+    from sts.eval.intervals import paired_difference_interval
+    from sts.eval.report import accuracy_intervals, interval_tables
+
+    ref = [1.0] * 18 + [0.0] * 2
+    sts = [1.0] * 14 + [0.0] * 4 + [1.0, 0.0]  # 15 of 20; pairs differ on samples 14-18
+    accept = [2.0 + 0.1 * i for i in range(20)]
+    records = [needle("autoregressive", None, 8192, 0.5, s, sample_id=f"s{i}", acceptance_length=1.0) for i, s in enumerate(ref)]
+    # Written in reverse order: pairing must go by sample id, not by position.
+    records += [needle("sts", 0.1, 8192, 0.5, sts[i], sample_id=f"s{i}", acceptance_length=accept[i], sparsity=0.9)
+                for i in reversed(range(20))]
+    (dense, row) = accuracy_intervals(records)
+    assert dense["delta"] is None and dense["n"] == 20
+    want = paired_difference_interval(sts, ref)
+    assert (row["delta"].estimate, row["delta"].low, row["delta"].high) == pytest.approx((want.estimate, want.low, want.high))
+    text = interval_tables(records)
+    cells = [c.strip() for c in next(line for line in text.splitlines() if "| sts |" in line).strip("|").split("|")]
+    assert cells[:6] == ["needle", "8K", "sts", "10%", "20", "75.0"]
+    assert cells[6] == "[53.1, 88.8]"  # Wilson, 15 of 20
+    assert cells[7] == f"{100 * want.estimate:+.1f}" == "-15.0"
+    t = stats.ttest_1samp(accept, 0.0).confidence_interval(0.95)
+    assert f"| sts | 10% | {sum(accept) / 20:.2f} ± {(t.high - t.low) / 2:.2f} |" in text
+    assert interval_tables([record("sts", 64, "perplexity", nll=2.0, nll_dense=2.0)]) == ""

@@ -7,15 +7,15 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from sts.decoding import GenerationResult, PrefixCache, StreamCallback
-from sts.engine import generate
+from sts.decoding import GenerationResult, PrefixCache, StreamCallback, context_capacity
+from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
 from sts.models.loading import Partition, load_model
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
 from sts.selection import REGISTRY, SelectionConfig, make_policy
-from sts.speculative import shared_vocab, speculative_generate
+from sts.speculative import shared_vocab
 
 #: Methods that need no selection policy.
 DENSE_METHODS = ("autoregressive", "speculative")
@@ -66,6 +66,48 @@ def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def build_engine(
+    method: str, target: LoadedModel, draft: LoadedModel | None, *, slots: int, max_len: int, gamma: int = 4,
+    sampling: SamplingConfig = SamplingConfig(), selection: SelectionConfig | None = None, mapping: str | None = None,
+    options: dict[str, Any] | None = None, draft_budget: int | None = None, prefill: PrefillConfig | None = None,
+    prefill_chunk: int | None = None, measure_recall: bool = False, prefix_cache: PrefixCache | None = None, seed: int = 0,
+    verify: Literal["auto", "sparse"] = "auto",
+) -> Engine:
+    """Return an engine that decodes with ``method`` (see :func:`methods`) in ``slots`` slots of ``max_len`` rows.
+
+    The CLI (:func:`run_method`), the Python API and ``sts eval`` build their engines here; an
+    engine decodes any number of :meth:`~sts.engine.Engine.generate` calls, capturing its CUDA
+    graphs once. ``prefill`` makes the target's prefill sparse (speculative methods only; such
+    prefills are never shared, so ``prefix_cache`` is then unused); ``options`` go to the
+    selection policy (e.g. ``rerank``, ``feedback`` for STS); ``draft_budget`` makes the draft's
+    steps after the first of each round read sinks + the latest rows, ``draft_budget`` in all;
+    ``verify`` "sparse" keeps a selection policy's verification sparse below the break-even context
+    too (default "auto": :class:`~sts.engine.EngineConfig`).
+
+    Raises :class:`STSError` for an unknown method, a method that needs a draft without one, or
+    settings the method does not take.
+    """
+    if method not in methods():
+        raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
+    if method == "autoregressive":
+        if prefill is not None or draft_budget:
+            raise STSError("--sparse-prefill and --draft-budget need a draft: use a speculative method")
+        config = EngineConfig(sampling=sampling, seed=seed, prefill_chunk=prefill_chunk)
+        return Engine(target.model, slots=slots, max_len=max_len, config=config, prefix_cache=prefix_cache)
+    if draft is None:
+        raise STSError(f"--method {method} needs a --draft model")
+    policy = None
+    if method not in DENSE_METHODS:
+        policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping, **(options or {}))
+    config = EngineConfig(
+        gamma=gamma, sampling=sampling, draft_budget=draft_budget,
+        vocab=shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer),
+        measure_recall=measure_recall, seed=seed, sparse_prefill=prefill, prefill_chunk=prefill_chunk, verify=verify,
+    )
+    return Engine(target.model, draft.model, policy, slots=slots, max_len=max_len, config=config,
+                  prefix_cache=None if prefill else prefix_cache)
+
+
 def run_method(
     method: str,
     target: LoadedModel,
@@ -86,29 +128,18 @@ def run_method(
     draft_budget: int | None = None,
     verify: Literal["auto", "sparse"] = "auto",
 ) -> GenerationResult:
-    """Return the generation of ``method`` (autoregressive, speculative or a selection policy).
+    """Return the generation of ``method`` (autoregressive, speculative or a selection policy) for ``prompts``.
 
-    ``prefill`` makes the target's prefill sparse (speculative methods only); ``options`` go to the
-    selection policy (e.g. ``rerank``, ``feedback`` for STS); ``draft_budget`` makes the draft's
-    steps after the first of each round sparse (see :func:`~sts.speculative.speculative_generate`); ``verify``
-    "sparse" keeps a selection policy's verification sparse below the break-even context too (default "auto").
+    Builds one engine sized for these prompts (:func:`build_engine` describes the settings) and
+    decodes them to an end-of-sequence id or ``max_new_tokens``. Raises :class:`STSError` for
+    impossible settings or prompts that do not fit a model's context.
     """
-    if method not in methods():
-        raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
-    seed = 0 if seed is None else seed
-    eos = eos_ids(target)
-    if method == "autoregressive":
-        if prefill is not None or draft_budget:
-            raise STSError("--sparse-prefill and --draft-budget need a draft: use a speculative method")
-        return generate(target.model, prompts, max_new_tokens, sampling, eos, on_tokens, seed, prefix_cache=prefix_cache)
-    if draft is None:
-        raise STSError(f"--method {method} needs a --draft model")
-    policy = None
-    if method != "speculative":
-        policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping, **(options or {}))
-    return speculative_generate(
-        target.model, draft.model, prompts, max_new_tokens, gamma, sampling, eos,
-        policy=policy, measure_recall=measure_recall, on_tokens=on_tokens, seed=seed,
-        prefix_cache=None if prefill else prefix_cache, prefill=prefill, draft_budget=draft_budget,
-        vocab=shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer), verify=verify,
+    lookahead = 1 if method == "autoregressive" else gamma + 1
+    models = [m.model for m in (target, draft if method != "autoregressive" else None) if m is not None]
+    max_len = max(context_capacity(m, prompts, max_new_tokens, lookahead) for m in models)
+    engine = build_engine(
+        method, target, draft, slots=len(prompts), max_len=max_len, gamma=gamma, sampling=sampling,
+        selection=selection, mapping=mapping, options=options, draft_budget=draft_budget, prefill=prefill,
+        measure_recall=measure_recall, prefix_cache=prefix_cache, seed=0 if seed is None else seed, verify=verify,
     )
+    return engine.generate(prompts, max_new_tokens, eos_ids(target), on_tokens)

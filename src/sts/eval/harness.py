@@ -1,9 +1,23 @@
 """``sts eval``: every method x budget x task x context length on one pair, resumable, with a report.
 
-Each sample is prefilled once (a :class:`~sts.decoding.PrefixCache` shared by every method and
-budget); every finished (sample, method, budget) is appended to ``results.jsonl`` at once, so
-an interrupted run continues where it stopped. Dense greedy decoding is the reference for
-token agreement, and teacher-forced dense verification the reference for perplexity.
+Every finished (sample, method, budget) is appended to ``results.jsonl`` at once, so an
+interrupted run continues where it stopped. Dense greedy decoding is the reference for token
+agreement and accuracy differences, and teacher-forced dense verification the reference for
+perplexity.
+
+**One engine per (method, budget), one prefill per sample.** Samples run outermost, methods and
+budgets inside. Each (method, budget) gets one :class:`~sts.engine.Engine` on first use
+(:func:`sts.runner.build_engine`: one slot, rows for the grid's longest prompt), which then
+decodes every sample, so on CUDA its graphs are captured once per budget size, not once per
+run. The engines need not take turns in memory: a model holds one KV cache, which
+:meth:`~sts.models.transformer.Transformer.setup_cache` reallocates only for more slots or rows,
+so all engines (and the teacher-forced perplexity runs, which need fewer rows) share the same
+cache tensors, and only one of them decodes at a time. A sample's first run stores its prompt's
+rows and logits in the evaluator's :class:`~sts.decoding.PrefixCache`; every other run of the
+sample restores them (a copy, not a forward). The prefix cache holds one sample at a time, so the
+grid needs the caches of one longest prompt plus one stored prefill (about 1.3 GB at 32K tokens
+for the demo pair in bf16), whatever the number of methods. Should a cache ever be reallocated,
+the engines built over the old one are rebuilt (their graphs point at freed memory).
 """
 
 from __future__ import annotations
@@ -16,17 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
-from sts.decoding import PrefixCache
+from sts.decoding import PrefixCache, context_capacity
+from sts.engine import Engine, SparseDraftAttention
 from sts.errors import STSError
 from sts.eval.output import output_dir
 from sts.eval.report import write_report
 from sts.eval.scoring import score
 from sts.eval.tasks import TASKS, Sample, make_prompt, needle_grid, token_counter
-from sts.eval.teacher import teacher_forced
+from sts.eval.teacher import TeacherForced, teacher_forced
 from sts.prefill import PrefillConfig
-from sts.runner import DENSE_METHODS, LoadedModel, run_method
+from sts.runner import DENSE_METHODS, LoadedModel, build_engine, eos_ids
 from sts.selection import REGISTRY, HeadMapping, SelectionConfig, check_options, make_policy
 
 #: Every method ``sts eval`` knows, in report order; ``sts-cal`` (calibrated STS) needs a mapping file.
@@ -49,6 +65,8 @@ class MethodSpec:
     sparse_prefill: bool = False
     #: Policy options from the name, e.g. ``sts-cal/rerank=4/feedback=0.25``.
     options: tuple[tuple[str, float], ...] = ()
+    #: Rows the draft's steps after a round's first read (``/draft_budget=256``); None: a dense draft.
+    draft_budget: int | None = None
 
     def policy_options(self) -> dict[str, float]:
         """Return the options as keyword arguments for the policy."""
@@ -65,7 +83,8 @@ REFERENCE = MethodSpec("autoregressive", "autoregressive")
 
 def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]:
     """Return method specs for names like ``sts``, ``sts-cal`` (STS with ``--mapping``), ``sts+sp``
-    (sparse prefill) or ``sts-cal/rerank=4`` (policy options)."""
+    (sparse prefill), ``sts-cal/rerank=4`` (policy options) or ``sts/draft_budget=256`` (a sparse draft:
+    its steps after a round's first read 256 rows; any speculative method)."""
     specs = []
     for name in names:
         head, sparse_prefill = (name[:-3], True) if name.endswith("+sp") else (name, False)
@@ -76,24 +95,38 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
             raise STSError(f"method {name!r}: options must look like /key=number") from None
         if len({k for k, _ in options}) < len(options):
             raise STSError(f"method {name!r} sets an option twice")
+        draft_budget = _draft_budget(name, dict(options).get("draft_budget"))
+        options = tuple((k, v) for k, v in options if k != "draft_budget")
         if base == "sts-cal":
             if mapping is None:
                 raise STSError("method sts-cal needs --mapping (a file from `sts calibrate`)")
-            spec = MethodSpec(name, "sts", mapping, sparse_prefill, options)
+            spec = MethodSpec(name, "sts", mapping, sparse_prefill, options, draft_budget)
         elif base in DENSE_METHODS or base in REGISTRY:
-            spec = MethodSpec(name, base, None, sparse_prefill, options)
+            spec = MethodSpec(name, base, None, sparse_prefill, options, draft_budget)
         else:
             raise STSError(f"unknown method {name!r} (choose from {', '.join(DEFAULT_METHODS)}, each optionally +sp)")
         if sparse_prefill and not spec.sparse:
             raise STSError(f"{name}: sparse prefill (+sp) applies to sparse methods only")
         if options and not spec.sparse:
             raise STSError(f"{name}: options apply to selection methods only")
+        if draft_budget is not None and spec.method == "autoregressive":
+            raise STSError(f"{name}: /draft_budget applies to methods with a draft")
         if options:
             check_options(spec.method, dict(options))
         specs.append(spec)
     if not specs:
         raise STSError("name at least one method")
     return specs
+
+
+def _draft_budget(name: str, value: float | None) -> int | None:
+    """Return a method name's ``/draft_budget`` as rows, refusing fractions and budgets without room past the sinks."""
+    if value is None:
+        return None
+    if value != int(value):
+        raise STSError(f"method {name!r}: draft_budget must be a whole number of rows, got {value:g}")
+    SparseDraftAttention(int(value))  # refuses a budget that leaves no row past the sinks
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -184,6 +217,10 @@ def build_samples(tasks: Sequence[str], lengths: Sequence[int], depths: Sequence
     return samples
 
 
+#: The progress bar: runs done, elapsed < remaining, and always runs per second (never seconds per run).
+_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+
+
 def _budgets(spec: MethodSpec, budgets: Sequence[float]) -> list[float | None]:
     return list(budgets) if spec.sparse else [None]
 
@@ -209,6 +246,11 @@ def _append(sink: Any, done: dict[str, dict], record: dict) -> None:
     done[record["key"]] = record
 
 
+def _caches(engine: Engine) -> tuple:
+    """Return the KV cache modules of the engine's models as they are now (compared by identity)."""
+    return tuple(m.layers[0].self_attn.cache for m in (engine.target, engine.draft) if m is not None)
+
+
 def _agreement(tokens: Sequence[int], reference: Sequence[int]) -> float:
     """Return the share of the reference's positions where ``tokens`` holds the same token."""
     if not reference:
@@ -217,22 +259,30 @@ def _agreement(tokens: Sequence[int], reference: Sequence[int]) -> float:
 
 
 class Evaluator:
-    """Runs the grid for one pair and appends records as they finish."""
+    """Runs the grid for one pair and appends records as they finish (see the module docstring for the engines)."""
 
     def __init__(self, settings: EvalSettings, target: LoadedModel, draft: LoadedModel, out: Path) -> None:
         self.settings = settings
         self.target, self.draft = target, draft
         self.tokenizer = target.tokenizer
+        self.eos = eos_ids(target)
         self.out = out
         self.results = self.out / "results.jsonl"
-        self.dense_nll: dict[str, float] = {}
+        #: Per perplexity sample: its dense teacher-forced run, the reference of every method.
+        self.dense_runs: dict[str, TeacherForced] = {}
+        #: The current sample's prefill, restored by every run of it.
+        self.prefix_cache = PrefixCache()
+        #: (method name, budget) -> the engine, and the cache tensors its graphs were captured over.
+        self.engines: dict[tuple[str, float | None], tuple[Engine, tuple]] = {}
+        #: Cache rows of every engine: the grid's longest prompt, new tokens and a round's scratch rows.
+        self.max_len = 0
 
     def selection(self, budget: float) -> SelectionConfig:
         """Return the selection settings for a budget."""
         return SelectionConfig(budget=budget, sink=self.settings.sink, window=self.settings.window)
 
     def runs(self, samples: Sequence[Sample], specs: Sequence[MethodSpec]) -> Iterator[tuple[Sample, MethodSpec, float | None]]:
-        """Yield every (sample, method, budget) of the grid; dense greedy first for each sample."""
+        """Yield every (sample, method, budget) of the grid, samples outermost (one prefill each)."""
         for sample in samples:
             for spec in specs:
                 for budget in _budgets(spec, self.settings.budgets):
@@ -243,25 +293,55 @@ class Evaluator:
         output_dir(self.out)
         done = _done_records(self.results)
         todo = [r for r in self.runs(samples, specs) if _key(*r) not in done]
+        prompts = self.prompt_ids(list({r[0].sample_id: r[0] for r in todo}.values()))
+        if prompts:
+            longest = max(prompts.values(), key=len).tolist()
+            lookahead = self.settings.gamma + 1
+            self.max_len = max(context_capacity(m.model, [longest], self.settings.max_new_tokens, lookahead)
+                               for m in (self.target, self.draft))
         current: str | None = None
-        cache = PrefixCache()
         # The bar is closed (its line ended) even when a run fails, so an error prints on a line of its own.
-        with self.results.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr) as bar:
+        with self.results.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr,
+                                                  bar_format=_BAR) as bar:
             for sample, spec, budget in todo:
                 if sample.sample_id != current:  # one prefill per sample, shared by its runs
-                    cache, current = PrefixCache(), sample.sample_id
+                    self.prefix_cache.entries.clear()  # the last sample's rows: device memory
+                    current, prompt = sample.sample_id, prompts[sample.sample_id].tolist()
                 reference = _key(sample, REFERENCE, None)
                 if sample.metric != "perplexity" and reference not in done:
                     # Token agreement needs dense greedy output first, whatever the method order.
-                    _append(sink, done, self.evaluate(sample, REFERENCE, None, cache, done))
+                    _append(sink, done, self.evaluate(sample, REFERENCE, None, prompt, done))
                 if _key(sample, spec, budget) not in done:
                     bar.set_postfix_str(f"{sample.task}@{sample.context_tokens} {spec.name} {budget}")
-                    _append(sink, done, self.evaluate(sample, spec, budget, cache, done))
+                    _append(sink, done, self.evaluate(sample, spec, budget, prompt, done))
                 bar.update()
 
-    def evaluate(self, sample: Sample, spec: MethodSpec, budget: float | None, cache: PrefixCache, done: dict[str, dict]) -> dict:
-        """Return the record of one (sample, method, budget) run."""
-        prompt = self.tokenizer(make_prompt(sample, self.tokenizer), add_special_tokens=False)["input_ids"]
+    def prompt_ids(self, samples: Sequence[Sample]) -> dict[str, np.ndarray]:
+        """Return each sample's prompt token ids by sample id (tokenized once per sample, kept compact)."""
+        return {
+            s.sample_id: np.asarray(self.tokenizer(make_prompt(s, self.tokenizer), add_special_tokens=False)["input_ids"],
+                                    dtype=np.int64)
+            for s in tqdm(samples, desc="tokenize", unit="sample", file=sys.stderr, leave=False)
+        }
+
+    def engine(self, spec: MethodSpec, budget: float | None) -> Engine:
+        """Return the engine of (method, budget), built on first use and reused for every sample."""
+        entry = self.engines.get((spec.name, budget))
+        if entry is None or entry[1] != _caches(entry[0]):
+            a = self.settings
+            engine = build_engine(
+                spec.method, self.target, self.draft, slots=1, max_len=self.max_len, gamma=a.gamma,
+                selection=self.selection(budget) if budget is not None else None, mapping=spec.mapping,
+                options=spec.policy_options(), draft_budget=spec.draft_budget,
+                prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
+                measure_recall=spec.sparse and a.measure_recall, prefix_cache=self.prefix_cache, seed=a.seed,
+                verify="sparse",  # the grid measures sparse verification at every length, the short ones included
+            )
+            entry = self.engines[spec.name, budget] = (engine, _caches(engine))
+        return entry[0]
+
+    def evaluate(self, sample: Sample, spec: MethodSpec, budget: float | None, prompt: list[int], done: dict[str, dict]) -> dict:
+        """Return the record of one (sample, method, budget) run on the sample's prompt token ids."""
         record: dict[str, Any] = {
             "key": _key(sample, spec, budget), "task": sample.task, "sample_id": sample.sample_id,
             "context_tokens": sample.context_tokens, "prompt_tokens": len(prompt), "depth": sample.depth,
@@ -269,23 +349,15 @@ class Evaluator:
         }
         started = time.perf_counter()
         if sample.metric == "perplexity":
-            record.update(self._perplexity(sample, prompt, spec, budget, cache))
+            record.update(self._perplexity(sample, prompt, spec, budget))
         else:
-            record.update(self._generate(sample, prompt, spec, budget, cache, done))
+            record.update(self._generate(sample, prompt, spec, budget, done))
         record["time_s"] = round(time.perf_counter() - started, 3)
         return record
 
     def _generate(self, sample: Sample, prompt: list[int], spec: MethodSpec, budget: float | None,
-                  cache: PrefixCache, done: dict[str, dict]) -> dict[str, Any]:
-        a = self.settings
-        result = run_method(
-            spec.method, self.target, self.draft, [prompt], a.max_new_tokens, gamma=a.gamma,
-            selection=self.selection(budget) if budget is not None else None, mapping=spec.mapping,
-            measure_recall=spec.sparse and a.measure_recall, prefix_cache=cache, seed=a.seed,
-            prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
-            options=spec.policy_options(),
-            verify="sparse",  # accuracy is the policy's own: no dense rounds below the break-even context
-        )
+                  done: dict[str, dict]) -> dict[str, Any]:
+        result = self.engine(spec, budget).generate([prompt], self.settings.max_new_tokens, self.eos)
         tokens = result.tokens[0]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         summary = result.stats.summary()
@@ -299,23 +371,24 @@ class Evaluator:
             "tokens_per_s": summary["tokens_per_s"],
         }
 
-    def _perplexity(self, sample: Sample, prompt: list[int], spec: MethodSpec, budget: float | None,
-                    cache: PrefixCache) -> dict[str, Any]:
+    def _perplexity(self, sample: Sample, prompt: list[int], spec: MethodSpec, budget: float | None) -> dict[str, Any]:
         a = self.settings
         context = max(1, len(prompt) - a.ppl_tokens)
-        if sample.sample_id not in self.dense_nll:
-            dense = teacher_forced(self.target.model, self.draft.model, prompt, context, a.gamma, None, prefix_cache=cache)
-            self.dense_nll[sample.sample_id] = dense.nll
-        policy = None
+        cache = self.prefix_cache
+        if sample.sample_id not in self.dense_runs:
+            self.dense_runs[sample.sample_id] = teacher_forced(
+                self.target.model, self.draft.model, prompt, context, a.gamma, None, prefix_cache=cache)
+        dense = self.dense_runs[sample.sample_id]
+        run = dense  # a dense verification reads the draft's tokens only, which teacher forcing fixes
         if spec.sparse:
             policy = make_policy(spec.method, self.selection(budget), self.target.model, self.draft.model, spec.mapping,
                                  **spec.policy_options())
-        run = teacher_forced(self.target.model, self.draft.model, prompt, context, a.gamma, policy,
-                             measure_recall=policy is not None and a.measure_recall, prefix_cache=cache)
+            run = teacher_forced(self.target.model, self.draft.model, prompt, context, a.gamma, policy,
+                                 measure_recall=a.measure_recall, prefix_cache=cache, draft_budget=spec.draft_budget)
         summary = run.stats.summary()
         return {
             "score": None, "prediction": "", "tokens": [], "agreement": None,
-            "nll": run.nll, "nll_dense": self.dense_nll[sample.sample_id], "acceptance_length": None,
+            "nll": run.nll, "nll_dense": dense.nll, "acceptance_length": None,
             "sparsity": summary["sparsity"], "recall": summary["recall"], "recall_context": summary["recall_context"],
             "recall_per_layer": run.stats.recall_per_layer(), "set_recall": summary["set_recall"], "tokens_per_s": None,
         }

@@ -1,9 +1,13 @@
-"""Summary table and figures of an evaluation's ``results.jsonl`` (one record per sample, method and budget).
+"""Summary table, confidence-interval tables and figures of an evaluation's ``results.jsonl`` (one record per
+sample, method and budget).
 
 A record's ``budget`` is either a count of KV rows per head (>= 1) or a fraction of the
 context (< 1); the two are different axes, so they are kept apart in the table and only
 counts are drawn on the budget axis of the figures. Records without a budget are dense
 methods (autoregressive and speculative decoding), drawn as dashed reference lines.
+The interval tables (:func:`interval_tables`) give accuracy per task and context length with
+its 95% interval, its paired difference to dense autoregressive decoding on the same samples,
+and acceptance length per context length (:mod:`sts.eval.intervals`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator
 
 from sts.errors import STSError
+from sts.eval.intervals import CONFIDENCE, Interval, mean_interval, paired_difference_interval, wilson_interval
 
 Record = dict[str, Any]
 Row = dict[str, Any]
@@ -56,6 +61,16 @@ _METRIC_NOTES = (
     "(1.0 = as good as attending to the whole context); *set recall@k*: share of the oracle's "
     "top-k rows that the selection contains; *Δ perplexity*: exp(mean NLL) - exp(mean dense NLL) "
     "on the perplexity samples."
+)
+#: The method every accuracy difference is taken against, on the same samples.
+REFERENCE_METHOD = "autoregressive"
+_INTERVAL_NOTES = (
+    f"*accuracy %*: mean score (0/1 for one answer, partial credit for several) with its "
+    f"{CONFIDENCE:.0%} Wilson score interval; *Δ*: accuracy minus dense {REFERENCE_METHOD} decoding's "
+    f"on the same samples, in points, with Newcombe's paired square-and-add {CONFIDENCE:.0%} interval "
+    "(for 0/1 scores the textbook intervals; for partial credit conservative); *acceptance length*: "
+    "mean over samples of tokens per target forward, ± the half-width of its "
+    f"{CONFIDENCE:.0%} Student t interval over samples."
 )
 _RECALL_CONTEXT_LABEL = "mass recall / context mass"
 _BUDGET_AXIS_LABEL = "token budget (KV rows per head, log2 scale)"
@@ -116,6 +131,85 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def accuracy_intervals(records: Iterable[Record]) -> list[Row]:
+    """Return one row per (task, context length, method, budget) of the scored records.
+
+    Rows are ordered by task, context length, then as :func:`summarise` orders methods. Each has
+    ``task``, ``context_tokens``, ``method``, ``budget``, ``n`` (samples), ``accuracy`` (an
+    :class:`~sts.eval.intervals.Interval` of the mean score, in [0, 1]), ``delta`` (the paired
+    difference to :data:`REFERENCE_METHOD` over the samples both ran, or None for the reference
+    itself and where it did not run), ``sparsity`` and ``acceptance_length`` (means, or None).
+    """
+    groups: dict[tuple[str, int, str, float | None], dict[str, Record]] = defaultdict(dict)
+    for record in records:
+        if _values([record], "score"):
+            groups[(record["task"], record["context_tokens"], record["method"], _budget(record))][record["sample_id"]] = record
+    rows = []
+    for (task, length, method, budget), group in sorted(groups.items(), key=lambda kv: (*kv[0][:2], *_order(kv[0][2:]))):
+        scores = {sample: float(r["score"]) for sample, r in group.items()}
+        reference = groups.get((task, length, REFERENCE_METHOD, None), {})
+        paired = [sample for sample in scores if sample in reference]
+        delta = None
+        if (method, budget) != (REFERENCE_METHOD, None) and paired:
+            delta = paired_difference_interval([scores[s] for s in paired], [float(reference[s]["score"]) for s in paired])
+        rows.append({
+            "task": task, "context_tokens": length, "method": method, "budget": budget, "n": len(scores),
+            "accuracy": wilson_interval(list(scores.values())), "delta": delta,
+            "sparsity": _mean(_values(group.values(), "sparsity")),
+            "acceptance_length": _mean(_values(group.values(), "acceptance_length")),
+        })
+    return rows
+
+
+def acceptance_intervals(records: Iterable[Record]) -> dict[GroupKey, dict[int, Interval | float]]:
+    """Return, per (method, budget) with acceptance lengths, per context length: the mean over samples and its
+    Student t interval (the bare mean where only one sample ran). Ordered as :func:`summarise` orders methods."""
+    values: dict[GroupKey, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        values[(record["method"], _budget(record))][record["context_tokens"]] += _values([record], "acceptance_length")
+    out: dict[GroupKey, dict[int, Interval | float]] = {}
+    for key in sorted(values, key=_order):
+        cells = {length: mean_interval(v) or v[0] for length, v in sorted(values[key].items()) if v}
+        if cells:
+            out[key] = cells
+    return out
+
+
+def interval_tables(records: Sequence[Record]) -> str:
+    """Return the markdown of the accuracy and acceptance tables with their 95% intervals and a note on the
+    methods; "" when no record is scored nor has an acceptance length. Ready to paste into docs whole."""
+    parts = []
+    rows = accuracy_intervals(records)
+    if rows:
+        lines = [
+            _table_line(("task", "context", "method", "budget", "n", "accuracy %", f"{CONFIDENCE:.0%} CI",
+                         f"Δ vs {REFERENCE_METHOD} (points)", f"{CONFIDENCE:.0%} CI", "sparsity", "acceptance length")),
+            _table_line(("---",) * 4 + ("---:",) * 7),
+        ]
+        for row in rows:
+            accuracy, delta = row["accuracy"], row["delta"]
+            lines.append(_table_line((
+                row["task"], _tokens_label(row["context_tokens"]), row["method"], _budget_label(row["budget"]),
+                str(row["n"]), f"{100 * accuracy.estimate:.1f}", _points(accuracy, signed=False),
+                "-" if delta is None else f"{100 * delta.estimate:+.1f}", "-" if delta is None else _points(delta, signed=True),
+                _cell("sparsity", row["sparsity"]), _cell("acceptance_length", row["acceptance_length"]),
+            )))
+        parts.append("\n".join(lines))
+    acceptance = acceptance_intervals(records)
+    if acceptance:
+        lengths = sorted({length for cells in acceptance.values() for length in cells})
+        lines = [
+            _table_line(("method", "budget", *(f"acceptance length @ {_tokens_label(n)}" for n in lengths))),
+            _table_line(("---", "---", *("---:",) * len(lengths))),
+        ]
+        for (method, budget), cells in acceptance.items():
+            lines.append(_table_line((method, _budget_label(budget), *(_plus_minus(cells.get(n)) for n in lengths))))
+        parts.append("\n".join(lines))
+    if not parts:
+        return ""
+    return "\n\n".join(parts + [_INTERVAL_NOTES]) + "\n"
+
+
 def plot_all(
     records: Sequence[Record],
     out_dir: str | Path,
@@ -163,7 +257,7 @@ def plot_all(
 
 
 def write_report(results_path: str | Path, out_dir: str | Path, header: str = "") -> Path:
-    """Return the path of ``out_dir/report.md``: ``header``, the summary table and the figures.
+    """Return the path of ``out_dir/report.md``: ``header``, the summary table, the interval tables and the figures.
 
     The figures are written beside the report and linked relatively, so the folder can be
     moved as a whole. Raises :class:`STSError` when the results file holds no records.
@@ -177,6 +271,7 @@ def write_report(results_path: str | Path, out_dir: str | Path, header: str = ""
         header.strip(),
         markdown_table(summarise(records)).strip(),
         _METRIC_NOTES,
+        interval_tables(records).strip(),
         *(f"![{path.stem.replace('_', ' ')}]({path.name})" for path in figures),
     ]
     text = "\n\n".join(part for part in parts if part) + "\n"
@@ -318,6 +413,21 @@ def _format_number(value: float) -> str:
     if abs(value) >= 100:
         return f"{value:.0f}"
     return f"{value:#.3g}"
+
+
+def _points(interval: Interval, signed: bool) -> str:
+    """Return an interval of shares as percentage points, "[62.1, 94.8]" (``signed``: "[-21.0, +9.9]")."""
+    form = "+.1f" if signed else ".1f"
+    return f"[{100 * interval.low:{form}}, {100 * interval.high:{form}}]"
+
+
+def _plus_minus(cell: Interval | float | None) -> str:
+    """Return an acceptance cell: "2.91 ± 0.12" (the interval's half-width), a bare mean, or "-"."""
+    if cell is None:
+        return "-"
+    if isinstance(cell, Interval):
+        return f"{cell.estimate:.2f} ± {(cell.high - cell.low) / 2:.2f}"
+    return f"{cell:.2f}"
 
 
 def _table_line(cells: Iterable[str]) -> str:

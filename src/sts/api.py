@@ -12,11 +12,12 @@ requests there and drive it, and ``sts serve`` runs the same object from its own
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -30,6 +31,9 @@ from sts.sampling import SamplingConfig
 from sts.selection import HeadMapping, SelectionConfig, check_options, make_policy
 from sts.serve.scheduler import Delta, Request, RequestError, RequestParams, Scheduler
 from sts.speculative import shared_vocab
+
+if TYPE_CHECKING:
+    from sts.serve.parallel import TensorParallel
 
 #: The share of free memory (device memory on CUDA, available RAM on the CPU) that the KV caches
 #: may take when ``max_model_len`` is not given; the rest is left for activations and the system.
@@ -144,8 +148,13 @@ class LLM:
     512 on the CPU, 8192 on CUDA). ``device``: default CUDA
     when there is one; ``dtype``: default bfloat16 on CUDA, float32 on the CPU. ``seed``: the
     engine's random generator (sampling). ``max_queue``: requests that may wait for a slot when
-    serving (``generate`` waits without bound). ``verify``: "auto" verifies a selection method's
-    rounds densely below the break-even context (:mod:`sts.costmodel`), "sparse" always sparsely.
+    serving (``generate`` waits without bound). ``tensor_parallel``: split the target by heads over
+    this many processes (:mod:`sts.serve.parallel`: this one is rank 0 and spawns the others, which
+    import the caller's main module as ``multiprocessing``'s spawn does, so a script guards its entry
+    with ``if __name__ == "__main__"``; ``device`` "cpu" joins them with gloo, "cuda" with NCCL, rank
+    ``r`` on GPU ``r``; :meth:`close` stops them, as does the end of this process). ``verify``:
+    "auto" verifies a selection method's rounds densely below the break-even context
+    (:mod:`sts.costmodel`), "sparse" always sparsely.
 
     Not thread-safe by itself: call it from one thread, or :meth:`start` its scheduler's thread,
     after which any thread may call it (the server does).
@@ -159,8 +168,11 @@ class LLM:
         mapping: str | None = None, draft_budget: int | None = None, prefill: PrefillConfig | None = None,
         slots: int = 1, max_model_len: int | None = None, prefill_chunk: int | None = None, device: str | None = None,
         dtype: str | torch.dtype | None = None, seed: int = 0, max_queue: int = 256,
-        verify: Literal["auto", "sparse"] = "auto", **options: Any,
+        verify: Literal["auto", "sparse"] = "auto", tensor_parallel: int | TensorParallel = 1, **options: Any,
     ) -> None:
+        # The other tensor-parallel ranks build the same LLM from these: every argument but the models.
+        settings = {k: v for k, v in locals().items()
+                    if k not in ("self", "target", "draft", "tensor_parallel", "options")}
         self.method = method or ("sts" if draft is not None else "autoregressive")
         if self.method not in methods():
             raise STSError(f"unknown method {self.method!r} (choose from {', '.join(methods())})")
@@ -177,21 +189,50 @@ class LLM:
         if self.method != "autoregressive" and draft is None:
             raise STSError(f"method {self.method} needs a draft model")
         device = _default_device(device)
-        loaded = [m if isinstance(m, LoadedModel) or m is None else load(str(m), _dtype(dtype, device), device)
-                  for m in (target, draft if self.method != "autoregressive" else None)]
+        self.parallel: TensorParallel | None = None
+        if not isinstance(tensor_parallel, int):  # one of the other ranks (sts.serve.parallel.follow_llm)
+            self.parallel = tensor_parallel
+        elif tensor_parallel != 1:
+            from sts.serve.parallel import TensorParallel
+
+            settings.update(options, device=device)
+            self.parallel = TensorParallel.start(tensor_parallel, device, target, draft, settings)
+        try:
+            self._build(target, draft, device, dtype, slots, max_model_len, dict(
+                gamma=gamma, selection=self.selection, mapping=mapping, options=options, draft_budget=draft_budget,
+                prefill=prefill, prefill_chunk=prefill_chunk, seed=seed, verify=verify))
+        except BaseException:
+            if self.parallel is not None:
+                self.parallel.close(abort=True)
+            raise
+        if self.parallel is not None and self.parallel.leads:
+            atexit.register(self.close)  # the other ranks' processes end with this one
+        #: Draft tokens per round (0 for autoregressive decoding).
+        self.gamma = self.engine.gamma
+        self.scheduler = Scheduler(self.engine, self.tokenizer, eos_ids(self.target), max_queue)
+
+    def _build(self, target: Any, draft: Any, device: str, dtype: Any, slots: int, max_model_len: int | None,
+               engine_settings: dict[str, Any]) -> None:
+        """Load the pair (under tensor parallelism, this rank's part of the target) and build the engine."""
+        part = self.parallel
+        if part is not None:
+            device = part.device
+        sources = (target, draft if self.method != "autoregressive" else None)
+        loaded = [m if isinstance(m, LoadedModel) or m is None
+                  else load(str(m), _dtype(dtype, device), device, part.shard if part is not None and i == 0 else None)
+                  for i, m in enumerate(sources)]
         self.target, self.draft = loaded
         if self.draft is not None:
             shared_vocab(self.target.model, self.draft.model, self.target.tokenizer, self.draft.tokenizer)
         self.tokenizer = self.target.tokenizer
         models = [m.model for m in loaded if m is not None]
-        self.max_model_len = cache_rows(models, slots, max_model_len)
-        self.engine = build_engine(
-            self.method, self.target, self.draft, slots=slots, max_len=self.max_model_len, gamma=gamma,
-            selection=self.selection, mapping=mapping, options=options, draft_budget=draft_budget, prefill=prefill,
-            prefill_chunk=prefill_chunk, seed=seed, verify=verify)
-        #: Draft tokens per round (0 for autoregressive decoding).
-        self.gamma = self.engine.gamma
-        self.scheduler = Scheduler(self.engine, self.tokenizer, eos_ids(self.target), max_queue)
+        if part is None:
+            self.max_model_len = cache_rows(models, slots, max_model_len)
+        else:  # rank 0's memory decides: every rank's engine must have the same shape
+            self.max_model_len = part.agree(cache_rows(models, slots, max_model_len) if part.leads else None)
+        engine = build_engine(self.method, self.target, self.draft, slots=slots, max_len=self.max_model_len,
+                              **engine_settings)
+        self.engine = part.drive(engine) if part is not None else engine
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -281,6 +322,15 @@ class LLM:
     def stop(self) -> None:
         """Stop the scheduler's thread (requests then run when a caller drives them again)."""
         self.scheduler.stop()
+
+    def close(self) -> None:
+        """Stop the scheduler's thread and, under tensor parallelism, the other ranks (the LLM then decodes no more).
+
+        Without tensor parallelism it is :meth:`stop`.
+        """
+        self.stop()
+        if self.parallel is not None:
+            self.parallel.close()
 
     def _deltas(self, request: Request, outbox: queue.SimpleQueue) -> Iterator[Delta]:
         """Yield ``request``'s deltas until it finishes, driving the scheduler unless its own thread does.

@@ -655,13 +655,20 @@ class Engine:
                 for saved, live in zip(state, (self.ctx, self.last, self.prev, self.out_tokens, self.out_count)):
                     live.copy_(saved)
         torch.cuda.current_stream().wait_stream(stream)
+        # Tensor parallelism (sts.parallel): the target's forwards hold NCCL all-reduces, capturable since
+        # NCCL 2.9.6 once their communicator exists, which the warm-up made. Its collectives are finished
+        # here, and the capture is thread-local: the process group's watchdog thread, polling them from
+        # another thread, must not invalidate it (a global capture forbids other threads' CUDA calls).
+        torch.cuda.synchronize(self.device)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        capture_mode = "thread_local" if distributed else "global"
         pool = torch.cuda.graph_pool_handle()
         graphs = []
         for phase in phases:
             graph = torch.cuda.CUDAGraph()
             if mode != "greedy":
                 graph.register_generator_state(self.generator)
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=capture_mode):
                 phase()
             graphs.append(graph)
         self._graphs[budget, mode] = graphs

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
@@ -207,20 +208,48 @@ def _loopback() -> str:
     return names[0] if names else "lo"
 
 
+def device_type(device: str) -> str:
+    """Return "cpu" or "cuda" for a ``--device`` that tensor parallelism can use (rank ``r`` takes GPU ``r``).
+
+    Raises STSError for a device that is not one, or one with an index (``cuda:1``).
+    """
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise STSError(f"--device must be cpu or cuda, got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda") or parsed.index is not None:
+        raise STSError(f"--device must be cpu or cuda here (tensor-parallel rank r takes GPU r), not {device!r}")
+    return parsed.type
+
+
+def rank_device(kind: str) -> str:
+    """Return this rank's device for a device type: its own GPU (set when it joined) or the CPU."""
+    return f"cuda:{torch.cuda.current_device()}" if kind == "cuda" else "cpu"
+
+
+def _join(rank: int, world: int, init: str, kind: str, spawned: bool) -> None:
+    """Join the ``world``-rank process group at ``init`` as rank ``rank`` on device type ``kind``.
+
+    Sets :data:`NO_MULTICAST`; a process started on this host (``spawned``) keeps its transports on
+    the loopback interface; a CUDA rank takes its local GPU.
+    """
+    os.environ.update(NO_MULTICAST)
+    if spawned:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME" if kind == "cpu" else "NCCL_SOCKET_IFNAME", _loopback())
+    if kind == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=init, rank=rank, world_size=world)
+
+
 def _rank_main(
-    rank: int, world: int, init: str, device_type: str, fn: Callable[..., None], args: tuple[Any, ...], errors: Any,
+    rank: int, world: int, init: str, kind: str, fn: Callable[..., None], args: tuple[Any, ...], errors: Any,
 ) -> None:
     """Join the process group as rank ``rank`` and run ``fn(rank, world, *args)``; pass an STSError's message to
     ``errors`` (a queue, or None in-process)."""
-    os.environ.update(NO_MULTICAST)
-    if errors is not None:  # spawned on this host: keep the transports on the loopback interface
-        os.environ.setdefault("GLOO_SOCKET_IFNAME" if device_type == "cpu" else "NCCL_SOCKET_IFNAME", _loopback())
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    else:  # the host's cores are shared by its ranks
+    if kind == "cpu":  # the host's cores are shared by its ranks
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init, rank=rank, world_size=world)
+    _join(rank, world, init, kind, spawned=errors is not None)
     try:
         fn(rank, world, *args)
         # Without it a rank may close its connections while another still reads the last result
@@ -234,9 +263,9 @@ def _rank_main(
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., None], world: int, args: tuple[Any, ...] = (), device_type: str = "cpu") -> None:
+def run_ranks(fn: Callable[..., None], world: int, args: tuple[Any, ...] = (), kind: str = "cpu") -> None:
     """Run ``fn(rank, world, *args)`` on every rank of a ``world``-rank process group (gloo on the CPU; NCCL on CUDA,
-    rank ``r`` on GPU ``r`` of its host).
+    rank ``r`` on GPU ``r`` of its host; ``kind`` is the device type).
 
     Under ``torchrun`` this process is one rank (its group from the environment); otherwise
     ``world`` processes are spawned here (``torch.multiprocessing.spawn``), meeting through a file
@@ -248,23 +277,101 @@ def run_ranks(fn: Callable[..., None], world: int, args: tuple[Any, ...] = (), d
     if _torchrun():
         if int(os.environ["WORLD_SIZE"]) != world:
             raise STSError(f"--tensor-parallel {world}, but torchrun started {os.environ['WORLD_SIZE']} processes")
-        _rank_main(int(os.environ["RANK"]), world, "env://", device_type, fn, args, None)
+        _rank_main(int(os.environ["RANK"]), world, "env://", kind, fn, args, None)
         return
-    if device_type == "cuda" and torch.cuda.device_count() < world:
-        raise STSError(f"--tensor-parallel {world} needs {world} GPUs, this host has {torch.cuda.device_count()}")
+    _check_gpus(kind, world)
     errors = mp.get_context("spawn").SimpleQueue()
     with tempfile.TemporaryDirectory(prefix="sts-tp-") as rendezvous:
         init = f"file://{os.path.join(rendezvous, 'store')}"
         try:
-            mp.spawn(_rank_main, args=(world, init, device_type, fn, args, errors), nprocs=world)
+            mp.spawn(_rank_main, args=(world, init, kind, fn, args, errors), nprocs=world)
         except (mp.ProcessRaisedException, mp.ProcessExitedException):
             if not errors.empty():
                 raise STSError(errors.get()) from None
             raise
 
 
+def _check_gpus(kind: str, world: int) -> None:
+    """Raise STSError when ``world`` CUDA ranks would not each have a GPU of this host."""
+    if kind == "cuda" and torch.cuda.device_count() < world:
+        raise STSError(f"--tensor-parallel {world} needs {world} GPUs, this host has {torch.cuda.device_count()}")
+
+
+class Workers:
+    """Ranks ``1 .. world - 1`` spawned by :func:`start_workers`, this process being rank 0 of their group."""
+
+    def __init__(self, world: int, kind: str, processes: list[Any], errors: Any, rendezvous: str) -> None:
+        self.world, self.kind = world, kind
+        self.processes, self.errors, self.rendezvous = processes, errors, rendezvous
+        self.closed = False
+
+    def check(self) -> None:
+        """Raise STSError when a worker has exited (with the STSError it reported, if any)."""
+        for rank, process in enumerate(self.processes, start=1):
+            if not process.is_alive():
+                if not self.errors.empty():
+                    raise STSError(self.errors.get())
+                raise STSError(f"tensor-parallel rank {rank} has exited (exit code {process.exitcode})")
+
+    def close(self, abort: bool = False, timeout: float = 60.0) -> None:
+        """Leave the group and wait for the workers to end (``fn`` has returned there); with ``abort``, or past
+        ``timeout`` seconds, terminate them. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        abort = abort or not all(process.is_alive() for process in self.processes)  # a barrier would wait forever
+        try:
+            if not abort:
+                dist.barrier()  # the workers' last collective (see _rank_main)
+        finally:
+            dist.destroy_process_group()
+            for process in self.processes:
+                process.join(0 if abort else timeout)
+                if process.is_alive():
+                    process.terminate()
+                    process.join(10)
+            shutil.rmtree(self.rendezvous, ignore_errors=True)
+
+
+def start_workers(world: int, kind: str, fn: Callable[..., None], args: tuple[Any, ...] = ()) -> Workers:
+    """Spawn ranks ``1 .. world - 1`` running ``fn(rank, world, *args)``, and join their group here as rank 0.
+
+    For a leader-follower split (the server: rank 0 answers requests and tells the others what to
+    run), unlike :func:`run_ranks` where every rank runs the same function and the caller waits.
+    The processes meet as in :func:`run_ranks`; on CUDA this process takes GPU 0. Call
+    :meth:`Workers.close` once ``fn`` can return everywhere. Raises STSError under ``torchrun``
+    (its ranks are started for you there), when a process group already exists here, or for too
+    few GPUs.
+    """
+    if world < 2:
+        raise STSError(f"tensor parallelism takes 2 or more ranks (1: none), got {world}")
+    if _torchrun():
+        raise STSError("this command starts its own tensor-parallel ranks: run it without torchrun")
+    if dist.is_initialized():
+        raise STSError("a tensor-parallel group already runs in this process: close it first")
+    _check_gpus(kind, world)
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    rendezvous = tempfile.mkdtemp(prefix="sts-tp-")
+    init = f"file://{os.path.join(rendezvous, 'store')}"
+    processes = [context.Process(target=_rank_main, args=(rank, world, init, kind, fn, args, errors), name=f"sts-rank{rank}")
+                 for rank in range(1, world)]
+    for process in processes:
+        process.start()
+    workers = Workers(world, kind, processes, errors, rendezvous)
+    try:
+        _join(0, world, init, kind, spawned=True)
+    except BaseException:
+        workers.closed = True
+        for process in processes:
+            process.terminate()
+        shutil.rmtree(rendezvous, ignore_errors=True)
+        raise
+    return workers
+
+
 @contextlib.contextmanager
-def _quiet(silent: bool) -> Iterator[None]:
+def quiet(silent: bool) -> Iterator[None]:
     """Send stdout and stderr to nowhere while ``silent`` (every rank but 0: only rank 0 prints)."""
     if not silent:
         yield
@@ -273,34 +380,38 @@ def _quiet(silent: bool) -> Iterator[None]:
         yield
 
 
-def _generate_rank(rank: int, world: int, command: Callable[..., int], args: argparse.Namespace, device_type: str) -> None:
-    """Run ``command(args, load=...)`` as rank ``rank``: the target loaded as this rank's part, the draft whole."""
+def _generate_rank(rank: int, world: int, command: Callable[..., int], argv: list[str], kind: str) -> None:
+    """Run ``command(args, load=...)``, ``args`` parsed here from ``argv``, as rank ``rank``: the target loaded as this
+    rank's part, the draft whole.
+
+    The command line is parsed again in each rank, by the code that rank imported: a spawned rank
+    imports ``sts`` afresh, and a Namespace made by another version of the parser (the tree edited
+    between the launch and the spawn) would lack options that its code reads.
+    """
+    from sts.cli import build_parser
     from sts.models.loading import parse_dtype
     from sts.runner import LoadedModel, load_pair
 
-    device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+    device = rank_device(kind)
     shard = Shard(rank, world)
 
     def load(options: argparse.Namespace, with_draft: bool = True) -> tuple[LoadedModel, LoadedModel | None]:
         draft = options.draft if with_draft else None
         return load_pair(options.target, draft, parse_dtype(options.dtype), device, partition=shard)
 
-    with _quiet(rank > 0):
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    with quiet(rank > 0):
         command(args, load=load)
 
 
 def launch_generate(command: Callable[..., int], args: argparse.Namespace) -> int:
     """Run ``sts generate`` (``command``, called as ``command(args, load=...)``) on ``args.tensor_parallel`` ranks
-    and return its exit status; only rank 0 prints.
+    and return its exit status; only rank 0 prints. ``args.argv`` is the command line (parsed again in each rank).
 
     ``--device cpu`` joins the ranks with gloo; ``--device cuda`` with NCCL, one GPU per rank.
     Raises STSError for an impossible device or rank count, or any rank's STSError.
     """
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise STSError(f"--device must be cpu or cuda, got {args.device!r}") from None
-    if device.type not in ("cpu", "cuda") or device.index is not None:
-        raise STSError(f"--tensor-parallel runs on --device cpu or cuda (rank r on GPU r), not {args.device!r}")
-    run_ranks(_generate_rank, args.tensor_parallel, (command, args, device.type), device.type)
+    kind = device_type(args.device)
+    run_ranks(_generate_rank, args.tensor_parallel, (command, list(args.argv), kind), kind)
     return 0

@@ -10,6 +10,9 @@ from sts.errors import STSError
 #: Benchmark name -> module exposing ``main(argv)``.
 BENCHMARKS = {"kernels": "sts.bench.kernels", "e2e": "sts.bench.e2e", "serve": "sts.bench.serve"}
 
+#: Benchmarks that need a GPU whatever their options (the others check their own ``--device``).
+GPU_ONLY = ("kernels",)
+
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """Add the benchmark choice; its own options follow it (``sts bench e2e --help``)."""
@@ -21,6 +24,6 @@ def run_bench_cli(args: argparse.Namespace) -> None:
     """Run the chosen benchmark with its options."""
     import torch
 
-    if not torch.cuda.is_available() and args.options not in (["--help"], ["-h"]):
+    if args.bench in GPU_ONLY and not torch.cuda.is_available() and args.options not in (["--help"], ["-h"]):
         raise STSError("sts bench measures GPU speed and needs a CUDA device")
     importlib.import_module(BENCHMARKS[args.bench]).main(args.options)

@@ -1,20 +1,29 @@
 """End-to-end decode speed on the GPU, through the engine users run: autoregressive vs dense speculative vs STS.
 
 Every figure comes from :meth:`sts.engine.Engine.generate`, the function behind ``sts generate``,
-the Python API, eval and the server, in one process. Speed depends on shapes, not weight values,
-so the models are Llama-3.1-8B / Llama-3.2-1B shaped; their weights are a synthetic pair
+the Python API, eval and the server. Speed depends on shapes, not weight values, so the models
+are Llama-3.1-8B (or -70B) / Llama-3.2-1B shaped; their weights are a synthetic pair
 (:mod:`sts.bench.synthetic`) whose draft agrees with the target on a chosen share of tokens, so
 acceptance is measured in the run, not assumed. Per (batch, context): the prompt is prefilled once
 through the engine (timed, as a share of the matrix rate), then every method decodes from it
 (``cached=True``: decoding never changes a prompt's rows): a first call compiles and captures
-(reported as ``compile_s``), a second is timed. Peak GPU memory is recorded per method.
+(reported as ``compile_s``), a second is timed. Peak GPU memory is recorded per method, and the
+tokens decoded (the synthetic target's known greedy continuation, whatever the method).
+
+``--tensor-parallel N`` splits the target by heads over N processes (:mod:`sts.parallel`; one GPU
+each, NCCL): every rank builds its part of the same synthetic pair (the draft whole) and runs the
+same grid; rank 0 times and writes. Bytes and FLOPs of a record are then one rank's.
+``--device cpu`` runs the same code on the CPU (gloo between ranks, float32) for tests; its records
+leave out the shares of the H200's rates (bound, matrix) and the peak GPU memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,9 +32,12 @@ import torch
 from tqdm import tqdm
 
 from sts.costmodel import break_even, selection_reads
+from sts.decoding import synchronize
 from sts.engine import Engine, EngineConfig
+from sts.errors import STSError
 from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
+from sts.parallel import Shard, device_type, quiet, rank_device, run_ranks
 from sts.selection import SelectionConfig, make_policy
 
 #: Bytes per second used for roofline bounds: the GEMV rate measured on the H200 (see DESIGN.md).
@@ -39,6 +51,8 @@ SHAPES = {
     "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072 + 1024,
                         tie_word_embeddings=True, head_dim=64),
+    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=131072 + 1024),
 }
 
 
@@ -103,14 +117,13 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
     prompt = torch.randint(0, target.config.vocab_size, (context,), generator=gen).tolist()
     max_len = context + args.new_tokens + args.gamma + 2
     reader = Engine(target, draft, slots=batch, max_len=max_len, config=EngineConfig(gamma=args.gamma))
-    torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
+    device = target.embed_tokens.weight.device
+    cuda = device.type == "cuda"
+    synchronize(device)
+    start = time.perf_counter()
     reader.prefill(0, prompt)
-    end.record()
-    end.synchronize()
-    prefill_s = start.elapsed_time(end) / 1e3
+    synchronize(device)
+    prefill_s = time.perf_counter() - start
     for b in range(1, batch):  # one long prefill, copied into every slot
         reader.prefill(b, prompt, copy_from=0)
     # Each sequence ends in its own token: the synthetic pair's continuation (and so its acceptance)
@@ -119,19 +132,21 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
     flops = sum(prefill_flops(m.config, weight_bytes(m) // 2, context) for m in (target, draft))
     common = {"batch": batch, "context": context, "gamma": args.gamma, "budget": args.budget,
               "draft_budget": args.draft_budget, "agreement": args.agreement, "verify": args.verify,
-              "prefill_s": prefill_s, "prefill_matrix_share": flops / prefill_s / MATRIX_FLOPS}
+              "prefill_s": prefill_s, "prefill_matrix_share": flops / prefill_s / MATRIX_FLOPS if cuda else None}
     selection = SelectionConfig(budget=args.budget, sink=4, window=64)
     records = []
-    for method in METHODS:
+    for method in (m for m in METHODS if m.name in args.methods.split(",")):
         policy = None
         if method.policy is not None:
             policy = make_policy(method.policy, selection, target, draft, **dict(method.options))
         config = EngineConfig(gamma=args.gamma, draft_budget=args.draft_budget if method.sparse_draft else None,
                               verify=args.verify)
         engine = Engine(target, draft if method.speculative else None, policy, slots=batch, max_len=max_len, config=config)
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         first = engine.generate(prompts, args.new_tokens, cached=True)  # compiles and captures
-        timed = engine.generate(prompts, args.new_tokens, cached=True).stats
+        result = engine.generate(prompts, args.new_tokens, cached=True)
+        timed = result.stats
         rounds = max(timed.target_forwards, 1)
         decode_s = timed.time_s - timed.prefill_s
         mapped = len(policy.draft_layers(draft)) if policy is not None else 0
@@ -150,15 +165,14 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
             "ms_per_round": 1e3 * decode_s / rounds, "acceptance_length": summary["acceptance_length"],
             "sparsity": summary["sparsity"], "compile_s": first.stats.compile_s,
             **{f"{phase}_ms": 1e3 * getattr(timed, f"{phase}_s") / rounds for phase in ("draft", "select", "verify")},
-            "round_bytes": bytes_, "bound_share": bytes_ / ROOFLINE_BW / (decode_s / rounds),
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30, **crossover,
+            "round_bytes": bytes_, "bound_share": bytes_ / ROOFLINE_BW / (decode_s / rounds) if cuda else None,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "tokens": result.tokens, **crossover,
         })
         del engine
-    ar = records[0]["tokens_per_s"]
-    spec = records[1]["tokens_per_s"]
+    speed = {r["method"]: r["tokens_per_s"] for r in records}
     for r in records:
-        r["speedup_vs_ar"] = r["tokens_per_s"] / ar
-        r["speedup_vs_spec"] = r["tokens_per_s"] / spec
+        for key, base in (("speedup_vs_ar", "autoregressive"), ("speedup_vs_spec", "speculative")):
+            r[key] = r["tokens_per_s"] / speed[base] if base in speed else None
     return records
 
 
@@ -174,6 +188,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per sequence in the timed run")
     p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
                    help="STS rows: auto verifies densely below the cost model's break-even context; sparse always")
+    p.add_argument("--methods", default=",".join(m.name for m in METHODS), help="comma list (default: all of them)")
+    p.add_argument("--target-shape", default="llama3-8b", help=f"target shape: {', '.join(SHAPES)}")
+    p.add_argument("--draft-shape", default="llama3.2-1b", help="draft shape (same vocabulary)")
+    p.add_argument("--device", default="cuda", help="cuda (bfloat16) or cpu (float32, for tests)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the target by heads over N processes (cuda: one GPU each, NCCL); rank 0 writes")
     p.add_argument("--out", default="e2e.jsonl")
     p.add_argument("--png", default=None, help="also draw the speed-ups into this PNG")
 
@@ -189,7 +209,8 @@ def plot(records: list[dict], path: Path) -> Path:
     ax = fig.subplots()
     for batch, style in zip(sorted({r["batch"] for r in records}), ("-o", "--s", ":^", "-.v")):
         for i, method in enumerate(m.name for m in METHODS[1:]):
-            rows = sorted((r for r in records if r["batch"] == batch and r["method"] == method), key=lambda r: r["context"])
+            rows = sorted((r for r in records if r["batch"] == batch and r["method"] == method and r["speedup_vs_ar"]),
+                          key=lambda r: r["context"])
             if rows:  # one colour per method, one line style per batch size
                 ax.plot([r["context"] // 1024 for r in rows], [r["speedup_vs_ar"] for r in rows], style, color=f"C{i}",
                         label=f"{method}, batch {batch}")
@@ -197,49 +218,107 @@ def plot(records: list[dict], path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (K tokens)")
     ax.set_ylabel("decode tokens/s over autoregressive")
-    ax.set_title("sts.engine, Llama-3.1-8B / 3.2-1B shapes (synthetic pair), H200, bf16", fontsize=9)
+    first = records[0]
+    shapes = f"{first.get('target_shape', 'llama3-8b')} / {first.get('draft_shape', 'llama3.2-1b')}"
+    ranks = first.get("tensor_parallel", 1)
+    ax.set_title(f"sts.engine, {shapes} shapes (synthetic pair), {first['device']}" + (f" x{ranks}" if ranks > 1 else ""),
+                 fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the options and run the grid, one JSON line per (batch, context, method); or, with ``--plot``, only draw."""
-    from sts.bench.synthetic import synthetic_pair
-
+def _parser() -> argparse.ArgumentParser:
+    """Return the benchmark's option parser."""
     parser = argparse.ArgumentParser(prog="sts bench e2e", description=__doc__.splitlines()[0])
     add_args(parser)
     parser.add_argument("--plot", help="only draw this JSON-lines file's records into --png (no GPU needed)")
-    args = parser.parse_args(argv)
-    if args.plot:
-        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], Path(args.png or "e2e.png"))
-        return
+    return parser
+
+
+def _line(record: dict) -> str:
+    """Return a record's one-line summary (figures the CPU does not give are left out)."""
+    parts = [f"b={record['batch']} ctx={record['context']} {record['method']:<15} {record['tokens_per_s']:9.1f} tok/s"]
+    parts += [f"x{record[key]:.2f} {name}" for key, name in (("speedup_vs_ar", "AR"), ("speedup_vs_spec", "spec"))
+              if record[key] is not None]
+    parts += [f"accept {record['acceptance_length'] or 1:.2f}", f"{record['ms_per_round']:.2f} ms/round"]
+    if record["bound_share"] is not None:
+        parts.append(f"bound {record['bound_share']:.0%}")
+    parts.append(f"compile {record['compile_s']:.1f}s")
+    if record["peak_gb"] is not None:
+        parts.append(f"peak {record['peak_gb']:.1f} GB")
+    if record.get("dense_round_share") is not None:
+        parts.append(f"dense rounds {record['dense_round_share']:.0%} (break-even {record['break_even'] or 'never'})")
+    return "  ".join(parts)
+
+
+def run(args: argparse.Namespace, shard: Shard | None = None) -> None:
+    """Run the grid of ``args``, writing its records to ``args.out``; with ``shard``, as that tensor-parallel rank
+    (rank 0 writes).
+
+    Raises STSError for an unknown shape or method, or a target whose heads do not split over the ranks.
+    """
+    from sts.bench.synthetic import synthetic_pair
+
+    unknown = sorted(set(args.methods.split(",")) - {m.name for m in METHODS})
+    if unknown:
+        raise STSError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(m.name for m in METHODS)})")
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     longest = max(contexts) + args.new_tokens + args.gamma + 2
-    target, draft = synthetic_pair("llama3-8b", "llama3.2-1b", args.agreement, max_position_embeddings=longest)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "argv": argv}
+    kind = device_type(args.device)
+    cuda = kind == "cuda"
+    target, draft = synthetic_pair(args.target_shape, args.draft_shape, args.agreement, max_position_embeddings=longest,
+                                   dtype=torch.bfloat16 if cuda else torch.float32, device=rank_device(kind), partition=shard)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "torch": torch.__version__, "argv": args.argv, "target_shape": args.target_shape,
+            "draft_shape": args.draft_shape, "tensor_parallel": shard.world if shard else 1}
+    writer = shard is None or shard.rank == 0
     out = Path(args.out)
     records: list[dict] = []
     with torch.no_grad():
         for batch, context in tqdm([(b, c) for b in batches for c in contexts], desc="e2e", file=sys.stderr):
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
             for record in bench_point(target, draft, batch, context, args):
                 record.update(meta)
                 records.append(record)
-                with out.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                print(f"b={batch} ctx={context} {record['method']:<15} {record['tokens_per_s']:9.1f} tok/s "
-                      f"x{record['speedup_vs_ar']:.2f} AR x{record['speedup_vs_spec']:.2f} spec  "
-                      f"accept {record['acceptance_length'] or 1:.2f}  {record['ms_per_round']:.2f} ms/round "
-                      f"bound {record['bound_share']:.0%}  compile {record['compile_s']:.1f}s  peak {record['peak_gb']:.1f} GB"
-                      + (f"  dense rounds {record['dense_round_share']:.0%} (break-even {record['break_even'] or 'never'})"
-                         if record["dense_round_share"] is not None else ""),
-                      file=sys.stderr, flush=True)
-    if args.png:
+                if writer:
+                    with out.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                print(_line(record), file=sys.stderr, flush=True)
+    if args.png and writer:
         plot(records, Path(args.png))
+
+
+def _rank(rank: int, world: int, argv: list[str]) -> None:
+    """One tensor-parallel rank: parse ``argv`` here (see :func:`sts.parallel.launch_generate`) and run the grid."""
+    args = _parser().parse_args(argv)
+    args.argv = argv
+    with quiet(rank > 0):
+        run(args, Shard(rank, world))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the options and run the grid, one JSON line per (batch, context, method); or, with ``--plot``, only draw.
+
+    Raises STSError for a CUDA device that is not there, and as :func:`run` does.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    args.argv = argv
+    if args.plot:
+        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], Path(args.png or "e2e.png"))
+        return
+    kind = device_type(args.device)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise STSError("sts bench e2e measures GPU speed and needs a CUDA device (--device cpu runs it on the CPU for tests)")
+    if args.tensor_parallel == 1:
+        run(args)
+    else:
+        run_ranks(_rank, args.tensor_parallel, (argv,), kind)
 
 
 if __name__ == "__main__":

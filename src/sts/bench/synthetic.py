@@ -46,6 +46,7 @@ from torch import Tensor
 from sts.errors import STSError
 from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
+from sts.parallel import Shard
 
 #: Llama-3.1 RoPE scaling, as in the real checkpoints (the values ``e2e.random_model`` uses).
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -233,17 +234,28 @@ def sharpness_for(top: float, temperature: float, vocab_size: int, hidden_size: 
     return temperature * hidden_size * (1 - math.sqrt(disc))
 
 
-def _fill_layers(model: Transformer, residual_scale: float, gen: torch.Generator) -> None:
-    """Draw every layer weight in place: usual scale, except the residual writers ``o_proj``/``down_proj``."""
+def _fill_layers(model: Transformer, residual_scale: float, gen: torch.Generator, whole: ModelConfig,
+                 partition: Shard | None) -> None:
+    """Draw every layer weight in place: usual scale, except the residual writers ``o_proj``/``down_proj``.
+
+    With ``partition`` the model is that rank's part of a ``whole`` model: each split weight is drawn
+    whole (one weight at a time), so the part holds exactly the whole model's values.
+    """
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Transformer(whole).layers.named_parameters()}
     for name, p in model.layers.named_parameters():
         if "norm" in name:
             p.fill_(1.0)
         elif name.endswith("bias"):
             p.zero_()
-        elif name.endswith(("o_proj.weight", "down_proj.weight")):
-            p.normal_(0.0, INIT_STD * residual_scale, generator=gen)
         else:
-            p.normal_(0.0, INIT_STD, generator=gen)
+            std = INIT_STD * (residual_scale if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0)
+            key = f"layers.{name}"
+            if partition is None or partition.split(whole, key) is None:
+                p.normal_(0.0, std, generator=gen)
+            else:
+                drawn = torch.empty(shapes[name], dtype=p.dtype, device=p.device).normal_(0.0, std, generator=gen)
+                p.copy_(partition.take(whole, key, drawn))
     model.norm.weight.fill_(1.0)
 
 
@@ -263,31 +275,38 @@ def _fill_head(model: Transformer, successor: Tensor, sharpness: float) -> None:
 
 
 def synthetic_model(config: ModelConfig, successor: Tensor, *, sharpness: float = 20.0, residual_scale: float = 1e-3,
-                    seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda") -> Transformer:
+                    seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
+                    partition: Shard | None = None) -> Transformer:
     """Return a model of ``config`` whose greedy next token after ``t`` is ``successor[t]`` in any context.
 
     ``successor`` is a permutation ``[V]`` of the vocabulary; ``sharpness`` is the top logit's lead over
     the mean of the others (the others spread with std ``sharpness / sqrt(hidden)``); the weights are
-    drawn in place in ``dtype`` on ``device`` from ``seed``.
+    drawn in place in ``dtype`` on ``device`` from ``seed``. ``partition``: return only that
+    tensor-parallel rank's part (:class:`sts.parallel.Shard`), equal to the whole model cut by
+    :func:`sts.parallel.shard_model` but never holding it whole (a 70B shape does not fit one GPU
+    beside its cache). Raises STSError as :meth:`~sts.parallel.Shard.local_config` does.
     """
     if config.tie_word_embeddings:
         raise STSError("a synthetic model needs an untied LM head (see shape_config)")
+    local = partition.local_config(config) if partition is not None else config
     with torch.device("meta"):
-        model = Transformer(config).to(dtype)
+        model = Transformer(local).to(dtype)
     model = model.to_empty(device=device)
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     with torch.no_grad():
         model.embed_tokens.weight.normal_(0.0, 1.0, generator=gen)
-        _fill_layers(model, residual_scale, gen)
+        _fill_layers(model, residual_scale, gen, config, partition)
         _fill_head(model, successor, sharpness)
     model.inv_freq = config.rope_inv_freq()[0].to(device)
+    if partition is not None:
+        partition.attach(model)
     return model.eval().requires_grad_(False)
 
 
 def synthetic_pair(target_shape: str | dict[str, Any] | ModelConfig, draft_shape: str | dict[str, Any] | ModelConfig,
                    agreement: float, *, seed: int = 0, sharpness: float = 20.0, residual_scale: float = 1e-3,
                    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cuda",
-                   max_position_embeddings: int | None = None) -> tuple[Transformer, Transformer]:
+                   max_position_embeddings: int | None = None, partition: Shard | None = None) -> tuple[Transformer, Transformer]:
     """Return ``(target, draft)`` in the given shapes whose greedy next tokens agree on a share ``agreement`` of the vocabulary.
 
     The target follows ``f`` and the draft ``g`` of :func:`next_token_maps` ``(V, agreement, seed)``.
@@ -296,7 +315,8 @@ def synthetic_pair(target_shape: str | dict[str, Any] | ModelConfig, draft_shape
     ``T`` the top token has probability :func:`top_probability` and a draft token is accepted with
     probability :func:`acceptance_rate`; 20 makes sampling at ``T = 1`` nearly greedy for the
     128256-token vocabulary, :func:`sharpness_for` picks one for a wanted top probability.
-    ``max_position_embeddings`` overrides the shapes' context length.
+    ``max_position_embeddings`` overrides the shapes' context length. ``partition``: the target is only
+    that tensor-parallel rank's part (see :func:`synthetic_model`); the draft is whole.
     """
     target_config = shape_config(target_shape, max_position_embeddings)
     draft_config = shape_config(draft_shape, max_position_embeddings)
@@ -304,7 +324,7 @@ def synthetic_pair(target_shape: str | dict[str, Any] | ModelConfig, draft_shape
         raise STSError(f"draft vocabulary ({draft_config.vocab_size}) differs from the target's ({target_config.vocab_size})")
     f, g = next_token_maps(target_config.vocab_size, agreement, seed)
     common = dict(sharpness=sharpness, residual_scale=residual_scale, dtype=dtype, device=device)
-    return (synthetic_model(target_config, f, seed=seed, **common),
+    return (synthetic_model(target_config, f, seed=seed, partition=partition, **common),
             synthetic_model(draft_config, g, seed=seed + 1, **common))
 
 

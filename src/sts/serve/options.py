@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-from typing import Any
+import signal
+import sys
+from typing import Any, Iterator
 
 from sts.errors import STSError
 
@@ -33,6 +36,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context per slot in tokens (default: the models' context, capped to half the free memory)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the target by heads over N processes (cpu: gloo; cuda: NCCL, one GPU each); this one serves")
 
 
 def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,7 +45,7 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
     from sts.cli import _options, _prefill
 
     args.method = args.method or ("sts" if args.draft else "autoregressive")
-    for name, least in (("gamma", 1), ("slots", 1), ("max_queue", 1)):
+    for name, least in (("gamma", 1), ("slots", 1), ("max_queue", 1), ("tensor_parallel", 1)):
         if getattr(args, name) < least:
             raise STSError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
@@ -48,7 +53,7 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
     return dict(method=args.method, budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers,
                 gamma=args.gamma, mapping=args.mapping, draft_budget=args.draft_budget, prefill=_prefill(args),
                 slots=args.slots, max_model_len=args.max_model_len, device=args.device, dtype=args.dtype, seed=args.seed,
-                max_queue=args.max_queue, verify=args.verify, **_options(args))
+                max_queue=args.max_queue, verify=args.verify, tensor_parallel=args.tensor_parallel, **_options(args))
 
 
 def _check_port(host: str, port: int) -> None:
@@ -75,9 +80,24 @@ def run_serve(args: argparse.Namespace) -> int:
 
     _check_port(args.host, args.port)  # before minutes of loading, not after
     settings = llm_settings(args)
-    llm = LLM(args.target, args.draft, **settings)
-    name = args.served_model_name or args.target
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-    uvicorn.run(create_app(llm, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    with _terminate_as_exit():
+        llm = LLM(args.target, args.draft, **settings)
+        try:
+            name = args.served_model_name or args.target
+            if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+                log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+            uvicorn.run(create_app(llm, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+        finally:
+            llm.close()
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Make SIGTERM raise SystemExit(0) inside: uvicorn shuts down gracefully on it, then raises it again, and as an
+    exception it unwinds through the ``finally`` that stops the other tensor-parallel ranks."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -100,10 +100,12 @@ def test_e2e_bench_on_two_ranks_decodes_what_one_process_does(tmp_path):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict:
-    """Return checkpoint directories of a 4-KV-head target (2 per rank) and a noisy copy as draft, and the loaded pair."""
+    """Return checkpoint directories of a 4-KV-head target (2 per rank) and a noisy copy as draft, and the loaded pair.
+
+    No end-of-sequence id: every request decodes all its tokens, sampled ones too."""
     root = tmp_path_factory.mktemp("tp-serve")
-    # No end-of-sequence id: every request decodes all its tokens, sampled ones too.
-    config = hf_config("llama", heads=8, kv_heads=4, max_position_embeddings=MAX_LEN, eos_token_id=None)
+    # Head dimension 32: on CUDA the Triton kernels take it, so the engine captures its rounds in graphs.
+    config = hf_config("llama", heads=8, kv_heads=4, hidden=256, max_position_embeddings=MAX_LEN, eos_token_id=None)
     target = hf_model(config, seed=0)
     target.save_pretrained(root / "target")
     noise = torch.Generator().manual_seed(1)
@@ -218,19 +220,23 @@ def test_serve_on_two_ranks_answers_what_one_process_decodes_and_shuts_down_clea
         proc.wait(30)
 
 
-def test_a_seeded_sample_on_two_ranks_equals_one_process(pair):
-    """The Python API with ``tensor_parallel=2`` (this process is rank 0): a seeded sampled request and a greedy one
-    equal one process's; ``close`` stops rank 1."""
-    settings = dict(method="sts", budget=16, sink=2, window=4, gamma=3, verify="sparse", max_model_len=MAX_LEN, device="cpu")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < WORLD, reason="needs 2 GPUs"))])
+def test_the_api_on_two_ranks_equals_one_process(pair, device):
+    """``LLM(..., tensor_parallel=2)`` (this process is rank 0): a seeded sampled request and a greedy one equal one
+    process's (on CUDA with NCCL all-reduces inside the engine's CUDA graphs); ``close`` stops rank 1."""
+    settings = dict(method="sts", budget=16, sink=2, window=4, gamma=3, verify="sparse", max_model_len=MAX_LEN,
+                    device=device, dtype="float32")
     one = LLM(pair["target"], pair["draft"], **settings)
     ids = list(range(3, 40))
     reference = [c.token_ids for c in one.generate([ids, ids[5:]], max_tokens=12, temperature=1.0, seed=11)]
     llm = LLM(pair["target"], pair["draft"], **settings, tensor_parallel=WORLD)
     try:
         workers = llm.parallel.workers
+        assert llm.engine.graphs_enabled == (device == "cuda")
         assert [c.token_ids for c in llm.generate([ids, ids[5:]], max_tokens=12, temperature=1.0, seed=11)] == reference
         assert all(len(tokens) == 12 for tokens in reference) and reference[0] != reference[1]
-        assert llm.generate(ids, max_tokens=8)[0].token_ids == _reference(pair, ids, 8)
+        assert llm.generate(ids, max_tokens=8)[0].token_ids == one.generate(ids, max_tokens=8)[0].token_ids
     finally:
         llm.close()
     assert not any(p.is_alive() for p in workers.processes) and not torch.distributed.is_initialized()

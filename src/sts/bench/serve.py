@@ -6,7 +6,7 @@ method, the server is built as ``sts serve`` builds it (its option parser and
 over a synthetic pair in real shapes (:mod:`sts.bench.synthetic`: Llama-3.1-8B / Llama-3.2-1B,
 random bf16 weights whose draft agrees with the target on ``--agreement`` of the vocabulary), and
 uvicorn serves it on a free port of 127.0.0.1 from a thread of this process. For each number of
-streams ``C``, ``C`` asynchronous clients (httpx) each send ``--requests`` streamed completions one
+streams ``C``, ``C`` asynchronous clients (httpx2) each send ``--requests`` streamed completions one
 after another: a prompt of ``--prompt-tokens`` random token ids, greedy, ``max_tokens`` new tokens
 with ``ignore_eos``, so every request decodes exactly that many. Measured: generated tokens/s of
 all streams together (first request sent to last token received), time to first token and
@@ -162,15 +162,6 @@ def serving(app: Any, timeout: float = 60.0) -> Iterator[str]:
         sock.close()
 
 
-def _httpx() -> Any:
-    """Return the httpx module: ``httpx``, else ``httpx2`` (its successor, which ``openai`` installs)."""
-    try:
-        import httpx
-    except ImportError:
-        import httpx2 as httpx
-    return httpx
-
-
 async def stream_completion(client: Any, prompt: list[int], new_tokens: int) -> Sample:
     """Return one streamed greedy completion of ``new_tokens`` tokens past end-of-sequence ids, as received.
 
@@ -205,7 +196,7 @@ async def drive(url: str, prompts: list[list[list[int]]], new_tokens: int) -> tu
 
     ``prompts[c]``: stream ``c``'s prompts, sent one after another; the streams run concurrently.
     """
-    httpx = _httpx()
+    import httpx2 as httpx
 
     async def one_stream(client: Any, mine: list[list[int]]) -> list[Sample]:
         return [await stream_completion(client, p, new_tokens) for p in mine]

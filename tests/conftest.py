@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,20 @@ def tiny_pair():
 def sts_cache_dir(tmp_path_factory) -> Path:
     """Return the cache directory for real-weight tests: $STS_CACHE if set (CI reuses it), else a temp dir."""
     return Path(os.environ.get("STS_CACHE") or tmp_path_factory.mktemp("sts-cache"))
+
+
+def wait_until_serving(proc: subprocess.Popen, port: int, log: Path, seconds: float, what: str = "sts serve") -> None:
+    """Return once the server process ``proc`` answers GET /health on ``port`` with 200; fail the test (with the
+    server's log) if it exits first or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not come up"
+        time.sleep(0.3)

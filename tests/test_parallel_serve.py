@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_config, hf_model
+from conftest import hf_config, hf_model, wait_until_serving
 from sts.api import LLM
 from sts.bench.e2e import main as e2e_main
 from sts.bench.synthetic import TINY_SHAPES, next_token_maps, shape_config, synthetic_model
@@ -172,18 +172,7 @@ def test_serve_on_two_ranks_answers_what_one_process_decodes_and_shuts_down_clea
     proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ranks: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "sts serve --tensor-parallel 2 did not come up"
-            time.sleep(0.3)
+        wait_until_serving(proc, port, log, 120, "sts serve --tensor-parallel 2")
         ranks = _children(proc.pid)
         assert ranks, "rank 1 runs in a process of its own"
 

@@ -28,7 +28,7 @@ import openai
 import pytest
 import torch
 
-from conftest import hf_config, hf_model
+from conftest import hf_config, hf_model, wait_until_serving
 from smollm2 import smollm2_tokenizer
 from sts.bench.serve import serving
 from sts.runner import load_pair, run_method
@@ -272,18 +272,7 @@ def test_load_1000_requests_16_clients_no_errors_flat_memory(pair, tmp_path):
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "sts serve did not come up"
-            time.sleep(0.5)
+        wait_until_serving(proc, port, tmp_path / "server.log", 180)
         api = client(url)
         lock = threading.Lock()
         issued, finished, errors = [0], [0], []

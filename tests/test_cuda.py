@@ -192,6 +192,40 @@ def test_cuda_batch_of_four_lengths_with_early_eos_equals_each_alone(cuda_pair):
             assert out.tokens[b] == ref[:cut], (method, b)
 
 
+@pytest.mark.parametrize("method", ["sts", "sts-plain", "streaming", "specpc"])
+def test_cuda_per_slot_budgets_graphed_equal_eager_and_each_alone(cuda_pair, method):
+    """Slots at their own budgets (24 rows, the policy's 64, 0.3 of the context) share graphed rounds of the largest:
+    the tokens equal the eager path's, and each slot's equal its graphed solo run at its budget."""
+    from sts.engine import Engine, EngineConfig
+
+    _, target, draft = cuda_pair
+    prompts = [[(7 * i) % 90 + 1 for i in range(150)], [(11 * i) % 93 + 2 for i in range(300)],
+               [(5 * i + 3) % 95 for i in range(500)]]
+    budgets = [24, None, 0.3]
+    n = 30
+
+    def decode(graphs: bool, batch: list[list[int]], own: list[float | None], budget: float = 64):
+        base, options = ("sts", {"rerank": 0}) if method == "sts-plain" else (method, {})
+        policy = make_policy(base, SelectionConfig(budget=budget, sink=4, window=8), target, draft, **options)
+        engine = Engine(target, draft, policy, slots=len(batch), max_len=max(map(len, batch)) + n + 16,
+                        config=EngineConfig(gamma=4, cuda_graphs=graphs, verify="sparse"))
+        out = [[engine.prefill(s, p, budget=b)] for s, (p, b) in enumerate(zip(batch, own))]
+        engine._rows()
+        rows = engine.slot_budgets.tolist()  # the first round's, on the device
+        while any(engine.host_active):
+            for s, tokens in enumerate(engine.step()):
+                out[s] += tokens
+                if len(out[s]) >= n and engine.host_active[s]:
+                    engine.release(s)
+        return engine, [o[:n] for o in out], rows
+
+    engine, graphed, rows = decode(True, prompts, budgets)
+    assert engine._graphs and rows == [24, 64, SelectionConfig(0.3).tokens(500)]
+    assert graphed == decode(False, prompts, budgets)[1]
+    for p, b, tokens in zip(prompts, budgets, graphed):
+        assert decode(True, [p], [None], 64 if b is None else b)[1][0] == tokens, b
+
+
 def long_model(layers: int = 2):
     """Return a small-width random Llama (bf16, CUDA) whose context reaches 80K tokens."""
     hf = hf_model(hf_config("llama", layers=layers, heads=4, kv_heads=2, hidden=256, vocab=512,

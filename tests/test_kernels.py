@@ -238,6 +238,39 @@ def check_rerank(c: dict, device: str) -> dict[str, float]:
     return rerank_errors(out, q.float(), kc.float(), cand, usable, sp, sink, window, budget, c["prob"])
 
 
+def check_rerank_budgets(device: str) -> dict[str, float]:
+    """Return how far the kernel with per-sequence budgets is from the reference run on each sequence alone at its own
+    budget, as sets per (sequence, KV head): ``missing``, the largest share of the solo rows left out; ``size``, the
+    difference in rows read; ``past``, rows read past a sequence's first ``budgets[b]`` slots."""
+    from sts.attention.triton_rerank import rerank_rows_triton
+
+    interp = device == "cpu"
+    gen = torch.Generator().manual_seed(11)
+    shape = RERANK_SHAPE
+    sink, window, free = shape["sink"], shape["window"], shape["free"]
+    forced, s, d = sink + window, 12 * shape["cand"], 16 if interp else 64
+    # Own budgets: the round's, a third, none free, and a half twice: once with a context between it and the round's
+    # (it must rank, though the round's would read everything), once with a context that fits it.
+    budgets = torch.tensor([forced + free, forced + free // 3, forced, forced + free // 2, forced + free // 2])
+    sp = torch.tensor([s - 10, s // 2, s // 3, forced + free // 2 + 5, forced + free // 2 - 3])
+    q = torch.randn(5, 4, 2, d, generator=gen).to(device, torch.float32 if interp else torch.bfloat16)
+    kc = torch.randn(5, 2, s, d, generator=gen).to(device, q.dtype)
+    cand, usable = (x.to(device) for x in _candidates(sp, 2, shape["cand"], sink, window, gen))
+    sp, budgets = sp.to(device), budgets.to(device)
+    out = rerank_rows_triton(q, kc, cand, usable, sp, sink, window, forced + free, True, budgets).cpu()
+    err = dict(missing=0.0, size=0.0, past=0.0)
+    for b in range(5):
+        ctx, own = int(sp[b]), int(budgets[b])
+        solo = rerank_rows(q[b : b + 1].float(), kc[b : b + 1].float(), cand[b : b + 1], usable[b : b + 1], sp[b : b + 1],
+                           sink, window, own, True).cpu()
+        for h in range(2):
+            got, want = ({int(r) for r in rows if r < ctx} for rows in (out[b, h], solo[0, h]))
+            err["missing"] = max(err["missing"], 1 - len(got & want) / max(len(want), 1))
+            err["size"] += abs(len(got) - len(want))
+            err["past"] += float((out[b, h, own:] < ctx).sum())
+    return err
+
+
 def check_dispatch(device: str) -> dict[str, float]:
     """Return the errors of the dispatch functions against the references (they must pick Triton here)."""
     from sts.attention import dispatch
@@ -264,6 +297,7 @@ def _run_all(device: str) -> dict[str, dict[str, float] | str]:
     jobs = [(_case_id("verify", c), check_verify, c) for c in VERIFY]
     jobs += [(_case_id("scores", c), check_scores, c) for c in SCORES]
     jobs += [(_case_id("rerank", c), check_rerank, c) for c in RERANK]
+    jobs.append(("rerank_budgets", lambda _, device: check_rerank_budgets(device), None))
     jobs.append(("dispatch", lambda _, device: check_dispatch(device), None))
     for name, fn, c in jobs:
         try:
@@ -339,6 +373,12 @@ def assert_rerank_close(errs: dict[str, float]) -> None:
 @pytest.mark.parametrize("case", RERANK, ids=[_case_id("rerank", c) for c in RERANK])
 def test_rerank_matches_reference(results, case):
     assert_rerank_close(_errors(results, _case_id("rerank", case)))
+
+
+def test_rerank_with_per_sequence_budgets_reads_each_sequences_solo_rows(results):
+    errs = _errors(results, "rerank_budgets")
+    assert errs["size"] == 0.0 and errs["past"] == 0.0, errs
+    assert errs["missing"] <= RERANK_MISSING_TOL, errs
 
 
 def test_dispatch_picks_triton_and_matches(results):

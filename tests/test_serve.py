@@ -74,10 +74,10 @@ def pair(tmp_path_factory, sts_cache_dir) -> dict[str, Any]:
             "hf": target}
 
 
-def reference(pair: dict[str, Any], ids: list[int], max_tokens: int, method: str = "sts") -> list[int]:
-    """Return ``run_method``'s greedy tokens for one prompt alone, with the server's settings."""
+def reference(pair: dict[str, Any], ids: list[int], max_tokens: int, method: str = "sts", budget: float = 32) -> list[int]:
+    """Return ``run_method``'s greedy tokens for one prompt alone, with the server's settings (or another budget)."""
     target, draft = pair["loaded"]
-    selection = SelectionConfig(budget=32, sink=4, window=8)
+    selection = SelectionConfig(budget=budget, sink=4, window=8)
     return run_method(method, target, draft, [ids], max_tokens, gamma=3, selection=selection, verify="sparse").tokens[0]
 
 
@@ -372,7 +372,8 @@ BAD_REQUESTS = [
     ("empty prompt", {**GOOD, "prompt": ""}, 400, "prompt", None),
     ("ids outside the vocabulary", {**GOOD, "prompt": [10**6]}, 400, "prompt", None),
     ("impossible budget", {**GOOD, "budget": 8}, 400, "budget", "invalid_value"),
-    ("budget override", {**GOOD, "budget": 64}, 400, "budget", "unsupported_override"),
+    ("negative budget", {**GOOD, "budget": -0.5}, 400, "budget", "invalid_value"),
+    ("method override", {**GOOD, "method": "streaming"}, 400, "method", "unsupported_override"),
     ("gamma override", {**GOOD, "gamma": 5}, 400, "gamma", "unsupported_override"),
     ("n > 1", {**GOOD, "n": 2}, 400, "n", None),
     ("negative temperature", {**GOOD, "temperature": -1.0}, 400, "temperature", None),
@@ -387,6 +388,30 @@ def test_a_bad_request_gets_its_4xx_and_the_next_one_succeeds(server, what, body
     url, _ = server
     assert_error(*post(url, "/v1/completions", body), status, param, code)
     assert_serves(url)
+
+
+def test_concurrent_requests_with_their_own_budgets_each_equal_run_method_at_it(pair, server):
+    """Two requests decoding together at budgets 16 and 48 rows (the server's: 32), and one at a fraction: each gives
+    ``run_method``'s tokens for it alone at its budget (sparse verification, contexts past every budget)."""
+    url, llm = server
+    tok = pair["tokenizer"]
+    jobs = [(TEXT * 3, 16, 40), (TEXT * 3 + " And then?", 48, 30), (TEXT * 9, 0.25, 20)]  # 0.25: 72 of ~270 rows
+    got: list[list[int] | None] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        text, budget, n = jobs[i]
+        status, body = post(url, "/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": n, "temperature": 0,
+                                                     "budget": budget, "return_token_ids": True})
+        got[i] = body["choices"][0]["token_ids"] if status == 200 else body
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == [reference(pair, tok(text)["input_ids"], n, budget=budget) for text, budget, n in jobs]
+    assert reference(pair, tok(jobs[0][0])["input_ids"], 40) != got[0]  # the budget made a difference
+    wait_idle(llm)
 
 
 def test_bad_chat_requests_and_routes(server):
@@ -505,6 +530,8 @@ def test_llm_generate_stream_and_chat_equal_run_method(pair, llm):
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert reply.token_ids == reference(pair, list(ids), 9)
     assert llm.generate(tok(TEXT)["input_ids"], max_tokens=15)[0].token_ids == results[0].token_ids  # ids as the prompt
+    (own,) = llm.generate(TEXT * 3, max_tokens=15, budget=16)  # a call's own budget
+    assert own.token_ids == reference(pair, tok(TEXT * 3)["input_ids"], 15, budget=16)
 
 
 def test_llm_dense_speculative_equals_transformers(pair):

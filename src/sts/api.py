@@ -277,12 +277,15 @@ class LLM:
     def params(
         self, prompt_tokens: int, max_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
         stop: str | Sequence[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
+        budget: float | None = None,
     ) -> RequestParams:
         """Return a request's parameters for a prompt of ``prompt_tokens`` (``max_tokens`` None: all the context left;
-        ``ignore_eos``: decode past end-of-sequence ids).
+        ``ignore_eos``: decode past end-of-sequence ids; ``budget``: this request's selection budget, rows per KV head
+        or a fraction of its context, None: the engine's).
 
         Raises :class:`RequestError` (naming the parameter) when the prompt or ``max_tokens`` do not fit the context,
-        or a sampling setting is out of range.
+        a sampling setting is out of range, or the budget is impossible (below sink + window, not > 0) or the method
+        cannot give one request a budget of its own (:meth:`Engine.slot_settings`).
         """
         scratch = self.gamma + 1  # rows a round writes past the sequence
         context = self.max_model_len - scratch - 1
@@ -305,7 +308,11 @@ class LLM:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if stops and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this checkpoint has none", "stop")
-        return RequestParams(max_tokens, SamplingConfig(temperature, top_k, top_p), stops, seed, ignore_eos)
+        try:
+            self.engine.slot_settings(budget)
+        except STSError as exc:
+            raise RequestError(f"budget {budget:g}: {exc}", "budget", "invalid_value") from None
+        return RequestParams(max_tokens, SamplingConfig(temperature, top_k, top_p), stops, seed, ignore_eos, budget)
 
     def submit(self, prompt_ids: Sequence[int], params: RequestParams, sink: Any, bounded: bool = True) -> Request:
         """Queue a request whose deltas go to ``sink`` (called from the scheduler's thread); return it."""
@@ -381,38 +388,41 @@ class LLM:
     def generate(
         self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], max_tokens: int | None = 64,
         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
+        seed: int | None = None, budget: float | None = None,
     ) -> list[Completion]:
         """Return one :class:`Completion` per prompt (text, or a list of token ids), decoded together as slots allow.
 
-        ``temperature`` 0 is greedy; ``max_tokens`` None: up to the context. Raises :class:`RequestError` for a
-        prompt or setting that cannot be served (before any decoding) and :class:`STSError` for other user errors.
+        ``temperature`` 0 is greedy; ``max_tokens`` None: up to the context; ``budget``: these prompts' selection
+        budget (rows per KV head, or a fraction of each one's context; None: the LLM's), each prompt reading what it
+        would alone at that budget. Raises :class:`RequestError` for a prompt or setting that cannot be served
+        (before any decoding) and :class:`STSError` for other user errors.
         """
         batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
         ids = [self.prompt_ids(p) for p in batch]  # type: ignore[arg-type]
         return self._complete(ids, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                        stop=stop, seed=seed))
+                                        stop=stop, seed=seed, budget=budget))
 
     def chat(
         self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]], max_tokens: int | None = 64,
         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
+        seed: int | None = None, budget: float | None = None,
     ) -> list[Completion]:
-        """Return the assistant's reply to a conversation (a list of ``{"role", "content"}``), or one per conversation."""
+        """Return the assistant's reply to a conversation (a list of ``{"role", "content"}``), or one per conversation
+        (``budget`` as :meth:`generate`'s)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         ids = [self.chat_ids(c) for c in conversations]  # type: ignore[arg-type]
         return self._complete(ids, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                        stop=stop, seed=seed))
+                                        stop=stop, seed=seed, budget=budget))
 
     def stream(
         self, prompt: str | Sequence[int], max_tokens: int | None = 64, temperature: float = 0.0, top_p: float = 1.0,
-        top_k: int = 0, stop: str | Sequence[str] | None = None, seed: int | None = None,
+        top_k: int = 0, stop: str | Sequence[str] | None = None, seed: int | None = None, budget: float | None = None,
     ) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece as rounds are accepted (pieces join to the text
         :meth:`generate` returns). Leaving the loop early cancels the request."""
         ids = self.prompt_ids(prompt)
         ((request, outbox),) = self._start_all([ids], dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                                           top_k=top_k, stop=stop, seed=seed))
+                                                           top_k=top_k, stop=stop, seed=seed, budget=budget))
         for delta in self._deltas(request, outbox):
             if delta.text:
                 yield delta.text

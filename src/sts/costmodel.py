@@ -129,21 +129,23 @@ def weight_bytes(config: ModelConfig, dtype_bytes: int) -> int:
 
 
 def round_cost(
-    target: ModelConfig, draft: ModelConfig, reads: SelectionReads, contexts: Sequence[int], budget: int,
+    target: ModelConfig, draft: ModelConfig, reads: SelectionReads, contexts: Sequence[int], budget: int | Sequence[int],
     dtype_bytes: int, hardware: Hardware = Hardware(),
 ) -> RoundCost:
     """Return the modelled verify-step time of one round, dense and sparse.
 
     ``contexts``: each decoding slot's context rows (free slots left out); ``budget``: rows per
-    (slot, KV head) this round; ``dtype_bytes``: bytes per cache and weight element (2 for bf16).
+    (slot, KV head) this round, one number for every slot or one per slot of ``contexts`` (the
+    re-rank candidates are the largest's); ``dtype_bytes``: bytes per cache and weight element (2 for bf16).
     """
+    budgets = [budget] * len(contexts) if isinstance(budget, int) else list(budget)
     row = target.n_kv_heads * target.head_dim * dtype_bytes  # one K (or V) row of one layer, every KV head
     draft_row = draft.n_kv_heads * draft.head_dim * dtype_bytes
     sparse_layers = target.n_layers - reads.dense_layers
-    free = max(budget - reads.forced, 0)
+    free = max(max(budgets, default=0) - reads.forced, 0)
     candidates = reads.rerank * free
     dense = sparse = 0
-    for n in contexts:
+    for n, budget in zip(contexts, budgets, strict=True):
         dense += 2 * row * target.n_layers * n
         keys = n if reads.key_scan else min(candidates, n)
         sparse += (2 * row * (reads.dense_layers * n + sparse_layers * min(budget, n)) + row * sparse_layers * keys

@@ -18,7 +18,10 @@ Inference from Transformers via Speculative Decoding"; with a selection policy, 
    makes up for the draft never having read the last draft token of a fully accepted round,
    with one static shape), then proposes ``gamma`` tokens; the mapped draft layers' queries are
    recorded for the policy;
-2. **select**: the policy scores the context and picks rows for this round's ``budget``;
+2. **select**: the policy scores the context and picks rows for this round's ``budget``, the largest
+   of the decoding slots' own budgets (each a token count, or a fraction resolved against that
+   slot's context; :meth:`Engine.prefill` may give a slot its own); a ranked policy's rows past a
+   slot's own budget are dropped, so each slot reads what it would read decoded alone;
 3. **verify**: the target reads ``last`` and the drafts over the selected rows; acceptance runs
    on the device (exact match for greedy, rejection sampling otherwise) and updates the state.
 
@@ -38,7 +41,7 @@ path is tested against.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Generator, Iterator, Literal, Mapping, Sequence
 
 import torch
@@ -212,6 +215,11 @@ class Engine:
         self.round_mode = "greedy"
         self.host_ctx = [0] * slots
         self.host_active = [False] * slots
+        # Per-slot budgets: each slot's selection settings (None: the policy's) and its rows this round, on the host
+        # and in a device buffer the select phase reads (copied only when they change).
+        self.slot_selection: list[SelectionConfig | None] = [None] * slots
+        self.host_budgets = [0] * slots
+        self.slot_budgets = buffer(long, slots)
         self.stats = GenerationStats()
         # The PyTorch reference paths (heads the kernels do not take) size their work on the host.
         kernels = all(kernel_head_dim(m.config.head_dim) for m in (target, draft) if m is not None)
@@ -290,7 +298,7 @@ class Engine:
 
     def prefill(
         self, slot: int, prompt: Sequence[int], sampling: SamplingConfig | None = None,
-        copy_from: int | None = None, cached: bool = False,
+        copy_from: int | None = None, cached: bool = False, budget: float | None = None,
     ) -> int:
         """Read ``prompt`` into slot ``slot`` of both caches and return the first new token (the slot then decodes).
 
@@ -298,19 +306,24 @@ class Engine:
         already prefilled with the same prompt, whose rows are copied instead. ``cached``: the
         slot's rows already hold the prompt but its last token (an earlier run over the same
         models read it: decoding never changes a prompt's rows); only the last token is read.
+        ``budget``: this sequence's rows per (sequence, KV head), a token count or a fraction of
+        its context as :class:`SelectionConfig`'s (default: the policy's); it then reads what a
+        run at that budget alone would (see :meth:`_rows`).
 
         Raises :class:`~sts.errors.STSError` when the slot does not exist or decodes, the prompt
-        is empty, holds ids outside the vocabulary, or leaves no room for a round in the cache.
+        is empty, holds ids outside the vocabulary, or leaves no room for a round in the cache;
+        and for a budget without a ranked selection policy or one :class:`SelectionConfig` refuses
+        (e.g. below sink + window).
         """
         first = None
-        for first in self.prefill_steps(slot, prompt, sampling, copy_from, cached):
+        for first in self.prefill_steps(slot, prompt, sampling, copy_from, cached, budget):
             pass
         assert first is not None
         return first
 
     def prefill_steps(
         self, slot: int, prompt: Sequence[int], sampling: SamplingConfig | None = None,
-        copy_from: int | None = None, cached: bool = False,
+        copy_from: int | None = None, cached: bool = False, budget: float | None = None,
     ) -> Iterator[int | None]:
         """Like :meth:`prefill`, one chunk per ``next()``: yields None after each chunk, then the first new token.
 
@@ -319,6 +332,7 @@ class Engine:
         rows past it.
         """
         n = self._check_prompt(slot, prompt)
+        selection = self.slot_settings(budget)
         if copy_from is not None:
             logits = self._copy_slot(copy_from, slot, n)
         elif cached:
@@ -339,7 +353,24 @@ class Engine:
         first = int(self._pick_first(logits[:, : self.vocab], config))
         self.ctx[slot], self.last[slot], self.prev[slot], self.active[slot] = n, first, prompt[-1], True
         self.host_ctx[slot], self.host_active[slot] = n, True
+        self.slot_selection[slot] = selection
         yield first
+
+    def slot_settings(self, budget: float | None) -> SelectionConfig | None:
+        """Return the selection settings of a sequence with its own ``budget`` (None: the policy's, returned as None).
+
+        Raises :class:`~sts.errors.STSError` without a selection policy, for a policy that selects for the round's
+        budget only (not :attr:`~sts.selection.base.SelectionPolicy.ranked`), or for a budget that
+        :class:`SelectionConfig` refuses with the policy's sink and window.
+        """
+        if budget is None:
+            return None
+        if self.policy is None:
+            raise STSError("a budget applies to selection methods; this engine verifies densely")
+        if not self.policy.ranked:
+            raise STSError(f"{self.policy.name} with these settings (feedback or per-head budgets) selects rows for a "
+                           "whole round's budget: a sequence cannot have a budget of its own")
+        return replace(self.policy.config, budget=budget)
 
     def _check_prompt(self, slot: int, prompt: Sequence[int]) -> int:
         """Return the prompt's length after checking that slot ``slot`` can take it."""
@@ -372,6 +403,7 @@ class Engine:
         self.ctx[slot] = 0
         self.host_active[slot] = False
         self.host_ctx[slot] = 0
+        self.slot_selection[slot] = None
 
     def _prefill_chunks(self, model: Transformer, slot: int, prompt: Sequence[int], first: int = 0) -> Generator[None, None, Tensor]:
         """Write ``prompt`` from token ``first`` into slot ``slot`` chunk by chunk (yielding after each); return the ``[1, V]``
@@ -477,9 +509,24 @@ class Engine:
         return logits
 
     def _rows(self) -> int:
-        """Return the policy's rows per (sequence, KV head) for this round's longest context: one static number."""
+        """Set each slot's rows per (sequence, KV head) for this round and return the round's: their max (one static
+        number, the graphs' key).
+
+        A decoding slot's rows are its own budget (:meth:`prefill`'s, else the policy's) resolved against its own
+        context (never past the cache length), so it reads what it would alone; a policy that is not ranked gives
+        every slot the longest's. The device buffer ``slot_budgets`` is copied from pinned memory, without a sync,
+        only when they change.
+        """
         assert self.policy is not None
-        return self.policy.config.tokens(max(c for c, a in zip(self.host_ctx, self.host_active) if a))
+        rows = [min((self.slot_selection[s] or self.policy.config).tokens(c), self.max_len) if a else 0
+                for s, (c, a) in enumerate(zip(self.host_ctx, self.host_active))]
+        if not self.policy.ranked:
+            rows = [max(rows) if a else 0 for a in self.host_active]
+        if rows != self.host_budgets:
+            self.host_budgets = rows
+            host = torch.tensor(rows)
+            self.slot_budgets.copy_(host.pin_memory() if self.device.type == "cuda" else host, non_blocking=True)
+        return max(rows)
 
     def _budget(self) -> int:
         """Return this round's rows per (sequence, KV head), or 0 when it verifies densely: without a policy, or when
@@ -490,8 +537,9 @@ class Engine:
         if self.crossover:
             assert self.draft is not None
             contexts = [c for c, a in zip(self.host_ctx, self.host_active) if a]
+            budgets = [r for r, a in zip(self.host_budgets, self.host_active) if a]
             dtype_bytes = self.target.embed_tokens.weight.element_size()
-            cost = round_cost(self.target.config, self.draft.config, self.reads, contexts, rows, dtype_bytes,
+            cost = round_cost(self.target.config, self.draft.config, self.reads, contexts, budgets, dtype_bytes,
                               self.config.hardware)
             if not cost.sparse_pays:
                 return 0
@@ -565,7 +613,8 @@ class Engine:
         """Let the policy score the context for this round's budget."""
         assert self.policy is not None
         queries = self._hold.pop("queries")
-        ctx = RoundContext(self._context(), self.target, self.round_budget, self.draft, queries)  # type: ignore[arg-type]
+        ctx = RoundContext(self._context(), self.target, self.round_budget, self.draft, queries,  # type: ignore[arg-type]
+                           slot_budgets=self.slot_budgets)
         self.policy.prepare(ctx)
 
     def _verify_phase(self) -> None:

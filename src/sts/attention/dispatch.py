@@ -55,10 +55,10 @@ def score_context(q: Tensor, k_cache: Tensor, start_pos: Tensor, aggregate: Aggr
 
 def rerank_rows(
     q: Tensor, k_cache: Tensor, cand: Tensor, usable: Tensor, start_pos: Tensor,
-    sink: int, window: int, budget: int, prob: bool,
+    sink: int, window: int, budget: int, prob: bool, budgets: Tensor | None = None,
 ) -> Tensor:
     """Return ``[B, Hkv, budget]`` rows: sinks, window and the candidates the target's queries rank best
-    (contract in :mod:`sts.attention.rerank`).
+    (``budgets``: ``[B]`` each sequence's own, at most ``budget``; contract in :mod:`sts.attention.rerank`).
 
     The fused kernel holds at most ``MAX_CANDIDATES`` candidates and ``MAX_QUERY_ROWS`` query rows
     per KV head in one program; past that (budgets of thousands of rows) the exact PyTorch path
@@ -69,5 +69,5 @@ def rerank_rows(
 
         rows = (q.shape[1] // k_cache.shape[1]) * q.shape[2]
         if cand.shape[-1] <= MAX_CANDIDATES and rows <= MAX_QUERY_ROWS:
-            return rerank_rows_triton(q, k_cache, cand, usable, start_pos, sink, window, budget, prob)
-    return rerank.rerank_rows(q, k_cache, cand, usable, start_pos, sink, window, budget, prob)
+            return rerank_rows_triton(q, k_cache, cand, usable, start_pos, sink, window, budget, prob, budgets)
+    return rerank.rerank_rows(q, k_cache, cand, usable, start_pos, sink, window, budget, prob, budgets)

@@ -7,7 +7,10 @@ keys only (never values), and the ``free = budget - sink - window`` best are kep
 ``[B, Hkv, budget]``: the ``sink`` first rows, the ``window`` last rows before ``start_pos[b]``,
 then the chosen candidates, in no particular order; slots no usable candidate fills hold ``S``
 (the cache length: an invalid row). A sequence whose context fits the budget reads rows
-``0 .. budget - 1`` (those past its context are invalid).
+``0 .. budget - 1`` (those past its context are invalid). With ``budgets`` (``[B]``, each at most
+``budget``), sequence ``b`` keeps only its ``budgets[b] - sink - window`` best candidates (the
+caller limits ``usable`` to its own candidates) and reads its whole context when that fits
+``budgets[b]``: every row it reads lies in its first ``budgets[b]`` slots.
 """
 
 from __future__ import annotations
@@ -43,15 +46,19 @@ def candidate_scores(q: Tensor, keys: Tensor, usable: Tensor, prob: bool) -> Ten
 
 def rerank_rows(
     q: Tensor, k_cache: Tensor, cand: Tensor, usable: Tensor, start_pos: Tensor,
-    sink: int, window: int, budget: int, prob: bool,
+    sink: int, window: int, budget: int, prob: bool, budgets: Tensor | None = None,
 ) -> Tensor:
-    """Return ``[B, Hkv, budget]`` rows: sinks, window, and the candidates the queries ``q`` rank best."""
+    """Return ``[B, Hkv, budget]`` rows: sinks, window, and the candidates the queries ``q`` rank best (``budgets``:
+    each sequence's own budget, see the module docstring)."""
     b, hkv, _ = cand.shape
     exact = candidate_scores(q, gather_rows(k_cache, cand), usable, prob)
     free = budget - sink - window
-    best = torch.topk(exact, min(free, exact.shape[-1]), dim=-1)
+    best = torch.topk(exact, min(free, exact.shape[-1]), dim=-1)  # sorted: rank order
     chosen = torch.where(torch.isinf(best.values), k_cache.shape[2], cand.gather(-1, best.indices))
+    limit = torch.full((b,), budget, device=cand.device) if budgets is None else budgets
+    rank = torch.arange(chosen.shape[-1], device=chosen.device).view(1, 1, -1)
+    chosen = torch.where(rank < (limit - sink - window).view(b, 1, 1), chosen, k_cache.shape[2])
     forced = sink_window_rows(start_pos, sink, window).unsqueeze(1).expand(b, hkv, -1)
     rows = torch.cat([forced, chosen], dim=-1)
     everything = torch.arange(rows.shape[-1], device=rows.device).expand_as(rows)
-    return torch.where(start_pos.view(b, 1, 1) <= budget, everything, rows)
+    return torch.where((start_pos <= limit).view(b, 1, 1), everything, rows)

@@ -147,22 +147,27 @@ def _top_mask(scores, valid, k):
 
 @triton.jit
 def _select_kernel(
-    logit_ptr, m_part_ptr, l_part_ptr, cand_ptr, usable_ptr, start_ptr, out_ptr,
+    logit_ptr, m_part_ptr, l_part_ptr, cand_ptr, usable_ptr, start_ptr, budgets_ptr, out_ptr,
     stride_cb, stride_ch, stride_ub, stride_uh,
     n_kv_heads, n_cand, n_tiles, seq_len, budget, n_out,
     SINK: tl.constexpr, WINDOW: tl.constexpr, FREE: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_OUT: tl.constexpr, PROB: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, PROB: tl.constexpr, PER_SEQUENCE: tl.constexpr,
 ):  # fmt: skip
     bh, b, h = program_head(n_kv_heads)
     c = tl.arange(0, BLOCK_C)
     in_c = c < n_cand
     valid = in_c & (tl.load(usable_ptr + b * stride_ub + h * stride_uh + c, mask=in_c, other=0) != 0)
     scores = _candidate_scores(logit_ptr, m_part_ptr, l_part_ptr, bh, c, n_cand, n_tiles, ROWS, BLOCK_M, BLOCK_R, BLOCK_T, PROB)
-    take = _top_mask(scores, valid, FREE)
+    if PER_SEQUENCE:  # this sequence's own budget (at most the round's)
+        own = tl.load(budgets_ptr + b).to(tl.int64)
+        take = _top_mask(scores, valid, own - SINK - WINDOW)
+    else:
+        own = budget
+        take = _top_mask(scores, valid, FREE)
 
     start = tl.load(start_ptr + b).to(tl.int64)
-    ranked = start > budget  # else the context fits the budget: rows 0 .. n_out - 1
+    ranked = start > own  # else the context fits the budget: rows 0 .. n_out - 1
     j = tl.arange(0, BLOCK_OUT)
     forced = SINK + WINDOW
     # The fixed slots (sinks, window, unfilled tail) and the chosen slots are disjoint: no two
@@ -194,7 +199,7 @@ def _check_inputs(q: Tensor, k_cache: Tensor, cand: Tensor, usable: Tensor, star
 
 def rerank_rows_triton(
     q: Tensor, k_cache: Tensor, cand: Tensor, usable: Tensor, start_pos: Tensor,
-    sink: int, window: int, budget: int, prob: bool,
+    sink: int, window: int, budget: int, prob: bool, budgets: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Return ``[B, Hkv, budget]`` int64 rows: sinks, window, and the candidates the queries ``q`` rank best.
 
@@ -204,7 +209,8 @@ def rerank_rows_triton(
     averaged over the group's ``G * T`` query rows; otherwise by the max logit. The chosen
     candidates follow the ``sink + window`` forced rows in no particular order; with fewer than
     ``C`` free slots the result is ``sink + window + C`` wide, as the reference's. Two launches,
-    no host synchronisation: safe to capture in a CUDA graph.
+    no host synchronisation: safe to capture in a CUDA graph. ``budgets``: ``[B]`` each sequence's own
+    budget, at most ``budget`` (contract in :mod:`sts.attention.rerank`); None: ``budget`` for every one.
     """
     _check_inputs(q, k_cache, cand, usable, start_pos)
     free = budget - sink - window
@@ -234,12 +240,12 @@ def rerank_rows_triton(
         num_warps=4,
     )  # fmt: skip
     _select_kernel[(b * hkv,)](
-        logits, m_part, l_part, cand, usable, start_pos, out, *cand_strides,
+        logits, m_part, l_part, cand, usable, start_pos, start_pos if budgets is None else budgets, out, *cand_strides,
         hkv, n_cand, n_tiles, seq_len, budget, n_out,
         SINK=sink, WINDOW=window, FREE=free, ROWS=rows, BLOCK_M=block_m,
         BLOCK_R=max(1, min(triton.next_power_of_2(rows), _SELECT_TILE // block_c)),
         BLOCK_T=triton.next_power_of_2(n_tiles), BLOCK_C=block_c,
-        BLOCK_OUT=triton.next_power_of_2(n_out), PROB=prob,
+        BLOCK_OUT=triton.next_power_of_2(n_out), PROB=prob, PER_SEQUENCE=budgets is not None,
         num_warps=max(4, min(16, block_c // 256)),
     )  # fmt: skip
     return out

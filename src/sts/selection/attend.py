@@ -40,7 +40,7 @@ class SelectiveAttention:
         """
         self._device = start_pos.device
         dense = layer < self.policy.config.dense_layers
-        idx = None if dense else self.policy.select(layer, q, k_cache, start_pos)
+        idx = None if dense else self.policy.slot_rows(layer, q, k_cache, start_pos)
         ctx = start_pos.float().clamp_min(1)
         if idx is None:
             self.sparsity[layer] = 0.0

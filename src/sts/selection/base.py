@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from sts.attention.reference import attention_probs
-from sts.attention.rerank import sink_window_rows
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 
@@ -83,6 +82,9 @@ class RoundContext:
     draft_queries: dict[int, Tensor] = field(default_factory=dict)
     #: The one batch slot the round serves (a prefill), or None for the whole batch.
     slot: int | None = None
+    #: ``[B]`` rows each sequence reads (its own budget, at most ``budget``): a ranked policy's rows at
+    #: rank ``>= slot_budgets[b]`` are dropped (:meth:`SelectionPolicy.slot_rows`). None: ``budget`` for every sequence.
+    slot_budgets: Tensor | None = None
 
     def draft_keys(self, layer: int) -> Tensor:
         """Return the draft's key cache ``[B, Hkv_draft, S, D]`` of ``layer`` for this round's sequences."""
@@ -101,10 +103,15 @@ class SelectionPolicy(ABC):
     uses_draft: ClassVar[bool] = False
     #: Whether a round never synchronises with the host (then the engine captures it in a CUDA graph).
     graph_safe: bool = False
+    #: Whether :meth:`select` gives each (sequence, KV head) its rows in rank order (sinks and window first), so that
+    #: a prefix is a smaller budget's selection: then sequences of one round can each read their own budget. A policy
+    #: that is not ranked selects the round's budget for every sequence (and refuses per-sequence budgets).
+    ranked: bool = True
 
     def __init__(self, config: SelectionConfig) -> None:
         self.config = config
         self.budget = 0
+        self.slot_budgets: Tensor | None = None
         #: Whether :meth:`feedback` wants the target's attention on the rows it selected.
         self.wants_feedback = False
 
@@ -119,6 +126,7 @@ class SelectionPolicy(ABC):
         """Take this round's budget and precompute what :meth:`select` needs (e.g. scores from draft queries)."""
         self.ctx = ctx
         self.budget = ctx.budget
+        self.slot_budgets = ctx.slot_budgets if self.ranked else None
 
     def feedback(self, layer: int, rows: Tensor, importance: Tensor) -> None:
         """Receive the target's attention ``[B, Hkv, K]`` on the ``rows`` it read at ``layer`` (max over group and queries)."""
@@ -136,7 +144,21 @@ class SelectionPolicy(ABC):
         scores = self.scores(layer, q, k_cache, start_pos)
         if scores is None:
             return None
-        return topk_rows(scores, start_pos, self.budget, self.config.sink, self.config.window)
+        return topk_rows(scores, start_pos, self.budget, self.config.sink, self.config.window, ranked=True)
+
+    def slot_rows(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
+        """Return :meth:`select`'s ``[B, Hkv, K]`` rows with each sequence's cut to its own budget (rows at rank
+        ``>= slot_budgets[b]`` made invalid: ``S``, the cache length), or None to attend densely."""
+        idx = self.select(layer, q, k_cache, start_pos)
+        if idx is None or self.slot_budgets is None:
+            return idx
+        return keep_ranked(idx, self.slot_budgets, k_cache.shape[2])
+
+
+def keep_ranked(rows: Tensor, budgets: Tensor, invalid: int) -> Tensor:
+    """Return ``rows`` ``[B, H, K]`` (in rank order) with ranks at or past ``budgets[b]`` (``[B]``) set to ``invalid``."""
+    rank = torch.arange(rows.shape[-1], device=rows.device).view(1, 1, -1)
+    return torch.where(rank < budgets.view(-1, 1, 1), rows, invalid)
 
 
 def competing_rows(n: int, start_pos: Tensor, sink: int, window: int) -> tuple[Tensor, Tensor]:

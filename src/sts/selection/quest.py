@@ -13,7 +13,10 @@ class QuestPolicy(SelectionPolicy):
     """Pages of ``page_size`` rows ranked by an upper bound of q.k from per-page min/max keys.
 
     The target's own verify queries score the pages; all rows of the best pages are taken
-    until the budget is full (sinks and window first, like every policy).
+    until the budget is full (sinks and window first, like every policy). The rows of one page
+    tie, so a sequence whose own budget ends inside a page (per-sequence budgets, see
+    :meth:`~sts.selection.base.SelectionPolicy.slot_rows`) may keep other rows of it than a solo
+    run's top-k would.
     """
 
     name = "quest"

@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sts.selection.base import SelectionPolicy, register, sink_window_rows
+from sts.selection.base import SelectionPolicy, register
 
 
 def streaming_rows(start_pos: Tensor, budget: int, sink: int, n_kv_heads: int) -> Tensor:
-    """Return ``[B, Hkv, budget]`` rows: the first ``sink`` and the latest ``budget - sink`` context rows of each
-    sequence (all rows ``0 .. budget - 1`` when its context fits the budget; those past it are invalid)."""
+    """Return ``[B, Hkv, budget]`` rows in rank order: the first ``sink`` context rows of each sequence, then its latest
+    ``budget - sink`` newest first (so a prefix is a smaller budget's choice). A context that fits the budget is read
+    whole; the slots past it hold ``start_pos[b]`` (invalid)."""
     sink = min(sink, budget)
-    rows = sink_window_rows(start_pos, sink, budget - sink)
     col = torch.arange(budget, device=start_pos.device).view(1, budget)
-    rows = torch.where(start_pos.view(-1, 1) <= budget, col, rows)  # short contexts: everything
+    ctx = start_pos.view(-1, 1)
+    latest = ctx - 1 - (col - sink)
+    rows = torch.where(col < sink, col, torch.where(latest >= sink, latest, ctx))
     return rows.unsqueeze(1).expand(-1, n_kv_heads, -1)
 
 

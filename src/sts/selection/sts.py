@@ -73,6 +73,8 @@ class STSPolicy(SelectionPolicy):
         self.wants_feedback = feedback > 0
         # The feedback memory is rebuilt every step from host-side state: not capturable.
         self.graph_safe = not self.wants_feedback
+        # Feedback's promoted rows and per-head widths depend on the round's budget (re-ranking takes each sequence's).
+        self.ranked = not (self.wants_feedback or head_budgets)
         self.reset()
         # Only the (draft layer, head) pairs some target head reads are scored, and target heads
         # with the same sources share one score row and one top-k (the default map has one per
@@ -127,7 +129,7 @@ class STSPolicy(SelectionPolicy):
             # over the distinct score rows is far cheaper on the GPU than one per target layer.
             width = self.budget if not self.head_budgets else int(self._head_widths(device).max())
             self.rows = topk_rows(
-                self.combined, ctx.start_pos, width, self.config.sink, self.config.window, ranked=bool(self.head_budgets))
+                self.combined, ctx.start_pos, width, self.config.sink, self.config.window, ranked=True)
 
     def select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
         """Return this layer's rows: precomputed for all layers at once, or refined with the target's queries."""
@@ -171,10 +173,16 @@ class STSPolicy(SelectionPolicy):
         return scores.scatter(-1, top, float("inf"))
 
     def _top_candidates(self, scores: Tensor, start_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Return (rows, usable) ``[B, H, C]``: the draft's ``rerank`` x free best free rows."""
-        free = max(self.budget - self.config.sink - self.config.window, 1)
+        """Return (rows, usable) ``[B, H, C]``: the draft's ``rerank`` x free best free rows, in rank order (with
+        per-sequence budgets, only a sequence's own ``rerank`` x free are usable: the candidates it has alone)."""
+        sink, window = self.config.sink, self.config.window
+        free = max(self.budget - sink - window, 1)
         top = torch.topk(self._competing(scores, start_pos), min(self.rerank * free, scores.shape[-1]), dim=-1)
-        return top.indices, ~torch.isinf(top.values)  # -inf: forced or past the context
+        usable = ~torch.isinf(top.values)  # -inf: forced or past the context
+        if self.slot_budgets is not None:
+            own = self.rerank * (self.slot_budgets - sink - window).clamp_min(1)
+            usable &= torch.arange(usable.shape[-1], device=usable.device).view(1, 1, -1) < own.view(-1, 1, 1)
+        return top.indices, usable
 
     def _rerank_select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return ``[B, Hkv, budget]`` rows: sinks, window, and the candidates this layer's verify queries rank best."""
@@ -183,7 +191,8 @@ class STSPolicy(SelectionPolicy):
         else:
             cand, usable = self._top_candidates(self.scores(layer, q, k_cache, start_pos), start_pos)
         return dispatch.rerank_rows(
-            q, k_cache, cand, usable, start_pos, self.config.sink, self.config.window, self.budget, self.rerank_prob)
+            q, k_cache, cand, usable, start_pos, self.config.sink, self.config.window, self.budget, self.rerank_prob,
+            self.slot_budgets)
 
     def feedback(self, layer: int, rows: Tensor, importance: Tensor) -> None:
         """Decay this layer's remembered importance and fold in the target's attention on the rows it read."""

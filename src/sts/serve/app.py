@@ -74,7 +74,7 @@ class _Flight:
     def __init__(self, llm: LLM, ids: list[int], body: _Body, max_tokens: int | None, http: Request) -> None:
         self.llm, self.http = llm, http
         params = llm.params(len(ids), max_tokens, body.temperature, body.top_p, body.top_k, body.stop, body.seed,
-                            body.ignore_eos)
+                            body.ignore_eos, body.budget)
         loop = asyncio.get_running_loop()
         self.deltas: asyncio.Queue[Delta] = asyncio.Queue()
         self.job: Job = llm.submit(ids, params, lambda d: loop.call_soon_threadsafe(self.deltas.put_nowait, d))

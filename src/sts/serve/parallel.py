@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = timedelta(days=365)
 
 #: Engine methods a driver may call without telling the other ranks (they change nothing).
-_READS = frozenset({"free_slots", "room"})
+_READS = frozenset({"free_slots", "room", "slot_settings"})
 
 
 class Channel:
@@ -117,10 +117,10 @@ class EngineDriver:
 
     def prefill_steps(
         self, slot: int, prompt: Sequence[int], sampling: SamplingConfig | None = None,
-        copy_from: int | None = None, cached: bool = False,
+        copy_from: int | None = None, cached: bool = False, budget: float | None = None,
     ) -> _MirroredPrefill:
-        """Return :meth:`Engine.prefill_steps`' iterator, every rank prefilling the same chunks."""
-        args = (slot, list(prompt), sampling, copy_from, cached)
+        """Return :meth:`Engine.prefill_steps`' iterator, every rank prefilling the same chunks (and slot budget)."""
+        args = (slot, list(prompt), sampling, copy_from, cached, budget)
         self.send("prefill_steps", *args)
         return _MirroredPrefill(self, slot, self.engine.prefill_steps(*args))
 

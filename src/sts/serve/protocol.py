@@ -6,10 +6,12 @@ client never silently gets something else than it asked for); unknown fields are
 explicit null: the rest of the context for both).
 Extra fields beyond OpenAI's: ``top_k``; ``return_token_ids`` (as vLLM: the response's choice, and
 each stream chunk's, carries ``token_ids``, and the response ``prompt_token_ids``); ``ignore_eos``
-(as vLLM: decode past end-of-sequence ids up to ``max_tokens``); and the server's method settings (``method``,
-``gamma``, ``budget``, ``sink``, ``window``, ``dense_layers``, ``draft_budget``), which are
-accepted only with the server's own values: each is fixed when the engine is built (the round's
-budget, shapes and CUDA graphs are shared by every slot), so a request cannot change it.
+(as vLLM: decode past end-of-sequence ids up to ``max_tokens``); ``budget``, this request's selection
+budget (rows per KV head, or a fraction of its context, as ``--budget``; the request then reads
+what it would alone at that budget, see :meth:`sts.engine.Engine.prefill`); and the server's other
+method settings (``method``, ``gamma``, ``sink``, ``window``, ``dense_layers``, ``draft_budget``),
+which are accepted only with the server's own values: each is fixed when the engine is built (one
+engine per server, whose shapes and CUDA graphs every slot shares), so a request cannot change it.
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ class _Body(BaseModel):
     user: str | None = None
     return_token_ids: bool = False
     ignore_eos: bool = False
-    # The server's method settings: accepted only as the server has them (see the module docstring).
+    # This request's budget, then the server's method settings: accepted only as the server has them (see the
+    # module docstring).
+    budget: float | None = None
     method: str | None = None
     gamma: int | None = None
-    budget: float | None = None
     sink: int | None = None
     window: int | None = None
     dense_layers: int | None = None
@@ -146,11 +149,12 @@ class ChatRequest(_Body):
 
 
 def check_body(body: _Body, settings: dict[str, Any]) -> None:
-    """Refuse (:class:`APIError` 400) ``n > 1``, unsupported fields, and method settings other than the server's ``settings``.
+    """Refuse (:class:`APIError` 400) ``n > 1``, unsupported fields, an impossible budget (e.g. below sink + window),
+    and method settings other than the server's ``settings`` (all but ``budget``, which a request may set).
 
     ``settings``: the server's values by field name (``method``, ``gamma``, ``budget``, ``sink``, ``window``,
-    ``dense_layers``, ``draft_budget``). An impossible budget (e.g. below sink + window) is refused as invalid
-    before the question whether it could be overridden.
+    ``dense_layers``, ``draft_budget``). Whether the server's method can give a request a budget of its own is the
+    engine's to say (:meth:`sts.api.LLM.params`).
     """
     if body.n != 1:
         raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
@@ -166,11 +170,14 @@ def check_body(body: _Body, settings: dict[str, Any]) -> None:
     if body.draft_budget is not None and body.draft_budget <= 4:
         raise APIError(400, f"draft_budget must exceed the 4 sink rows, got {body.draft_budget}", "draft_budget",
                        "invalid_value")
-    for name in ("method", "gamma", "budget", "sink", "window", "dense_layers", "draft_budget"):
+    if body.method is not None and body.method != settings["method"]:
+        raise APIError(400, f"this server decodes with method {settings['method']!r}: one engine per server, start another "
+                            f"server for method {body.method!r}", "method", "unsupported_override")
+    for name in ("gamma", "sink", "window", "dense_layers", "draft_budget"):
         value = getattr(body, name)
         if value is not None and value != settings[name]:
             raise APIError(400, f"{name} is fixed when the server starts (this server: {name}={settings[name]}); "
-                                "per request only max_tokens, temperature, top_p, top_k, stop and seed can change",
+                                "per request only max_tokens, temperature, top_p, top_k, stop, seed and budget can change",
                            name, "unsupported_override")
 
 

@@ -59,7 +59,7 @@ class QueueFull(RequestError):
 
 @dataclass(frozen=True)
 class RequestParams:
-    """How one request decodes: its token limit, sampling, stop strings and seed."""
+    """How one request decodes: its token limit, sampling, stop strings, seed and budget."""
 
     max_tokens: int
     sampling: SamplingConfig = SamplingConfig()
@@ -68,6 +68,8 @@ class RequestParams:
     seed: int | None = None
     #: Decode past end-of-sequence ids, up to ``max_tokens`` (benchmarks: every request decodes the same count).
     ignore_eos: bool = False
+    #: This request's selection budget (rows, or a fraction of its context; :meth:`Engine.prefill`); None: the engine's.
+    budget: float | None = None
 
 
 @dataclass
@@ -250,7 +252,8 @@ class Scheduler:
             if request.params.seed is not None:
                 self.engine.generator.manual_seed(request.params.seed)
             request.slot, request.admitted = slot, time.perf_counter()
-            request.steps = self.engine.prefill_steps(slot, request.prompt_ids, request.params.sampling)
+            request.steps = self.engine.prefill_steps(slot, request.prompt_ids, request.params.sampling,
+                                                      budget=request.params.budget)
             self.prefilling[slot] = request
 
     def _prefill(self) -> bool:

@@ -12,6 +12,7 @@ from conftest import hf_config, hf_model
 from smollm2 import smollm2_tokenizer
 from sts.cli import main
 from sts.errors import STSError
+from sts.eval import harness
 from sts.selection import SelectionConfig
 from sts.selection.attend import SelectiveAttention
 from sts.selection.base import SelectionPolicy
@@ -97,6 +98,20 @@ def test_eval_runs_end_to_end_and_resumes(tiny_pair_with_tokenizer, tmp_path, ca
     assert len((out / "results.jsonl").read_text().splitlines()) == 15
     assert main(base + ["--budgets", "32,64"]) == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 15 + 3 * 3
+    capsys.readouterr()
+
+
+def test_each_task_gets_its_own_answer_length_unless_one_is_given(tiny_pair_with_tokenizer, tmp_path, monkeypatch, capsys):
+    target, draft = tiny_pair_with_tokenizer
+    monkeypatch.setattr(harness, "ANSWER_TOKENS", {**harness.ANSWER_TOKENS, "needle": 5, "qa": 9})
+    base = ["eval", "--target", target, "--draft", draft, "--tasks", "needle,qa", "--lengths", "400", "--depths", "0.5",
+            "--methods", "autoregressive", "--no-recall"]
+    assert main(base + ["--out", str(tmp_path / "own")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "own" / "results.jsonl").read_text().splitlines()]
+    assert {r["task"]: len(r["tokens"]) for r in records} == {"needle": 5, "qa": 9}
+    assert main(base + ["--max-new-tokens", "7", "--out", str(tmp_path / "given")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "given" / "results.jsonl").read_text().splitlines()]
+    assert {r["task"]: len(r["tokens"]) for r in records} == {"needle": 7, "qa": 7}
     capsys.readouterr()
 
 

@@ -249,7 +249,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=csv_list(_budget), default=list(defaults.budgets),
                    help="token counts, or fractions < 1")
     p.add_argument("--limit", type=int, default=defaults.limit, help="samples per task and length")
-    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                   help="new tokens per answer (default: each task's own, 32-96)")
     p.add_argument("--ppl-tokens", type=int, default=defaults.ppl_tokens, help="teacher-forced tokens scored per perplexity sample")
     p.add_argument("--gamma", type=int, default=defaults.gamma)
     p.add_argument("--sink", type=int, default=defaults.sink)

@@ -39,7 +39,7 @@ from sts.errors import STSError
 from sts.eval.output import output_dir
 from sts.eval.report import write_report
 from sts.eval.scoring import score
-from sts.eval.tasks import TASKS, Sample, make_prompt, needle_grid, token_counter
+from sts.eval.tasks import ANSWER_TOKENS, TASKS, Sample, make_prompt, needle_grid, token_counter
 from sts.eval.teacher import TeacherForced, teacher_forced
 from sts.prefill import PrefillConfig
 from sts.runner import DENSE_METHODS, LoadedModel, build_engine, eos_ids
@@ -169,7 +169,8 @@ class EvalSettings(GridSettings):
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     #: Samples per task and length.
     limit: int = 1
-    max_new_tokens: int = 24
+    #: New tokens per answer; None: each task's own (:data:`~sts.eval.tasks.ANSWER_TOKENS`).
+    max_new_tokens: int | None = None
     #: Teacher-forced tokens scored per perplexity sample.
     ppl_tokens: int = 64
     #: Rows per KV head, and rows per block, of the ``+sp`` methods' sparse prefill.
@@ -187,11 +188,15 @@ class EvalSettings(GridSettings):
             raise STSError("name at least one context length")
         for name, value in (("--limit", self.limit), ("--max-new-tokens", self.max_new_tokens),
                             ("--ppl-tokens", self.ppl_tokens)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise STSError(f"{name} must be >= 1, got {value}")
         if any(s.sparse_prefill for s in specs):
             PrefillConfig(self.prefill_budget, self.prefill_block)
         return specs
+
+    def answer_tokens(self, task: str) -> int:
+        """Return the new tokens a sample of ``task`` is generated with: ``max_new_tokens``, else the task's own."""
+        return self.max_new_tokens if self.max_new_tokens is not None else ANSWER_TOKENS[task]
 
 
 def check_tasks(tasks: Sequence[str]) -> None:
@@ -297,8 +302,8 @@ class Evaluator:
         if prompts:
             longest = max(prompts.values(), key=len).tolist()
             lookahead = self.settings.gamma + 1
-            self.max_len = max(context_capacity(m.model, [longest], self.settings.max_new_tokens, lookahead)
-                               for m in (self.target, self.draft))
+            answer = max(self.settings.answer_tokens(r[0].task) for r in todo)
+            self.max_len = max(context_capacity(m.model, [longest], answer, lookahead) for m in (self.target, self.draft))
         current: str | None = None
         # The bar is closed (its line ended) even when a run fails, so an error prints on a line of its own.
         with self.results.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr,
@@ -357,7 +362,7 @@ class Evaluator:
 
     def _generate(self, sample: Sample, prompt: list[int], spec: MethodSpec, budget: float | None,
                   done: dict[str, dict]) -> dict[str, Any]:
-        result = self.engine(spec, budget).generate([prompt], self.settings.max_new_tokens, self.eos)
+        result = self.engine(spec, budget).generate([prompt], self.settings.answer_tokens(sample.task), self.eos)
         tokens = result.tokens[0]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         summary = result.stats.summary()

@@ -328,6 +328,13 @@ def generate_cwe(
     return samples
 
 
+#: New tokens each task's answer gets by default, RULER-style (its per-task output lengths: 128 for needles,
+#: 30 for variable tracking, 120 for common words, 32 for QA), trimmed where our answers are short: a chat model
+#: opens with a sentence, then lists four 7-digit values (multivalue) or ten words (cwe), which 24 tokens cut off.
+ANSWER_TOKENS: dict[str, int] = {
+    "needle": 32, "multikey": 32, "multivalue": 64, "vartrack": 32, "cwe": 96, "qa": 32, "perplexity": 0,
+}
+
 TASKS: dict[str, Callable[..., list[Sample]]] = {
     "needle": generate_needle,
     "multikey": generate_multikey,

@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -412,6 +413,16 @@ def test_concurrent_requests_with_their_own_budgets_each_equal_run_method_at_it(
     assert got == [reference(pair, tok(text)["input_ids"], n, budget=budget) for text, budget, n in jobs]
     assert reference(pair, tok(jobs[0][0])["input_ids"], 40) != got[0]  # the budget made a difference
     wait_idle(llm)
+
+
+def test_max_tokens_past_the_context_says_what_takes_the_rows(server):
+    """The 400 names the prompt's tokens, the room left and the rows a round writes: together, the max model length."""
+    url, llm = server
+    status, body = post(url, "/v1/completions", {**GOOD, "prompt": [7] * 100, "max_tokens": MAX_LEN})
+    assert_error(status, body, 400, "max_tokens", "context_length_exceeded")
+    prompt, room, max_len, scratch = map(int, re.findall(r"(\d+) tokens leaves room for (\d+) \(max model length (\d+), "
+                                                          r"(\d+) rows for a round", body["error"]["message"])[0])
+    assert (prompt, max_len, scratch) == (100, MAX_LEN, llm.gamma + 1) and prompt + room + scratch == MAX_LEN
 
 
 def test_bad_chat_requests_and_routes(server):

@@ -300,7 +300,8 @@ class LLM:
             raise RequestError(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         if max_tokens > room:
             raise RequestError(f"max_tokens {max_tokens} goes past the context: a prompt of {prompt_tokens} tokens leaves "
-                               f"{room} (max model length {self.max_model_len})", "max_tokens", "context_length_exceeded")
+                               f"room for {room} (max model length {self.max_model_len}, {scratch} rows for a round)",
+                               "max_tokens", "context_length_exceeded")
         for name, ok, rule in (("temperature", temperature >= 0, ">= 0"), ("top_p", 0 < top_p <= 1, "in (0, 1]"),
                                ("top_k", top_k >= 0, ">= 0")):
             if not ok:

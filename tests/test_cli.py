@@ -126,6 +126,7 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
     gen = ["generate", "--target", t, "--draft", d, "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
     bad(capsys, gen + ["--device", "gpu0"], "--device must be")
     bad(capsys, gen + ["--method", "speculative", "--mapping", str(tmp_path / "map.json")], "applies to --method sts")
+    bad(capsys, gen + ["--method", "speculative", "--budget", "64"], "--budget applies to selection methods")
     bad(capsys, gen + ["--method", "sts", "--window", "8", "--mapping", str(tmp_path / "missing.json")], "does not exist")
     for budget in ("nan", "inf"):
         with pytest.raises(SystemExit) as exit_:

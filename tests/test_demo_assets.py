@@ -14,6 +14,7 @@ from sts import demo as sts_demo
 from sts.errors import STSError
 from sts.models import demo
 from sts.models.demo import DemoModel
+from sts.runner import resolve_device
 
 PART_NAME = "{module}/data/part{index:02d}.bin"
 
@@ -248,11 +249,11 @@ TARGET_LAYERS, TARGET_KV_HEADS, TARGET_HEAD_DIM, TARGET_WEIGHTS = 28, 2, 128, 1_
         (False, "cuda:1", None, ("cuda:1", "bfloat16")),
     ],
 )
-def test_demo_runs_on_the_gpu_unless_told(monkeypatch: pytest.MonkeyPatch, cuda: bool, device, dtype, expected) -> None:
+def test_commands_run_on_the_gpu_unless_told(monkeypatch: pytest.MonkeyPatch, cuda: bool, device, dtype, expected) -> None:
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert sts_demo.resolve_device(device, dtype) == expected
+    assert resolve_device(device, dtype) == expected
 
 
 def test_kv_share_is_small_at_the_demo_length_and_large_at_128k() -> None:

@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 import torch
 
 from sts.decoding import GenerationStats
-from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
-from sts.runner import DENSE_METHODS, LoadedModel, eos_ids, load, methods
+from sts.runner import DENSE_METHODS, LoadedModel, build_engine, eos_ids, load, methods, resolve_device
 from sts.sampling import SamplingConfig
-from sts.selection import HeadMapping, SelectionConfig, check_options, make_policy
+from sts.selection import HeadMapping, SelectionConfig, check_options
 from sts.serve.scheduler import Delta, Request, RequestError, RequestParams, Scheduler
 from sts.speculative import shared_vocab
 
@@ -94,44 +93,13 @@ def cache_rows(models: Sequence[Transformer], slots: int, max_model_len: int | N
     return min(limit, fit)
 
 
-def build_engine(
-    method: str, target: LoadedModel, draft: LoadedModel | None, *, slots: int, max_len: int, gamma: int = 4,
-    selection: SelectionConfig | None = None, mapping: str | None = None, options: dict[str, Any] | None = None,
-    draft_budget: int | None = None, prefill: PrefillConfig | None = None, prefill_chunk: int | None = None, seed: int = 0,
-    verify: Literal["auto", "sparse"] = "auto",
-) -> Engine:
-    """Return an engine that decodes with ``method`` (see :func:`sts.runner.methods`) in ``slots`` slots of ``max_len`` rows.
-
-    Raises :class:`STSError` for a method that needs a draft without one, or settings the method does not take.
-    """
-    if method not in methods():
-        raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
-    if method == "autoregressive":
-        if prefill is not None or draft_budget:
-            raise STSError("sparse prefill and a draft budget need a draft: use a speculative method")
-        return Engine(target.model, slots=slots, max_len=max_len, config=EngineConfig(seed=seed, prefill_chunk=prefill_chunk))
-    if draft is None:
-        raise STSError(f"method {method} needs a draft model")
-    policy = None
-    if method not in DENSE_METHODS:
-        policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping, **(options or {}))
-    vocab = shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer)
-    config = EngineConfig(gamma=gamma, draft_budget=draft_budget, vocab=vocab, seed=seed, sparse_prefill=prefill,
-                          prefill_chunk=prefill_chunk, verify=verify)
-    return Engine(target.model, draft.model, policy, slots=slots, max_len=max_len, config=config)
-
-
-def _default_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """Return the dtype to load in: as given, else bfloat16 on CUDA and float32 on the CPU."""
     from sts.models.loading import parse_dtype
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    return parse_dtype(dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    return parse_dtype(resolve_device(device, dtype)[1])
 
 
 class LLM:
@@ -188,7 +156,7 @@ class LLM:
             raise STSError(f"slots must be >= 1, got {slots}")
         if self.method != "autoregressive" and draft is None:
             raise STSError(f"method {self.method} needs a draft model")
-        device = _default_device(device)
+        device = resolve_device(device, None)[0]
         self.parallel: TensorParallel | None = None
         if not isinstance(tensor_parallel, int):  # one of the other ranks (sts.serve.parallel.follow_llm)
             self.parallel = tensor_parallel

@@ -48,8 +48,8 @@ def add_model_args(p: argparse.ArgumentParser, draft_required: bool = False) -> 
     """Add the options that pick the models, their precision and device."""
     p.add_argument("--target", required=True, help="target model: HF checkpoint dir, hub id or .gguf file")
     p.add_argument("--draft", required=draft_required, help="draft model (same tokenizer as the target)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, else float32)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is there, else cpu)")
 
 
 def _load(args: argparse.Namespace, with_draft: bool = True) -> tuple[Any, Any]:
@@ -89,8 +89,8 @@ def report_header(argv: Sequence[str]) -> str:
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:
     """Add the sparse-verification options shared by generate and eval."""
-    p.add_argument("--budget", type=_budget, default=256.0,
-                   help="context rows per target KV head, sinks and window included; < 1 means a fraction")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="context rows per target KV head, sinks and window included; < 1 means a fraction (default 256)")
     p.add_argument("--sink", type=int, default=4, help="first rows always kept (default 4)")
     p.add_argument("--window", type=int, default=64, help="last rows always kept (default 64)")
     p.add_argument("--dense-layers", type=int, default=0, help="first target layers that stay dense")
@@ -116,7 +116,8 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
 def _selection(args: argparse.Namespace):
     from sts.selection import SelectionConfig
 
-    return SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
+    budget = SelectionConfig.budget if args.budget is None else args.budget
+    return SelectionConfig(budget=budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -174,6 +175,8 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
         args.method = "speculative" if args.draft else "autoregressive"
     # Every check that needs no model comes before the (slow) loading.
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    if args.method in ("autoregressive", "speculative") and args.budget is not None:
+        raise STSError(f"--budget applies to selection methods (e.g. --method sts), not {args.method}")
     selection = _selection(args) if args.method not in ("autoregressive", "speculative") else None
     _at_least(args, gamma=1, max_new_tokens=1)
     if args.chat and args.prompt_ids is not None:
@@ -248,7 +251,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="comma list (default: every method, sts-cal only with --mapping)")
     p.add_argument("--budgets", type=csv_list(_budget), default=list(defaults.budgets),
                    help="token counts, or fractions < 1")
-    p.add_argument("--limit", type=int, default=defaults.limit, help="samples per task and length")
+    p.add_argument("--limit", type=int, default=defaults.limit, help="samples per task and length (needle: per depth)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help="new tokens per answer (default: each task's own, 32-96)")
     p.add_argument("--ppl-tokens", type=int, default=defaults.ppl_tokens, help="teacher-forced tokens scored per perplexity sample")
@@ -416,6 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if {"device", "dtype"} <= vars(args).keys():  # unset: the GPU when there is one
+            from sts.runner import resolve_device
+
+            args.device, args.dtype = resolve_device(args.device, args.dtype)
         return func(args)
     except STSError as exc:
         print(f"sts: error: {exc}", file=sys.stderr)

@@ -28,7 +28,7 @@ from sts.eval.scoring import score
 from sts.eval.tasks import generate_qa, make_prompt, token_counter
 from sts.models.demo import demo_pair
 from sts.models.loading import parse_dtype
-from sts.runner import load_pair, run_method
+from sts.runner import load_pair, resolve_device, run_method
 from sts.selection import SelectionConfig
 
 #: The calibrated mapping shipped for the demo pair (made by the command in docs/results.md).
@@ -43,15 +43,6 @@ def shipped_mapping(name: str = DEMO_MAPPING) -> str | None:
     """Return the path of a mapping file shipped with sts, or None when it is absent."""
     path = resources.files("sts") / "data" / name
     return str(path) if path.is_file() else None
-
-
-def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
-    """Return (device, dtype): CUDA in bfloat16 when a GPU is there and no device was given, else CPU in float32."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
 
 
 def kv_share(n_layers: int, n_kv_heads: int, head_dim: int, n_weights: int, context: int) -> float:

@@ -26,6 +26,16 @@ def methods() -> tuple[str, ...]:
     return DENSE_METHODS + tuple(REGISTRY)
 
 
+def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """Return (device, dtype): CUDA in bfloat16 when a GPU is there and no device was given, else CPU in float32;
+    a given device or dtype is kept."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
 @dataclass
 class LoadedModel:
     """A model with its tokenizer (None for checkpoints saved without one)."""

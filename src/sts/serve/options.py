@@ -42,7 +42,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Return the :class:`~sts.api.LLM` keyword arguments that ``args`` set (everything but the model paths)."""
-    from sts.cli import _options, _prefill
+    from sts.cli import _options, _prefill, _selection
 
     args.method = args.method or ("sts" if args.draft else "autoregressive")
     for name, least in (("gamma", 1), ("slots", 1), ("max_queue", 1), ("tensor_parallel", 1)):
@@ -50,7 +50,8 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise STSError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise STSError(f"--port must be in [1, 65535], got {args.port}")
-    return dict(method=args.method, budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers,
+    return dict(method=args.method, budget=_selection(args).budget, sink=args.sink, window=args.window,
+                dense_layers=args.dense_layers,
                 gamma=args.gamma, mapping=args.mapping, draft_budget=args.draft_budget, prefill=_prefill(args),
                 slots=args.slots, max_model_len=args.max_model_len, device=args.device, dtype=args.dtype, seed=args.seed,
                 max_queue=args.max_queue, verify=args.verify, tensor_parallel=args.tensor_parallel, **_options(args))

@@ -155,8 +155,8 @@ def reading_note(setting: dict[str, Any], sparsity: float, new_tokens: list[int]
         f"({_size(setting['kv_bytes'])} of KV beside {_size(setting['weight_bytes'])} of weights), and {bound}.",
         f"So STS cannot be meaningfully faster than dense speculative decoding here: skipping {sparsity:.0%} of the "
         f"KV rows saves at most {share * sparsity:.1%} of a verify's reads,",
-        f"while choosing the rows costs time of its own; 'vs spec' differences of a few percent either way are timing "
-        f"noise ({min(new_tokens)}-{max(new_tokens)} new tokens per method).",
+        f"while choosing the rows costs time of its own, which a CPU does not hide: 'vs spec' mixes that cost with "
+        f"timing noise ({min(new_tokens)}-{max(new_tokens)} new tokens per method, other processes) and is not a speed result.",
         "What this run does show: acceptance with the sparse verify ('accept len', tokens per target forward),",
         "whether each answer is right ('correct') and whether the output equals dense greedy decoding.",
         f"STS pays off where the KV cache dominates, at long context on a GPU: see {GPU_FIGURES}",

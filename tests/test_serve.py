@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -706,3 +707,66 @@ def test_a_port_in_use_is_one_line_before_loading(capsys, tmp_path):
         assert main(["serve", "--target", str(tmp_path / "not-loaded-yet"), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sts: error: cannot listen on 127.0.0.1:") and "\n" not in err, err
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def sse_events(conn: http.client.HTTPConnection, body: dict[str, Any], seen: threading.Event) -> list[Any]:
+    """Return the payloads of a streamed completion's events ("[DONE]" as is); set ``seen`` at the first token."""
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    events: list[Any] = []
+    for line in response:
+        if line.startswith(b"data: "):
+            data = line[6:].strip().decode()
+            events.append(data if data == "[DONE]" else json.loads(data))
+            seen.set()
+    return events
+
+
+@pytest.mark.parametrize("signals, timeout", [(1, "1"), (2, "600")])
+def test_sigterm_ends_open_streams_with_abort_and_done(pair, tmp_path, signals, timeout):
+    """SIGTERM while 6 streams of 480 tokens share one slot (seconds of decoding here): the streams decode on for
+    --shutdown-timeout (a second SIGTERM: not at all), then each still open ends with finish_reason "abort" and
+    [DONE]; the server exits 0 with no traceback."""
+    port = free_port()
+    argv = [sys.executable, "-m", "sts.cli", "serve", "--target", pair["target"], "--method", "autoregressive",
+            "--slots", "1", "--max-model-len", str(MAX_LEN), "--port", str(port), "--served-model-name", MODEL,
+            "--log-level", "warning", "--shutdown-timeout", timeout]
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("w"), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    streams: list[list[Any]] = [[] for _ in range(6)]
+    try:
+        wait_until_serving(proc, port, log, 180)
+        seen = threading.Event()
+        body = {"model": MODEL, "prompt": "Once", "max_tokens": 480, "ignore_eos": True, "temperature": 0, "stream": True}
+        readers = [threading.Thread(target=lambda events=events: events.extend(
+            sse_events(http.client.HTTPConnection("127.0.0.1", port, timeout=120), body, seen))) for events in streams]
+        for reader in readers:
+            reader.start()
+        assert seen.wait(120), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        if signals == 2:  # once the first has closed the listening socket (two at once may arrive as one)
+            while listening(port):
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(120)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    reasons = []
+    for events in streams:
+        assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1], events[-3:]
+        ends = [e["choices"][0]["finish_reason"] for e in events[:-1]]
+        assert ends[-1] in ("length", "abort") and set(ends[:-1]) <= {None}, ends[-3:]
+        reasons.append(ends[-1])
+    assert "abort" in reasons, reasons
+    stderr = log.read_text()
+    assert "Traceback" not in stderr and "aborted" in stderr, stderr

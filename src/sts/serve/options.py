@@ -38,6 +38,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the target by heads over N processes (cpu: gloo; cuda: NCCL, one GPU each); this one serves")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, open requests may finish for this long, then end with finish_reason "
+                        "\"abort\" (a second signal: at once)")
 
 
 def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,6 +53,8 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise STSError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise STSError(f"--port must be in [1, 65535], got {args.port}")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise STSError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     return dict(method=args.method, budget=_selection(args).budget, sink=args.sink, window=args.window,
                 dense_layers=args.dense_layers,
                 gamma=args.gamma, mapping=args.mapping, draft_budget=args.draft_budget, prefill=_prefill(args),
@@ -72,9 +77,8 @@ def _check_port(host: str, port: int) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """Load the pair and serve it until interrupted; return the exit status."""
     try:
-        import uvicorn
-
         from sts.serve.app import create_app
+        from sts.serve.shutdown import BoundedServer
     except ImportError as exc:
         raise STSError(f"sts serve needs the serve extra: pip install 'sts[serve]' ({exc.name} is missing)") from None
     from sts.api import LLM
@@ -87,7 +91,9 @@ def run_serve(args: argparse.Namespace) -> int:
             name = args.served_model_name or args.target
             if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
                 log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-            uvicorn.run(create_app(llm, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+            app = create_app(llm, name, args.api_key)
+            BoundedServer(app, llm.scheduler.cancel_all, args.shutdown_timeout, host=args.host, port=args.port,
+                          log_level=args.log_level).run()
         finally:
             llm.close()
     return 0
@@ -95,8 +101,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
-    """Make SIGTERM raise SystemExit(0) inside: uvicorn shuts down gracefully on it, then raises it again, and as an
-    exception it unwinds through the ``finally`` that stops the other tensor-parallel ranks."""
+    """Make SIGTERM raise SystemExit(0) inside (while loading: the server has its own handler, see
+    :class:`~sts.serve.shutdown.BoundedServer`): as an exception it unwinds through the ``finally`` that stops the
+    other tensor-parallel ranks."""
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         yield

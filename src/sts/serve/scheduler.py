@@ -182,6 +182,15 @@ class Scheduler:
             self._finish(request, "abort")  # it holds no slot: nothing of the engine's is touched
         self._wake.set()
 
+    def cancel_all(self) -> int:
+        """Cancel every request that waits, prefills or decodes (:meth:`cancel`); return how many (the server's shutdown)."""
+        with self._lock:
+            requests = [*self.waiting, *self.prefilling.values(), *self.running.values()]
+        requests = [r for r in requests if not r.cancelled]
+        for request in requests:
+            self.cancel(request)
+        return len(requests)
+
     @property
     def started(self) -> bool:
         """Return whether the scheduler's own thread drives it."""

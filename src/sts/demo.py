@@ -155,7 +155,7 @@ def reading_note(setting: dict[str, Any], sparsity: float, new_tokens: list[int]
         f"({_size(setting['kv_bytes'])} of KV beside {_size(setting['weight_bytes'])} of weights), and {bound}.",
         f"So STS cannot be meaningfully faster than dense speculative decoding here: skipping {sparsity:.0%} of the "
         f"KV rows saves at most {share * sparsity:.1%} of a verify's reads,",
-        f"while choosing the rows costs time of its own, which a CPU does not hide: 'vs spec' mixes that cost with "
+        f"while choosing the rows costs time of its own: 'vs spec' mixes that cost with "
         f"timing noise ({min(new_tokens)}-{max(new_tokens)} new tokens per method, other processes) and is not a speed result.",
         "What this run does show: acceptance with the sparse verify ('accept len', tokens per target forward),",
         "whether each answer is right ('correct') and whether the output equals dense greedy decoding.",

@@ -770,3 +770,18 @@ def test_sigterm_ends_open_streams_with_abort_and_done(pair, tmp_path, signals, 
     assert "abort" in reasons, reasons
     stderr = log.read_text()
     assert "Traceback" not in stderr and "aborted" in stderr, stderr
+
+
+def test_python_api_wrong_types_are_one_line_errors(pair):
+    from sts.errors import STSError
+
+    llm = make_llm(pair, slots=1)
+    try:
+        for kwargs, words in (({"stop": 5}, "stop must be a string or a list of strings"),
+                              ({"budget": "x"}, "budget must be a number"), ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+                              ({"temperature": "hot"}, "temperature must be a number"), ({"seed": True}, "seed must be an integer")):
+            with pytest.raises(STSError, match=words):
+                llm.generate("hello", **kwargs)
+        assert llm.generate("hello", max_tokens=3)[0].text is not None  # it still serves
+    finally:
+        llm.close()

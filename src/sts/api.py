@@ -93,6 +93,22 @@ def cache_rows(models: Sequence[Transformer], slots: int, max_model_len: int | N
     return min(limit, fit)
 
 
+#: The numeric request settings and the types each takes (bool excluded: Python's bool is an int).
+_NUMBERS: dict[str, tuple[type, ...]] = {
+    "max_tokens": (int,), "top_k": (int,), "seed": (int,), "temperature": (int, float), "top_p": (int, float),
+    "budget": (int, float),
+}
+
+
+def _check_types(**values: Any) -> None:
+    """Raise :class:`RequestError` naming the first setting of ``values`` (None: unset) that is not a number of its kind."""
+    for name, value in values.items():
+        kinds = _NUMBERS[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            kind = "an integer" if kinds == (int,) else "a number"
+            raise RequestError(f"{name} must be {kind}, got {value!r}", name)
+
+
 def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """Return the dtype to load in: as given, else bfloat16 on CUDA and float32 on the CPU."""
     from sts.models.loading import parse_dtype
@@ -255,6 +271,10 @@ class LLM:
         a sampling setting is out of range, or the budget is impossible (below sink + window, not > 0) or the method
         cannot give one request a budget of its own (:meth:`Engine.slot_settings`).
         """
+        _check_types(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, budget=budget)
+        if not (stop is None or isinstance(stop, str)
+                or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))):
+            raise RequestError(f"stop must be a string or a list of strings, got {stop!r}", "stop")
         scratch = self.gamma + 1  # rows a round writes past the sequence
         context = self.max_model_len - scratch - 1
         if prompt_tokens > context:

@@ -185,6 +185,10 @@ def test_openai_client_completion_chat_and_streams_equal_sts_generate(capsys, pa
     for name in ("sts_requests_total", "sts_generation_tokens_total", "sts_acceptance_length_bucket", "sts_sparsity_bucket",
                  "sts_queue_length", "sts_time_to_first_token_seconds_bucket"):
         assert name in text, name
+    # The server verifies sparsely (SETTINGS' verify="sparse"): every round it counted is a sparse one.
+    rounds = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("sts_verify_rounds_total{")}
+    assert rounds.get("sparse", 0) > 0 and rounds.get("dense", 0) == 0, rounds
 
 
 def test_continuous_batching_is_lossless(pair, server):

@@ -1,4 +1,5 @@
-"""The server's Prometheus metrics (``GET /metrics``): requests, tokens, acceptance, sparsity, queue, latency.
+"""The server's Prometheus metrics (``GET /metrics``): requests, tokens, acceptance, sparsity, dense/sparse rounds,
+queue, latency.
 
 Each server has its own registry (several servers in one process do not share counters). The
 scheduler reports through the :class:`~sts.serve.scheduler.Observer` methods, from its thread;
@@ -34,6 +35,8 @@ class Metrics:
                                     buckets=tuple(range(1, gamma + 2)), registry=r)
         self.sparsity = Histogram("sts_sparsity", "Share of context rows the target's verify did not read, per round",
                                   buckets=(0.0, 0.25, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0), registry=r)
+        self.verify_rounds = Counter("sts_verify_rounds", "A selection method's rounds, by how the target verified them "
+                                     "(dense: below the cost model's break-even, see --verify)", ["mode"], registry=r)
         self.queue = Gauge("sts_queue_length", "Requests waiting for a slot", registry=r)
         self.busy = Gauge("sts_slots_busy", "Slots prefilling or decoding a request", registry=r)
         self.ttft = Histogram("sts_time_to_first_token_seconds", "Seconds from a request's arrival to its first token",
@@ -51,11 +54,12 @@ class Metrics:
 
     # The scheduler's observer interface.
 
-    def round(self, accepted: list[int], sparsity: float | None) -> None:
+    def round(self, accepted: list[int], sparsity: float | None, dense: bool) -> None:
         for n in accepted:
             self.acceptance.observe(n)
         if sparsity is not None:
             self.sparsity.observe(sparsity)
+            self.verify_rounds.labels("dense" if dense else "sparse").inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -118,8 +118,9 @@ class Request:
 class Observer(Protocol):
     """Receives the scheduler's measurements (the server's Prometheus metrics implement it)."""
 
-    def round(self, accepted: list[int], sparsity: float | None) -> None:
-        """One decode round: tokens produced per decoding slot, and the round's sparsity (None: dense)."""
+    def round(self, accepted: list[int], sparsity: float | None, dense: bool) -> None:
+        """One decode round: tokens produced per decoding slot, the round's sparsity (None: a dense method), and
+        whether a selection method verified it densely (the engine's cross-over: sparsity 0)."""
 
     def first_token(self, seconds: float) -> None:
         """A request's first token, ``seconds`` after it was submitted."""
@@ -315,7 +316,7 @@ class Scheduler:
             stats.dense_rounds += measured.dense_rounds
             self._guarded_emit(request, tokens)
         if self.observer is not None:
-            self.observer.round(accepted, sparsity)
+            self.observer.round(accepted, sparsity, measured.dense_rounds > 0)
 
     def _guarded_emit(self, request: Request, tokens: Sequence[int]) -> None:
         """Hand ``tokens`` to ``request``; an exception (e.g. in its detokenizer) fails that request only."""

@@ -155,17 +155,17 @@ def test_cli_verify_flag(capsys, checkpoints):
 
     prompt = ",".join(str((7 * i) % 96) for i in range(200))
     base = ["generate", "--target", str(checkpoints / "target"), "--draft", str(checkpoints / "draft"), "--prompt-ids",
-            prompt, "--max-new-tokens", "16", "--budget", "32", "--window", "8", "--gamma", "3", "--json"]
+            prompt, "--max-new-tokens", "16", "--window", "8", "--gamma", "3", "--json"]
 
     def record(*extra):
         assert main([*base, *extra]) == 0
         return json.loads(capsys.readouterr().out)
 
     spec = record("--method", "speculative")
-    auto = record("--method", "sts")
+    auto = record("--method", "sts", "--budget", "32")
     assert auto["tokens"] == spec["tokens"] and auto["stats"]["dense_rounds"] == auto["stats"]["target_forwards"]
-    sparse = record("--method", "sts", "--verify", "sparse")
+    sparse = record("--method", "sts", "--budget", "32", "--verify", "sparse")
     assert sparse["stats"]["dense_rounds"] == 0 and sparse["stats"]["sparsity"] > 0.5
     with pytest.raises(SystemExit):
-        main([*base, "--method", "sts", "--verify", "dense"])
+        main([*base, "--method", "sts", "--budget", "32", "--verify", "dense"])
     assert "invalid choice" in capsys.readouterr().err

@@ -390,14 +390,15 @@ def _generate_rank(rank: int, world: int, command: Callable[..., int], argv: lis
     """
     from sts.cli import build_parser
     from sts.models.loading import parse_dtype
-    from sts.runner import LoadedModel, load_pair
+    from sts.runner import LoadedModel, load_pair, resolve_device
 
     device = rank_device(kind)
     shard = Shard(rank, world)
 
     def load(options: argparse.Namespace, with_draft: bool = True) -> tuple[LoadedModel, LoadedModel | None]:
         draft = options.draft if with_draft else None
-        return load_pair(options.target, draft, parse_dtype(options.dtype), device, partition=shard)
+        dtype = resolve_device(device, options.dtype)[1]  # unset: bfloat16 on CUDA, float32 on the CPU
+        return load_pair(options.target, draft, parse_dtype(dtype), device, partition=shard)
 
     args = build_parser().parse_args(argv)
     args.argv = argv

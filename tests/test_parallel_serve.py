@@ -167,7 +167,7 @@ def test_serve_on_two_ranks_answers_what_one_process_decodes_and_shuts_down_clea
     port = _free_port()
     argv = [sys.executable, "-m", "sts.cli", "serve", "--target", pair["target"], "--draft", pair["draft"], *SERVE,
             "--slots", "3", "--max-model-len", str(MAX_LEN), "--port", str(port), "--served-model-name", MODEL,
-            "--log-level", "warning", "--tensor-parallel", str(WORLD)]
+            "--log-level", "warning", "--tensor-parallel", str(WORLD), "--device", "cpu"]  # gloo, as the reference
     log = tmp_path / "server.log"
     proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ranks: list[int] = []

@@ -236,9 +236,12 @@ def _join(rank: int, world: int, init: str, kind: str, spawned: bool) -> None:
     os.environ.update(NO_MULTICAST)
     if spawned:
         os.environ.setdefault("GLOO_SOCKET_IFNAME" if kind == "cpu" else "NCCL_SOCKET_IFNAME", _loopback())
+    device = None
     if kind == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=init, rank=rank, world_size=world)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=init, rank=rank, world_size=world,
+                            device_id=device)
 
 
 def _rank_main(

@@ -83,6 +83,7 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     bad(capsys, gen + ["--target", str(tmp_path / "missing")], "does not exist")
     bad(capsys, gen + ["--target", str(tmp_path)], "not a model directory")
     bad(capsys, gen + ["--target", t, "--draft", checkpoints["other"]], "vocabulary")
+    bad(capsys, gen + ["--target", d, "--draft", t], "the draft (2 layers, hidden size 64) is larger than the target (1 layers")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", ",".join(["1"] * 1100), "--method", "autoregressive"],
         "exceeds the context")
     bad(capsys, gen + ["--target", t, "--draft", d, "--gamma", "0"], "gamma")

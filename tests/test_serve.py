@@ -655,7 +655,7 @@ def test_a_stream_left_early_frees_its_slot(llm):
     assert llm.scheduler.idle and len(llm.engine.free_slots()) == llm.engine.slots
 
 
-def test_llm_refuses_what_it_cannot_serve(pair, llm):
+def test_llm_refuses_what_it_cannot_serve(pair, llm, tmp_path):
     from sts.errors import STSError
     from sts.serve.scheduler import RequestError
 
@@ -671,6 +671,11 @@ def test_llm_refuses_what_it_cannot_serve(pair, llm):
         from sts import LLM
 
         LLM(pair["target"], method="sts")
+    deeper = tmp_path / "deeper"  # a 3-layer model as the draft of the 2-layer target: the pair swapped
+    hf_model(hf_config("llama", vocab=len(pair["tokenizer"]), layers=3, max_position_embeddings=MAX_LEN), seed=3).save_pretrained(deeper)
+    pair["tokenizer"].save_pretrained(deeper)
+    with pytest.raises(STSError, match=r"the draft \(3 layers, hidden size 64\) is larger than the target \(2 layers"):
+        LLM(pair["target"], str(deeper), method="speculative")
 
 
 def test_import_sts_stays_cheap():

@@ -29,7 +29,7 @@ from sts.runner import DENSE_METHODS, LoadedModel, build_engine, eos_ids, load, 
 from sts.sampling import SamplingConfig
 from sts.selection import HeadMapping, SelectionConfig, check_options
 from sts.serve.scheduler import Delta, Request, RequestError, RequestParams, Scheduler
-from sts.speculative import shared_vocab
+from sts.speculative import check_draft_size, shared_vocab
 
 if TYPE_CHECKING:
     from sts.serve.parallel import TensorParallel
@@ -208,6 +208,7 @@ class LLM:
         self.target, self.draft = loaded
         if self.draft is not None:
             shared_vocab(self.target.model, self.draft.model, self.target.tokenizer, self.draft.tokenizer)
+            check_draft_size(self.target.model.config, self.draft.model.config)
         self.tokenizer = self.target.tokenizer
         models = [m.model for m in loaded if m is not None]
         if part is None:

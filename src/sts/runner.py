@@ -15,7 +15,7 @@ from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
 from sts.selection import REGISTRY, SelectionConfig, make_policy
-from sts.speculative import shared_vocab
+from sts.speculative import check_draft_size, shared_vocab
 
 #: Methods that need no selection policy.
 DENSE_METHODS = ("autoregressive", "speculative")
@@ -55,7 +55,8 @@ def load(source: str, dtype: torch.dtype, device: str, partition: Partition | No
 def load_pair(
     target: str, draft: str | None, dtype: torch.dtype, device: str, partition: Partition | None = None,
 ) -> tuple[LoadedModel, LoadedModel | None]:
-    """Return (target, draft or None), refusing a draft whose vocabulary or tokenizer differs.
+    """Return (target, draft or None), refusing a draft whose vocabulary or tokenizer differs or that is larger than the
+    target (:func:`~sts.speculative.check_draft_size`).
 
     ``partition``: the target is this process's part of it (tensor parallelism); the draft is whole.
     """
@@ -64,6 +65,7 @@ def load_pair(
         return tgt, None
     dft = load(draft, dtype, device)
     shared_vocab(tgt.model, dft.model, tgt.tokenizer, dft.tokenizer)
+    check_draft_size(tgt.model.config, dft.model.config)
     return tgt, dft
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, Sequence
 from sts.decoding import GenerationResult, PrefixCache, StreamCallback, context_capacity
 from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
+from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
@@ -38,6 +39,16 @@ def shared_vocab(target: Transformer, draft: Transformer, target_tokenizer: Any 
     if sizes[0] != sizes[1]:
         raise STSError(f"draft vocabulary ({sizes[1]}) differs from the target's ({sizes[0]})")
     return sizes[0]
+
+
+def check_draft_size(target: ModelConfig, draft: ModelConfig) -> None:
+    """Raise :class:`STSError` when the draft is larger than the target: at least as deep and as wide (hidden
+    size), and deeper or wider; the pair was most likely given the wrong way round (a draft larger than its
+    target makes speculative decoding slower than decoding with the target alone)."""
+    t, d = (target.n_layers, target.hidden_size), (draft.n_layers, draft.hidden_size)
+    if d[0] >= t[0] and d[1] >= t[1] and d != t:
+        raise STSError(f"the draft ({d[0]} layers, hidden size {d[1]}) is larger than the target ({t[0]} layers, hidden "
+                       f"size {t[1]}): the small model is the draft, the large one the target (swapped?)")
 
 
 def speculative_generate(

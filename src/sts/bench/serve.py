@@ -248,10 +248,16 @@ def successors(start: int, successor: torch.Tensor, n: int) -> list[int]:
 
 
 def bench_method(
-    method: str, target: Any, draft: Any, prompts: list[list[list[int]]], successor: torch.Tensor,
-    args: argparse.Namespace, progress: tqdm,
+    method: str, target: Any, draft: Any, prompts: list[list[list[int]]], warmup: list[list[list[int]]],
+    successor: torch.Tensor, args: argparse.Namespace, progress: tqdm,
 ) -> list[Point]:
-    """Return one point per number of streams for ``method``: the server first (all stream counts), then direct."""
+    """Return one point per number of streams for ``method``: the server first (all stream counts), then direct.
+
+    Before the timed runs the server serves ``warmup`` (other prompts, as many streams as the most
+    timed): a whole run at the largest stream count passes through the batch sizes and contexts of
+    the timed runs, so every CUDA graph (one per verify budget and sampling mode; a selection
+    method's rounds turn sparse only once enough long sequences decode together) is captured before
+    any timing, as it is for the direct runs, which follow on the same engine."""
     from sts.serve.app import create_app
 
     streams = [int(c) for c in args.streams.split(",")]
@@ -261,8 +267,7 @@ def bench_method(
         torch.cuda.reset_peak_memory_stats()
     served: dict[int, tuple[list[list[Sample]], float]] = {}
     with serving(create_app(llm, MODEL)) as url:
-        # Warm-up: a whole prompt's prefill, and rounds enough to capture the decode graphs.
-        asyncio.run(drive(url, [[prompts[0][0]]], 2 * (args.gamma + 1) + 1))
+        asyncio.run(drive(url, warmup, args.new_tokens))
         for c in streams:
             served[c] = asyncio.run(drive(url, prompts[:c], args.new_tokens))
             progress.update()
@@ -406,8 +411,8 @@ def main(argv: list[str] | None = None) -> list[Point]:
     vocab = target.config.vocab_size
     successor, _ = next_token_maps(vocab, args.agreement)  # synthetic_pair's seed 0: the target's greedy rule
     gen = torch.Generator().manual_seed(0)
-    prompts = [[torch.randint(0, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(args.requests)]
-               for _ in range(max(streams))]
+    prompts, warmup = ([[torch.randint(0, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
+                        for _ in range(max(streams))] for n in (args.requests, 1))
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     meta = {"target": shapes[0], "draft": shapes[1], "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "requests_per_stream": args.requests, "slots": args.slots, "gamma": args.gamma, "budget": args.budget,
@@ -418,7 +423,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
     points, records = [], []
     with torch.no_grad(), tqdm(total=2 * len(chosen) * len(streams), desc="serve", file=sys.stderr) as progress:
         for method in chosen:
-            for point in bench_method(method, target, draft, prompts, successor, args, progress):
+            for point in bench_method(method, target, draft, prompts, warmup, successor, args, progress):
                 rec = {**record(point, args.new_tokens), **meta}
                 with out.open("a") as f:
                     f.write(json.dumps(rec) + "\n")

@@ -54,6 +54,14 @@ def perturbed(model: Transformer, scale: float, seed: int) -> Transformer:
     return build_model(model.config, state, torch.float32, "cpu")
 
 
+def read_weights(model: Transformer) -> int:
+    """Return the bytes of a model's weights a forward reads, from its tensors: every parameter (a tied table is one)
+    and row-parallel bias (a buffer under tensor parallelism), less an untied embedding table."""
+    tensors = [*model.parameters(), *(b for name, b in model.named_buffers() if name.endswith("reduced_bias"))]
+    table = 0 if model.config.tie_word_embeddings else model.embed_tokens.weight.numel()
+    return sum(t.numel() * t.element_size() for t in tensors) - table * model.embed_tokens.weight.element_size()
+
+
 @pytest.fixture(scope="session")
 def tiny_pair():
     """Return (hf target, our target, our draft): a 3-layer Llama target and a noisy copy as draft."""

@@ -8,9 +8,12 @@ import json
 import pytest
 import torch
 
-from conftest import hf_config, hf_model, ours, perturbed
-from sts.costmodel import Hardware, RoundCost, break_even, round_cost, selection_reads, weight_bytes
+from conftest import FAMILIES, hf_config, hf_model, ours, perturbed, read_weights
+from sts.bench.synthetic import shape_config
+from sts.costmodel import Hardware, RoundCost, break_even, kv_bytes, round_cost, selection_reads, weight_bytes
 from sts.engine import Engine, EngineConfig
+from sts.errors import STSError
+from sts.parallel import shard_model
 from sts.selection import SelectionConfig, make_policy
 from sts.speculative import speculative_generate
 
@@ -60,12 +63,56 @@ def test_fractional_budget_break_even_pays_and_the_context_before_does_not(tiny_
     assert not cost[0].sparse_pays and cost[1].sparse_pays
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, "llama+bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world", [1, 2])
+def test_weight_bytes_is_every_weight_a_forward_reads(family, dtype, world):
+    """Against the parameters of Llama (untied), Qwen2 (tied, q/k/v biases), Mistral and Llama with every bias, whole
+    and as rank 1 of 2 (its part of the split matrices, norms, head and row-parallel biases whole)."""
+    extra = {"attention_bias": True, "mlp_bias": True} if family == "llama+bias" else {}
+    model = ours(hf_model(hf_config(family.removesuffix("+bias"), **extra)), dtype)
+    if world > 1:
+        model = shard_model(model, 1, world)
+    assert model.config.shard == (world - 1, world)
+    assert weight_bytes(model.config, model.embed_tokens.weight.element_size()) == read_weights(model)
+
+
+@pytest.mark.parametrize("shape,params,table", [("llama3-8b", 8_030_261_248, True), ("llama3.2-1b", 1_235_814_400, False),
+                                                ("llama3-70b", 70_553_706_496, True)])
+def test_weight_bytes_of_the_llama_shapes_are_the_checkpoints_parameter_counts(shape, params, table):
+    """The published checkpoints' totals (safetensors metadata), less the embedding table where it is not the head
+    (Llama-3.2-1B ties them: its one table is the head a step reads)."""
+    config = shape_config(shape)
+    assert weight_bytes(config, 2) == 2 * (params - (config.vocab_size * config.hidden_size if table else 0))
+
+
+def test_kv_bytes_is_the_cache_rows_it_names(tiny_pair):
+    _, target, _ = tiny_pair
+    target.setup_cache(2, 64)
+    caches = [blk.self_attn.cache for blk in target.layers]
+    for rows, layers in ((0, None), (17, None), (40, 1), (64, 0)):
+        chosen = caches if layers is None else caches[:layers]
+        k = sum(c.k[:, :, :rows].numel() * c.k.element_size() for c in chosen)
+        v = sum(c.v[:, :, :rows].numel() * c.v.element_size() for c in chosen)
+        assert kv_bytes(target.config, 2 * rows, 4, layers) == k + v  # rows of both sequences
+        assert kv_bytes(target.config, 2 * rows, 4, layers, k_only=True) == k
+    for bad in ({"rows": -1}, {"rows": 1, "layers": 4}, {"rows": 1, "layers": -1}):
+        with pytest.raises(STSError):
+            kv_bytes(target.config, dtype_bytes=4, **bad)
+
+
+def test_a_budget_per_slot_must_match_the_contexts(tiny_pair):
+    _, target, draft = tiny_pair
+    reads = selection_reads(sts(target, draft), target, draft)
+    with pytest.raises(STSError, match="2 budgets for 3 contexts"):
+        round_cost(target.config, draft.config, reads, [100, 200, 300], [32, 32], 4)
+
+
 def test_round_cost_counts_the_models_own_tensors(tiny_pair):
-    """Dense: the target's weight matrices and every context row of its caches; sparse: budget rows plus the draft K
+    """Dense: the target's weights and every context row of its caches; sparse: budget rows plus the draft K
     rows the STS scores read, the score rows, and the candidates' target K rows."""
     _, target, draft = tiny_pair
-    matrices = sum(p.nbytes for name, p in target.named_parameters() if p.dim() == 2 and "embed" not in name)
-    assert weight_bytes(target.config, 4) == matrices + (target.embed_tokens.weight.nbytes if target.config.tie_word_embeddings else 0)
+    weights = read_weights(target)
     target.setup_cache(1, 600)
     draft.setup_cache(1, 600)
     n, budget = 500, 32
@@ -78,7 +125,7 @@ def test_round_cost_counts_the_models_own_tensors(tiny_pair):
     selected = sum(c.k[:, :, :budget].nbytes + c.v[:, :, :budget].nbytes for c in (blk.self_attn.cache for blk in target.layers))
     scores = 4 * n * len({head for layer in policy.mapping.sources for head in layer})
     cost = round_cost(target.config, draft.config, reads, [n], budget, 4, BYTES_ONLY)
-    assert cost == RoundCost(matrices + kv, matrices + selected + draft_keys + candidates + scores)
+    assert cost == RoundCost(weights + kv, weights + selected + draft_keys + candidates + scores)
 
 
 def test_below_break_even_sts_equals_dense_speculative_and_every_round_is_dense(tiny_pair):

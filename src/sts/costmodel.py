@@ -14,6 +14,9 @@ below the break-even context it does not, because the weights, read either way, 
 
 The model knows the shapes, not the device: bandwidth and overheads are parameters (default: an
 H200's, fitted from docs/bench/e2e-h200.jsonl), so it answers the same on any machine and in tests.
+Its byte counts of a forward's weights (:func:`weight_bytes`) and of cache rows (:func:`kv_bytes`)
+are also those of ``sts bench e2e``'s roofline bound; :class:`RoundModel` works out a pair's
+constants once for the engine, which asks every round.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ SCORE_BYTES = 4
 # sparse round pays beyond its bytes; a least-squares fit of the three constants over the 14 points
 # leaves residuals of at most 0.3 ms (the select phase alone is 0.35 ms at 8K and 1.5 ms at 128K, batch 1).
 
-#: Bytes per second the H200 reads weights at in a GEMV (DESIGN.md; ``sts.bench.e2e.ROOFLINE_BW``).
+#: Bytes per second the H200 reads weights at in a GEMV (DESIGN.md; also the roofline of ``sts bench e2e``).
 H200_BANDWIDTH = 4.07e12
 #: Seconds a sparse round costs beyond its bytes, whatever the context: the select phase's launches
 #: and the sparse verify kernels' lower efficiency than the dense split-KV kernel (H200 fit).
@@ -121,11 +124,97 @@ def selection_reads(policy: SelectionPolicy, target: Transformer, draft: Transfo
 
 
 def weight_bytes(config: ModelConfig, dtype_bytes: int) -> int:
-    """Return the bytes of weight matrices one forward reads (projections, MLP, LM head; norms and biases left out)."""
-    d, hd = config.hidden_size, config.head_dim
-    attention = d * hd * 2 * (config.n_heads + config.n_kv_heads)  # q and o; k and v
-    mlp = 3 * d * config.intermediate_size
-    return dtype_bytes * (config.n_layers * (attention + mlp) + config.vocab_size * d)
+    """Return the bytes of the weights one forward of a ``config`` model reads, at ``dtype_bytes`` bytes per element.
+
+    Counted: every layer's q/k/v/o projections, MLP (gate, up, down), biases and two norms, the
+    final norm and the LM head. Of the embedding table a step reads only its tokens' rows, counted
+    as none, so a table tied to the LM head counts once (as the head). This is every parameter of
+    the model less an untied embedding table. Under tensor parallelism (``config.shard``) it is one
+    rank's: its part of the split matrices and biases, and the norms, the LM head and the
+    row-parallel (o, down) biases whole.
+    """
+    d, hd, ffn = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.n_heads * hd, config.n_kv_heads * hd
+    attention = d * 2 * (q + kv) + config.qkv_bias * (q + 2 * kv) + config.o_bias * d  # q and o; k and v
+    mlp = 3 * d * ffn + config.mlp_bias * (2 * ffn + d)
+    layer = attention + mlp + 2 * d  # and the two norms
+    return dtype_bytes * (config.n_layers * layer + d + config.vocab_size * d)
+
+
+def kv_bytes(config: ModelConfig, rows: int, dtype_bytes: int, layers: int | None = None, k_only: bool = False) -> int:
+    """Return the bytes of ``rows`` cache rows (summed over sequences) of every KV head of a ``config`` model.
+
+    ``layers``: how many layers' rows (default: all); ``k_only``: K rows alone (else K and V);
+    ``dtype_bytes``: bytes per cache element. Raises STSError for rows < 0 or layers outside
+    ``[0, config.n_layers]``.
+    """
+    if rows < 0:
+        raise STSError(f"rows must be >= 0, got {rows}")
+    n_layers = config.n_layers if layers is None else layers
+    if not 0 <= n_layers <= config.n_layers:
+        raise STSError(f"layers must be in [0, {config.n_layers}], got {n_layers}")
+    return n_layers * (1 if k_only else 2) * config.n_kv_heads * config.head_dim * rows * dtype_bytes
+
+
+@dataclass(frozen=True)
+class RoundModel:
+    """:func:`round_cost` for one (target, draft, selection reads, dtype, hardware), its constants worked out once.
+
+    The engine asks it every round; only the slots' contexts and budgets change, so :meth:`cost`
+    is a sum over the slots. Bytes are per context, selected or key row of one slot; seconds are
+    per round (``round_s``, ``rerank_s``) or per context row of a slot (``score_s``).
+    """
+
+    reads: SelectionReads
+    bandwidth: float
+    #: The target's weight bytes (read by every verify step, dense or sparse).
+    weights: int
+    #: Dense verification: K and V of every target layer.
+    dense_row: int
+    #: Sparse verification, per context row: K and V of the dense layers, the draft K rows scored, the scores ranked.
+    context_row: int
+    #: Sparse verification, per selected row: K and V of the sparse layers.
+    selected_row: int
+    #: Sparse verification, per re-rank candidate (or scanned key): K of the sparse layers.
+    key_row: int
+    #: Seconds every sparse round costs beyond its bytes.
+    round_s: float
+    #: The re-rank kernels' seconds over the sparse layers (paid when there are candidates).
+    rerank_s: float
+    #: Top-k's seconds per context row of a slot (over every score row).
+    score_s: float
+
+    @classmethod
+    def build(cls, target: ModelConfig, draft: ModelConfig, reads: SelectionReads, dtype_bytes: int,
+              hardware: Hardware = Hardware()) -> RoundModel:
+        """Return the model of ``target`` verifying with ``draft``'s selection ``reads`` (see :func:`round_cost`)."""
+        sparse_layers = target.n_layers - reads.dense_layers
+        return cls(
+            reads, hardware.bandwidth, weight_bytes(target, dtype_bytes),
+            dense_row=kv_bytes(target, 1, dtype_bytes),
+            context_row=(kv_bytes(target, 1, dtype_bytes, layers=reads.dense_layers)
+                         + kv_bytes(draft, 1, dtype_bytes, layers=reads.draft_layers, k_only=True)
+                         + SCORE_BYTES * reads.score_rows),
+            selected_row=kv_bytes(target, 1, dtype_bytes, layers=sparse_layers),
+            key_row=kv_bytes(target, 1, dtype_bytes, layers=sparse_layers, k_only=True),
+            round_s=hardware.round_s, rerank_s=hardware.rerank_layer_s * sparse_layers,
+            score_s=hardware.score_s * reads.score_rows,
+        )
+
+    def cost(self, contexts: Sequence[int], budget: int | Sequence[int]) -> RoundCost:
+        """Return the modelled verify-step time of one round, dense and sparse (arguments as :func:`round_cost`'s)."""
+        budgets = [budget] * len(contexts) if isinstance(budget, int) else budget
+        if len(budgets) != len(contexts):
+            raise STSError(f"{len(budgets)} budgets for {len(contexts)} contexts: give one budget, or one per context")
+        candidates = self.reads.rerank * max(max(budgets, default=0) - self.reads.forced, 0)
+        sparse = 0
+        for n, rows in zip(contexts, budgets):
+            keys = n if self.reads.key_scan else min(candidates, n)
+            sparse += self.context_row * n + self.selected_row * min(rows, n) + self.key_row * keys
+        total = sum(contexts)
+        overhead = self.round_s + self.rerank_s * (candidates > 0) + self.score_s * total
+        return RoundCost((self.weights + self.dense_row * total) / self.bandwidth,
+                         (self.weights + sparse) / self.bandwidth + overhead)
 
 
 def round_cost(
@@ -137,23 +226,9 @@ def round_cost(
     ``contexts``: each decoding slot's context rows (free slots left out); ``budget``: rows per
     (slot, KV head) this round, one number for every slot or one per slot of ``contexts`` (the
     re-rank candidates are the largest's); ``dtype_bytes``: bytes per cache and weight element (2 for bf16).
+    Raises STSError when ``budget`` is a sequence of another length than ``contexts``.
     """
-    budgets = [budget] * len(contexts) if isinstance(budget, int) else list(budget)
-    row = target.n_kv_heads * target.head_dim * dtype_bytes  # one K (or V) row of one layer, every KV head
-    draft_row = draft.n_kv_heads * draft.head_dim * dtype_bytes
-    sparse_layers = target.n_layers - reads.dense_layers
-    free = max(max(budgets, default=0) - reads.forced, 0)
-    candidates = reads.rerank * free
-    dense = sparse = 0
-    for n, budget in zip(contexts, budgets, strict=True):
-        dense += 2 * row * target.n_layers * n
-        keys = n if reads.key_scan else min(candidates, n)
-        sparse += (2 * row * (reads.dense_layers * n + sparse_layers * min(budget, n)) + row * sparse_layers * keys
-                   + draft_row * reads.draft_layers * n + SCORE_BYTES * reads.score_rows * n)
-    weights = weight_bytes(target, dtype_bytes)
-    overhead = (hardware.round_s + hardware.rerank_layer_s * sparse_layers * (candidates > 0)
-                + hardware.score_s * reads.score_rows * sum(contexts))
-    return RoundCost((weights + dense) / hardware.bandwidth, (weights + sparse) / hardware.bandwidth + overhead)
+    return RoundModel.build(target, draft, reads, dtype_bytes, hardware).cost(contexts, budget)
 
 
 def break_even(
@@ -172,8 +247,10 @@ def break_even(
     if batch < 1:
         raise STSError(f"batch must be >= 1, got {batch}")
 
+    model = RoundModel.build(target, draft, reads, dtype_bytes, hardware)
+
     def pays(n: int) -> bool:
-        return round_cost(target, draft, reads, [n] * batch, selection.tokens(n), dtype_bytes, hardware).sparse_pays
+        return model.cost([n] * batch, selection.tokens(n)).sparse_pays
 
     if not pays(limit):
         return None

@@ -50,7 +50,7 @@ from torch import Tensor
 from sts.attention import dispatch
 from sts.attention.dispatch import kernel_head_dim
 from sts.attention.backend import AttentionFn, QueryRecorder, chunk_attention, dense_attention
-from sts.costmodel import Hardware, round_cost, selection_reads
+from sts.costmodel import Hardware, RoundModel, selection_reads
 from sts.decoding import (
     GenerationResult, GenerationStats, PrefixCache, StopState, StreamCallback, context_capacity, synchronize,
 )
@@ -196,9 +196,10 @@ class Engine:
             SelectiveAttention(policy, self.config.measure_recall) if policy is not None else dense_attention)
         #: Whether each round asks the cost model if sparse verification pays (else every round of a policy is sparse).
         self.crossover = policy is not None and self.config.verify == "auto" and not self.config.measure_recall
-        if self.crossover:
+        if self.crossover:  # the cost model's constants for this pair, once: each round adds only the contexts
             assert policy is not None and draft is not None
-            self.reads = selection_reads(policy, target, draft)
+            self.round_model = RoundModel.build(target.config, draft.config, selection_reads(policy, target, draft),
+                                                target.embed_tokens.weight.element_size(), self.config.hardware)
         budget = self.config.draft_budget
         self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget is not None else dense_attention
 
@@ -535,13 +536,9 @@ class Engine:
             return 0
         rows = self._rows()
         if self.crossover:
-            assert self.draft is not None
             contexts = [c for c, a in zip(self.host_ctx, self.host_active) if a]
             budgets = [r for r, a in zip(self.host_budgets, self.host_active) if a]
-            dtype_bytes = self.target.embed_tokens.weight.element_size()
-            cost = round_cost(self.target.config, self.draft.config, self.reads, contexts, budgets, dtype_bytes,
-                              self.config.hardware)
-            if not cost.sparse_pays:
+            if not self.round_model.cost(contexts, budgets).sparse_pays:
                 return 0
         return rows
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sts.costmodel import break_even, selection_reads
+from sts.costmodel import H200_BANDWIDTH, break_even, kv_bytes, selection_reads, weight_bytes
 from sts.decoding import synchronize
 from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
@@ -40,8 +40,6 @@ from sts.models.transformer import Transformer
 from sts.parallel import Shard, device_type, quiet, rank_device, run_ranks
 from sts.selection import SelectionConfig, make_policy
 
-#: Bytes per second used for roofline bounds: the GEMV rate measured on the H200 (see DESIGN.md).
-ROOFLINE_BW = 4.07e12
 #: bf16 matrix rate measured on the H200 (KINDS.md: 769-798 TFLOP/s on random data).
 MATRIX_FLOPS = 790e12
 
@@ -78,36 +76,32 @@ METHODS = (
 )
 
 
-def weight_bytes(model: Transformer) -> int:
-    """Return the bytes of weights one forward reads (of the embedding table only the step's rows: none counted)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not model.config.tie_word_embeddings:
-        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-    return total
+def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: int, context: int, gamma: int,
+                budget: int, draft_budget: int, mapped_layers: int, dtype_bytes: int) -> int:
+    """Return the fewest bytes one round of ``method`` must move over ``batch`` sequences of ``context`` rows.
 
-
-def kv_bytes(config: ModelConfig, batch: int, rows: int, layers: int | None = None, k_only: bool = False) -> int:
-    """Return the bytes of ``rows`` KV rows per sequence over ``layers`` layers (bf16)."""
-    n_layers = config.n_layers if layers is None else layers
-    return batch * n_layers * (1 if k_only else 2) * config.n_kv_heads * rows * config.head_dim * 2
-
-
-def round_bytes(method: Method, target: Transformer, draft: Transformer, batch: int, context: int, gamma: int,
-                budget: int, draft_budget: int, mapped_layers: int) -> int:
-    """Return the fewest bytes one round of ``method`` must move: weights once per forward, the KV rows it reads."""
-    t, d = target.config, draft.config
+    Each forward reads its model's weights once (:func:`sts.costmodel.weight_bytes`) and the KV rows
+    it attends to (:func:`sts.costmodel.kv_bytes`): the draft's first step every row, its later
+    ``gamma - 1`` steps ``draft_budget`` rows with a sparse draft; a selection method's scores the
+    draft's K rows of its ``mapped_layers`` layers, its verify ``budget`` rows. Rows a round writes
+    are left out. ``dtype_bytes``: bytes per weight and cache element.
+    """
+    selective = method.policy is not None
+    verified = batch * (min(budget, context) if selective else context)
+    verify = weight_bytes(target, dtype_bytes) + kv_bytes(target, verified, dtype_bytes)
     if not method.speculative:
-        return weight_bytes(target) + kv_bytes(t, batch, context)
-    later = min(draft_budget, context) if method.sparse_draft else context
-    draft_bytes = gamma * weight_bytes(draft) + kv_bytes(d, batch, context) + (gamma - 1) * kv_bytes(d, batch, later)
-    if method.policy is None:
-        return draft_bytes + weight_bytes(target) + kv_bytes(t, batch, context)
-    score = kv_bytes(d, batch, context, layers=mapped_layers, k_only=True)
-    return draft_bytes + score + weight_bytes(target) + kv_bytes(t, batch, min(budget, context))
+        return verify
+    later = batch * (min(draft_budget, context) if method.sparse_draft else context)
+    drafting = (gamma * weight_bytes(draft, dtype_bytes) + kv_bytes(draft, batch * context, dtype_bytes)
+                + (gamma - 1) * kv_bytes(draft, later, dtype_bytes))
+    scoring = kv_bytes(draft, batch * context, dtype_bytes, layers=mapped_layers, k_only=True) if selective else 0
+    return drafting + scoring + verify
 
 
-def prefill_flops(config: ModelConfig, params: int, tokens: int) -> float:
-    """Return the FLOPs of a causal prefill of ``tokens`` tokens: ``2 * params`` per token plus attention's ``2 * n^2 * d_q * L``."""
+def prefill_flops(config: ModelConfig, tokens: int) -> float:
+    """Return the FLOPs of a causal prefill of ``tokens`` tokens: ``2 * params`` per token (the weights a forward
+    reads, :func:`sts.costmodel.weight_bytes`) plus attention's ``2 * n^2 * d_q * L``."""
+    params = weight_bytes(config, 1)
     return 2.0 * params * tokens + 2.0 * tokens**2 * config.n_heads * config.head_dim * config.n_layers
 
 
@@ -117,7 +111,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
     prompt = torch.randint(0, target.config.vocab_size, (context,), generator=gen).tolist()
     max_len = context + args.new_tokens + args.gamma + 2
     reader = Engine(target, draft, slots=batch, max_len=max_len, config=EngineConfig(gamma=args.gamma))
-    device = target.embed_tokens.weight.device
+    device, element = target.embed_tokens.weight.device, target.embed_tokens.weight.element_size()
     cuda = device.type == "cuda"
     synchronize(device)
     start = time.perf_counter()
@@ -129,7 +123,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
     # Each sequence ends in its own token: the synthetic pair's continuation (and so its acceptance)
     # depends on it alone, and the methods below re-read only that last token (cached=True).
     prompts = [prompt[:-1] + [int(t)] for t in torch.randint(0, target.config.vocab_size, (batch,), generator=gen)]
-    flops = sum(prefill_flops(m.config, weight_bytes(m) // 2, context) for m in (target, draft))
+    flops = sum(prefill_flops(m.config, context) for m in (target, draft))
     common = {"batch": batch, "context": context, "gamma": args.gamma, "budget": args.budget,
               "draft_budget": args.draft_budget, "agreement": args.agreement, "verify": args.verify,
               "prefill_s": prefill_s, "prefill_matrix_share": flops / prefill_s / MATRIX_FLOPS if cuda else None}
@@ -150,13 +144,13 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
         rounds = max(timed.target_forwards, 1)
         decode_s = timed.time_s - timed.prefill_s
         mapped = len(policy.draft_layers(draft)) if policy is not None else 0
-        bytes_ = round_bytes(method, target, draft, batch, context, args.gamma, args.budget, args.draft_budget, mapped)
+        shape = (target.config, draft.config, batch, context, args.gamma, args.budget, args.draft_budget, mapped, element)
+        bytes_ = round_bytes(method, *shape)
         crossover = {"break_even": None, "dense_round_share": None}
         if policy is not None:  # the cost model's break-even context, and the rounds it verified densely
-            dense = round_bytes(replace(method, policy=None), target, draft, batch, context, args.gamma, args.budget,
-                                args.draft_budget, mapped)
+            dense = round_bytes(replace(method, policy=None), *shape)
             bytes_ = (dense * timed.dense_rounds + bytes_ * (rounds - timed.dense_rounds)) // rounds
-            reads, element = selection_reads(policy, target, draft), target.embed_tokens.weight.element_size()
+            reads = selection_reads(policy, target, draft)
             crossover = {"break_even": break_even(target.config, draft.config, reads, selection, batch, element, config.hardware),
                          "dense_round_share": timed.dense_rounds / rounds}
         summary = timed.summary()
@@ -165,7 +159,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
             "ms_per_round": 1e3 * decode_s / rounds, "acceptance_length": summary["acceptance_length"],
             "sparsity": summary["sparsity"], "compile_s": first.stats.compile_s,
             **{f"{phase}_ms": 1e3 * getattr(timed, f"{phase}_s") / rounds for phase in ("draft", "select", "verify")},
-            "round_bytes": bytes_, "bound_share": bytes_ / ROOFLINE_BW / (decode_s / rounds) if cuda else None,
+            "round_bytes": bytes_, "bound_share": bytes_ / H200_BANDWIDTH / (decode_s / rounds) if cuda else None,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "tokens": result.tokens, **crossover,
         })
         del engine

@@ -30,7 +30,7 @@ acceptance so that a run measures speed through the real decode loop; accuracy n
 Both models have untied LM heads, even where the real model (Llama-3.2-1B) ties them to the
 embedding table: the head must map ``t`` to ``f(t)``, not to ``t``. The bytes a step reads are
 the same: the LM head matrix (``V x hidden``) is read once per step either way, and of the
-embedding table only the rows of the step's tokens (``sts.bench.e2e.weight_bytes`` counts the
+embedding table only the rows of the step's tokens (``sts.costmodel.weight_bytes`` counts the
 untied table out). Only memory grows, by the table (0.5 GB in bf16 for the 1B shape).
 """
 

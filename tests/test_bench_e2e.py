@@ -1,0 +1,75 @@
+"""The round bound of ``sts bench e2e`` (each record's ``round_bytes``, the numerator of its ``bound_share``):
+against the bytes of a tiny synthetic pair's own tensors, and against the records the H200 runs wrote."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_weights
+from sts.bench.e2e import METHODS, main, round_bytes
+from sts.bench.synthetic import shape_config, synthetic_pair
+from sts.parallel import Shard
+from sts.selection import SelectionConfig, make_policy
+from sts.selection.mapping import HeadMapping
+
+RECORDS = sorted((Path(__file__).parents[1] / "docs" / "bench").glob("e2e*.jsonl"))
+
+
+def cache_bytes(model, rows: int, layers: tuple[int, ...] | None = None, k_only: bool = False) -> int:
+    """Return the bytes of the first ``rows`` rows of every sequence in the caches of ``layers`` (default: all)."""
+    chosen = [model.layers[i] for i in (range(len(model.layers)) if layers is None else layers)]
+    tensors = [t for blk in chosen for t in (blk.self_attn.cache.k, blk.self_attn.cache.v)[: 1 if k_only else 2]]
+    return sum(t[:, :, :rows].numel() * t.element_size() for t in tensors)
+
+
+def test_round_bytes_of_a_tiny_pair_is_what_each_forward_of_a_round_reads(tmp_path):
+    """One CPU run of every method (sparse verification every round): the record's bytes are the draft's weights
+    per step, its rows (all, then the sparse draft's budget), the STS scores' draft K rows, the target's weights and
+    its rows (all, or the budget), each counted from the models' tensors."""
+    batch, context, gamma, budget, draft_budget = 2, 150, 3, 96, 24
+    out = tmp_path / "e2e.jsonl"
+    main(["--device", "cpu", "--target-shape", "tiny-target", "--draft-shape", "tiny-draft", "--contexts", str(context),
+          "--batches", str(batch), "--gamma", str(gamma), "--budget", str(budget), "--draft-budget", str(draft_budget),
+          "--new-tokens", "4", "--verify", "sparse", "--out", str(out)])
+    records = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {m.name for m in METHODS}
+    target, draft = synthetic_pair("tiny-target", "tiny-draft", 0.77, dtype=torch.float32, device="cpu")
+    for model in (target, draft):
+        model.setup_cache(batch, context)
+    mapped = make_policy("sts", SelectionConfig(budget=budget), target, draft).draft_layers(draft)
+    for method in METHODS:
+        want = read_weights(target) + cache_bytes(target, min(budget, context) if method.policy else context)
+        if method.speculative:
+            later = min(draft_budget, context) if method.sparse_draft else context
+            want += gamma * read_weights(draft) + cache_bytes(draft, context) + (gamma - 1) * cache_bytes(draft, later)
+        if method.policy:
+            want += cache_bytes(draft, context, mapped, k_only=True)
+        assert records[method.name]["round_bytes"] == want, method.name
+        assert records[method.name]["bound_share"] is None  # no H200 rate on the CPU
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=lambda p: p.name)
+def test_round_bytes_reproduces_the_stored_h200_records(path):
+    """Every record of docs/bench/e2e*.jsonl (Llama-3.1-8B / 70B targets, Llama-3.2-1B draft, bf16, one rank's
+    bytes under tensor parallelism): a selection method's bytes mix its dense and sparse rounds by its share of
+    dense rounds (floored to a whole byte)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert records
+    for r in records:
+        target = shape_config(r.get("target_shape", "llama3-8b"))
+        draft = shape_config(r.get("draft_shape", "llama3.2-1b"))
+        mapped = len(HeadMapping.default(target, draft).draft_layers())  # STS's default mapping, as benchmarked
+        if r.get("tensor_parallel", 1) > 1:
+            target = Shard(0, r["tensor_parallel"]).local_config(target)
+        method = next(m for m in METHODS if m.name == r["method"])
+        shape = (target, draft, r["batch"], r["context"], r["gamma"], r["budget"], r["draft_budget"], mapped, 2)
+        want = round_bytes(method, *shape)
+        share = r.get("dense_round_share") or 0.0
+        if share:
+            want = share * round_bytes(replace(method, policy=None), *shape) + (1 - share) * want
+        assert abs(r["round_bytes"] - want) <= 1, (path.name, r["method"], r["batch"], r["context"])

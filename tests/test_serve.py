@@ -104,15 +104,25 @@ def client(url: str, key: str = "none") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def post(url: str, path: str, body: bytes | dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    """Return (status, JSON body) of a raw POST (any bytes, unlike a client library's)."""
+def post_raw(url: str, path: str, body: bytes | dict | list, headers: dict[str, str] | None = None,
+             chunked: bool = False) -> tuple[int, bytes]:
+    """Return (status, body) of a raw POST (any bytes, unlike a client library's; ``chunked``: in 1 KiB chunks
+    without Content-Length)."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+    sent = iter([data[i:i + 1024] for i in range(0, len(data), 1024)]) if chunked else data
+    conn.request("POST", path, sent, {"Content-Type": "application/json", **(headers or {})})
     response = conn.getresponse()
     status, payload = response.status, response.read()
     conn.close()
+    return status, payload
+
+
+def post(url: str, path: str, body: bytes | dict | list, headers: dict[str, str] | None = None,
+         chunked: bool = False) -> tuple[int, dict]:
+    """Return (status, JSON body) of :func:`post_raw`."""
+    status, payload = post_raw(url, path, body, headers, chunked)
     return status, json.loads(payload) if payload else {}
 
 
@@ -386,6 +396,8 @@ BAD_REQUESTS = [
     ("top_p out of range", {**GOOD, "top_p": 1.5}, 400, "top_p", None),
     ("logprobs", {**GOOD, "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
     ("several prompts", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt", None),
+    ("a JSON list, not an object", [GOOD], 400, None, None),
+    ("a body that is not UTF-8", b'{"model": "tiny", "prompt": "caf\xe9"}', 400, None, "json_invalid"),
 ]
 
 
@@ -394,6 +406,72 @@ def test_a_bad_request_gets_its_4xx_and_the_next_one_succeeds(server, what, body
     url, _ = server
     assert_error(*post(url, "/v1/completions", body), status, param, code)
     assert_serves(url)
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
+#: A valid value (not the default, but for n) of each field a request may set: a field the 400 lists and this lacks fails.
+SETTABLE = {"max_tokens": 2, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "n": 1, "stream": True,
+            "stream_options": {"include_usage": True}, "stop": ["\n\n"], "seed": 3, "user": "me", "return_token_ids": True,
+            "ignore_eos": True, "budget": 16, "max_completion_tokens": 2}
+#: The method settings with values other than the server's (SETTINGS; dense_layers 0, no draft_budget).
+OVERRIDES = {"method": "streaming", "gamma": 5, "sink": 2, "window": 4, "dense_layers": 1, "draft_budget": 64}
+
+
+@pytest.mark.parametrize(("path", "good"), [("/v1/completions", GOOD), ("/v1/chat/completions", CHAT)],
+                         ids=["completion", "chat"])
+def test_a_refused_override_lists_what_a_request_may_set_and_each_is_accepted(server, path, good):
+    """Each method setting other than the server's is a 400; the fixed ones' message lists the fields a request may
+    set, which include what vLLM-style clients send, none of the refused ones, and each of which gets a 200."""
+    url, llm = server
+    lists = []
+    for name, value in OVERRIDES.items():
+        status, body = post(url, path, {**good, name: value})
+        assert_error(status, body, 400, name, "unsupported_override")
+        if name != "method":  # its message says to start another server
+            lists.append(body["error"]["message"].split("a request may set only ", 1)[1].split(", "))
+    listed = lists[0]
+    assert all(fields == listed for fields in lists), lists
+    assert {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "budget", "n", "stream", "ignore_eos",
+            "return_token_ids"} <= set(listed), listed
+    assert not set(listed) & {*OVERRIDES, "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}, listed
+    for name in listed:
+        status, payload = post_raw(url, path, {**good, name: SETTABLE[name]})
+        assert status == 200, (name, payload)
+        assert b'"error"' not in payload and (payload.endswith(b"data: [DONE]\n\n") if name == "stream" else
+                                              json.loads(payload)["usage"]["completion_tokens"] > 0), (name, payload)
+    wait_idle(llm)
+
+
+def test_a_body_past_the_limit_is_a_413_unread_and_the_server_goes_on(pair):
+    """With Content-Length or chunked, a body one byte past --max-request-bytes is a 413 with the error body, sent before
+    the rest of the body (none, or an endless stream) has come; a body of exactly the limit is served."""
+    from sts.serve.app import create_app
+
+    limit = 4096
+    llm = make_llm(pair, method="autoregressive", slots=1)
+    with serving(create_app(llm, MODEL, max_request_bytes=limit)) as url:
+        at_limit = json.dumps(GOOD).encode().ljust(limit)  # JSON with trailing spaces
+        for chunked in (False, True):
+            status, body = post(url, "/v1/completions", at_limit, chunked=chunked)
+            assert status == 200 and body["usage"]["completion_tokens"] == 3, body
+            status, body = post(url, "/v1/completions", at_limit + b" ", chunked=chunked)
+            assert_error(status, body, 413, code="request_too_large")
+            assert str(limit) in body["error"]["message"]
+            assert_serves(url)
+        host, port = url.removeprefix("http://").split(":")
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for framing in (b"Content-Length: 1000000000000\r\n\r\n",  # and not one byte of the body
+                        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % (limit + 1) + b" " * (limit + 1) + b"\r\n"):
+            with socket.create_connection((host, int(port)), timeout=60) as sock:
+                sock.sendall(head + framing)
+                response = http.client.HTTPResponse(sock)
+                response.begin()
+                assert_error(response.status, json.loads(response.read()), 413, code="request_too_large")
+            assert_serves(url)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("GET", "/metrics")
+        counted = conn.getresponse().read().decode()
+        assert 'sts_http_requests_total{code="413",route="/v1/completions"} 4.0' in counted, counted
 
 
 def test_concurrent_requests_with_their_own_budgets_each_equal_run_method_at_it(pair, server):
@@ -705,8 +783,9 @@ def test_the_readme_examples_run(pair, server, capsys):
     assert len([x for x in out if x.strip()]) >= 2, out
 
 
-def test_a_port_in_use_is_one_line_before_loading(capsys, tmp_path):
-    """The port is checked before the models load (minutes on real weights): one line, exit 2."""
+def test_a_port_in_use_or_a_bad_option_is_one_line_before_loading(capsys, tmp_path):
+    """The port and the server's options are checked before the models load (minutes on real weights): one line,
+    exit 2."""
     from sts.cli import main
 
     with socket.socket() as taken:
@@ -716,6 +795,9 @@ def test_a_port_in_use_is_one_line_before_loading(capsys, tmp_path):
         assert main(["serve", "--target", str(tmp_path / "not-loaded-yet"), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sts: error: cannot listen on 127.0.0.1:") and "\n" not in err, err
+    assert main(["serve", "--target", str(tmp_path / "not-loaded-yet"), "--port", str(free_port()),
+                 "--max-request-bytes", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "sts: error: --max-request-bytes must be >= 1, got 0"
 
 
 def listening(port: int) -> bool:
@@ -741,16 +823,17 @@ def sse_events(conn: http.client.HTTPConnection, body: dict[str, Any], seen: thr
 def test_sigterm_ends_open_streams_with_abort_and_done(pair, tmp_path, signals, timeout):
     """SIGTERM while 6 streams of 480 tokens share one slot (seconds of decoding here): the streams decode on for
     --shutdown-timeout (a second SIGTERM: not at all), then each still open ends with finish_reason "abort" and
-    [DONE]; the server exits 0 with no traceback."""
+    [DONE]; the server exits 0 with no traceback. (And its --max-request-bytes: a larger body is a 413.)"""
     port = free_port()
     argv = [sys.executable, "-m", "sts.cli", "serve", "--target", pair["target"], "--method", "autoregressive",
             "--slots", "1", "--max-model-len", str(MAX_LEN), "--port", str(port), "--served-model-name", MODEL,
-            "--log-level", "warning", "--shutdown-timeout", timeout]
+            "--log-level", "warning", "--shutdown-timeout", timeout, "--max-request-bytes", "4096"]
     log = tmp_path / "server.log"
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log.open("w"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     streams: list[list[Any]] = [[] for _ in range(6)]
     try:
         wait_until_serving(proc, port, log, 180)
+        assert_error(*post(f"http://127.0.0.1:{port}", "/v1/completions", b" " * 4097), 413, code="request_too_large")
         seen = threading.Event()
         body = {"model": MODEL, "prompt": "Once", "max_tokens": 480, "ignore_eos": True, "temperature": 0, "stream": True}
         readers = [threading.Thread(target=lambda events=events: events.extend(

@@ -5,8 +5,9 @@ events in OpenAI's chunk format, ended by ``data: [DONE]``), ``GET /v1/models``,
 and ``GET /metrics`` (Prometheus). With an API key every route but ``/health`` needs
 ``Authorization: Bearer KEY``. Every error is answered with OpenAI's body
 (``{"error": {"message", "type", "param", "code"}}``): 400 for a request that cannot be
-served as asked, 401 without the key, 404 for an unknown model or route, 429 when the queue
-is full, 500 when decoding fails inside (that request only: the server goes on).
+served as asked, 401 without the key, 404 for an unknown model or route, 413 for a body past the
+server's limit (refused unread: by its Content-Length, else once that many bytes have come), 429
+when the queue is full, 500 when decoding fails inside (that request only: the server goes on).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sts.api import LLM
 from sts.errors import STSError
 from sts.serve.metrics import CONTENT_TYPE, Metrics
+from sts.serve.options import default_max_request_bytes
 from sts.serve.protocol import APIError, ChatRequest, CompletionRequest, Reply, _Body, check_body, error_body, usage
 from sts.serve.scheduler import Delta, Request as Job, RequestError
 
@@ -66,6 +69,49 @@ class _CountResponses:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class _LimitBody:
+    """ASGI middleware that answers ``refusal`` (a 413) to a request body past ``limit`` bytes without reading on: at
+    once when its Content-Length says so, else (chunked) as soon as more has come; a body within it goes on whole.
+
+    (Starlette's own limit, ``FastAPI(max_body_size=...)``, answers a Content-Length past it in plain text, whatever
+    the exception handlers say.)
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, refusal: APIError) -> None:
+        self.app, self.limit, self.refusal = app, limit, refusal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            await _error_response(self.refusal)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body ended: nobody to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await _error_response(self.refusal)(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        whole: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal whole
+            if whole is None:
+                return await receive()  # after the body: the disconnect
+            message, whole = whole, None
+            return message
+
+        await self.app(scope, replay, send)
 
 
 class _Flight:
@@ -118,11 +164,18 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"  # ASCII: no client can split a line inside it
 
 
-def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI:
-    """Return the server's ASGI app over ``llm`` (its scheduler runs in its own thread while the app runs)."""
+def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_request_bytes: int | None = None) -> FastAPI:
+    """Return the server's ASGI app over ``llm`` (its scheduler runs in its own thread while the app runs).
+
+    ``max_request_bytes``: the largest request body taken (default:
+    :func:`~sts.serve.options.default_max_request_bytes` of ``llm``'s context); a larger one is a 413.
+    """
     metrics = Metrics(max(llm.gamma, 1))
     llm.scheduler.observer = metrics
     settings = llm.settings
+    limit = max_request_bytes if max_request_bytes is not None else default_max_request_bytes(llm.max_model_len)
+    too_large = APIError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                         code="request_too_large")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -133,7 +186,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
             llm.stop()
 
     app = FastAPI(title="sts", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_CountResponses, metrics=metrics)
+    app.add_middleware(_LimitBody, limit=limit, refusal=too_large)
+    app.add_middleware(_CountResponses, metrics=metrics)  # the outer: it counts the 413s too
 
     def authorize(http: Request) -> None:
         if api_key is None:
@@ -166,6 +220,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
 
     @app.exception_handler(HTTPException)
     async def on_http(_: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body" for a body not UTF-8
+            return JSONResponse(error_body(f"the body is not valid JSON: {exc.__cause__}", "invalid_request_error",
+                                           code="json_invalid"), status_code=400)
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
 
     @app.exception_handler(Exception)

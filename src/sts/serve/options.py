@@ -14,6 +14,18 @@ from sts.errors import STSError
 
 log = logging.getLogger(__name__)
 
+#: The default ``--max-request-bytes`` per token of context. In a JSON body a prompt as token ids takes at most 8
+#: bytes a token (6 digits for a vocabulary under a million, then ``", "``); as text about 4 in English, and at most
+#: about 24 where every character is escaped (``\uXXXX``: 6 bytes a UTF-16 unit, 1 to 2 characters a token).
+REQUEST_BYTES_PER_TOKEN = 32
+#: What the default ``--max-request-bytes`` allows beyond the prompt: a chat's structure, stop strings, other fields.
+REQUEST_BYTES_REST = 1 << 20
+
+
+def default_max_request_bytes(max_model_len: int) -> int:
+    """Return the default largest request body, in bytes, of a server whose context is ``max_model_len`` tokens."""
+    return REQUEST_BYTES_PER_TOKEN * max_model_len + REQUEST_BYTES_REST
+
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Add ``sts serve``'s options: ``sts generate``'s model and method settings, then the server's own."""
@@ -35,6 +47,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; past it: 429")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context per slot in tokens (default: the models' context, capped to half the free memory)")
+    p.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
+                   help="a request body past this is refused with 413, read no further (default: "
+                        f"{REQUEST_BYTES_PER_TOKEN} bytes per token of --max-model-len plus {REQUEST_BYTES_REST >> 20} "
+                        "MiB: a prompt of the whole context fits as token ids, at most 8 bytes each in JSON, or as "
+                        "text, about 4 bytes a token in English and about 24 at most with every character escaped)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the target by heads over N processes (cpu: gloo; cuda: NCCL, one GPU each); this one serves")
@@ -53,6 +70,8 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
             raise STSError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise STSError(f"--port must be in [1, 65535], got {args.port}")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1:
+        raise STSError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise STSError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     return dict(method=args.method, budget=_selection(args).budget, sink=args.sink, window=args.window,
@@ -91,7 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
             name = args.served_model_name or args.target
             if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
                 log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
-            app = create_app(llm, name, args.api_key)
+            app = create_app(llm, name, args.api_key, args.max_request_bytes)
             BoundedServer(app, llm.scheduler.cancel_all, args.shutdown_timeout, host=args.host, port=args.port,
                           log_level=args.log_level).run()
         finally:

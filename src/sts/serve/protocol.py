@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sts.errors import STSError
 from sts.selection import SelectionConfig
 
+#: The server's method settings: fixed when its engine is built, so a request may only repeat the server's values.
+FIXED_SETTINGS = ("method", "gamma", "sink", "window", "dense_layers", "draft_budget")
+
 
 class APIError(Exception):
     """An error answered with an OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -79,6 +82,13 @@ class _Body(BaseModel):
         """Return (field, whether it asks for something sts does not do) pairs, checked by :func:`check_body`."""
         return [("presence_penalty", self.presence_penalty != 0), ("frequency_penalty", self.frequency_penalty != 0),
                 ("logit_bias", bool(self.logit_bias))]
+
+    def settable(self) -> list[str]:
+        """Return the fields a request of this kind may set to a value of its own, in their order: every optional one
+        but the method settings (:data:`FIXED_SETTINGS`) and those :meth:`unsupported` names."""
+        refused = set(FIXED_SETTINGS) | {name for name, _ in self.unsupported()}
+        fields = type(self).model_fields
+        return [name for name, field in fields.items() if not field.is_required() and name not in refused]
 
     @property
     def include_usage(self) -> bool:
@@ -173,12 +183,11 @@ def check_body(body: _Body, settings: dict[str, Any]) -> None:
     if body.method is not None and body.method != settings["method"]:
         raise APIError(400, f"this server decodes with method {settings['method']!r}: one engine per server, start another "
                             f"server for method {body.method!r}", "method", "unsupported_override")
-    for name in ("gamma", "sink", "window", "dense_layers", "draft_budget"):
+    for name in FIXED_SETTINGS:
         value = getattr(body, name)
         if value is not None and value != settings[name]:
             raise APIError(400, f"{name} is fixed when the server starts (this server: {name}={settings[name]}); "
-                                "per request only max_tokens, temperature, top_p, top_k, stop, seed and budget can change",
-                           name, "unsupported_override")
+                                f"a request may set only {', '.join(body.settable())}", name, "unsupported_override")
 
 
 class Reply:

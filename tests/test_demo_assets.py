@@ -236,7 +236,17 @@ def test_smollm2_converts_to_an_equal_hf_model(sts_cache_dir: Path, monkeypatch:
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The demo target's shape (MODELS.md) and Qwen2.5-1.5B's published weight count (tied embeddings).
-TARGET_LAYERS, TARGET_KV_HEADS, TARGET_HEAD_DIM, TARGET_WEIGHTS = 28, 2, 128, 1_543_714_304
+#: Qwen2.5-1.5B's parameters (published; tied embeddings, counted once) and its config's shapes.
+TARGET_WEIGHTS = 1_543_714_304
+
+
+def _target_config():
+    from transformers import Qwen2Config
+
+    from sts.models.config import ModelConfig
+
+    return ModelConfig.from_hf(Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                           num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True))
 
 
 @pytest.mark.parametrize(
@@ -258,10 +268,10 @@ def test_commands_run_on_the_gpu_unless_told(monkeypatch: pytest.MonkeyPatch, cu
 
 def test_kv_share_is_small_at_the_demo_length_and_large_at_128k() -> None:
     # 2 (K and V) x 28 layers x 2 KV heads x 128 = 14,336 elements per token.
-    at_2k = sts_demo.kv_share(TARGET_LAYERS, TARGET_KV_HEADS, TARGET_HEAD_DIM, TARGET_WEIGHTS, 2058)
+    at_2k = sts_demo.kv_share(_target_config(), 2058)
     assert at_2k == pytest.approx(29_503_488 / (29_503_488 + 1_543_714_304))
     assert at_2k < 0.02
-    at_128k = sts_demo.kv_share(TARGET_LAYERS, TARGET_KV_HEADS, TARGET_HEAD_DIM, TARGET_WEIGHTS, 131072)
+    at_128k = sts_demo.kv_share(_target_config(), 131072)
     assert at_128k == pytest.approx(1_879_048_192 / (1_879_048_192 + 1_543_714_304))
 
 
@@ -276,7 +286,7 @@ def _results() -> dict:
 
 
 def _setting(device: str) -> dict:
-    share = sts_demo.kv_share(TARGET_LAYERS, TARGET_KV_HEADS, TARGET_HEAD_DIM, TARGET_WEIGHTS, 2058)
+    share = sts_demo.kv_share(_target_config(), 2058)
     return {"prompt_tokens": 2058, "budget": 256.0, "mapping": "m.json", "device": device, "dtype": "float32",
             "kv_share": share, "weight_bytes": TARGET_WEIGHTS * 4, "kv_bytes": 29_503_488 * 4}
 

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from sts.costmodel import kv_bytes, weight_bytes
 from sts.decoding import PrefixCache
 from sts.eval.scoring import score
 from sts.eval.tasks import generate_qa, make_prompt, token_counter
+from sts.models.config import ModelConfig
 from sts.models.demo import demo_pair
 from sts.models.loading import parse_dtype
 from sts.runner import load_pair, resolve_device, run_method
@@ -45,14 +47,12 @@ def shipped_mapping(name: str = DEMO_MAPPING) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def kv_share(n_layers: int, n_kv_heads: int, head_dim: int, n_weights: int, context: int) -> float:
-    """Return the KV cache's share of the elements one target forward reads at ``context`` tokens.
-
-    A forward reads every weight once and the K and V rows of every layer and KV head; both are
-    held in the same dtype, so the share of elements is the share of bytes.
-    """
-    kv = 2 * n_layers * n_kv_heads * head_dim * context
-    return kv / (kv + n_weights)
+def kv_share(config: ModelConfig, context: int) -> float:
+    """Return the KV cache's share of the bytes one forward of a ``config`` model reads at ``context`` tokens (the
+    weights once, the K and V rows of every layer and KV head: :mod:`sts.costmodel`'s counts; both are held in one
+    dtype, so it cancels)."""
+    kv = kv_bytes(config, context, 1)
+    return kv / (kv + weight_bytes(config, 1))
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,12 +89,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     for r in results.values():
         r["same_as_autoregressive"] = r["tokens"] == reference
     config = target.model.config
-    weights = sum(p.numel() for p in target.model.parameters())
-    share = kv_share(config.n_layers, config.n_kv_heads, config.head_dim, weights, len(prompt))
     element = torch.finfo(parse_dtype(dtype)).bits // 8
     setting = {"prompt_tokens": len(prompt), "budget": args.budget, "mapping": mapping, "device": device,
-               "dtype": dtype, "kv_share": share, "weight_bytes": weights * element,
-               "kv_bytes": 2 * config.n_layers * config.n_kv_heads * config.head_dim * len(prompt) * element}
+               "dtype": dtype, "kv_share": kv_share(config, len(prompt)), "weight_bytes": weight_bytes(config, element),
+               "kv_bytes": kv_bytes(config, len(prompt), element)}
     print(format_report(results, sample.answers, setting))
     record = {"prompt_tokens": len(prompt), "answer": list(sample.answers), "budget": args.budget,
               "mapping": os.path.basename(mapping) if mapping else "default", "device": device, "dtype": dtype,

@@ -73,3 +73,46 @@ def test_round_bytes_reproduces_the_stored_h200_records(path):
         if share:
             want = share * round_bytes(replace(method, policy=None), *shape) + (1 - share) * want
         assert abs(r["round_bytes"] - want) <= 1, (path.name, r["method"], r["batch"], r["context"])
+
+
+
+def test_kernel_times_counts_every_linear_launch_and_returns_the_run(tmp_path):
+    """On the CPU operators stand in for kernels: the profile's ``aten::linear`` launches equal those the models'
+    linear layers made, counted by forward hooks (sts's CPU ``Linear`` runs 2-8 rows as one product per row)."""
+    from sts.bench.profile import kernel_times
+    from sts.engine import Engine, EngineConfig
+
+    target, draft = synthetic_pair("tiny-target", "tiny-draft", 0.77, dtype=torch.float32, device="cpu",
+                                   max_position_embeddings=400)
+    launches = [0]
+
+    def count(module, inputs, output):
+        rows = inputs[0].numel() // inputs[0].shape[-1]
+        launches[0] += rows if 2 <= rows <= 8 else 1
+
+    prompt = list(range(3, 150))
+    with torch.no_grad():
+        Engine(target, draft, slots=1, max_len=300).prefill(0, prompt)
+        engine = Engine(target, draft, slots=1, max_len=300, config=EngineConfig(gamma=3))
+        reference = engine.generate([prompt], 6, cached=True)
+        for model in (target, draft):
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.register_forward_hook(count)
+        result, kernels = kernel_times(lambda: engine.generate([prompt], 6, cached=True), torch.device("cpu"))
+    assert result.tokens == reference.tokens
+    assert {k["name"]: k["calls"] for k in kernels}["aten::linear"] == launches[0] > 0
+    assert [k["us"] for k in kernels] == sorted((k["us"] for k in kernels), reverse=True)
+    assert 0 < sum(k["share"] for k in kernels) <= 1.0001
+
+
+def test_e2e_profile_records_each_methods_kernels_per_round(tmp_path):
+    out = tmp_path / "e2e.jsonl"
+    main(["--device", "cpu", "--target-shape", "tiny-target", "--draft-shape", "tiny-draft", "--contexts", "150",
+          "--batches", "1", "--gamma", "3", "--budget", "96", "--new-tokens", "6", "--verify", "sparse",
+          "--methods", "autoregressive,sts", "--profile", "--out", str(out)])
+    records = list(map(json.loads, out.read_text().splitlines()))
+    assert [r["method"] for r in records] == ["autoregressive", "sts"]
+    for record in records:
+        top = record["kernels"][0]
+        assert top["us"] >= top["us_per_round"] > 0 and top["calls"] >= 1

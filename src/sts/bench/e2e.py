@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from sts.costmodel import H200_BANDWIDTH, break_even, kv_bytes, selection_reads, weight_bytes
+from sts.bench.profile import kernel_times
 from sts.decoding import synchronize
 from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
@@ -154,6 +155,11 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
             crossover = {"break_even": break_even(target.config, draft.config, reads, selection, batch, element, config.hardware),
                          "dense_round_share": timed.dense_rounds / rounds}
         summary = timed.summary()
+        kernels = None
+        if args.profile:  # a third call, profiled: its kernels per round (the timed call ran unprofiled)
+            profiled, top = kernel_times(lambda: engine.generate(prompts, args.new_tokens, cached=True), device)
+            per_round = max(profiled.stats.target_forwards, 1)
+            kernels = [{**k, "us_per_round": round(k["us"] / per_round, 2)} for k in top]
         records.append({
             **common, "method": method.name, "tokens_per_s": summary["tokens_per_s"],
             "ms_per_round": 1e3 * decode_s / rounds, "acceptance_length": summary["acceptance_length"],
@@ -161,6 +167,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
             **{f"{phase}_ms": 1e3 * getattr(timed, f"{phase}_s") / rounds for phase in ("draft", "select", "verify")},
             "round_bytes": bytes_, "bound_share": bytes_ / H200_BANDWIDTH / (decode_s / rounds) if cuda else None,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "tokens": result.tokens, **crossover,
+            **({"kernels": kernels} if kernels is not None else {}),
         })
         del engine
     speed = {r["method"]: r["tokens_per_s"] for r in records}
@@ -188,6 +195,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="cuda (bfloat16) or cpu (float32, for tests)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the target by heads over N processes (cuda: one GPU each, NCCL); rank 0 writes")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one more call per method and record its top kernels (launches, device us per round)")
     p.add_argument("--out", default="e2e.jsonl")
     p.add_argument("--png", default=None, help="also draw the speed-ups into this PNG")
 
@@ -244,6 +253,8 @@ def _line(record: dict) -> str:
         parts.append(f"peak {record['peak_gb']:.1f} GB")
     if record.get("dense_round_share") is not None:
         parts.append(f"dense rounds {record['dense_round_share']:.0%} (break-even {record['break_even'] or 'never'})")
+    for kernel in record.get("kernels", [])[:5]:  # --profile: where the round's time goes
+        parts.append(f"\n    {kernel['us_per_round']:9.1f} us/round {kernel['share']:6.1%}  {kernel['calls']:6d}x  {kernel['name'][:90]}")
     return "  ".join(parts)
 
 

@@ -96,7 +96,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(format_report(results, sample.answers, setting))
     record = {"prompt_tokens": len(prompt), "answer": list(sample.answers), "budget": args.budget,
               "mapping": os.path.basename(mapping) if mapping else "default", "device": device, "dtype": dtype,
-              "kv_share": round(share, 5), "methods": results}
+              "kv_share": round(setting["kv_share"], 5), "methods": results}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(record, indent=1))
     return record

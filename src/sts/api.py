@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import torch
 
+from sts.costmodel import kv_bytes
 from sts.decoding import GenerationStats
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
-from sts.runner import DENSE_METHODS, LoadedModel, build_engine, eos_ids, load, methods, resolve_device
+from sts.runner import DENSE_METHODS, LoadedModel, build_engine, check_pair, eos_ids, load, methods, resolve_device
 from sts.sampling import SamplingConfig
 from sts.selection import HeadMapping, SelectionConfig, check_options
 from sts.serve.scheduler import Delta, Request, RequestError, RequestParams, Scheduler
-from sts.speculative import check_draft_size, shared_vocab
 
 if TYPE_CHECKING:
     from sts.serve.parallel import TensorParallel
@@ -86,7 +86,7 @@ def cache_rows(models: Sequence[Transformer], slots: int, max_model_len: int | N
             raise STSError(f"max model length must be in [1, {limit}] (the models' context), got {max_model_len}")
         return max_model_len
     weights = models[0].embed_tokens.weight
-    row_bytes = slots * sum(2 * m.config.n_layers * m.config.n_kv_heads * m.config.head_dim for m in models) * weights.element_size()
+    row_bytes = slots * sum(kv_bytes(m.config, 1, weights.element_size()) for m in models)
     fit = int(available_memory(weights.device) * CACHE_MEMORY_SHARE) // row_bytes
     if fit < 64:
         raise STSError(f"memory holds only {fit} cache rows per slot for {slots} slots: use fewer slots")
@@ -207,8 +207,7 @@ class LLM:
                   for i, m in enumerate(sources)]
         self.target, self.draft = loaded
         if self.draft is not None:
-            shared_vocab(self.target.model, self.draft.model, self.target.tokenizer, self.draft.tokenizer)
-            check_draft_size(self.target.model.config, self.draft.model.config)
+            check_pair(self.target, self.draft)
         self.tokenizer = self.target.tokenizer
         models = [m.model for m in loaded if m is not None]
         if part is None:

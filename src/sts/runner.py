@@ -56,7 +56,7 @@ def load_pair(
     target: str, draft: str | None, dtype: torch.dtype, device: str, partition: Partition | None = None,
 ) -> tuple[LoadedModel, LoadedModel | None]:
     """Return (target, draft or None), refusing a draft whose vocabulary or tokenizer differs or that is larger than the
-    target (:func:`~sts.speculative.check_draft_size`).
+    target (:func:`check_pair`).
 
     ``partition``: the target is this process's part of it (tensor parallelism); the draft is whole.
     """
@@ -64,9 +64,15 @@ def load_pair(
     if draft is None:
         return tgt, None
     dft = load(draft, dtype, device)
-    shared_vocab(tgt.model, dft.model, tgt.tokenizer, dft.tokenizer)
-    check_draft_size(tgt.model.config, dft.model.config)
+    check_pair(tgt, dft)
     return tgt, dft
+
+
+def check_pair(target: LoadedModel, draft: LoadedModel) -> None:
+    """Raise :class:`STSError` when ``draft`` cannot draft for ``target``: another vocabulary or tokenizer
+    (:func:`~sts.speculative.shared_vocab`), or larger than the target (:func:`~sts.speculative.check_draft_size`)."""
+    shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer)
+    check_draft_size(target.model.config, draft.model.config)
 
 
 def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sts.costmodel import H200_BANDWIDTH, break_even, kv_bytes, selection_reads, weight_bytes
 from sts.bench.profile import kernel_times
+from sts.costmodel import H200_BANDWIDTH, break_even, kv_bytes, selection_reads, weight_bytes
 from sts.decoding import synchronize
 from sts.engine import Engine, EngineConfig
 from sts.errors import STSError

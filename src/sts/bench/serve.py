@@ -411,8 +411,13 @@ def main(argv: list[str] | None = None) -> list[Point]:
     vocab = target.config.vocab_size
     successor, _ = next_token_maps(vocab, args.agreement)  # synthetic_pair's seed 0: the target's greedy rule
     gen = torch.Generator().manual_seed(0)
-    prompts, warmup = ([[torch.randint(0, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
-                        for _ in range(max(streams))] for n in (args.requests, 1))
+
+    def random_prompts(per_stream: int) -> list[list[list[int]]]:
+        return [[torch.randint(0, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(per_stream)]
+                for _ in range(max(streams))]
+
+    prompts = random_prompts(args.requests)
+    warmup = random_prompts(1)  # drawn after the timed prompts, which stay those of earlier runs
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     meta = {"target": shapes[0], "draft": shapes[1], "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "requests_per_stream": args.requests, "slots": args.slots, "gamma": args.gamma, "budget": args.budget,

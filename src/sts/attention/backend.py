@@ -66,8 +66,11 @@ def chunk_attention(offset: int) -> AttentionFn:
 
     Keys are rows ``0 .. offset + T - 1``; the causal diagonal is aligned to the last key
     (PyTorch's lower-right causal bias), so SDPA runs its flash / memory-efficient kernels with
-    no ``[T, N]`` mask in memory. The KV heads are expanded to the query heads because those
-    kernels' lower-right path has no GQA; prefill is bound by arithmetic, not by that copy.
+    no ``[T, N]`` mask in memory, reading each KV head once for its query group (``enable_gqa``;
+    expanding the heads cost 8.7 against 6.1 ms for 1024 tokens after 128K, H200, 2026-11-30).
+    A chunk of up to :data:`KERNEL_MAX_TOKENS` tokens on CUDA (a cached prompt's last token, a
+    short turn after a long prefix) goes through the decode kernel: flash's one-query path took
+    0.5 ms per layer at 128K rows, the split-KV kernel 0.12 ms.
     """
     from torch.nn.attention.bias import causal_lower_right
 
@@ -75,10 +78,11 @@ def chunk_attention(offset: int) -> AttentionFn:
         b, hq, t, _ = q.shape
         if b != 1:
             raise ValueError("chunk_attention serves one sequence at a time")
-        group = hq // k_cache.shape[1]
+        if t <= KERNEL_MAX_TOKENS and q.is_cuda:
+            return dense_attention(layer, q, k_cache, v_cache, start_pos)
         n = offset + t
-        k, v = (c[:, :, :n].repeat_interleave(group, dim=1) for c in (k_cache, v_cache))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, n))
+        return F.scaled_dot_product_attention(
+            q, k_cache[:, :, :n], v_cache[:, :, :n], attn_mask=causal_lower_right(t, n), enable_gqa=True)
 
     return attend
 

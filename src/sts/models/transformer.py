@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from sts.attention.backend import KERNEL_MAX_TOKENS, AttentionFn, dense_attention
 from sts.errors import STSError
@@ -43,12 +43,24 @@ def fused_on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-@fused_on_gpu
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Return x normalised by its root mean square (in float32, like the reference implementations), times weight."""
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+@fused_on_gpu
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Return x normalised by its root mean square (in float32, like the reference implementations), times weight."""
+    return _rms_norm(x, weight, eps)
+
+
+@fused_on_gpu
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Return ``(residual + x, rms_norm(residual + x))``: the residual stream and the next norm's output in one pass
+    (vLLM's fused add + RMSNorm), where a layer would add, store, then read the sum back to normalise it."""
+    total = residual + x
+    return total, _rms_norm(total, weight, eps)
 
 
 @fused_on_gpu
@@ -104,15 +116,6 @@ class KVCache(nn.Module):
         return self.k[slot : slot + 1], self.v[slot : slot + 1]
 
 
-def write_rows(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, start_pos: Tensor) -> None:
-    """Store new rows ``[B, Hkv, T, D]`` at ``start_pos[b] + t`` of caches ``[B, Hkv, S, D]``, in place."""
-    b, h, t, d = k.shape
-    rows = start_pos.view(b, 1, 1, 1) + torch.arange(t, device=k.device).view(1, 1, t, 1)
-    rows = rows.expand(b, h, t, d)
-    k_cache.scatter_(2, rows, k.to(k_cache.dtype))
-    v_cache.scatter_(2, rows, v.to(v_cache.dtype))
-
-
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Return x with rotary position embedding applied (half-split layout, as in HF checkpoints)."""
     half = x.shape[-1] // 2
@@ -121,9 +124,45 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @fused_on_gpu
-def rotate_qk(x: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Return (q, k) rotated; ``x`` ``[B, T, ...]`` only decides (by its T) whether to fuse."""
-    return rotate(q, cos, sin), rotate(k, cos, sin)
+def rope_and_store(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+    k_cache: Tensor, v_cache: Tensor, slots: Tensor, positions: Tensor,
+) -> Tensor:
+    """Rotate ``q`` and ``k`` (``[B, T, H, D]``, ``cos``/``sin`` ``[B, T, 1, D]``), store ``k`` and ``v`` in place at row
+    ``positions[b, t]`` of cache slot ``slots[b]`` (caches ``[slots, Hkv, S, D]``), and return ``q`` as a
+    ``[B, Hq, T, D]`` view.
+
+    On the GPU this is one fused kernel per step where rotation, row arithmetic and the two scatters took seven;
+    the view keeps ``[B, T, Hq, D]`` memory, so an attention output allocated like ``q`` reaches ``o_proj``
+    without a copy.
+    """
+    rows = (slots.view(-1, 1), slice(None), positions)
+    k_cache[rows] = rotate(k, cos, sin).to(k_cache.dtype)
+    v_cache[rows] = v.to(v_cache.dtype)
+    return rotate(q, cos, sin).transpose(1, 2)
+
+
+class Rope(NamedTuple):
+    """A forward's rotary tables ``cos``/``sin`` ``[B, T, 1, D]`` and where its tokens go: row ``positions[b, t]``
+    of cache slot ``slots[b]``; made once per forward, shared by every layer."""
+
+    cos: Tensor
+    sin: Tensor
+    positions: Tensor
+    slots: Tensor
+
+
+@fused_on_gpu
+def rope_tables(
+    tokens: Tensor, start_pos: Tensor, inv_freq: Tensor, scaling: float, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(cos, sin, positions)`` for ``tokens`` ``[B, T]`` placed at ``start_pos[b] + t``: the tables
+    ``[B, T, 1, D]`` in ``dtype`` (times the rope ``scaling``) and the positions ``[B, T]``."""
+    b, t = tokens.shape
+    positions = start_pos.view(b, 1) + torch.arange(t, device=tokens.device).view(1, t)
+    freqs = positions.unsqueeze(-1).float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype).unsqueeze(2), (emb.sin() * scaling).to(dtype).unsqueeze(2), positions
 
 
 class Attention(nn.Module):
@@ -139,20 +178,15 @@ class Attention(nn.Module):
         self.o_proj = Linear(config.n_heads * hd, config.hidden_size, bias=config.o_bias)
         self.cache: KVCache | None = None
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Tensor, attention: AttentionFn, slot: int | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, start_pos: Tensor, attention: AttentionFn, slot: int | None = None) -> Tensor:
         """Return the attention block's output for ``x`` of shape ``[B, T, hidden]`` (``B = 1`` with ``slot``)."""
         b, t, _ = x.shape
         hd, hq, hkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv_proj(x).split([hq * hd, hkv * hd, hkv * hd], dim=-1)
-        q = q.view(b, t, hq, hd).transpose(1, 2)
-        k = k.view(b, t, hkv, hd).transpose(1, 2)
-        v = v.view(b, t, hkv, hd).transpose(1, 2)
-        q, k = rotate_qk(x, q, k, cos, sin)
         assert self.cache is not None, "call setup_cache() before forward()"
+        q = rope_and_store(q.view(b, t, hq, hd), k.view(b, t, hkv, hd), v.view(b, t, hkv, hd), rope.cos, rope.sin,
+                           self.cache.k, self.cache.v, rope.slots, rope.positions)
         k_cache, v_cache = self.cache.rows(slot)
-        write_rows(k_cache, v_cache, k, v, start_pos)
         out = attention(self.layer, q, k_cache, v_cache, start_pos)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
@@ -183,11 +217,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, start_pos: Tensor, attention: AttentionFn, slot: int | None = None,
-    ) -> Tensor:
-        """Return the layer's output (residual stream)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, attention, slot)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, residual: Tensor, x: Tensor, next_norm: RMSNorm, rope: Rope, start_pos: Tensor, attention: AttentionFn,
+        slot: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Return the residual stream after this layer and ``next_norm`` of it, given the stream before it and
+        ``x``, this layer's input norm of that stream (each norm is fused with the residual add before it)."""
+        norm = self.post_attention_layernorm
+        residual, x = add_rms_norm(self.self_attn(x, rope, start_pos, attention, slot), residual, norm.weight, norm.eps)
+        return add_rms_norm(self.mlp(x), residual, next_norm.weight, next_norm.eps)
 
 
 class Transformer(nn.Module):
@@ -239,16 +276,15 @@ class Transformer(nn.Module):
 
         With ``slot``, ``tokens`` is one sequence (``B = 1``) that reads and writes batch slot ``slot`` of the cache.
         """
-        b, t = tokens.shape
-        positions = start_pos.view(b, 1) + torch.arange(t, device=tokens.device).view(1, t)
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        x = self.embed_tokens(tokens)
-        cos = (emb.cos() * self.rope_scaling).to(x.dtype).unsqueeze(1)
-        sin = (emb.sin() * self.rope_scaling).to(x.dtype).unsqueeze(1)
-        for block in self.layers:
-            x = block(x, cos, sin, start_pos, attention, slot)
-        return self.norm(x)
+        b = tokens.shape[0]
+        residual = self.embed_tokens(tokens)
+        slots = torch.arange(b, device=tokens.device) if slot is None else torch.full((1,), slot, device=tokens.device)
+        rope = Rope(*rope_tables(tokens, start_pos, self.inv_freq, self.rope_scaling, residual.dtype), slots)
+        x = self.layers[0].input_layernorm(residual)
+        next_norms = [block.input_layernorm for block in self.layers[1:]] + [self.norm]
+        for block, next_norm in zip(self.layers, next_norms):
+            residual, x = block(residual, x, next_norm, rope, start_pos, attention, slot)
+        return x
 
     def forward(self, tokens: Tensor, start_pos: Tensor, attention: AttentionFn = dense_attention) -> Tensor:
         """Return logits ``[B, T, vocab]`` (float32) for ``tokens`` placed at ``start_pos[b] + t``."""

@@ -71,7 +71,7 @@ def test_cuda_rerank_rows_equal_the_reference_in_a_decode_round(cuda_pair):
     q = torch.randn(2, target.config.n_heads, 5, target.config.head_dim, device="cuda")
     k = target.layers[1].self_attn.cache.k
     got = policy.select(1, q, k, start)
-    cand, usable = (t[:, policy.combo_of[1]] for t in policy.candidates)
+    cand, usable = (t[:, policy.combo_of[1]] for t in policy._top_candidates(policy.combined, start))  # layer 1's heads
     want = rerank.rerank_rows(q, k, cand, usable, start, 4, 8, 48, True)
     assert got.shape == want.shape
     for b in range(2):

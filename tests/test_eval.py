@@ -57,7 +57,7 @@ def test_recall_equals_brute_force():
     assert observer.recall[0] == pytest.approx(mass / n, rel=1e-5)
     assert observer.recall_context[0] == pytest.approx(ratio / n, rel=1e-5)
     expected_sparsity = 1 - (4 / 20 + 5 / 20 + 3 / 12 + 5 / 12) / 4  # row 14 is past sequence 1's context
-    assert float(observer.sparsity[0]) == pytest.approx(expected_sparsity)
+    assert float(observer.layer_sparsity()[0]) == pytest.approx(expected_sparsity)
 
 
 @pytest.fixture(scope="module")

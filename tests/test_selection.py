@@ -258,10 +258,10 @@ def test_small_budget_is_sparse_and_oracle_recall_bounds_every_policy(tiny_pair)
         observers[name] = SelectiveAttention(policy, measure_recall=True)
     target(torch.tensor([[3, 4, 5, 6]]), start, ShadowAttention(observers))
     oracle = observers["oracle"]
-    assert float(observers["sts"].sparsity[0]) == pytest.approx(1 - 24 / 120)
+    assert float(observers["sts"].layer_sparsity()[0]) == pytest.approx(1 - 24 / 120)
     for method, observer in observers.items():
         for layer, value in observer.recall.items():
-            if float(observer.sparsity[layer]) > 0:  # tidal keeps some layers dense: nothing to bound there
+            if float(observer.layer_sparsity()[layer]) > 0:  # tidal keeps some layers dense: nothing to bound there
                 assert oracle.recall[layer] >= value - 1e-6, (method, layer)
     assert max(oracle.recall.values()) < 1.0
 

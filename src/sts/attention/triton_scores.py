@@ -159,7 +159,6 @@ def context_scores_triton(
     n_splits = cfg.num_splits or split_count(seq_len, b * hkv, q.device, cfg.block_n, per_sm=4)
     block_m = gq_p * g_p
 
-    start_pos = start_pos.to(torch.int32)
     m_part = torch.empty(b * hkv * n_splits * block_m, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     out = torch.empty(b, hq, seq_len, device=q.device, dtype=torch.float32)

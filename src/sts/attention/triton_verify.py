@@ -317,7 +317,6 @@ def sparse_verify_attention(
     lse_part = torch.empty(b * hkv * n_splits * rows, **f32)
     logits = torch.empty(b * hkv * rows * n_idx if return_importance else 1, **f32)
     out = torch.empty_like(q)
-    start_pos = start_pos.to(torch.int32)
 
     _verify_split_kernel[(b * hkv, n_splits)](
         q, k_cache, v_cache, indices, start_pos, o_part, lse_part, logits,

@@ -22,8 +22,9 @@ class SelectiveAttention:
     def __init__(self, policy: SelectionPolicy, measure_recall: bool = False) -> None:
         self.policy = policy
         self.measure_recall = measure_recall
-        # Per-layer values stay tensors until end_step(), so a step can run without host syncs.
-        self.sparsity: dict[int, Tensor | float] = {}
+        # Each layer's rows (None: dense) stay on the device until the step's sparsity is counted, all layers at
+        # once (a few kernels per step, not a dozen per layer), so a step runs without host syncs.
+        self.selected: dict[int, Tensor | None] = {}
         self.recall: dict[int, float] = {}
         self.recall_context: dict[int, float] = {}
         self.set_recall: dict[str, dict[int, float]] = {}
@@ -41,15 +42,8 @@ class SelectiveAttention:
         self._device = start_pos.device
         dense = layer < self.policy.config.dense_layers
         idx = None if dense else self.policy.slot_rows(layer, q, k_cache, start_pos)
-        ctx = start_pos.float().clamp_min(1)
-        if idx is None:
-            self.sparsity[layer] = 0.0
-        else:
-            # Averaged over the sequences that have a context (a free engine slot has none).
-            valid = (idx < start_pos.view(-1, 1, 1)).sum(-1).float()
-            decoding = (start_pos > 0).float().view(-1, 1)
-            skipped = (1 - valid / ctx.view(-1, 1)) * decoding
-            self.sparsity[layer] = skipped.sum() / (decoding.sum() * valid.shape[1]).clamp_min(1)
+        self.selected[layer] = idx
+        self._start_pos = start_pos
         if self.measure_recall:
             self._measure(layer, q, k_cache, start_pos, idx, probs)
         if idx is not None and self.policy.wants_feedback:
@@ -87,22 +81,40 @@ class SelectiveAttention:
             kept = chosen.gather(-1, top) & real
             self.set_recall.setdefault(name, {})[layer] = float(kept.sum() / real.sum().clamp_min(1))
 
+    def layer_sparsity(self) -> dict[int, Tensor]:
+        """Return each layer's share of context rows this step did not read (``[]`` tensors on the device, no host
+        sync): averaged over the sequences that have a context (a free engine slot has none) and the KV heads; a
+        dense layer skips none. Counted for all sparse layers at once (a few kernels per step, not a dozen per layer)."""
+        sparse = [layer for layer, idx in self.selected.items() if idx is not None]
+        out = {layer: torch.zeros((), device=self._device) for layer in self.selected if layer not in sparse}
+        if not sparse:
+            return out
+        start_pos, rows = self._start_pos, [self.selected[layer] for layer in sparse]
+        if len({idx.shape for idx in rows}) == 1:  # type: ignore[union-attr]
+            valid = (torch.stack(rows) < start_pos.view(1, -1, 1, 1)).sum(-1)  # type: ignore[arg-type]  # [layers, B, Hkv]
+        else:  # a policy whose layers read different widths
+            valid = torch.stack([(idx < start_pos.view(-1, 1, 1)).sum(-1) for idx in rows])  # type: ignore[operator]
+        decoding = (start_pos > 0).float().view(1, -1, 1)
+        skipped = (1 - valid.float() / start_pos.float().clamp_min(1).view(1, -1, 1)) * decoding
+        per_layer = skipped.sum((1, 2)) / (decoding.sum() * valid.shape[2]).clamp_min(1)
+        return {**out, **dict(zip(sparse, per_layer.unbind()))}
+
     def round_sparsity(self) -> Tensor:
-        """Return ``[1]``: this step's sparsity averaged over layers, on the device (no host sync)."""
-        values = [torch.as_tensor(v, dtype=torch.float32, device=self._device) for v in self.sparsity.values()]
-        return torch.stack(values).mean().view(1)
+        """Return ``[1]``: this step's :meth:`layer_sparsity` averaged over the layers, on the device (no host sync)."""
+        per_layer = self.layer_sparsity()
+        return (torch.stack(list(per_layer.values())).mean() if per_layer else torch.zeros((), device=self._device)).view(1)
 
     def end_step(self, stats: GenerationStats) -> None:
         """Add this verification step's layer means to ``stats`` and start the next step afresh."""
         mean = lambda d: sum(float(v) for v in d.values()) / len(d)  # noqa: E731
-        stats.sparsity.append(mean(self.sparsity))
+        stats.sparsity.append(float(self.round_sparsity()))
         if self.recall:
             stats.recall.append(mean(self.recall))
             stats.recall_context.append(mean(self.recall_context))
             stats.recall_layers.append(dict(self.recall_context))
             for name, per_layer in self.set_recall.items():
                 stats.set_recall.setdefault(name, []).append(mean(per_layer))
-        self.sparsity, self.recall, self.recall_context, self.set_recall = {}, {}, {}, {}
+        self.selected, self.recall, self.recall_context, self.set_recall = {}, {}, {}, {}
 
 
 class ShadowAttention:

@@ -127,6 +127,7 @@ class SelectionPolicy(ABC):
         self.ctx = ctx
         self.budget = ctx.budget
         self.slot_budgets = ctx.slot_budgets if self.ranked else None
+        self._kept: dict[int, Tensor] = {}  # per width: which ranks each sequence keeps this round
 
     def feedback(self, layer: int, rows: Tensor, importance: Tensor) -> None:
         """Receive the target's attention ``[B, Hkv, K]`` on the ``rows`` it read at ``layer`` (max over group and queries)."""
@@ -152,13 +153,16 @@ class SelectionPolicy(ABC):
         idx = self.select(layer, q, k_cache, start_pos)
         if idx is None or self.slot_budgets is None:
             return idx
-        return keep_ranked(idx, self.slot_budgets, k_cache.shape[2])
+        width = idx.shape[-1]
+        if width not in self._kept:  # once per round and width, not per layer
+            self._kept[width] = kept_ranks(width, self.slot_budgets)
+        return torch.where(self._kept[width], idx, k_cache.shape[2])
 
 
-def keep_ranked(rows: Tensor, budgets: Tensor, invalid: int) -> Tensor:
-    """Return ``rows`` ``[B, H, K]`` (in rank order) with ranks at or past ``budgets[b]`` (``[B]``) set to ``invalid``."""
-    rank = torch.arange(rows.shape[-1], device=rows.device).view(1, 1, -1)
-    return torch.where(rank < budgets.view(-1, 1, 1), rows, invalid)
+def kept_ranks(width: int, budgets: Tensor) -> Tensor:
+    """Return ``[B, 1, width]`` bool: which ranks of a ranked selection sequence ``b`` keeps at its budget ``budgets[b]``
+    (``[B]``); the others are made invalid (the cache length)."""
+    return torch.arange(width, device=budgets.device).view(1, 1, -1) < budgets.view(-1, 1, 1)
 
 
 def competing_rows(n: int, start_pos: Tensor, sink: int, window: int) -> tuple[Tensor, Tensor]:

@@ -122,8 +122,9 @@ class STSPolicy(SelectionPolicy):
         self.combined = combined.transpose(0, 1)  # [B, U, N]
         self.rows = self.candidates = None
         if self.rerank and not self.wants_feedback:
-            # The draft's candidates do not depend on the target's queries: one batched top-k.
-            self.candidates = self._top_candidates(self.combined, ctx.start_pos)
+            # The draft's candidates do not depend on the target's queries: one batched top-k, and one gather of
+            # every target layer's heads' candidates ([B, L, Hkv, C]: a layer takes a view, launching nothing).
+            self.candidates = tuple(t[:, self.combo_of] for t in self._top_candidates(self.combined, ctx.start_pos))
         if not (self.rerank or self.wants_feedback):
             # Without per-layer refinements every layer's rows are known now: one batched top-k
             # over the distinct score rows is far cheaper on the GPU than one per target layer.
@@ -187,7 +188,7 @@ class STSPolicy(SelectionPolicy):
     def _rerank_select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return ``[B, Hkv, budget]`` rows: sinks, window, and the candidates this layer's verify queries rank best."""
         if self.candidates is not None:
-            cand, usable = (t[:, self.combo_of[layer]] for t in self.candidates)
+            cand, usable = (t[:, layer] for t in self.candidates)
         else:
             cand, usable = self._top_candidates(self.scores(layer, q, k_cache, start_pos), start_pos)
         return dispatch.rerank_rows(

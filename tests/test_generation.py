@@ -126,14 +126,15 @@ def test_sparse_draft_keeps_output_lossless_and_changes_only_acceptance(tiny_pai
         speculative_generate(target, draft, prompts, 4, draft_budget=3)
 
 
-def interleaved_equals_solo(target, draft, policy=None, chunk: int = 16) -> None:
-    """Sequences admitted between rounds, their prefill chunk by chunk while others decode, each equal their solo run."""
+def interleaved_equals_solo(target, draft, policy=None, chunk: int = 16, **config) -> None:
+    """Sequences admitted between rounds, their prefill chunk by chunk while others decode, each equal their solo run
+    (``config``: more EngineConfig settings)."""
     from sts.engine import Engine, EngineConfig
 
     prompts = [list(range(1, 50)), [9, 8, 7] * 30, [(5 * i) % 90 + 1 for i in range(70)]]
     solo = [generate(target, [p], 24).tokens[0] for p in prompts]
-    config = EngineConfig(gamma=3, prefill_chunk=chunk, verify="sparse")
-    engine = Engine(target, draft, policy, slots=2, max_len=128, config=config)
+    engine = Engine(target, draft, policy, slots=2, max_len=128,
+                    config=EngineConfig(gamma=3, prefill_chunk=chunk, verify="sparse", **config))
     out: dict[int, list[int]] = {}
     owner: dict[int, int] = {}
     waiting = list(range(len(prompts)))

@@ -29,6 +29,7 @@ from sts.prefill import PrefillConfig
 from sts.runner import DENSE_METHODS, LoadedModel, build_engine, check_pair, eos_ids, load, methods, resolve_device
 from sts.sampling import SamplingConfig
 from sts.selection import HeadMapping, SelectionConfig, check_options
+from sts.selection.draft import DraftSelection
 from sts.serve.scheduler import Delta, Request, RequestError, RequestParams, Scheduler
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class LLM:
     ``target``, ``draft``: HF hub ids, checkpoint directories or ``.gguf`` files (or models
     loaded with :func:`sts.runner.load`). ``method``: one of :func:`sts.runner.methods`; by
     default ``sts`` with a draft, ``autoregressive`` without. ``budget``, ``sink``, ``window``,
-    ``dense_layers``, ``mapping``, ``draft_budget``, ``prefill`` and ``**options`` (e.g.
+    ``dense_layers``, ``mapping``, ``draft_budget``, ``draft_selection``, ``prefill`` and ``**options`` (e.g.
     ``rerank=0``) are ``sts generate``'s settings of the same names. ``slots``: sequences decoded
     together; ``max_model_len``: each slot's context in tokens (default: the models' context,
     capped so that the caches take at most half of the free memory). ``prefill_chunk``: prompt
@@ -149,9 +150,9 @@ class LLM:
     def __init__(
         self, target: str | Path | LoadedModel, draft: str | Path | LoadedModel | None = None, method: str | None = None, *,
         budget: float = 256, sink: int = 4, window: int = 64, dense_layers: int = 0, gamma: int = 4,
-        mapping: str | None = None, draft_budget: int | None = None, prefill: PrefillConfig | None = None,
-        slots: int = 1, max_model_len: int | None = None, prefill_chunk: int | None = None, device: str | None = None,
-        dtype: str | torch.dtype | None = None, seed: int = 0, max_queue: int = 256,
+        mapping: str | None = None, draft_budget: int | None = None, draft_selection: DraftSelection = "recent",
+        prefill: PrefillConfig | None = None, slots: int = 1, max_model_len: int | None = None,
+        prefill_chunk: int | None = None, device: str | None = None, dtype: str | torch.dtype | None = None, seed: int = 0, max_queue: int = 256,
         verify: Literal["auto", "sparse"] = "auto", tensor_parallel: int | TensorParallel = 1, **options: Any,
     ) -> None:
         # The other tensor-parallel ranks build the same LLM from these: every argument but the models.
@@ -161,7 +162,7 @@ class LLM:
         if self.method not in methods():
             raise STSError(f"unknown method {self.method!r} (choose from {', '.join(methods())})")
         self.selection = SelectionConfig(budget=budget, sink=sink, window=window, dense_layers=dense_layers)
-        self.draft_budget, self.options = draft_budget, dict(options)
+        self.draft_budget, self.draft_selection, self.options = draft_budget, draft_selection, dict(options)
         if options:
             if self.method in DENSE_METHODS:
                 raise STSError(f"options {', '.join(options)} apply to selection methods, not {self.method}")
@@ -184,7 +185,7 @@ class LLM:
         try:
             self._build(target, draft, device, dtype, slots, max_model_len, dict(
                 gamma=gamma, selection=self.selection, mapping=mapping, options=options, draft_budget=draft_budget,
-                prefill=prefill, prefill_chunk=prefill_chunk, seed=seed, verify=verify))
+                draft_selection=draft_selection, prefill=prefill, prefill_chunk=prefill_chunk, seed=seed, verify=verify))
         except BaseException:
             if self.parallel is not None:
                 self.parallel.close(abort=True)
@@ -223,7 +224,8 @@ class LLM:
         """Return the settings fixed when the engine was built (method, gamma, selection, draft budget)."""
         sel = self.selection
         return {"method": self.method, "gamma": self.gamma, "budget": sel.budget, "sink": sel.sink, "window": sel.window,
-                "dense_layers": sel.dense_layers, "draft_budget": self.draft_budget}
+                "dense_layers": sel.dense_layers, "draft_budget": self.draft_budget,
+                "draft_selection": self.draft_selection}
 
     # ------------------------------------------------------------------ requests
 

@@ -103,7 +103,10 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-budgets", type=float, default=None,
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
     p.add_argument("--draft-budget", type=int, default=None,
-                   help="draft steps after a round's first read only sinks + the latest rows, this many in all")
+                   help="draft steps after a round's first read only this many rows (see --draft-selection)")
+    p.add_argument("--draft-selection", choices=("recent", "scored"), default="recent",
+                   help="the sparse draft's rows: recent (default), sinks + the latest rows; scored (sts), sinks, the "
+                        "window and the rows each draft layer scored best in the last sparse round")
     p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
                    help="auto (default): verify densely in rounds whose contexts are below the break-even, where the "
                         "selection costs more than the KV reads it saves (sts.costmodel, H200 figures); sparse: always "
@@ -204,6 +207,7 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
         selection=selection, mapping=args.mapping, measure_recall=args.measure_recall, seed=args.seed,
         on_tokens=None if text is None else lambda b, ids: write(text.add(ids)),
         prefill=prefill, options=options, draft_budget=args.draft_budget, verify=args.verify,
+        draft_selection=args.draft_selection,
     )
     tokens = result.tokens[0]
     stats = result.stats.summary()

@@ -47,7 +47,6 @@ from typing import Callable, Generator, Iterator, Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sts.attention import dispatch
 from sts.attention.dispatch import kernel_head_dim
 from sts.attention.backend import AttentionFn, QueryRecorder, chunk_attention, dense_attention
 from sts.costmodel import Hardware, RoundModel, selection_reads
@@ -61,35 +60,12 @@ from sts.selection.attend import SelectiveAttention, ShadowAttention
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
 from sts.prefill import PrefillConfig, sparse_prefill
 from sts.selection.mapping import HeadMapping
-from sts.selection.streaming import streaming_rows
+from sts.selection.draft import DraftSelection, ScoredDraftAttention, SparseDraftAttention
 from sts.selection.sts import STSPolicy
 
 #: Prompt tokens per prefill chunk on CUDA: large enough for the matrix units, small enough that
 #: a chunk's activations stay a small share of memory at 128K contexts.
 CUDA_PREFILL_CHUNK = 8192
-
-
-class SparseDraftAttention:
-    """The draft's attention for the steps after a round's first: the first ``sink`` rows and the latest rows,
-    ``budget`` in all (StreamingLLM's selection, Xiao et al. 2023).
-
-    The rows depend only on the step's positions, so they are computed once per step (the first
-    layer's call) and shared by every layer: a step adds one small kernel, not a few per layer.
-    """
-
-    def __init__(self, budget: int, sink: int = 4) -> None:
-        if budget <= sink:
-            raise STSError(f"draft budget must exceed the {sink} sink rows, got {budget}")
-        self.budget, self.sink = budget, sink
-        self._positions: Tensor | None = None
-        self._rows: Tensor | None = None
-
-    def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
-        """Return the attention of ``q`` over the sink and latest rows (and, causally, the new rows)."""
-        if start_pos is not self._positions:
-            self._positions = start_pos
-            self._rows = streaming_rows(start_pos, self.budget, self.sink, k_cache.shape[1])
-        return dispatch.verify_attention(q, k_cache, v_cache, start_pos, self._rows)
 
 
 @dataclass
@@ -98,8 +74,11 @@ class EngineConfig:
 
     gamma: int = 4
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    #: Rows the draft's steps after a round's first read (sinks + latest rows); None: dense.
+    #: Rows the draft's steps after a round's first read; None: dense.
     draft_budget: int | None = None
+    #: Which rows those are (:mod:`sts.selection.draft`): "recent", sinks and the latest rows; "scored" (STS only),
+    #: sinks, the policy's window and the rows each draft layer scored best in the last sparse round.
+    draft_selection: DraftSelection = "recent"
     #: Token ids at and past this are never proposed nor emitted (the tokenizer's size when a
     #: pair pads its embedding tables differently); None: the target's vocabulary.
     vocab: int | None = None
@@ -124,6 +103,10 @@ class EngineConfig:
             raise STSError(f"gamma must be >= 1, got {self.gamma}")
         if self.verify not in ("auto", "sparse"):
             raise STSError(f"verify must be 'auto' or 'sparse', got {self.verify!r}")
+        if self.draft_selection not in ("recent", "scored"):
+            raise STSError(f"draft selection must be 'recent' or 'scored', got {self.draft_selection!r}")
+        if self.draft_selection == "scored" and self.draft_budget is None:
+            raise STSError("a scored draft selection needs a draft budget (--draft-budget)")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise STSError(f"prefill chunk must be >= 1, got {self.prefill_chunk}")
 
@@ -202,6 +185,14 @@ class Engine:
                                                 target.embed_tokens.weight.element_size(), self.config.hardware)
         budget = self.config.draft_budget
         self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget is not None else dense_attention
+        #: The draft's later steps in sparse rounds, over the rows the select phase scored (None: as in dense rounds).
+        self.scored_draft: ScoredDraftAttention | None = None
+        if self.config.draft_selection == "scored":
+            if not isinstance(policy, STSPolicy) or draft is None or budget is None:
+                raise STSError("a scored draft selection reuses STS's draft scores: use --method sts with --draft-budget")
+            self.scored_draft = ScoredDraftAttention(draft.config.n_layers, slots, draft.config.n_kv_heads, budget,
+                                                     policy.config.sink, policy.config.window, max_len, self.device)
+            self.scored_layers = torch.tensor(policy.draft_layers(draft), device=self.device)
 
         def buffer(dtype: torch.dtype, *shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=dtype, device=self.device)
@@ -405,6 +396,8 @@ class Engine:
         self.host_active[slot] = False
         self.host_ctx[slot] = 0
         self.slot_selection[slot] = None
+        if self.scored_draft is not None:
+            self.scored_draft.forget(slot)
 
     def _prefill_chunks(self, model: Transformer, slot: int, prompt: Sequence[int], first: int = 0) -> Generator[None, None, Tensor]:
         """Write ``prompt`` from token ``first`` into slot ``slot`` chunk by chunk (yielding after each); return the ``[1, V]``
@@ -591,7 +584,8 @@ class Engine:
         drafted, dists = [], []
         for i in range(self.gamma):
             if i:
-                self.recorder.inner = self.later_draft_attention
+                sparse_round = self.scored_draft is not None and self.round_budget
+                self.recorder.inner = self.scored_draft if sparse_round else self.later_draft_attention
                 logits = self.draft(drafted[-1].view(-1, 1), ctx + i, self.recorder)[:, -1, : self.vocab]
             if self._forced is not None:  # teacher forcing: the draft reads the known text
                 drafted.append(self._forced[:, i])
@@ -613,6 +607,9 @@ class Engine:
         ctx = RoundContext(self._context(), self.target, self.round_budget, self.draft, queries,  # type: ignore[arg-type]
                            slot_budgets=self.slot_budgets)
         self.policy.prepare(ctx)
+        if self.scored_draft is not None:  # the draft's own rows for the next round, from the same scores
+            assert isinstance(self.policy, STSPolicy)
+            self.scored_draft.update(self.scored_layers, self.policy.draft_layer_scores(), ctx.start_pos)
 
     def _verify_phase(self) -> None:
         """Verify the drafts with the target (over the selected rows; budget 0: every row) and accept on the device."""
@@ -690,7 +687,10 @@ class Engine:
         Warm-up runs decode for real, so the slot state is saved before and restored after them.
         """
         began = time.perf_counter()
-        state = [t.clone() for t in (self.ctx, self.last, self.prev, self.out_tokens, self.out_count)]
+        live_state = [self.ctx, self.last, self.prev, self.out_tokens, self.out_count]
+        if self.scored_draft is not None:  # the warm-up's select phases write the next round's draft rows
+            live_state.append(self.scored_draft.rows)
+        state = [t.clone() for t in live_state]
         self.round_budget, self.round_mode = budget, mode
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -698,7 +698,7 @@ class Engine:
             for _ in range(2):
                 for phase in phases:
                     phase()
-                for saved, live in zip(state, (self.ctx, self.last, self.prev, self.out_tokens, self.out_count)):
+                for saved, live in zip(state, live_state):
                     live.copy_(saved)
         torch.cuda.current_stream().wait_stream(stream)
         # Tensor parallelism (sts.parallel): the target's forwards hold NCCL all-reduces, capturable since

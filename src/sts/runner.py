@@ -15,6 +15,7 @@ from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
 from sts.selection import REGISTRY, SelectionConfig, make_policy
+from sts.selection.draft import DraftSelection
 from sts.speculative import check_draft_size, shared_vocab
 
 #: Methods that need no selection policy.
@@ -89,7 +90,7 @@ def build_engine(
     sampling: SamplingConfig = SamplingConfig(), selection: SelectionConfig | None = None, mapping: str | None = None,
     options: dict[str, Any] | None = None, draft_budget: int | None = None, prefill: PrefillConfig | None = None,
     prefill_chunk: int | None = None, measure_recall: bool = False, prefix_cache: PrefixCache | None = None, seed: int = 0,
-    verify: Literal["auto", "sparse"] = "auto",
+    verify: Literal["auto", "sparse"] = "auto", draft_selection: DraftSelection = "recent",
 ) -> Engine:
     """Return an engine that decodes with ``method`` (see :func:`methods`) in ``slots`` slots of ``max_len`` rows.
 
@@ -98,8 +99,9 @@ def build_engine(
     graphs once. ``prefill`` makes the target's prefill sparse (speculative methods only; such
     prefills are never shared, so ``prefix_cache`` is then unused); ``options`` go to the
     selection policy (e.g. ``rerank``, ``feedback`` for STS); ``draft_budget`` makes the draft's
-    steps after the first of each round read sinks + the latest rows, ``draft_budget`` in all;
-    ``verify`` "sparse" keeps a selection policy's verification sparse below the break-even context
+    steps after the first of each round read ``draft_budget`` rows: sinks and the latest rows, or with
+    ``draft_selection="scored"`` (STS) sinks, the window and the rows the draft's layers scored best in the
+    last sparse round (:mod:`sts.selection.draft`); ``verify`` "sparse" keeps a selection policy's verification sparse below the break-even context
     too (default "auto": :class:`~sts.engine.EngineConfig`).
 
     Raises :class:`STSError` for an unknown method, a method that needs a draft without one, or
@@ -118,7 +120,7 @@ def build_engine(
     if method not in DENSE_METHODS:
         policy = make_policy(method, selection or SelectionConfig(), target.model, draft.model, mapping, **(options or {}))
     config = EngineConfig(
-        gamma=gamma, sampling=sampling, draft_budget=draft_budget,
+        gamma=gamma, sampling=sampling, draft_budget=draft_budget, draft_selection=draft_selection,
         vocab=shared_vocab(target.model, draft.model, target.tokenizer, draft.tokenizer),
         measure_recall=measure_recall, seed=seed, sparse_prefill=prefill, prefill_chunk=prefill_chunk, verify=verify,
     )
@@ -145,6 +147,7 @@ def run_method(
     options: dict[str, Any] | None = None,
     draft_budget: int | None = None,
     verify: Literal["auto", "sparse"] = "auto",
+    draft_selection: DraftSelection = "recent",
 ) -> GenerationResult:
     """Return the generation of ``method`` (autoregressive, speculative or a selection policy) for ``prompts``.
 
@@ -159,5 +162,6 @@ def run_method(
         method, target, draft, slots=len(prompts), max_len=max_len, gamma=gamma, sampling=sampling,
         selection=selection, mapping=mapping, options=options, draft_budget=draft_budget, prefill=prefill,
         measure_recall=measure_recall, prefix_cache=prefix_cache, seed=0 if seed is None else seed, verify=verify,
+        draft_selection=draft_selection,
     )
     return engine.generate(prompts, max_new_tokens, eos_ids(target), on_tokens)

@@ -64,6 +64,8 @@ class Method:
     policy: str | None = None
     options: tuple[tuple[str, float], ...] = ()
     sparse_draft: bool = False
+    #: The sparse draft's rows by STS's draft scores (``sts.selection.draft``), not the latest ones.
+    scored_draft: bool = False
 
 
 METHODS = (
@@ -72,6 +74,7 @@ METHODS = (
     Method("speculative+sd", sparse_draft=True),
     Method("sts", policy="sts"),
     Method("sts+sd", policy="sts", sparse_draft=True),
+    Method("sts+sd-scored", policy="sts", sparse_draft=True, scored_draft=True),
     Method("sts-plain", policy="sts", options=(("rerank", 0),)),
     Method("sts-plain+sd", policy="sts", options=(("rerank", 0),), sparse_draft=True),
 )
@@ -135,6 +138,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
         if method.policy is not None:
             policy = make_policy(method.policy, selection, target, draft, **dict(method.options))
         config = EngineConfig(gamma=args.gamma, draft_budget=args.draft_budget if method.sparse_draft else None,
+                              draft_selection="scored" if method.scored_draft else "recent",
                               verify=args.verify)
         engine = Engine(target, draft if method.speculative else None, policy, slots=batch, max_len=max_len, config=config)
         if cuda:

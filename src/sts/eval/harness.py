@@ -34,7 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sts.decoding import PrefixCache, context_capacity
-from sts.engine import Engine, SparseDraftAttention
+from sts.engine import Engine
+from sts.selection.draft import DraftSelection, SparseDraftAttention
 from sts.errors import STSError
 from sts.eval.output import output_dir
 from sts.eval.report import write_report
@@ -67,6 +68,8 @@ class MethodSpec:
     options: tuple[tuple[str, float], ...] = ()
     #: Rows the draft's steps after a round's first read (``/draft_budget=256``); None: a dense draft.
     draft_budget: int | None = None
+    #: Which rows (``/scored_draft=1``: "scored", STS's draft scores; else "recent"): :mod:`sts.selection.draft`.
+    draft_selection: DraftSelection = "recent"
 
     def policy_options(self) -> dict[str, float]:
         """Return the options as keyword arguments for the policy."""
@@ -84,7 +87,8 @@ REFERENCE = MethodSpec("autoregressive", "autoregressive")
 def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]:
     """Return method specs for names like ``sts``, ``sts-cal`` (STS with ``--mapping``), ``sts+sp``
     (sparse prefill), ``sts-cal/rerank=4`` (policy options) or ``sts/draft_budget=256`` (a sparse draft:
-    its steps after a round's first read 256 rows; any speculative method)."""
+    its steps after a round's first read 256 rows; any speculative method; ``/scored_draft=1`` picks them by
+    STS's draft scores, :mod:`sts.selection.draft`)."""
     specs = []
     for name in names:
         head, sparse_prefill = (name[:-3], True) if name.endswith("+sp") else (name, False)
@@ -96,13 +100,17 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
         if len({k for k, _ in options}) < len(options):
             raise STSError(f"method {name!r} sets an option twice")
         draft_budget = _draft_budget(name, dict(options).get("draft_budget"))
-        options = tuple((k, v) for k, v in options if k != "draft_budget")
+        scored = dict(options).get("scored_draft", 0)
+        if scored not in (0, 1) or (scored and (draft_budget is None or base not in ("sts", "sts-cal"))):
+            raise STSError(f"method {name!r}: /scored_draft=1 applies to sts with a /draft_budget")
+        selection: DraftSelection = "scored" if scored else "recent"
+        options = tuple((k, v) for k, v in options if k not in ("draft_budget", "scored_draft"))
         if base == "sts-cal":
             if mapping is None:
                 raise STSError("method sts-cal needs --mapping (a file from `sts calibrate`)")
-            spec = MethodSpec(name, "sts", mapping, sparse_prefill, options, draft_budget)
+            spec = MethodSpec(name, "sts", mapping, sparse_prefill, options, draft_budget, selection)
         elif base in DENSE_METHODS or base in REGISTRY:
-            spec = MethodSpec(name, base, None, sparse_prefill, options, draft_budget)
+            spec = MethodSpec(name, base, None, sparse_prefill, options, draft_budget, selection)
         else:
             raise STSError(f"unknown method {name!r} (choose from {', '.join(DEFAULT_METHODS)}, each optionally +sp)")
         if sparse_prefill and not spec.sparse:
@@ -337,7 +345,7 @@ class Evaluator:
             engine = build_engine(
                 spec.method, self.target, self.draft, slots=1, max_len=self.max_len, gamma=a.gamma,
                 selection=self.selection(budget) if budget is not None else None, mapping=spec.mapping,
-                options=spec.policy_options(), draft_budget=spec.draft_budget,
+                options=spec.policy_options(), draft_budget=spec.draft_budget, draft_selection=spec.draft_selection,
                 prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
                 measure_recall=spec.sparse and a.measure_recall, prefix_cache=self.prefix_cache, seed=a.seed,
                 verify="sparse",  # the grid measures sparse verification at every length, the short ones included
@@ -389,7 +397,8 @@ class Evaluator:
             policy = make_policy(spec.method, self.selection(budget), self.target.model, self.draft.model, spec.mapping,
                                  **spec.policy_options())
             run = teacher_forced(self.target.model, self.draft.model, prompt, context, a.gamma, policy,
-                                 measure_recall=a.measure_recall, prefix_cache=cache, draft_budget=spec.draft_budget)
+                                 measure_recall=a.measure_recall, prefix_cache=cache, draft_budget=spec.draft_budget,
+                                 draft_selection=spec.draft_selection)
         summary = run.stats.summary()
         return {
             "score": None, "prediction": "", "tokens": [], "agreement": None,

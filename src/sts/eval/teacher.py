@@ -11,6 +11,7 @@ from sts.decoding import GenerationStats, PrefixCache
 from sts.engine import Engine, EngineConfig
 from sts.models.transformer import Transformer
 from sts.selection.base import SelectionPolicy
+from sts.selection.draft import DraftSelection
 
 
 @dataclass
@@ -32,6 +33,7 @@ def teacher_forced(
     measure_recall: bool = False,
     prefix_cache: PrefixCache | None = None,
     draft_budget: int | None = None,
+    draft_selection: DraftSelection = "recent",
 ) -> TeacherForced:
     """Return the NLL of ``tokens[context + 1:]`` verified ``gamma + 1`` at a time, as STS would verify them.
 
@@ -39,12 +41,13 @@ def teacher_forced(
     reads the true continuation (as if it had guessed every token), so the policy's draft scores come
     from the queries a perfect draft would produce; the target's KV rows for verified tokens come
     from its sparse forward, as in decoding. ``policy=None`` verifies densely (the reference).
-    ``draft_budget``: the draft's steps after a round's first read sinks + the latest rows, as in
-    decoding with a sparse draft.
+    ``draft_budget``, ``draft_selection``: the draft's steps after a round's first read that many rows,
+    chosen as in decoding with that sparse draft (:mod:`sts.selection.draft`).
     """
     tokens = list(tokens)
     engine = Engine(target, draft, policy, max_len=len(tokens) + gamma + 2,
-                    config=EngineConfig(gamma=gamma, measure_recall=measure_recall, draft_budget=draft_budget),
+                    config=EngineConfig(gamma=gamma, measure_recall=measure_recall, draft_budget=draft_budget,
+                                        draft_selection=draft_selection),
                     prefix_cache=prefix_cache)
     engine.prefill(0, tokens[:context])
     total, count, start = 0.0, 0, context

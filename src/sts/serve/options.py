@@ -76,7 +76,8 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise STSError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     return dict(method=args.method, budget=_selection(args).budget, sink=args.sink, window=args.window,
                 dense_layers=args.dense_layers,
-                gamma=args.gamma, mapping=args.mapping, draft_budget=args.draft_budget, prefill=_prefill(args),
+                gamma=args.gamma, mapping=args.mapping, draft_budget=args.draft_budget,
+                draft_selection=args.draft_selection, prefill=_prefill(args),
                 slots=args.slots, max_model_len=args.max_model_len, device=args.device, dtype=args.dtype, seed=args.seed,
                 max_queue=args.max_queue, verify=args.verify, tensor_parallel=args.tensor_parallel, **_options(args))
 

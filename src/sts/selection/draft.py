@@ -1,0 +1,95 @@
+"""The draft's own sparse attention for a round's steps after the first (``--draft-budget``).
+
+A round's first draft step reads the whole context (it re-reads the last accepted tokens and
+its queries feed the selection); the later steps can read a few hundred rows, so that a draft
+step costs about its weights at any context length. Which rows:
+
+* ``recent`` (:class:`SparseDraftAttention`): the first ``sink`` rows and the latest ones
+  (StreamingLLM's rule, Xiao et al. 2023). Free, but blind to anything the text refers back to.
+* ``scored`` (:class:`ScoredDraftAttention`): sinks, the latest ``window`` rows, and per draft
+  layer the rows that layer's attention scored best in the last sparse round. STS computes
+  those scores anyway (the select phase scores the context with the draft's queries and keys);
+  the draft reuses them for itself, as the target does for its verify rows.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sts.attention import dispatch
+from sts.errors import STSError
+from sts.selection.base import competing_rows
+from sts.selection.streaming import streaming_rows
+
+#: How the draft's later steps pick their rows (see the module docstring).
+DraftSelection = Literal["recent", "scored"]
+
+
+class SparseDraftAttention:
+    """The draft's attention for the steps after a round's first: the first ``sink`` rows and the latest rows,
+    ``budget`` in all (StreamingLLM's selection, Xiao et al. 2023).
+
+    The rows depend only on the step's positions, so they are computed once per step (the first
+    layer's call) and shared by every layer: a step adds one small kernel, not a few per layer.
+    """
+
+    def __init__(self, budget: int, sink: int = 4) -> None:
+        if budget <= sink:
+            raise STSError(f"draft budget must exceed the {sink} sink rows, got {budget}")
+        self.budget, self.sink = budget, sink
+        self._positions: Tensor | None = None
+        self._rows: Tensor | None = None
+
+    def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
+        """Return the attention of ``q`` over the sink and latest rows (and, causally, the new rows)."""
+        if start_pos is not self._positions:
+            self._positions = start_pos
+            self._rows = streaming_rows(start_pos, self.budget, self.sink, k_cache.shape[1])
+        return dispatch.verify_attention(q, k_cache, v_cache, start_pos, self._rows)
+
+
+class ScoredDraftAttention:
+    """The draft's attention for the steps after a round's first over ``budget`` rows per (sequence, KV head): the first
+    ``sink`` rows, the latest ``window`` rows and, per draft layer, the best-scored rows of the last :meth:`update`.
+
+    Rows live in one static buffer ``[draft layers, slots, Hkv, budget]`` (CUDA-graph safe): each step writes its
+    sink and window columns for every layer at once; :meth:`update` writes the scored columns after the select
+    phase. Scored rows never repeat a sink or window row: they were chosen among rows older than the window
+    of their round, and a later step's window only moves forward. A slot that has no scores yet (a new
+    sequence, or rounds verified densely) reads only its sinks and window there: invalid entries (the
+    cache length) cost no bandwidth.
+
+    Raises :class:`~sts.errors.STSError` when ``budget`` leaves no row past ``sink + window``.
+    """
+
+    def __init__(self, n_layers: int, slots: int, n_kv_heads: int, budget: int, sink: int, window: int,
+                 invalid: int, device: torch.device) -> None:
+        if budget <= sink + window:
+            raise STSError(f"a scored draft budget must exceed sink + window ({sink} + {window}), got {budget}")
+        self.sink, self.window, self.recent, self.invalid = sink, window, sink + window, invalid
+        self.rows = torch.full((n_layers, slots, n_kv_heads, budget), invalid, dtype=torch.long, device=device)
+        self._positions: Tensor | None = None
+
+    def __call__(self, layer: int, q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: Tensor) -> Tensor:
+        """Return the attention of ``q`` over this layer's rows (and, causally, the new rows)."""
+        if start_pos is not self._positions:  # a new step: its sinks and window, for every layer in one write
+            self._positions = start_pos
+            self.rows[..., : self.recent] = streaming_rows(start_pos, self.recent, self.sink, self.rows.shape[2])
+        return dispatch.verify_attention(q, k_cache, v_cache, start_pos, self.rows[layer])
+
+    def update(self, layers: Tensor, scores: Tensor, start_pos: Tensor) -> None:
+        """Keep, for draft layers ``layers`` (``[L]``), the best rows of ``scores`` ``[L, B, N]`` (higher is better)
+        outside the sinks and the window of contexts ``start_pos`` ``[B]``; no host synchronisation."""
+        forced, valid = competing_rows(scores.shape[-1], start_pos, self.sink, self.window)
+        competing = scores.masked_fill((forced | ~valid).view(1, *scores.shape[1:]), float("-inf"))
+        free = min(self.rows.shape[-1] - self.recent, scores.shape[-1])
+        top = torch.topk(competing, free, dim=-1)
+        best = torch.where(torch.isinf(top.values), self.invalid, top.indices)
+        self.rows[layers, :, :, self.recent : self.recent + free] = best.unsqueeze(2)
+
+    def forget(self, slot: int) -> None:
+        """Drop slot ``slot``'s scored rows (its next sequence has none yet)."""
+        self.rows[:, slot, :, self.recent :] = self.invalid

@@ -1,0 +1,126 @@
+"""The draft's sparse attention with rows scored by STS (``--draft-selection scored``, sts.selection.draft)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sts.engine import Engine, EngineConfig, generate
+from sts.errors import STSError
+from sts.eval.harness import parse_methods
+from sts.selection import SelectionConfig, make_policy
+from sts.selection.draft import ScoredDraftAttention
+
+from test_generation import interleaved_equals_solo
+
+
+def brute_attention(q, k, v, start, rows):
+    """Softmax attention of each query ``q[b, h, t]`` over the context rows in ``rows[b][kv]`` (a set) plus, causally,
+    the new rows ``start[b] .. start[b] + t``: one query at a time, in float64."""
+    b_, hq, t_, d = q.shape
+    group = hq // k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(b_):
+        for h in range(hq):
+            for t in range(t_):
+                keys = sorted(r for r in rows[b][h // group] if r < int(start[b])) + list(range(int(start[b]), int(start[b]) + t + 1))
+                kk, vv = k[b, h // group, keys].double(), v[b, h // group, keys].double()
+                p = torch.softmax(kk @ q[b, h, t].double() / math.sqrt(d), -1)
+                out[b, h, t] = p @ vv
+    return out
+
+
+def test_scored_rows_are_sinks_window_and_the_best_older_rows():
+    """update() keeps, per layer, the top-scored rows older than the window; a later step reads them with its own sinks
+    and window, never a row twice, and equals brute-force attention over that set."""
+    torch.manual_seed(0)
+    layers, slots, hkv, hq, d, cache = 3, 2, 2, 4, 16, 64
+    sink, window, budget = 2, 4, 12
+    attn = ScoredDraftAttention(layers, slots, hkv, budget, sink, window, invalid=cache, device=torch.device("cpu"))
+    scores = torch.rand(layers, slots, cache)
+    ctx = torch.tensor([40, 5])  # slot 1: fewer rows than the budget past sinks and window
+    scores[:, 0, 40:] = float("-inf")  # past the context, as the policy's scores are
+    scores[:, 1, 5:] = float("-inf")
+    attn.update(torch.tensor([0, 2]), scores[[0, 2]], ctx)  # layer 1 is not scored
+    free = budget - sink - window
+    for li, layer in ((0, 0), (1, 2)):
+        best = sorted(range(sink, 40 - window), key=lambda r: -float(scores[layer, 0, r]))[:free]
+        assert set(attn.rows[layer, 0, 0, sink + window:].tolist()) == set(best)
+        assert (attn.rows[layer, 0, 1] == attn.rows[layer, 0, 0]).all()  # every KV head of the layer
+        assert (attn.rows[layer, 1, :, sink + window:] == cache).all()  # no row of slot 1 outside sinks and window
+    assert (attn.rows[1, :, :, sink + window:] == cache).all()
+
+    start = ctx + 3  # three tokens accepted since: the window moved on
+    k, v = torch.randn(slots, hkv, cache, d), torch.randn(slots, hkv, cache, d)
+    q = torch.randn(slots, hq, 1, d)
+    out = attn(0, q, k, v, start)
+    step_rows = attn.rows[0]
+    for b in range(slots):
+        picked = step_rows[b, 0].tolist()
+        real = [r for r in picked if r < int(start[b])]
+        assert len(real) == len(set(real))  # no row read twice
+    expected = [[set(range(sink)) | set(range(int(s) - window, int(s))) | set(r for r in step_rows[b, kv].tolist() if r < cache)
+                 for kv in range(hkv)] for b, s in enumerate(start)]
+    assert torch.allclose(out.double(), brute_attention(q, k, v, start, expected), atol=1e-5)
+    kept = attn.rows[:, 1].clone()
+    attn.forget(0)
+    assert (attn.rows[:, 0, :, sink + window:] == cache).all() and torch.equal(attn.rows[:, 1], kept)
+
+
+def test_engine_writes_the_policys_draft_scores_and_forgets_released_slots(tiny_pair, monkeypatch):
+    """After a sparse round the scored columns are the top rows of the policy's own draft-layer scores at that round's
+    context; the draft's later steps read them; a full-budget verification keeps decoding lossless (equal to the
+    target's greedy)."""
+    calls = []
+    original = ScoredDraftAttention.__call__
+    monkeypatch.setattr(ScoredDraftAttention, "__call__", lambda self, *a: calls.append(a[0]) or original(self, *a))
+    _, target, draft = tiny_pair
+    selection = SelectionConfig(budget=512, sink=4, window=8)  # more than the context: verification reads every row
+    policy = make_policy("sts", selection, target, draft)
+    config = EngineConfig(gamma=3, draft_budget=20, draft_selection="scored", verify="sparse")
+    engine = Engine(target, draft, policy, slots=1, max_len=200, config=config)
+    prompt = [(7 * i) % 90 + 1 for i in range(120)]
+    engine.prefill(0, prompt)
+    ctx = torch.tensor(engine.host_ctx)
+    engine.step()
+    scores = policy.draft_layer_scores()
+    layers = policy.draft_layers(draft)
+    for i, layer in enumerate(layers):
+        s = scores[i, 0].clone()
+        s[:4] = s[int(ctx[0]) - 8:] = float("-inf")
+        want = set(torch.topk(s, 20 - 4 - 8).indices.tolist())
+        assert set(engine.scored_draft.rows[layer, 0, 0, 12:].tolist()) == want
+    engine.release(0)
+    assert (engine.scored_draft.rows[:, 0, :, 12:] == 200).all()
+    assert sorted(set(calls)) == list(range(draft.config.n_layers))  # steps 2 and 3 of the round, every layer
+    out = engine.generate([prompt], 30)
+    assert out.tokens == generate(target, [prompt], 30).tokens
+
+
+def test_continuous_batching_with_a_scored_draft_is_lossless(tiny_pair):
+    _, target, draft = tiny_pair
+    policy = make_policy("sts", SelectionConfig(budget=256, sink=4, window=8), target, draft)
+    interleaved_equals_solo(target, draft, policy, draft_budget=24, draft_selection="scored")
+
+
+def test_scored_draft_settings_are_refused_where_they_do_not_apply(tiny_pair):
+    _, target, draft = tiny_pair
+    policy = make_policy("sts", SelectionConfig(budget=64, sink=4, window=8), target, draft)
+    with pytest.raises(STSError, match="needs a draft budget"):
+        EngineConfig(draft_selection="scored")
+    with pytest.raises(STSError, match="must be 'recent' or 'scored'"):
+        EngineConfig(draft_budget=20, draft_selection="best")  # type: ignore[arg-type]
+    with pytest.raises(STSError, match="use --method sts"):
+        Engine(target, draft, None, max_len=64, config=EngineConfig(draft_budget=20, draft_selection="scored"))
+    with pytest.raises(STSError, match="exceed sink \\+ window"):
+        Engine(target, draft, policy, max_len=64, config=EngineConfig(draft_budget=12, draft_selection="scored"))
+    streaming = make_policy("streaming", SelectionConfig(budget=64, sink=4, window=8), target, draft)
+    with pytest.raises(STSError, match="use --method sts"):
+        Engine(target, draft, streaming, max_len=64, config=EngineConfig(draft_budget=20, draft_selection="scored"))
+    assert parse_methods(["sts/draft_budget=256/scored_draft=1"], None)[0].draft_selection == "scored"
+    assert parse_methods(["sts/draft_budget=256"], None)[0].draft_selection == "recent"
+    for name in ("sts/scored_draft=1", "speculative/draft_budget=256/scored_draft=1", "sts/draft_budget=256/scored_draft=2"):
+        with pytest.raises(STSError, match="scored_draft=1 applies"):
+            parse_methods([name], None)

@@ -52,6 +52,9 @@ def test_generate_json_matches_transformers(capsys, checkpoints):
     assert stats["sparsity"] > 0 and 0 < stats["recall"] <= 1 and stats["verify_s"] > 0
     full = run_json(capsys, base + ["--method", "quest", "--budget", "64", "--window", "8", "--verify", "sparse"])
     assert full["tokens"] == ref and full["stats"]["sparsity"] == 0
+    scored = run_json(capsys, base + ["--method", "sts", "--budget", "64", "--sink", "1", "--window", "2", "--verify", "sparse",
+                                      "--draft-budget", "5", "--draft-selection", "scored"])
+    assert scored["tokens"] == ref  # the sparse draft changes what is proposed, never what is accepted
     # Without --method: speculative with a draft, autoregressive without one.
     assert run_json(capsys, base)["method"] == "speculative"
     alone = run_json(capsys, base[:3] + base[5:])
@@ -128,6 +131,8 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
     bad(capsys, gen + ["--device", "gpu0"], "--device must be")
     bad(capsys, gen + ["--method", "speculative", "--mapping", str(tmp_path / "map.json")], "applies to --method sts")
     bad(capsys, gen + ["--method", "speculative", "--budget", "64"], "--budget applies to selection methods")
+    bad(capsys, gen + ["--method", "sts", "--draft-selection", "scored"], "needs a draft budget")
+    bad(capsys, gen + ["--method", "speculative", "--draft-budget", "8", "--draft-selection", "scored"], "use --method sts")
     bad(capsys, gen + ["--method", "sts", "--window", "8", "--mapping", str(tmp_path / "missing.json")], "does not exist")
     for budget in ("nan", "inf"):
         with pytest.raises(SystemExit) as exit_:

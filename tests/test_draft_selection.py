@@ -65,14 +65,17 @@ def test_scored_rows_are_sinks_window_and_the_best_older_rows():
                  for kv in range(hkv)] for b, s in enumerate(start)]
     assert torch.allclose(out.double(), brute_attention(q, k, v, start, expected), atol=1e-5)
     kept = attn.rows[:, 1].clone()
-    attn.forget(0)
-    assert (attn.rows[:, 0, :, sink + window:] == cache).all() and torch.equal(attn.rows[:, 1], kept)
+    attn.start(0, 30)  # a new sequence of 30 rows: the free rows just before its window, until its first scores
+    assert (attn.rows[:, 0, :, sink + window:] == torch.arange(30 - window - free, 30 - window)).all()
+    assert torch.equal(attn.rows[:, 1], kept)
+    attn.start(0, 9)  # a short one: rows that would fall on the sinks are invalid
+    assert attn.rows[0, 0, 0, sink + window:].tolist() == [cache, cache, cache, 2, 3, 4]
 
 
-def test_engine_writes_the_policys_draft_scores_and_forgets_released_slots(tiny_pair, monkeypatch):
+def test_engine_writes_the_policys_draft_scores_and_starts_new_sequences_afresh(tiny_pair, monkeypatch):
     """After a sparse round the scored columns are the top rows of the policy's own draft-layer scores at that round's
-    context; the draft's later steps read them; a full-budget verification keeps decoding lossless (equal to the
-    target's greedy)."""
+    context; the draft's later steps read them; a new sequence starts from the rows before its window; a full-budget
+    verification keeps decoding lossless (equal to the target's greedy)."""
     calls = []
     original = ScoredDraftAttention.__call__
     monkeypatch.setattr(ScoredDraftAttention, "__call__", lambda self, *a: calls.append(a[0]) or original(self, *a))
@@ -83,6 +86,7 @@ def test_engine_writes_the_policys_draft_scores_and_forgets_released_slots(tiny_
     engine = Engine(target, draft, policy, slots=1, max_len=200, config=config)
     prompt = [(7 * i) % 90 + 1 for i in range(120)]
     engine.prefill(0, prompt)
+    assert (engine.scored_draft.rows[:, 0, :, 12:] == torch.arange(120 - 8 - 8, 120 - 8)).all()
     ctx = torch.tensor(engine.host_ctx)
     engine.step()
     scores = policy.draft_layer_scores()
@@ -93,7 +97,6 @@ def test_engine_writes_the_policys_draft_scores_and_forgets_released_slots(tiny_
         want = set(torch.topk(s, 20 - 4 - 8).indices.tolist())
         assert set(engine.scored_draft.rows[layer, 0, 0, 12:].tolist()) == want
     engine.release(0)
-    assert (engine.scored_draft.rows[:, 0, :, 12:] == 200).all()
     assert sorted(set(calls)) == list(range(draft.config.n_layers))  # steps 2 and 3 of the round, every layer
     out = engine.generate([prompt], 30)
     assert out.tokens == generate(target, [prompt], 30).tokens

@@ -346,6 +346,8 @@ class Engine:
         self.ctx[slot], self.last[slot], self.prev[slot], self.active[slot] = n, first, prompt[-1], True
         self.host_ctx[slot], self.host_active[slot] = n, True
         self.slot_selection[slot] = selection
+        if self.scored_draft is not None:
+            self.scored_draft.start(slot, n)
         yield first
 
     def slot_settings(self, budget: float | None) -> SelectionConfig | None:
@@ -396,8 +398,6 @@ class Engine:
         self.host_active[slot] = False
         self.host_ctx[slot] = 0
         self.slot_selection[slot] = None
-        if self.scored_draft is not None:
-            self.scored_draft.forget(slot)
 
     def _prefill_chunks(self, model: Transformer, slot: int, prompt: Sequence[int], first: int = 0) -> Generator[None, None, Tensor]:
         """Write ``prompt`` from token ``first`` into slot ``slot`` chunk by chunk (yielding after each); return the ``[1, V]``

@@ -58,9 +58,9 @@ class ScoredDraftAttention:
     Rows live in one static buffer ``[draft layers, slots, Hkv, budget]`` (CUDA-graph safe): each step writes its
     sink and window columns for every layer at once; :meth:`update` writes the scored columns after the select
     phase. Scored rows never repeat a sink or window row: they were chosen among rows older than the window
-    of their round, and a later step's window only moves forward. A slot that has no scores yet (a new
-    sequence, or rounds verified densely) reads only its sinks and window there: invalid entries (the
-    cache length) cost no bandwidth.
+    of their round, and a later step's window only moves forward. Until its first sparse round a new sequence
+    reads, in their place, the rows just before its window at its prompt's end (:meth:`start`): the recent rule's
+    choice, not nothing. Invalid entries (the cache length) cost no bandwidth.
 
     Raises :class:`~sts.errors.STSError` when ``budget`` leaves no row past ``sink + window``.
     """
@@ -90,6 +90,10 @@ class ScoredDraftAttention:
         best = torch.where(torch.isinf(top.values), self.invalid, top.indices)
         self.rows[layers, :, :, self.recent : self.recent + free] = best.unsqueeze(2)
 
-    def forget(self, slot: int) -> None:
-        """Drop slot ``slot``'s scored rows (its next sequence has none yet)."""
-        self.rows[:, slot, :, self.recent :] = self.invalid
+    def start(self, slot: int, context: int) -> None:
+        """Give slot ``slot``, whose new sequence has ``context`` rows, the rows just before its window in place of
+        scored ones (those past the sinks; the rest invalid)."""
+        free = self.rows.shape[-1] - self.recent
+        first = context - self.window - free
+        rows = torch.arange(first, first + free, device=self.rows.device)
+        self.rows[:, slot, :, self.recent :] = torch.where(rows >= self.sink, rows, self.invalid)

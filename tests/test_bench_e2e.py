@@ -29,9 +29,9 @@ def cache_bytes(model, rows: int, layers: tuple[int, ...] | None = None, k_only:
 
 def test_round_bytes_of_a_tiny_pair_is_what_each_forward_of_a_round_reads(tmp_path):
     """One CPU run of every method (sparse verification every round): the record's bytes are the draft's weights
-    per step, its rows (all, then the sparse draft's budget), the STS scores' draft K rows, the target's weights and
+    per step, its rows (all, or with "-all" the sparse draft's budget, then the sparse draft's budget), the STS scores' draft K rows, the target's weights and
     its rows (all, or the budget), each counted from the models' tensors."""
-    batch, context, gamma, budget, draft_budget = 2, 150, 3, 96, 24
+    batch, context, gamma, budget, draft_budget = 2, 150, 3, 96, 100  # a scored draft's budget exceeds sink + window (68)
     out = tmp_path / "e2e.jsonl"
     main(["--device", "cpu", "--target-shape", "tiny-target", "--draft-shape", "tiny-draft", "--contexts", str(context),
           "--batches", str(batch), "--gamma", str(gamma), "--budget", str(budget), "--draft-budget", str(draft_budget),
@@ -46,7 +46,8 @@ def test_round_bytes_of_a_tiny_pair_is_what_each_forward_of_a_round_reads(tmp_pa
         want = read_weights(target) + cache_bytes(target, min(budget, context) if method.policy else context)
         if method.speculative:
             later = min(draft_budget, context) if method.sparse_draft else context
-            want += gamma * read_weights(draft) + cache_bytes(draft, context) + (gamma - 1) * cache_bytes(draft, later)
+            first = later if method.draft_selection.endswith("-all") else context
+            want += gamma * read_weights(draft) + cache_bytes(draft, first) + (gamma - 1) * cache_bytes(draft, later)
         if method.policy:
             want += cache_bytes(draft, context, mapped, k_only=True)
         assert records[method.name]["round_bytes"] == want, method.name

@@ -79,7 +79,8 @@ def test_cuda_rerank_rows_equal_the_reference_in_a_decode_round(cuda_pair):
             assert set(got[b, h].tolist()) == set(want[b, h].tolist()), (b, h)
 
 
-ENGINE_METHODS = ["autoregressive", "speculative", "speculative+sd", "sts", "sts+sd", "sts+sd-scored", "sts-plain", "streaming",
+ENGINE_METHODS = ["autoregressive", "speculative", "speculative+sd", "speculative+sd-recent-all", "sts", "sts+sd",
+                  "sts+sd-scored", "sts+sd-scored-all", "sts-plain", "streaming",
                   "specpc", "quest", "tidal", "oracle"]
 
 
@@ -91,10 +92,10 @@ def run_engine(target, draft, method, prompts, n, graphs, eos=(), budget=64.0, s
     from sts.engine import Engine, EngineConfig
     from sts.sampling import SamplingConfig
 
-    scored = method.endswith("-scored")  # the sparse draft's rows by STS's draft scores
-    name, sparse_draft = method.removesuffix("-scored").removesuffix("+sd"), "+sd" in method
+    selection = method.partition("+sd-")[2] or "recent"  # sts+sd-scored(-all): the sparse draft's rows by STS's scores
+    name, sparse_draft = method.partition("+sd")[0], "+sd" in method
     config = EngineConfig(gamma=4, cuda_graphs=graphs, draft_budget=24 if sparse_draft else None,
-                          draft_selection="scored" if scored else "recent",
+                          draft_selection=selection,
                           sampling=sampling or SamplingConfig(), seed=seed, verify=verify, hardware=hardware or Hardware())
     policy = None
     if name not in ("autoregressive", "speculative"):
@@ -113,9 +114,9 @@ def test_cuda_graph_path_equals_eager_path(cuda_pair, method):
     engine, graphed = run_engine(target, draft, method, prompts, 40, graphs=True)
     _, eager = run_engine(target, draft, method, prompts, 40, graphs=False)
     assert graphed.tokens == eager.tokens
-    expect_graphs = method.removesuffix("-scored").removesuffix("+sd") in ("autoregressive", "speculative", "sts", "sts-plain", "streaming", "specpc")
+    expect_graphs = method.partition("+sd")[0] in ("autoregressive", "speculative", "sts", "sts-plain", "streaming", "specpc")
     assert bool(engine._graphs) == expect_graphs
-    if method in ("autoregressive", "speculative", "speculative+sd"):  # lossless methods equal plain greedy
+    if method.startswith(("autoregressive", "speculative")):  # lossless methods equal plain greedy
         assert graphed.tokens == generate(target, prompts, 40).tokens
 
 
@@ -276,11 +277,11 @@ def test_cuda_sparse_prefill_is_refused_before_any_work(cuda_pair):
         Engine(target, draft, slots=1, max_len=64, config=EngineConfig(sparse_prefill=PrefillConfig()))
 
 
-@pytest.mark.parametrize("method", ["speculative", "sts", "sts+sd-scored"])
+@pytest.mark.parametrize("method", ["speculative", "sts", "sts+sd-scored", "sts+sd-scored-all"])
 def test_cuda_continuous_batching_with_chunked_prefill_is_lossless(cuda_pair, method):
     from test_generation import interleaved_equals_solo
 
     _, target, draft = cuda_pair
     policy = make_policy("sts", SelectionConfig(budget=256, sink=4, window=8), target, draft) if "sts" in method else None
-    scored = dict(draft_budget=24, draft_selection="scored") if "scored" in method else {}
+    scored = dict(draft_budget=24, draft_selection=method.partition("+sd-")[2]) if "scored" in method else {}
     interleaved_equals_solo(target, draft, policy, **scored)

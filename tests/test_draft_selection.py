@@ -102,18 +102,43 @@ def test_engine_writes_the_policys_draft_scores_and_starts_new_sequences_afresh(
     assert out.tokens == generate(target, [prompt], 30).tokens
 
 
-def test_continuous_batching_with_a_scored_draft_is_lossless(tiny_pair):
+@pytest.mark.parametrize("selection", ["scored", "scored-all"])
+def test_continuous_batching_with_a_scored_draft_is_lossless(tiny_pair, selection):
     _, target, draft = tiny_pair
     policy = make_policy("sts", SelectionConfig(budget=256, sink=4, window=8), target, draft)
-    interleaved_equals_solo(target, draft, policy, draft_budget=24, draft_selection="scored")
+    interleaved_equals_solo(target, draft, policy, draft_budget=24, draft_selection=selection)
+
+
+@pytest.mark.parametrize("selection", ["recent", "recent-all", "scored", "scored-all"])
+def test_which_draft_steps_read_the_sparse_rows(tiny_pair, monkeypatch, selection):
+    """A round's first draft step reads every row unless the selection ends in "-all"; the later steps read the
+    sparse rows (scored ones in sparse rounds); the first step's queries still feed the scores."""
+    from sts.attention import backend, dispatch
+
+    _, target, draft = tiny_pair
+    seen: list[bool] = []  # per attention call of the round, in order: did it read selected rows (not every row)?
+    sparse, dense = dispatch.verify_attention, backend.dense_sdpa
+    monkeypatch.setattr(dispatch, "verify_attention", lambda q, k, v, s, idx=None: seen.append(idx is not None) or sparse(q, k, v, s, idx))
+    monkeypatch.setattr(backend, "dense_sdpa", lambda q, k, v, s: seen.append(False) or dense(q, k, v, s))
+    policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft)
+    engine = Engine(target, draft, policy, slots=1, max_len=200,
+                    config=EngineConfig(gamma=3, draft_budget=20, draft_selection=selection, verify="sparse"))
+    engine.prefill(0, [(7 * i) % 90 + 1 for i in range(120)])
+    seen.clear()
+    engine.step()
+    layers = draft.config.n_layers
+    assert len(seen) == 3 * layers + target.config.n_layers  # three draft steps, then the verify
+    assert seen[:layers] == [selection.endswith("-all")] * layers
+    assert all(seen[layers:])
 
 
 def test_scored_draft_settings_are_refused_where_they_do_not_apply(tiny_pair):
     _, target, draft = tiny_pair
     policy = make_policy("sts", SelectionConfig(budget=64, sink=4, window=8), target, draft)
-    with pytest.raises(STSError, match="needs a draft budget"):
-        EngineConfig(draft_selection="scored")
-    with pytest.raises(STSError, match="must be 'recent' or 'scored'"):
+    for selection in ("scored", "recent-all", "scored-all"):
+        with pytest.raises(STSError, match="needs a draft budget"):
+            EngineConfig(draft_selection=selection)  # type: ignore[arg-type]
+    with pytest.raises(STSError, match="must be one of recent, scored, recent-all, scored-all"):
         EngineConfig(draft_budget=20, draft_selection="best")  # type: ignore[arg-type]
     with pytest.raises(STSError, match="use --method sts"):
         Engine(target, draft, None, max_len=64, config=EngineConfig(draft_budget=20, draft_selection="scored"))
@@ -124,6 +149,10 @@ def test_scored_draft_settings_are_refused_where_they_do_not_apply(tiny_pair):
         Engine(target, draft, streaming, max_len=64, config=EngineConfig(draft_budget=20, draft_selection="scored"))
     assert parse_methods(["sts/draft_budget=256/scored_draft=1"], None)[0].draft_selection == "scored"
     assert parse_methods(["sts/draft_budget=256"], None)[0].draft_selection == "recent"
+    assert parse_methods(["sts/draft_budget=256/scored_draft=1/draft_all_steps=1"], None)[0].draft_selection == "scored-all"
+    assert parse_methods(["speculative/draft_budget=256/draft_all_steps=1"], None)[0].draft_selection == "recent-all"
     for name in ("sts/scored_draft=1", "speculative/draft_budget=256/scored_draft=1", "sts/draft_budget=256/scored_draft=2"):
         with pytest.raises(STSError, match="scored_draft=1 applies"):
             parse_methods([name], None)
+    with pytest.raises(STSError, match="draft_all_steps=1 applies"):
+        parse_methods(["sts/draft_all_steps=1"], None)

@@ -104,9 +104,10 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
     p.add_argument("--draft-budget", type=int, default=None,
                    help="draft steps after a round's first read only this many rows (see --draft-selection)")
-    p.add_argument("--draft-selection", choices=("recent", "scored"), default="recent",
+    p.add_argument("--draft-selection", choices=("recent", "scored", "recent-all", "scored-all"), default="recent",
                    help="the sparse draft's rows: recent (default), sinks + the latest rows; scored (sts), sinks, the "
-                        "window and the rows each draft layer scored best in the last sparse round")
+                        "window and the rows each draft layer scored best in the last sparse round; with -all the "
+                        "round's first draft step reads them too (else every row)")
     p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
                    help="auto (default): verify densely in rounds whose contexts are below the break-even, where the "
                         "selection costs more than the KV reads it saves (sts.costmodel, H200 figures); sparse: always "

@@ -60,7 +60,7 @@ from sts.selection.attend import SelectiveAttention, ShadowAttention
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
 from sts.prefill import PrefillConfig, sparse_prefill
 from sts.selection.mapping import HeadMapping
-from sts.selection.draft import DraftSelection, ScoredDraftAttention, SparseDraftAttention
+from sts.selection.draft import DRAFT_SELECTIONS, DraftSelection, ScoredDraftAttention, SparseDraftAttention
 from sts.selection.sts import STSPolicy
 
 #: Prompt tokens per prefill chunk on CUDA: large enough for the matrix units, small enough that
@@ -77,7 +77,8 @@ class EngineConfig:
     #: Rows the draft's steps after a round's first read; None: dense.
     draft_budget: int | None = None
     #: Which rows those are (:mod:`sts.selection.draft`): "recent", sinks and the latest rows; "scored" (STS only),
-    #: sinks, the policy's window and the rows each draft layer scored best in the last sparse round.
+    #: sinks, the policy's window and the rows each draft layer scored best in the last sparse round. With "-all"
+    #: ("recent-all", "scored-all") the round's first draft step reads them too, not every row.
     draft_selection: DraftSelection = "recent"
     #: Token ids at and past this are never proposed nor emitted (the tokenizer's size when a
     #: pair pads its embedding tables differently); None: the target's vocabulary.
@@ -103,10 +104,10 @@ class EngineConfig:
             raise STSError(f"gamma must be >= 1, got {self.gamma}")
         if self.verify not in ("auto", "sparse"):
             raise STSError(f"verify must be 'auto' or 'sparse', got {self.verify!r}")
-        if self.draft_selection not in ("recent", "scored"):
-            raise STSError(f"draft selection must be 'recent' or 'scored', got {self.draft_selection!r}")
-        if self.draft_selection == "scored" and self.draft_budget is None:
-            raise STSError("a scored draft selection needs a draft budget (--draft-budget)")
+        if self.draft_selection not in DRAFT_SELECTIONS:
+            raise STSError(f"draft selection must be one of {', '.join(DRAFT_SELECTIONS)}, got {self.draft_selection!r}")
+        if self.draft_selection != "recent" and self.draft_budget is None:
+            raise STSError(f"draft selection {self.draft_selection} needs a draft budget (--draft-budget)")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise STSError(f"prefill chunk must be >= 1, got {self.prefill_chunk}")
 
@@ -187,7 +188,7 @@ class Engine:
         self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget is not None else dense_attention
         #: The draft's later steps in sparse rounds, over the rows the select phase scored (None: as in dense rounds).
         self.scored_draft: ScoredDraftAttention | None = None
-        if self.config.draft_selection == "scored":
+        if self.config.draft_selection.startswith("scored"):
             if not isinstance(policy, STSPolicy) or draft is None or budget is None:
                 raise STSError("a scored draft selection reuses STS's draft scores: use --method sts with --draft-budget")
             self.scored_draft = ScoredDraftAttention(draft.config.n_layers, slots, draft.config.n_kv_heads, budget,
@@ -577,15 +578,15 @@ class Engine:
         """Propose ``gamma`` tokens per slot (and their distributions when sampling); record the mapped queries."""
         assert self.draft is not None
         ctx = self._context()
-        self.recorder.inner = dense_attention
+        sparse_draft = self.scored_draft if self.scored_draft is not None and self.round_budget else self.later_draft_attention
+        self.recorder.inner = sparse_draft if self.config.draft_selection.endswith("-all") else dense_attention
         tokens = torch.stack([self.prev, self.last], dim=1)
         hidden = self.draft.hidden(tokens, (ctx - 1).clamp_min(0), self.recorder)[:, -1]
         logits = self.draft.lm_head(hidden).float()[:, : self.vocab]  # the LM head for the last position only
         drafted, dists = [], []
         for i in range(self.gamma):
             if i:
-                sparse_round = self.scored_draft is not None and self.round_budget
-                self.recorder.inner = self.scored_draft if sparse_round else self.later_draft_attention
+                self.recorder.inner = sparse_draft
                 logits = self.draft(drafted[-1].view(-1, 1), ctx + i, self.recorder)[:, -1, : self.vocab]
             if self._forced is not None:  # teacher forcing: the draft reads the known text
                 drafted.append(self._forced[:, i])

@@ -64,8 +64,8 @@ class Method:
     policy: str | None = None
     options: tuple[tuple[str, float], ...] = ()
     sparse_draft: bool = False
-    #: The sparse draft's rows by STS's draft scores (``sts.selection.draft``), not the latest ones.
-    scored_draft: bool = False
+    #: How the sparse draft picks its rows (``sts.selection.draft``); "-all": its first step reads only them too.
+    draft_selection: str = "recent"
 
 
 METHODS = (
@@ -74,7 +74,8 @@ METHODS = (
     Method("speculative+sd", sparse_draft=True),
     Method("sts", policy="sts"),
     Method("sts+sd", policy="sts", sparse_draft=True),
-    Method("sts+sd-scored", policy="sts", sparse_draft=True, scored_draft=True),
+    Method("sts+sd-scored", policy="sts", sparse_draft=True, draft_selection="scored"),
+    Method("sts+sd-scored-all", policy="sts", sparse_draft=True, draft_selection="scored-all"),
     Method("sts-plain", policy="sts", options=(("rerank", 0),)),
     Method("sts-plain+sd", policy="sts", options=(("rerank", 0),), sparse_draft=True),
 )
@@ -85,8 +86,8 @@ def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: 
     """Return the fewest bytes one round of ``method`` must move over ``batch`` sequences of ``context`` rows.
 
     Each forward reads its model's weights once (:func:`sts.costmodel.weight_bytes`) and the KV rows
-    it attends to (:func:`sts.costmodel.kv_bytes`): the draft's first step every row, its later
-    ``gamma - 1`` steps ``draft_budget`` rows with a sparse draft; a selection method's scores the
+    it attends to (:func:`sts.costmodel.kv_bytes`): the draft's first step every row (``draft_budget`` rows with
+    a "-all" draft selection), its later ``gamma - 1`` steps ``draft_budget`` rows with a sparse draft; a selection method's scores the
     draft's K rows of its ``mapped_layers`` layers, its verify ``budget`` rows. Rows a round writes
     are left out. ``dtype_bytes``: bytes per weight and cache element.
     """
@@ -96,7 +97,8 @@ def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: 
     if not method.speculative:
         return verify
     later = batch * (min(draft_budget, context) if method.sparse_draft else context)
-    drafting = (gamma * weight_bytes(draft, dtype_bytes) + kv_bytes(draft, batch * context, dtype_bytes)
+    first = later if method.draft_selection.endswith("-all") else batch * context
+    drafting = (gamma * weight_bytes(draft, dtype_bytes) + kv_bytes(draft, first, dtype_bytes)
                 + (gamma - 1) * kv_bytes(draft, later, dtype_bytes))
     scoring = kv_bytes(draft, batch * context, dtype_bytes, layers=mapped_layers, k_only=True) if selective else 0
     return drafting + scoring + verify
@@ -138,7 +140,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
         if method.policy is not None:
             policy = make_policy(method.policy, selection, target, draft, **dict(method.options))
         config = EngineConfig(gamma=args.gamma, draft_budget=args.draft_budget if method.sparse_draft else None,
-                              draft_selection="scored" if method.scored_draft else "recent",
+                              draft_selection=method.draft_selection,  # type: ignore[arg-type]
                               verify=args.verify)
         engine = Engine(target, draft if method.speculative else None, policy, slots=batch, max_len=max_len, config=config)
         if cuda:

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -68,7 +68,8 @@ class MethodSpec:
     options: tuple[tuple[str, float], ...] = ()
     #: Rows the draft's steps after a round's first read (``/draft_budget=256``); None: a dense draft.
     draft_budget: int | None = None
-    #: Which rows (``/scored_draft=1``: "scored", STS's draft scores; else "recent"): :mod:`sts.selection.draft`.
+    #: Which rows (``/scored_draft=1``: by STS's draft scores; ``/draft_all_steps=1``: the round's first draft step
+    #: too): :mod:`sts.selection.draft`.
     draft_selection: DraftSelection = "recent"
 
     def policy_options(self) -> dict[str, float]:
@@ -88,7 +89,7 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
     """Return method specs for names like ``sts``, ``sts-cal`` (STS with ``--mapping``), ``sts+sp``
     (sparse prefill), ``sts-cal/rerank=4`` (policy options) or ``sts/draft_budget=256`` (a sparse draft:
     its steps after a round's first read 256 rows; any speculative method; ``/scored_draft=1`` picks them by
-    STS's draft scores, :mod:`sts.selection.draft`)."""
+    STS's draft scores, ``/draft_all_steps=1`` makes the first step read them too, :mod:`sts.selection.draft`)."""
     specs = []
     for name in names:
         head, sparse_prefill = (name[:-3], True) if name.endswith("+sp") else (name, False)
@@ -100,11 +101,13 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
         if len({k for k, _ in options}) < len(options):
             raise STSError(f"method {name!r} sets an option twice")
         draft_budget = _draft_budget(name, dict(options).get("draft_budget"))
-        scored = dict(options).get("scored_draft", 0)
+        scored, all_steps = (dict(options).get(key, 0) for key in ("scored_draft", "draft_all_steps"))
         if scored not in (0, 1) or (scored and (draft_budget is None or base not in ("sts", "sts-cal"))):
             raise STSError(f"method {name!r}: /scored_draft=1 applies to sts with a /draft_budget")
-        selection: DraftSelection = "scored" if scored else "recent"
-        options = tuple((k, v) for k, v in options if k not in ("draft_budget", "scored_draft"))
+        if all_steps not in (0, 1) or (all_steps and draft_budget is None):
+            raise STSError(f"method {name!r}: /draft_all_steps=1 applies to a /draft_budget")
+        selection = cast(DraftSelection, ("scored" if scored else "recent") + ("-all" if all_steps else ""))
+        options = tuple((k, v) for k, v in options if k not in ("draft_budget", "scored_draft", "draft_all_steps"))
         if base == "sts-cal":
             if mapping is None:
                 raise STSError("method sts-cal needs --mapping (a file from `sts calibrate`)")

@@ -2,7 +2,9 @@
 
 A round's first draft step reads the whole context (it re-reads the last accepted tokens and
 its queries feed the selection); the later steps can read a few hundred rows, so that a draft
-step costs about its weights at any context length. Which rows:
+step costs about its weights at any context length. With "-all" (``recent-all``, ``scored-all``)
+the first step reads those rows too and no draft step reads the whole context: MagicDec's
+self-speculation (Chen et al. 2024) drafts that way with StreamingLLM rows. Which rows:
 
 * ``recent`` (:class:`SparseDraftAttention`): the first ``sink`` rows and the latest ones
   (StreamingLLM's rule, Xiao et al. 2023). Free, but blind to anything the text refers back to.
@@ -14,7 +16,7 @@ step costs about its weights at any context length. Which rows:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -24,8 +26,9 @@ from sts.errors import STSError
 from sts.selection.base import competing_rows
 from sts.selection.streaming import streaming_rows
 
-#: How the draft's later steps pick their rows (see the module docstring).
-DraftSelection = Literal["recent", "scored"]
+#: How the sparse draft picks its rows, and whether the round's first step reads only them too ("-all").
+DraftSelection = Literal["recent", "scored", "recent-all", "scored-all"]
+DRAFT_SELECTIONS: tuple[str, ...] = get_args(DraftSelection)
 
 
 class SparseDraftAttention:

@@ -64,6 +64,11 @@ def test_scored_rows_are_sinks_window_and_the_best_older_rows():
     expected = [[set(range(sink)) | set(range(int(s) - window, int(s))) | set(r for r in step_rows[b, kv].tolist() if r < cache)
                  for kv in range(hkv)] for b, s in enumerate(start)]
     assert torch.allclose(out.double(), brute_attention(q, k, v, start, expected), atol=1e-5)
+    short = ScoredDraftAttention(1, 1, 1, 14, sink, window, invalid=7, device=torch.device("cpu"))
+    short.start(0, 14)  # rows 2..7 before the window of a 14-row sequence (in a larger cache)
+    assert short.rows[0, 0, 0, sink + window:].tolist() == list(range(2, 10))
+    short.update(torch.tensor([0]), torch.rand(1, 1, 7), torch.tensor([7]))  # scores of a 7-row cache: fewer than 8
+    assert short.rows[0, 0, 0, sink + window:].tolist() == [2] + [7] * 7  # row 2 competes; nothing of start() stays
     kept = attn.rows[:, 1].clone()
     attn.start(0, 30)  # a new sequence of 30 rows: the free rows just before its window, until its first scores
     assert (attn.rows[:, 0, :, sink + window:] == torch.arange(30 - window - free, 30 - window)).all()

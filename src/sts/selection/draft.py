@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sts.attention import dispatch
@@ -55,8 +56,9 @@ class SparseDraftAttention:
 
 
 class ScoredDraftAttention:
-    """The draft's attention for the steps after a round's first over ``budget`` rows per (sequence, KV head): the first
-    ``sink`` rows, the latest ``window`` rows and, per draft layer, the best-scored rows of the last :meth:`update`.
+    """The draft's attention in a sparse round's steps after the first (every step with "scored-all") over ``budget``
+    rows per (sequence, KV head): the first ``sink`` rows, the latest ``window`` rows and, per draft layer, the
+    best-scored rows of the last :meth:`update`.
 
     Rows live in one static buffer ``[draft layers, slots, Hkv, budget]`` (CUDA-graph safe): each step writes its
     sink and window columns for every layer at once; :meth:`update` writes the scored columns after the select
@@ -88,10 +90,12 @@ class ScoredDraftAttention:
         outside the sinks and the window of contexts ``start_pos`` ``[B]``; no host synchronisation."""
         forced, valid = competing_rows(scores.shape[-1], start_pos, self.sink, self.window)
         competing = scores.masked_fill((forced | ~valid).view(1, *scores.shape[1:]), float("-inf"))
-        free = min(self.rows.shape[-1] - self.recent, scores.shape[-1])
-        top = torch.topk(competing, free, dim=-1)
+        width = self.rows.shape[-1] - self.recent
+        top = torch.topk(competing, min(width, scores.shape[-1]), dim=-1)
         best = torch.where(torch.isinf(top.values), self.invalid, top.indices)
-        self.rows[layers, :, :, self.recent : self.recent + free] = best.unsqueeze(2)
+        if best.shape[-1] < width:  # a cache shorter than the budget: no row may stay from before
+            best = F.pad(best, (0, width - best.shape[-1]), value=self.invalid)
+        self.rows[layers, :, :, self.recent :] = best.unsqueeze(2)
 
     def start(self, slot: int, context: int) -> None:
         """Give slot ``slot``, whose new sequence has ``context`` rows, the rows just before its window in place of

@@ -161,3 +161,21 @@ def test_scored_draft_settings_are_refused_where_they_do_not_apply(tiny_pair):
             parse_methods([name], None)
     with pytest.raises(STSError, match="draft_all_steps=1 applies"):
         parse_methods(["sts/draft_all_steps=1"], None)
+
+
+def test_the_server_and_the_api_take_the_draft_selection(tiny_pair):
+    """`sts serve --draft-selection` reaches the LLM's settings, and the LLM's engine decodes with that selection."""
+    from sts.api import LLM
+    from sts.cli import build_parser
+    from sts.runner import LoadedModel
+    from sts.serve.options import llm_settings
+
+    args = build_parser().parse_args(["serve", "--target", "t", "--draft", "d", "--draft-budget", "24",
+                                      "--draft-selection", "scored-all"])
+    assert llm_settings(args)["draft_selection"] == "scored-all"
+    _, target, draft = tiny_pair
+    llm = LLM(LoadedModel(target, None), LoadedModel(draft, None), "sts", budget=16, sink=2, window=4,
+              draft_budget=12, draft_selection="scored-all", max_model_len=160, device="cpu")
+    assert llm.settings["draft_selection"] == "scored-all" and llm.engine.scored_draft is not None
+    prompt = [(7 * i) % 90 + 1 for i in range(100)]
+    assert len(llm.generate(prompt, max_tokens=8)[0].token_ids) == 8

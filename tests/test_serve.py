@@ -466,7 +466,10 @@ def test_a_body_past_the_limit_is_a_413_unread_and_the_server_goes_on(pair):
                 sock.sendall(head + framing)
                 response = http.client.HTTPResponse(sock)
                 response.begin()
+                assert response.getheader("connection") == "close"
                 assert_error(response.status, json.loads(response.read()), 413, code="request_too_large")
+                sock.settimeout(10)
+                assert sock.recv(1) == b""  # closed by the server: it does not wait for the rest of the body
             assert_serves(url)
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         conn.request("GET", "/metrics")

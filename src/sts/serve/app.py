@@ -74,6 +74,8 @@ class _CountResponses:
 class _LimitBody:
     """ASGI middleware that answers ``refusal`` (a 413) to a request body past ``limit`` bytes without reading on: at
     once when its Content-Length says so, else (chunked) as soon as more has come; a body within it goes on whole.
+    The refusal says ``Connection: close`` and the server then closes the connection: the rest of the body is
+    never read, so the connection cannot carry another request (and an endless body stops there).
 
     (Starlette's own limit, ``FastAPI(max_body_size=...)``, answers a Content-Length past it in plain text, whatever
     the exception handlers say.)
@@ -88,7 +90,7 @@ class _LimitBody:
             return
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
-            await _error_response(self.refusal)(scope, receive, send)
+            await self._refuse(scope, receive, send)
             return
         chunks: list[bytes] = []
         size, more = 0, True
@@ -99,7 +101,7 @@ class _LimitBody:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await _error_response(self.refusal)(scope, receive, send)
+                await self._refuse(scope, receive, send)
                 return
             more = message.get("more_body", False)
         whole: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
@@ -112,6 +114,11 @@ class _LimitBody:
             return message
 
         await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error_response(self.refusal)
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
 
 
 class _Flight:

@@ -114,10 +114,12 @@ def test_continuous_batching_with_a_scored_draft_is_lossless(tiny_pair, selectio
     interleaved_equals_solo(target, draft, policy, draft_budget=24, draft_selection=selection)
 
 
+@pytest.mark.parametrize("verify", ["sparse", "auto"])
 @pytest.mark.parametrize("selection", ["recent", "recent-all", "scored", "scored-all"])
-def test_which_draft_steps_read_the_sparse_rows(tiny_pair, monkeypatch, selection):
-    """A round's first draft step reads every row unless the selection ends in "-all"; the later steps read the
-    sparse rows (scored ones in sparse rounds); the first step's queries still feed the scores."""
+def test_which_draft_steps_read_the_sparse_rows(tiny_pair, monkeypatch, selection, verify):
+    """A round's first draft step reads every row unless the selection ends in "-all" ("scored-all": in sparse rounds,
+    the only ones with scores; these tiny contexts verify densely with verify="auto"); the later steps read the sparse
+    rows."""
     from sts.attention import backend, dispatch
 
     _, target, draft = tiny_pair
@@ -127,14 +129,15 @@ def test_which_draft_steps_read_the_sparse_rows(tiny_pair, monkeypatch, selectio
     monkeypatch.setattr(backend, "dense_sdpa", lambda q, k, v, s: seen.append(False) or dense(q, k, v, s))
     policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft)
     engine = Engine(target, draft, policy, slots=1, max_len=200,
-                    config=EngineConfig(gamma=3, draft_budget=20, draft_selection=selection, verify="sparse"))
+                    config=EngineConfig(gamma=3, draft_budget=20, draft_selection=selection, verify=verify))
     engine.prefill(0, [(7 * i) % 90 + 1 for i in range(120)])
     seen.clear()
     engine.step()
     layers = draft.config.n_layers
     assert len(seen) == 3 * layers + target.config.n_layers  # three draft steps, then the verify
-    assert seen[:layers] == [selection.endswith("-all")] * layers
-    assert all(seen[layers:])
+    first_sparse = selection == "recent-all" or (selection == "scored-all" and verify == "sparse")
+    assert seen[:layers] == [first_sparse] * layers
+    assert all(seen[layers : 3 * layers]) and all(seen[3 * layers :]) == (verify == "sparse")
 
 
 def test_scored_draft_settings_are_refused_where_they_do_not_apply(tiny_pair):

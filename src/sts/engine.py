@@ -578,8 +578,13 @@ class Engine:
         """Propose ``gamma`` tokens per slot (and their distributions when sampling); record the mapped queries."""
         assert self.draft is not None
         ctx = self._context()
-        sparse_draft = self.scored_draft if self.scored_draft is not None and self.round_budget else self.later_draft_attention
-        self.recorder.inner = sparse_draft if self.config.draft_selection.endswith("-all") else dense_attention
+        scored_round = self.scored_draft is not None and self.round_budget > 0
+        sparse_draft = self.scored_draft if scored_round else self.later_draft_attention
+        # "-all": the first step reads the sparse rows too; scored ones exist in sparse rounds only (a dense round of
+        # "scored-all", below the break-even, keeps its first step dense rather than fall back to the latest rows).
+        selection = self.config.draft_selection
+        first_sparse = selection == "recent-all" or (selection == "scored-all" and scored_round)
+        self.recorder.inner = sparse_draft if first_sparse else dense_attention
         tokens = torch.stack([self.prev, self.last], dim=1)
         hidden = self.draft.hidden(tokens, (ctx - 1).clamp_min(0), self.recorder)[:, -1]
         logits = self.draft.lm_head(hidden).float()[:, : self.vocab]  # the LM head for the last position only

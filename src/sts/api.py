@@ -152,8 +152,9 @@ class LLM:
         budget: float = 256, sink: int = 4, window: int = 64, dense_layers: int = 0, gamma: int = 4,
         mapping: str | None = None, draft_budget: int | None = None, draft_selection: DraftSelection = "recent",
         prefill: PrefillConfig | None = None, slots: int = 1, max_model_len: int | None = None,
-        prefill_chunk: int | None = None, device: str | None = None, dtype: str | torch.dtype | None = None, seed: int = 0, max_queue: int = 256,
-        verify: Literal["auto", "sparse"] = "auto", tensor_parallel: int | TensorParallel = 1, **options: Any,
+        prefill_chunk: int | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
+        seed: int = 0, max_queue: int = 256, verify: Literal["auto", "sparse"] = "auto",
+        tensor_parallel: int | TensorParallel = 1, **options: Any,
     ) -> None:
         # The other tensor-parallel ranks build the same LLM from these: every argument but the models.
         settings = {k: v for k, v in locals().items()

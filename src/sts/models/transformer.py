@@ -132,9 +132,9 @@ def rope_and_store(
     ``positions[b, t]`` of cache slot ``slots[b]`` (caches ``[slots, Hkv, S, D]``), and return ``q`` as a
     ``[B, Hq, T, D]`` view.
 
-    On the GPU this is one fused kernel per step where rotation, row arithmetic and the two scatters took seven;
-    the view keeps ``[B, T, Hq, D]`` memory, so an attention output allocated like ``q`` reaches ``o_proj``
-    without a copy.
+    On the GPU this is one fused kernel per layer and step where rotation, row arithmetic and the two
+    scatters took seven; the view keeps ``[B, T, Hq, D]`` memory, so an attention output allocated like
+    ``q`` reaches ``o_proj`` without a copy.
     """
     rows = (slots.view(-1, 1), slice(None), positions)
     k_cache[rows] = rotate(k, cos, sin).to(k_cache.dtype)

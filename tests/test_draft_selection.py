@@ -182,3 +182,39 @@ def test_the_server_and_the_api_take_the_draft_selection(tiny_pair):
     assert llm.settings["draft_selection"] == "scored-all" and llm.engine.scored_draft is not None
     prompt = [(7 * i) % 90 + 1 for i in range(100)]
     assert len(llm.generate(prompt, max_tokens=8)[0].token_ids) == 8
+
+
+def test_draft_layer_scores_are_each_layers_max_over_its_scored_heads(tiny_pair):
+    """With a map that scores several heads of a draft layer, a layer's row is the max of those heads' softmax
+    scores (against the reference scoring, head by head); with one head per layer, the rows themselves."""
+    from sts.attention.backend import QueryRecorder
+    from sts.attention.scores import context_scores
+    from sts.selection.base import RoundContext
+    from sts.selection.mapping import HeadMapping
+    from sts.selection.sts import STSPolicy
+    from sts.speculative import speculative_generate
+
+    _, target, draft = tiny_pair
+    n = draft.config.n_heads
+    sources = tuple(tuple(((0, (h + layer) % n, 1.0), (2, h % n, 1.0)) for h in range(target.config.n_kv_heads))
+                    for layer in range(target.config.n_layers))
+    policy = STSPolicy(SelectionConfig(budget=24, sink=2, window=4),
+                       HeadMapping(sources, "max", target.config.identity(), draft.config.identity()))
+    prompts = [[(7 * i) % 90 + 1 for i in range(60)], [5, 6, 7] * 15]
+    speculative_generate(target, draft, prompts, 1, gamma=3)  # fills both caches
+    recorder = QueryRecorder(range(draft.config.n_layers))  # every layer: the default map below reads others
+    start = torch.tensor([55, 40])
+    for i in range(3):
+        draft(torch.tensor([[3 + i], [9 + i]]), start + i, recorder)
+    queries = recorder.take()
+    policy.prepare(RoundContext(start, target, 24, draft, queries))
+    got = policy.draft_layer_scores()
+    assert policy.draft_layers(draft) == (0, 2) and got.shape[:2] == (2, 2)
+    for i, layer in enumerate((0, 2)):
+        heads = sorted({dh for lay in sources for head in lay for dl, dh, _ in head if dl == layer})
+        assert len(heads) > 1
+        ref = context_scores(queries[layer], draft.layers[layer].self_attn.cache.k, start)[:, heads].amax(1)
+        assert torch.allclose(got[i, :, : ref.shape[-1]], ref)
+    single = STSPolicy(SelectionConfig(budget=24, sink=2, window=4), HeadMapping.default(target.config, draft.config))
+    single.prepare(RoundContext(start, target, 24, draft, queries))
+    assert single.draft_layer_scores() is single.source_scores

@@ -101,8 +101,8 @@ def build_engine(
     selection policy (e.g. ``rerank``, ``feedback`` for STS); ``draft_budget`` makes the draft's
     steps after the first of each round read ``draft_budget`` rows: sinks and the latest rows, or with
     ``draft_selection="scored"`` (STS) sinks, the window and the rows the draft's layers scored best in the
-    last sparse round (:mod:`sts.selection.draft`); ``verify`` "sparse" keeps a selection policy's verification sparse below the break-even context
-    too (default "auto": :class:`~sts.engine.EngineConfig`).
+    last sparse round (:mod:`sts.selection.draft`); ``verify`` "sparse" keeps a selection policy's
+    verification sparse below the break-even context too (default "auto": :class:`~sts.engine.EngineConfig`).
 
     Raises :class:`STSError` for an unknown method, a method that needs a draft without one, or
     settings the method does not take.

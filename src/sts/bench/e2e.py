@@ -86,9 +86,9 @@ def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: 
     """Return the fewest bytes one round of ``method`` must move over ``batch`` sequences of ``context`` rows.
 
     Each forward reads its model's weights once (:func:`sts.costmodel.weight_bytes`) and the KV rows
-    it attends to (:func:`sts.costmodel.kv_bytes`): the draft's first step every row (``draft_budget`` rows with
-    a "-all" draft selection), its later ``gamma - 1`` steps ``draft_budget`` rows with a sparse draft; a selection method's scores the
-    draft's K rows of its ``mapped_layers`` layers, its verify ``budget`` rows. Rows a round writes
+    it attends to (:func:`sts.costmodel.kv_bytes`): the draft's first step every row (``draft_budget`` rows
+    with a "-all" draft selection), its later ``gamma - 1`` steps ``draft_budget`` rows with a sparse draft;
+    a selection method's scores the draft's K rows of its ``mapped_layers`` layers, its verify ``budget`` rows. Rows a round writes
     are left out. ``dtype_bytes``: bytes per weight and cache element.
     """
     selective = method.policy is not None

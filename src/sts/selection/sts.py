@@ -111,12 +111,11 @@ class STSPolicy(SelectionPolicy):
             self.combo_of, self.combo_sources, self.combo_weights = (
                 t.to(device) for t in (self.combo_of, self.combo_sources, self.combo_weights))
         rows = []
-        self.layer_rows: list[list[Tensor]] = []  # per scored draft layer, its score rows (draft_layer_scores)
         for dl, heads in self.heads_of.items():
             scores = dispatch.score_context(ctx.draft_queries[dl], ctx.draft_keys(dl), ctx.start_pos, self.aggregate)
-            self.layer_rows.append([scores.amax(1) if dh == ALL_HEADS else scores[:, dh] for dh in heads])
-            rows += self.layer_rows[-1]
-        picked = torch.stack(rows)[self.combo_sources]  # [U, M, B, N]
+            rows += [scores.amax(1) if dh == ALL_HEADS else scores[:, dh] for dh in heads]
+        self.source_scores = torch.stack(rows)  # [sources, B, N], grouped by draft layer in heads_of's order
+        picked = self.source_scores[self.combo_sources]  # [U, M, B, N]
         if self.mapping.combine == "max":
             combined = picked.amax(1)
         else:
@@ -137,8 +136,12 @@ class STSPolicy(SelectionPolicy):
     def draft_layer_scores(self) -> Tensor:
         """Return ``[L, B, N]``: this round's scores of the context rows for each draft layer of :meth:`draft_layers`
         (in that order): the max over its scored heads' rows (-inf at and past a sequence's context). Call after
-        :meth:`prepare`; the scored sparse draft (:class:`~sts.selection.draft.ScoredDraftAttention`) reads them."""
-        return torch.stack([torch.stack(rows).amax(0) if len(rows) > 1 else rows[0] for rows in self.layer_rows])
+        :meth:`prepare`; the scored sparse draft (:class:`~sts.selection.draft.ScoredDraftAttention`) reads them.
+        With one scored head per layer (the default map) these are :meth:`prepare`'s source rows themselves."""
+        counts = [len(heads) for heads in self.heads_of.values()]
+        if max(counts) == 1:
+            return self.source_scores
+        return torch.stack([part.amax(0) for part in self.source_scores.split(counts)])
 
     def select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor | None:
         """Return this layer's rows: precomputed for all layers at once, or refined with the target's queries."""

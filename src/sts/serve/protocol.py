@@ -183,7 +183,7 @@ def check_body(body: _Body, settings: dict[str, Any]) -> None:
     if body.method is not None and body.method != settings["method"]:
         raise APIError(400, f"this server decodes with method {settings['method']!r}: one engine per server, start another "
                             f"server for method {body.method!r}", "method", "unsupported_override")
-    for name in FIXED_SETTINGS:
+    for name in FIXED_SETTINGS[1:]:  # the method: just above
         value = getattr(body, name)
         if value is not None and value != settings[name]:
             raise APIError(400, f"{name} is fixed when the server starts (this server: {name}={settings[name]}); "

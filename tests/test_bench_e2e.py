@@ -13,6 +13,7 @@ import torch
 from conftest import read_weights
 from sts.bench.e2e import METHODS, main, round_bytes
 from sts.bench.synthetic import shape_config, synthetic_pair
+from sts.errors import STSError
 from sts.parallel import Shard
 from sts.selection import SelectionConfig, make_policy
 from sts.selection.mapping import HeadMapping
@@ -117,3 +118,27 @@ def test_e2e_profile_records_each_methods_kernels_per_round(tmp_path):
     for record in records:
         top = record["kernels"][0]
         assert top["us"] >= top["us_per_round"] > 0 and top["calls"] >= 1
+
+
+def test_e2e_runs_each_gamma_and_gives_the_sparse_draft_its_own_agreement(tmp_path):
+    """``--gamma 2,3``: every speculative method at both draft lengths (autoregressive once); with
+    ``--sparse-draft-agreement 0`` the sparse-draft methods use a second draft that never predicts the target (one
+    token per round) while the dense draft (agreement 1) has every token accepted (gamma + 1 per round)."""
+    out = tmp_path / "e2e.jsonl"
+    main(["--device", "cpu", "--target-shape", "tiny-target", "--draft-shape", "tiny-draft", "--contexts", "150",
+          "--batches", "2", "--gamma", "2,3", "--budget", "96", "--new-tokens", "12", "--verify", "sparse",
+          "--agreement", "1", "--sparse-draft-agreement", "0", "--methods", "autoregressive,speculative,sts,sts+sd",
+          "--out", str(out)])
+    records = list(map(json.loads, out.read_text().splitlines()))
+    assert [(r["method"], r["gamma"], r["agreement"]) for r in records] == [
+        ("autoregressive", None, None), ("speculative", 2, 1.0), ("speculative", 3, 1.0), ("sts", 2, 1.0), ("sts", 3, 1.0),
+        ("sts+sd", 2, 0.0), ("sts+sd", 3, 0.0)]
+    for r in records[1:5]:
+        assert r["acceptance_length"] == r["gamma"] + 1
+    assert [r["acceptance_length"] for r in records[5:]] == [1.0, 1.0]
+    fastest = max(r["tokens_per_s"] for r in records if r["method"] == "speculative")
+    assert all(r["speedup_vs_spec"] == pytest.approx(r["tokens_per_s"] / fastest) for r in records)
+    ar = records[0]
+    assert all(r["tokens"] == ar["tokens"] for r in records)  # greedy: every method decodes the target's tokens
+    with pytest.raises(STSError, match="comma list of whole numbers"):
+        main(["--device", "cpu", "--gamma", "4,x", "--out", str(tmp_path / "x.jsonl")])

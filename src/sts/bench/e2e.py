@@ -111,14 +111,21 @@ def prefill_flops(config: ModelConfig, tokens: int) -> float:
     return 2.0 * params * tokens + 2.0 * tokens**2 * config.n_heads * config.head_dim * config.n_layers
 
 
-def bench_point(target: Transformer, draft: Transformer, batch: int, context: int, args: argparse.Namespace) -> list[dict]:
-    """Return one record per method at (batch, context): prefill, then decode speed, acceptance, bound share, memory."""
-    gen = torch.Generator().manual_seed(batch * 1_000_003 + context)
-    prompt = torch.randint(0, target.config.vocab_size, (context,), generator=gen).tolist()
-    max_len = context + args.new_tokens + args.gamma + 2
-    reader = Engine(target, draft, slots=batch, max_len=max_len, config=EngineConfig(gamma=args.gamma))
-    device, element = target.embed_tokens.weight.device, target.embed_tokens.weight.element_size()
-    cuda = device.type == "cuda"
+def gammas(args: argparse.Namespace) -> list[int]:
+    """Return ``--gamma``'s draft lengths (a comma list), refusing values below 1."""
+    try:
+        values = [int(x) for x in str(args.gamma).split(",")]
+    except ValueError:
+        raise STSError(f"gamma must be a comma list of whole numbers, got {args.gamma!r}") from None
+    if min(values) < 1:
+        raise STSError(f"gamma must be >= 1, got {args.gamma}")
+    return values
+
+
+def _prefill(target: Transformer, draft: Transformer, batch: int, prompt: list[int], max_len: int) -> float:
+    """Prefill ``prompt`` into every slot of both models' caches; return the seconds of the first slot's prefill."""
+    reader = Engine(target, draft, slots=batch, max_len=max_len)
+    device = target.embed_tokens.weight.device
     synchronize(device)
     start = time.perf_counter()
     reader.prefill(0, prompt)
@@ -126,23 +133,41 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
     prefill_s = time.perf_counter() - start
     for b in range(1, batch):  # one long prefill, copied into every slot
         reader.prefill(b, prompt, copy_from=0)
+    return prefill_s
+
+
+def bench_point(target: Transformer, draft: Transformer, batch: int, context: int, args: argparse.Namespace,
+                sparse_draft: Transformer | None = None) -> list[dict]:
+    """Return one record per method and gamma at (batch, context): prefill, then decode speed, acceptance, bound share,
+    memory. ``sparse_draft``: the draft of the methods with a sparse draft (``--sparse-draft-agreement``), else ``draft``."""
+    gen = torch.Generator().manual_seed(batch * 1_000_003 + context)
+    prompt = torch.randint(0, target.config.vocab_size, (context,), generator=gen).tolist()
+    lengths = gammas(args)
+    max_len = context + args.new_tokens + max(lengths) + 2
+    device, element = target.embed_tokens.weight.device, target.embed_tokens.weight.element_size()
+    cuda = device.type == "cuda"
+    prefill_s = _prefill(target, draft, batch, prompt, max_len)
+    if sparse_draft is not None:  # its own cache rows (the target's are written again, the same)
+        _prefill(target, sparse_draft, batch, prompt, max_len)
     # Each sequence ends in its own token: the synthetic pair's continuation (and so its acceptance)
     # depends on it alone, and the methods below re-read only that last token (cached=True).
     prompts = [prompt[:-1] + [int(t)] for t in torch.randint(0, target.config.vocab_size, (batch,), generator=gen)]
     flops = sum(prefill_flops(m.config, context) for m in (target, draft))
-    common = {"batch": batch, "context": context, "gamma": args.gamma, "budget": args.budget,
-              "draft_budget": args.draft_budget, "agreement": args.agreement, "verify": args.verify,
-              "prefill_s": prefill_s, "prefill_matrix_share": flops / prefill_s / MATRIX_FLOPS if cuda else None}
+    common = {"batch": batch, "context": context, "budget": args.budget, "draft_budget": args.draft_budget,
+              "verify": args.verify, "prefill_s": prefill_s,
+              "prefill_matrix_share": flops / prefill_s / MATRIX_FLOPS if cuda else None}
     selection = SelectionConfig(budget=args.budget, sink=4, window=64)
     records = []
-    for method in (m for m in METHODS if m.name in args.methods.split(",")):
+    runs = [(m, g) for m in METHODS if m.name in args.methods.split(",") for g in (lengths if m.speculative else lengths[:1])]
+    for method, gamma in runs:
         policy = None
         if method.policy is not None:
             policy = make_policy(method.policy, selection, target, draft, **dict(method.options))
-        config = EngineConfig(gamma=args.gamma, draft_budget=args.draft_budget if method.sparse_draft else None,
+        config = EngineConfig(gamma=gamma, draft_budget=args.draft_budget if method.sparse_draft else None,
                               draft_selection=method.draft_selection,  # type: ignore[arg-type]
                               verify=args.verify)
-        engine = Engine(target, draft if method.speculative else None, policy, slots=batch, max_len=max_len, config=config)
+        drafter = (sparse_draft or draft) if method.sparse_draft else draft
+        engine = Engine(target, drafter if method.speculative else None, policy, slots=batch, max_len=max_len, config=config)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         first = engine.generate(prompts, args.new_tokens, cached=True)  # compiles and captures
@@ -151,7 +176,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
         rounds = max(timed.target_forwards, 1)
         decode_s = timed.time_s - timed.prefill_s
         mapped = len(policy.draft_layers(draft)) if policy is not None else 0
-        shape = (target.config, draft.config, batch, context, args.gamma, args.budget, args.draft_budget, mapped, element)
+        shape = (target.config, draft.config, batch, context, gamma, args.budget, args.draft_budget, mapped, element)
         bytes_ = round_bytes(method, *shape)
         crossover = {"break_even": None, "dense_round_share": None}
         if policy is not None:  # the cost model's break-even context, and the rounds it verified densely
@@ -166,8 +191,10 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
             profiled, top = kernel_times(lambda: engine.generate(prompts, args.new_tokens, cached=True), device)
             per_round = max(profiled.stats.target_forwards, 1)
             kernels = [{**k, "us_per_round": round(k["us"] / per_round, 2)} for k in top]
+        agreement = args.sparse_draft_agreement if method.sparse_draft and sparse_draft is not None else args.agreement
         records.append({
-            **common, "method": method.name, "tokens_per_s": summary["tokens_per_s"],
+            **common, "method": method.name, "gamma": gamma if method.speculative else None,
+            "agreement": agreement if method.speculative else None, "tokens_per_s": summary["tokens_per_s"],
             "ms_per_round": 1e3 * decode_s / rounds, "acceptance_length": summary["acceptance_length"],
             "sparsity": summary["sparsity"], "compile_s": first.stats.compile_s,
             **{f"{phase}_ms": 1e3 * getattr(timed, f"{phase}_s") / rounds for phase in ("draft", "select", "verify")},
@@ -176,10 +203,10 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
             **({"kernels": kernels} if kernels is not None else {}),
         })
         del engine
-    speed = {r["method"]: r["tokens_per_s"] for r in records}
-    for r in records:
-        for key, base in (("speedup_vs_ar", "autoregressive"), ("speedup_vs_spec", "speculative")):
-            r[key] = r["tokens_per_s"] / speed[base] if base in speed else None
+    for key, base in (("speedup_vs_ar", "autoregressive"), ("speedup_vs_spec", "speculative")):
+        best = max((r["tokens_per_s"] for r in records if r["method"] == base), default=None)  # over the gammas
+        for r in records:
+            r[key] = r["tokens_per_s"] / best if best else None
     return records
 
 
@@ -187,11 +214,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Add the end-to-end benchmark's options."""
     p.add_argument("--contexts", default="8192,32768,131072")
     p.add_argument("--batches", default="1,4")
-    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--gamma", default="4",
+                   help="draft tokens per round; a comma list runs every speculative method at each "
+                        "(speed-ups over speculative decoding are then over its fastest gamma)")
     p.add_argument("--budget", type=int, default=512, help="STS rows per KV head (sinks and window included)")
     p.add_argument("--draft-budget", type=int, default=512, help="rows the sparse draft's later steps read")
     p.add_argument("--agreement", type=float, default=0.77,
                    help="share of tokens where the synthetic draft predicts the target (0.77: ~3 tokens per round at gamma 4)")
+    p.add_argument("--sparse-draft-agreement", type=float, default=None,
+                   help="the share for the methods with a sparse draft (a second draft; default --agreement): on real "
+                        "weights a draft that reads fewer rows predicts worse, while the synthetic pair's does not")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per sequence in the timed run")
     p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
                    help="STS rows: auto verifies densely below the cost model's break-even context; sparse always")
@@ -216,13 +248,16 @@ def plot(records: list[dict], path: Path) -> Path:
 
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
+    lines = sorted({(r["method"], r.get("gamma")) for r in records if r["method"] != "autoregressive"},
+                   key=lambda line: ([m.name for m in METHODS].index(line[0]), line[1] or 0))
+    several = len({gamma for _, gamma in lines}) > 1
     for batch, style in zip(sorted({r["batch"] for r in records}), ("-o", "--s", ":^", "-.v")):
-        for i, method in enumerate(m.name for m in METHODS[1:]):
-            rows = sorted((r for r in records if r["batch"] == batch and r["method"] == method and r["speedup_vs_ar"]),
-                          key=lambda r: r["context"])
-            if rows:  # one colour per method, one line style per batch size
-                ax.plot([r["context"] // 1024 for r in rows], [r["speedup_vs_ar"] for r in rows], style, color=f"C{i}",
-                        label=f"{method}, batch {batch}")
+        for i, (method, gamma) in enumerate(lines):
+            rows = sorted((r for r in records if r["batch"] == batch and (r["method"], r.get("gamma")) == (method, gamma)
+                           and r["speedup_vs_ar"]), key=lambda r: r["context"])
+            if rows:  # one colour per method (and gamma), one line style per batch size
+                ax.plot([r["context"] // 1024 for r in rows], [r["speedup_vs_ar"] for r in rows], style, color=f"C{i % 10}",
+                        label=f"{method}{f' gamma {gamma}' if several else ''}, batch {batch}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (K tokens)")
@@ -248,7 +283,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _line(record: dict) -> str:
     """Return a record's one-line summary (figures the CPU does not give are left out)."""
-    parts = [f"b={record['batch']} ctx={record['context']} {record['method']:<15} {record['tokens_per_s']:9.1f} tok/s"]
+    label = record["method"] + (f" g{record['gamma']}" if record["gamma"] else "")
+    parts = [f"b={record['batch']} ctx={record['context']} {label:<20} {record['tokens_per_s']:9.1f} tok/s"]
     parts += [f"x{record[key]:.2f} {name}" for key, name in (("speedup_vs_ar", "AR"), ("speedup_vs_spec", "spec"))
               if record[key] is not None]
     parts += [f"accept {record['acceptance_length'] or 1:.2f}", f"{record['ms_per_round']:.2f} ms/round"]
@@ -270,18 +306,23 @@ def run(args: argparse.Namespace, shard: Shard | None = None) -> None:
 
     Raises STSError for an unknown shape or method, or a target whose heads do not split over the ranks.
     """
-    from sts.bench.synthetic import synthetic_pair
+    from sts.bench.synthetic import shape_config, synthetic_draft, synthetic_pair
 
     unknown = sorted(set(args.methods.split(",")) - {m.name for m in METHODS})
     if unknown:
         raise STSError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(m.name for m in METHODS)})")
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
-    longest = max(contexts) + args.new_tokens + args.gamma + 2
+    longest = max(contexts) + args.new_tokens + max(gammas(args)) + 2
     kind = device_type(args.device)
     cuda = kind == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     target, draft = synthetic_pair(args.target_shape, args.draft_shape, args.agreement, max_position_embeddings=longest,
-                                   dtype=torch.bfloat16 if cuda else torch.float32, device=rank_device(kind), partition=shard)
+                                   dtype=dtype, device=rank_device(kind), partition=shard)
+    sparse_draft = None
+    if args.sparse_draft_agreement is not None:
+        sparse_draft = synthetic_draft(shape_config(args.target_shape), args.draft_shape, args.sparse_draft_agreement,
+                                       max_position_embeddings=longest, dtype=dtype, device=rank_device(kind))
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
             "torch": torch.__version__, "argv": args.argv, "target_shape": args.target_shape,
@@ -293,7 +334,7 @@ def run(args: argparse.Namespace, shard: Shard | None = None) -> None:
         for batch, context in tqdm([(b, c) for b in batches for c in contexts], desc="e2e", file=sys.stderr):
             if cuda:
                 torch.cuda.empty_cache()
-            for record in bench_point(target, draft, batch, context, args):
+            for record in bench_point(target, draft, batch, context, args, sparse_draft):
                 record.update(meta)
                 records.append(record)
                 if writer:

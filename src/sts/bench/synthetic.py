@@ -319,13 +319,27 @@ def synthetic_pair(target_shape: str | dict[str, Any] | ModelConfig, draft_shape
     that tensor-parallel rank's part (see :func:`synthetic_model`); the draft is whole.
     """
     target_config = shape_config(target_shape, max_position_embeddings)
-    draft_config = shape_config(draft_shape, max_position_embeddings)
-    if target_config.vocab_size != draft_config.vocab_size:
-        raise STSError(f"draft vocabulary ({draft_config.vocab_size}) differs from the target's ({target_config.vocab_size})")
-    f, g = next_token_maps(target_config.vocab_size, agreement, seed)
-    common = dict(sharpness=sharpness, residual_scale=residual_scale, dtype=dtype, device=device)
-    return (synthetic_model(target_config, f, seed=seed, partition=partition, **common),
-            synthetic_model(draft_config, g, seed=seed + 1, **common))
+    draft = synthetic_draft(target_config, draft_shape, agreement, seed=seed, sharpness=sharpness,
+                            residual_scale=residual_scale, dtype=dtype, device=device,
+                            max_position_embeddings=max_position_embeddings)
+    f, _ = next_token_maps(target_config.vocab_size, agreement, seed)
+    target = synthetic_model(target_config, f, seed=seed, sharpness=sharpness, residual_scale=residual_scale, dtype=dtype,
+                             device=device, partition=partition)
+    return target, draft
+
+
+def synthetic_draft(target: ModelConfig, draft_shape: str | dict[str, Any] | ModelConfig, agreement: float, *,
+                    seed: int = 0, sharpness: float = 20.0, residual_scale: float = 1e-3, dtype: torch.dtype = torch.bfloat16,
+                    device: str | torch.device = "cuda", max_position_embeddings: int | None = None) -> Transformer:
+    """Return the draft of :func:`synthetic_pair` for a target of config ``target`` (same ``seed``): a second draft
+    at another ``agreement`` predicts the same target worse or better (the target's map ``f`` depends on ``seed``
+    alone). Raises STSError when the vocabularies differ."""
+    config = shape_config(draft_shape, max_position_embeddings)
+    if target.vocab_size != config.vocab_size:
+        raise STSError(f"draft vocabulary ({config.vocab_size}) differs from the target's ({target.vocab_size})")
+    _, g = next_token_maps(config.vocab_size, agreement, seed)
+    return synthetic_model(config, g, seed=seed + 1, sharpness=sharpness, residual_scale=residual_scale, dtype=dtype,
+                           device=device)
 
 
 def fill_cache(model: Transformer, batch: int, context: int, *, lookahead: int = 64, seed: int = 0) -> Tensor:

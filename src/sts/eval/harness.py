@@ -71,6 +71,8 @@ class MethodSpec:
     #: Which rows (``/scored_draft=1``: by STS's draft scores; ``/draft_all_steps=1``: the round's first draft step
     #: too): :mod:`sts.selection.draft`.
     draft_selection: DraftSelection = "recent"
+    #: Draft tokens per round (``/gamma=6``); None: the grid's ``--gamma``.
+    gamma: int | None = None
 
     def policy_options(self) -> dict[str, float]:
         """Return the options as keyword arguments for the policy."""
@@ -89,7 +91,8 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
     """Return method specs for names like ``sts``, ``sts-cal`` (STS with ``--mapping``), ``sts+sp``
     (sparse prefill), ``sts-cal/rerank=4`` (policy options) or ``sts/draft_budget=256`` (a sparse draft:
     its steps after a round's first read 256 rows; any speculative method; ``/scored_draft=1`` picks them by
-    STS's draft scores, ``/draft_all_steps=1`` makes the first step read them too, :mod:`sts.selection.draft`)."""
+    STS's draft scores, ``/draft_all_steps=1`` makes the first step read them too, :mod:`sts.selection.draft`;
+    ``/gamma=6`` drafts 6 tokens per round instead of the grid's gamma)."""
     specs = []
     for name in names:
         head, sparse_prefill = (name[:-3], True) if name.endswith("+sp") else (name, False)
@@ -107,21 +110,22 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
         if all_steps not in (0, 1) or (all_steps and draft_budget is None):
             raise STSError(f"method {name!r}: /draft_all_steps=1 applies to a /draft_budget")
         selection = cast(DraftSelection, ("scored" if scored else "recent") + ("-all" if all_steps else ""))
-        options = tuple((k, v) for k, v in options if k not in ("draft_budget", "scored_draft", "draft_all_steps"))
+        gamma = _gamma(name, dict(options).get("gamma"))
+        options = tuple((k, v) for k, v in options if k not in ("draft_budget", "scored_draft", "draft_all_steps", "gamma"))
         if base == "sts-cal":
             if mapping is None:
                 raise STSError("method sts-cal needs --mapping (a file from `sts calibrate`)")
-            spec = MethodSpec(name, "sts", mapping, sparse_prefill, options, draft_budget, selection)
+            spec = MethodSpec(name, "sts", mapping, sparse_prefill, options, draft_budget, selection, gamma)
         elif base in DENSE_METHODS or base in REGISTRY:
-            spec = MethodSpec(name, base, None, sparse_prefill, options, draft_budget, selection)
+            spec = MethodSpec(name, base, None, sparse_prefill, options, draft_budget, selection, gamma)
         else:
             raise STSError(f"unknown method {name!r} (choose from {', '.join(DEFAULT_METHODS)}, each optionally +sp)")
         if sparse_prefill and not spec.sparse:
             raise STSError(f"{name}: sparse prefill (+sp) applies to sparse methods only")
         if options and not spec.sparse:
             raise STSError(f"{name}: options apply to selection methods only")
-        if draft_budget is not None and spec.method == "autoregressive":
-            raise STSError(f"{name}: /draft_budget applies to methods with a draft")
+        if (draft_budget is not None or gamma is not None) and spec.method == "autoregressive":
+            raise STSError(f"{name}: /draft_budget and /gamma apply to methods with a draft")
         if options:
             check_options(spec.method, dict(options))
         specs.append(spec)
@@ -137,6 +141,15 @@ def _draft_budget(name: str, value: float | None) -> int | None:
     if value != int(value):
         raise STSError(f"method {name!r}: draft_budget must be a whole number of rows, got {value:g}")
     SparseDraftAttention(int(value))  # refuses a budget that leaves no row past the sinks
+    return int(value)
+
+
+def _gamma(name: str, value: float | None) -> int | None:
+    """Return a method name's ``/gamma`` (draft tokens per round), refusing fractions and values below 1."""
+    if value is None:
+        return None
+    if value != int(value) or value < 1:
+        raise STSError(f"method {name!r}: gamma must be a whole number >= 1, got {value:g}")
     return int(value)
 
 
@@ -293,6 +306,10 @@ class Evaluator:
         #: Cache rows of every engine: the grid's longest prompt, new tokens and a round's scratch rows.
         self.max_len = 0
 
+    def gamma(self, spec: MethodSpec) -> int:
+        """Return the draft tokens per round of a method: its ``/gamma``, else the grid's."""
+        return spec.gamma if spec.gamma is not None else self.settings.gamma
+
     def selection(self, budget: float) -> SelectionConfig:
         """Return the selection settings for a budget."""
         return SelectionConfig(budget=budget, sink=self.settings.sink, window=self.settings.window)
@@ -312,7 +329,7 @@ class Evaluator:
         prompts = self.prompt_ids(list({r[0].sample_id: r[0] for r in todo}.values()))
         if prompts:
             longest = max(prompts.values(), key=len).tolist()
-            lookahead = self.settings.gamma + 1
+            lookahead = max(self.gamma(spec) for spec in specs) + 1
             answer = max(self.settings.answer_tokens(r[0].task) for r in todo)
             self.max_len = max(context_capacity(m.model, [longest], answer, lookahead) for m in (self.target, self.draft))
         current: str | None = None
@@ -346,7 +363,7 @@ class Evaluator:
         if entry is None or entry[1] != _caches(entry[0]):
             a = self.settings
             engine = build_engine(
-                spec.method, self.target, self.draft, slots=1, max_len=self.max_len, gamma=a.gamma,
+                spec.method, self.target, self.draft, slots=1, max_len=self.max_len, gamma=self.gamma(spec),
                 selection=self.selection(budget) if budget is not None else None, mapping=spec.mapping,
                 options=spec.policy_options(), draft_budget=spec.draft_budget, draft_selection=spec.draft_selection,
                 prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
@@ -399,7 +416,7 @@ class Evaluator:
         if spec.sparse:
             policy = make_policy(spec.method, self.selection(budget), self.target.model, self.draft.model, spec.mapping,
                                  **spec.policy_options())
-            run = teacher_forced(self.target.model, self.draft.model, prompt, context, a.gamma, policy,
+            run = teacher_forced(self.target.model, self.draft.model, prompt, context, self.gamma(spec), policy,
                                  measure_recall=a.measure_recall, prefix_cache=cache, draft_budget=spec.draft_budget,
                                  draft_selection=spec.draft_selection)
         summary = run.stats.summary()

@@ -69,8 +69,9 @@ class RecallSettings(GridSettings):
         specs = [s for s in super().method_specs() if s.sparse]
         if not specs:
             raise STSError("sts recall compares selection methods: name at least one sparse method")
-        if any(s.draft_budget is not None for s in specs):
-            raise STSError("sts recall scores every method with one dense draft: /draft_budget applies to sts eval")
+        if any(s.draft_budget is not None or s.gamma is not None for s in specs):
+            raise STSError("sts recall scores every method with one dense draft and --gamma: "
+                           "/draft_budget and /gamma apply to sts eval")
         if self.context < 1 or self.steps < 1 or self.skip_tokens < 0:
             raise STSError("context and steps must be >= 1, skipped tokens >= 0")
         return specs

@@ -13,6 +13,7 @@ import torch
 from conftest import hf_config, hf_model
 from smollm2 import smollm2_tokenizer
 from sts.cli import main
+from sts.runner import DEFAULT_DRAFT_BUDGET
 from sts.selection import HeadMapping
 
 
@@ -55,6 +56,12 @@ def test_generate_json_matches_transformers(capsys, checkpoints):
     scored = run_json(capsys, base + ["--method", "sts", "--budget", "64", "--sink", "1", "--window", "2", "--verify", "sparse",
                                       "--draft-budget", "5", "--draft-selection", "scored"])
     assert scored["tokens"] == ref  # the sparse draft changes what is proposed, never what is accepted
+    assert (scored["draft_budget"], scored["draft_selection"]) == (5, "scored")
+    # The default draft: with sts, DEFAULT_DRAFT_BUDGET rows scored by STS; with other methods, dense; "dense" asks.
+    assert (sts["draft_budget"], sts["draft_selection"]) == (DEFAULT_DRAFT_BUDGET, "scored")
+    assert (spec["draft_budget"], spec["draft_selection"]) == (None, "recent")
+    dense = run_json(capsys, base + ["--method", "sts", "--budget", "4", "--sink", "1", "--window", "1", "--draft-budget", "dense"])
+    assert (dense["draft_budget"], dense["draft_selection"]) == (None, "recent")
     # Without --method: speculative with a draft, autoregressive without one.
     assert run_json(capsys, base)["method"] == "speculative"
     alone = run_json(capsys, base[:3] + base[5:])
@@ -131,13 +138,17 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
     bad(capsys, gen + ["--device", "gpu0"], "--device must be")
     bad(capsys, gen + ["--method", "speculative", "--mapping", str(tmp_path / "map.json")], "applies to --method sts")
     bad(capsys, gen + ["--method", "speculative", "--budget", "64"], "--budget applies to selection methods")
-    bad(capsys, gen + ["--method", "sts", "--draft-selection", "scored"], "needs a draft budget")
+    bad(capsys, gen + ["--method", "sts", "--draft-budget", "dense", "--draft-selection", "scored"], "needs a draft budget")
+    bad(capsys, gen + ["--method", "speculative", "--draft-selection", "scored"], "needs a draft budget")
     bad(capsys, gen + ["--method", "speculative", "--draft-budget", "8", "--draft-selection", "scored"], "use --method sts")
     bad(capsys, gen + ["--method", "sts", "--window", "8", "--mapping", str(tmp_path / "missing.json")], "does not exist")
     for budget in ("nan", "inf"):
         with pytest.raises(SystemExit) as exit_:
             main(gen + ["--method", "sts", "--budget", budget])
         assert exit_.value.code == 2 and "budget must be a number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(gen + ["--method", "sts", "--draft-budget", "many"])
+    assert exit_.value.code == 2 and "expected auto, dense or a row count" in capsys.readouterr().err
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     # Settings are checked before the models load: a missing model is not what these report.

@@ -117,9 +117,8 @@ def test_continuous_batching_with_a_scored_draft_is_lossless(tiny_pair, selectio
 @pytest.mark.parametrize("verify", ["sparse", "auto"])
 @pytest.mark.parametrize("selection", ["recent", "recent-all", "scored", "scored-all"])
 def test_which_draft_steps_read_the_sparse_rows(tiny_pair, monkeypatch, selection, verify):
-    """A round's first draft step reads every row unless the selection ends in "-all" ("scored-all": in sparse rounds,
-    the only ones with scores; these tiny contexts verify densely with verify="auto"); the later steps read the sparse
-    rows."""
+    """In a sparse round the first draft step reads every row unless the selection ends in "-all", the later steps
+    read the sparse rows. These tiny contexts verify densely with verify="auto": such a round drafts densely too."""
     from sts.attention import backend, dispatch
 
     _, target, draft = tiny_pair
@@ -135,9 +134,10 @@ def test_which_draft_steps_read_the_sparse_rows(tiny_pair, monkeypatch, selectio
     engine.step()
     layers = draft.config.n_layers
     assert len(seen) == 3 * layers + target.config.n_layers  # three draft steps, then the verify
-    first_sparse = selection == "recent-all" or (selection == "scored-all" and verify == "sparse")
-    assert seen[:layers] == [first_sparse] * layers
-    assert all(seen[layers : 3 * layers]) and all(seen[3 * layers :]) == (verify == "sparse")
+    sparse_round = verify == "sparse"
+    assert seen[:layers] == [sparse_round and selection.endswith("-all")] * layers
+    assert seen[layers : 3 * layers] == [sparse_round] * (2 * layers)
+    assert seen[3 * layers :] == [sparse_round] * target.config.n_layers
 
 
 def test_scored_draft_settings_are_refused_where_they_do_not_apply(tiny_pair):
@@ -218,3 +218,27 @@ def test_draft_layer_scores_are_each_layers_max_over_its_scored_heads(tiny_pair)
     single = STSPolicy(SelectionConfig(budget=24, sink=2, window=4), HeadMapping.default(target.config, draft.config))
     single.prepare(RoundContext(start, target, 24, draft, queries))
     assert single.draft_layer_scores() is single.source_scores
+
+
+def test_a_draft_budget_past_the_cache_drafts_densely(tiny_pair, monkeypatch):
+    """A draft budget of at least the cache's rows reads every row anyway: the draft runs the dense path (no scored
+    rows kept) and decodes as a dense draft does; a scored selection still needs STS."""
+    from sts.attention import dispatch
+
+    _, target, draft = tiny_pair
+    policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft)
+    config = EngineConfig(gamma=3, draft_budget=200, draft_selection="scored", verify="sparse")
+    engine = Engine(target, draft, policy, slots=1, max_len=200, config=config)
+    assert engine.scored_draft is None
+    gathered: list[int] = []
+    verify = dispatch.verify_attention
+    monkeypatch.setattr(dispatch, "verify_attention", lambda q, k, v, s, idx=None: gathered.append(q.shape[0]) or verify(q, k, v, s, idx))
+    prompt = [(7 * i) % 90 + 1 for i in range(120)]
+    out = engine.generate([prompt], 12)
+    assert len(gathered) == out.stats.target_forwards * target.config.n_layers  # the verify's layers alone read rows
+    dense = Engine(target, draft, make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft),
+                   slots=1, max_len=200, config=EngineConfig(gamma=3, verify="sparse")).generate([prompt], 12)
+    assert out.tokens == dense.tokens
+    with pytest.raises(STSError, match="use --method sts"):
+        Engine(target, draft, make_policy("quest", SelectionConfig(budget=48, sink=4, window=8), target, draft), slots=1,
+               max_len=200, config=EngineConfig(gamma=3, draft_budget=200, draft_selection="scored"))

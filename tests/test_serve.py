@@ -77,10 +77,12 @@ def pair(tmp_path_factory, sts_cache_dir) -> dict[str, Any]:
 
 
 def reference(pair: dict[str, Any], ids: list[int], max_tokens: int, method: str = "sts", budget: float = 32) -> list[int]:
-    """Return ``run_method``'s greedy tokens for one prompt alone, with the server's settings (or another budget)."""
+    """Return ``run_method``'s greedy tokens for one prompt alone, with the server's settings (or another budget): its
+    draft too, the default of the method (STS's tokens depend on the rows the draft's queries pick)."""
     target, draft = pair["loaded"]
     selection = SelectionConfig(budget=budget, sink=4, window=8)
-    return run_method(method, target, draft, [ids], max_tokens, gamma=3, selection=selection, verify="sparse").tokens[0]
+    return run_method(method, target, draft, [ids], max_tokens, gamma=3, selection=selection, verify="sparse",
+                      draft_budget="auto").tokens[0]
 
 
 def make_llm(pair: dict[str, Any], **extra: Any):

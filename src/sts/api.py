@@ -26,7 +26,8 @@ from sts.decoding import GenerationStats
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
-from sts.runner import DENSE_METHODS, LoadedModel, build_engine, check_pair, eos_ids, load, methods, resolve_device
+from sts.runner import (DENSE_METHODS, DraftBudget, LoadedModel, build_engine, check_pair, draft_settings, eos_ids, load,
+                        methods, resolve_device)
 from sts.sampling import SamplingConfig
 from sts.selection import HeadMapping, SelectionConfig, check_options
 from sts.selection.draft import DraftSelection
@@ -126,7 +127,9 @@ class LLM:
     loaded with :func:`sts.runner.load`). ``method``: one of :func:`sts.runner.methods`; by
     default ``sts`` with a draft, ``autoregressive`` without. ``budget``, ``sink``, ``window``,
     ``dense_layers``, ``mapping``, ``draft_budget``, ``draft_selection``, ``prefill`` and ``**options`` (e.g.
-    ``rerank=0``) are ``sts generate``'s settings of the same names. ``slots``: sequences decoded
+    ``rerank=0``) are ``sts generate``'s settings of the same names (``draft_budget`` "auto": with ``sts``, the later
+    draft steps read :data:`~sts.runner.DEFAULT_DRAFT_BUDGET` rows scored by STS, :func:`sts.runner.draft_settings`;
+    None: a dense draft). ``slots``: sequences decoded
     together; ``max_model_len``: each slot's context in tokens (default: the models' context,
     capped so that the caches take at most half of the free memory). ``prefill_chunk``: prompt
     tokens per prefill forward, the unit that prefill interleaves with decode rounds (default
@@ -150,7 +153,7 @@ class LLM:
     def __init__(
         self, target: str | Path | LoadedModel, draft: str | Path | LoadedModel | None = None, method: str | None = None, *,
         budget: float = 256, sink: int = 4, window: int = 64, dense_layers: int = 0, gamma: int = 4,
-        mapping: str | None = None, draft_budget: int | None = None, draft_selection: DraftSelection = "recent",
+        mapping: str | None = None, draft_budget: DraftBudget = "auto", draft_selection: DraftSelection | None = None,
         prefill: PrefillConfig | None = None, slots: int = 1, max_model_len: int | None = None,
         prefill_chunk: int | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
         seed: int = 0, max_queue: int = 256, verify: Literal["auto", "sparse"] = "auto",
@@ -163,7 +166,8 @@ class LLM:
         if self.method not in methods():
             raise STSError(f"unknown method {self.method!r} (choose from {', '.join(methods())})")
         self.selection = SelectionConfig(budget=budget, sink=sink, window=window, dense_layers=dense_layers)
-        self.draft_budget, self.draft_selection, self.options = draft_budget, draft_selection, dict(options)
+        self.draft_budget, self.draft_selection = draft_settings(self.method, draft_budget, draft_selection)
+        self.options = dict(options)
         if options:
             if self.method in DENSE_METHODS:
                 raise STSError(f"options {', '.join(options)} apply to selection methods, not {self.method}")
@@ -185,8 +189,8 @@ class LLM:
             self.parallel = TensorParallel.start(tensor_parallel, device, target, draft, settings)
         try:
             self._build(target, draft, device, dtype, slots, max_model_len, dict(
-                gamma=gamma, selection=self.selection, mapping=mapping, options=options, draft_budget=draft_budget,
-                draft_selection=draft_selection, prefill=prefill, prefill_chunk=prefill_chunk, seed=seed, verify=verify))
+                gamma=gamma, selection=self.selection, mapping=mapping, options=options, draft_budget=self.draft_budget,
+                draft_selection=self.draft_selection, prefill=prefill, prefill_chunk=prefill_chunk, seed=seed, verify=verify))
         except BaseException:
             if self.parallel is not None:
                 self.parallel.close(abort=True)

@@ -87,8 +87,21 @@ def report_header(argv: Sequence[str]) -> str:
     return f"Command: `sts {' '.join(argv)}`\n\nDate: {now}. Machine: {machine}.\n"
 
 
+def _draft_budget(text: str) -> int | str | None:
+    """Return a ``--draft-budget``: "auto", None for "dense", else a row count."""
+    if text in ("auto", "dense"):
+        return None if text == "dense" else text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, dense or a row count, got {text!r}") from None
+
+
 def add_selection_args(p: argparse.ArgumentParser) -> None:
-    """Add the sparse-verification options shared by generate and eval."""
+    """Add the sparse-verification options shared by generate and serve."""
+    from sts.runner import DEFAULT_DRAFT_BUDGET
+    from sts.selection.draft import DRAFT_SELECTIONS
+
     p.add_argument("--budget", type=_budget, default=None,
                    help="context rows per target KV head, sinks and window included; < 1 means a fraction (default 256)")
     p.add_argument("--sink", type=int, default=4, help="first rows always kept (default 4)")
@@ -102,12 +115,14 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feedback", type=float, default=None, help="STS: share of free rows kept for rows the target attended to")
     p.add_argument("--head-budgets", type=float, default=None,
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
-    p.add_argument("--draft-budget", type=int, default=None,
-                   help="draft steps after a round's first read only this many rows (see --draft-selection)")
-    p.add_argument("--draft-selection", choices=("recent", "scored", "recent-all", "scored-all"), default="recent",
-                   help="the sparse draft's rows: recent (default), sinks + the latest rows; scored (sts), sinks, the "
-                        "window and the rows each draft layer scored best in the last sparse round; with -all the "
-                        "round's first draft step reads them too (else every row)")
+    p.add_argument("--draft-budget", type=_draft_budget, default="auto",
+                   help="draft steps after a round's first read only this many rows (see --draft-selection); "
+                        f"auto (default): {DEFAULT_DRAFT_BUDGET} scored rows with --method sts, else every row; "
+                        "dense: every row")
+    p.add_argument("--draft-selection", choices=DRAFT_SELECTIONS, default=None,
+                   help="the sparse draft's rows: recent (the default but with sts), sinks + the latest rows; scored "
+                        "(sts; its default), sinks, the window and the rows each draft layer scored best in the last "
+                        "sparse round; with -all the round's first draft step reads them too (else every row)")
     p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
                    help="auto (default): verify densely in rounds whose contexts are below the break-even, where the "
                         "selection costs more than the KV reads it saves (sts.costmodel, H200 figures); sparse: always "
@@ -171,7 +186,7 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
     (:func:`sts.parallel.launch_generate`).
     """
     from sts.detokenize import IncrementalDetokenizer
-    from sts.runner import run_method
+    from sts.runner import draft_settings, run_method
     from sts.sampling import SamplingConfig
     from sts.selection import HeadMapping
 
@@ -190,6 +205,7 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
             raise STSError(f"--mapping applies to --method sts, not {args.method}")
         HeadMapping.load(args.mapping)
     prefill, options = _prefill(args), _options(args)
+    draft_budget, draft_selection = draft_settings(args.method, args.draft_budget, args.draft_selection)
     if args.tensor_parallel != 1 and load is _load:
         from sts.parallel import launch_generate
 
@@ -207,13 +223,13 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
         args.method, target, draft, [prompt], args.max_new_tokens, gamma=args.gamma, sampling=sampling,
         selection=selection, mapping=args.mapping, measure_recall=args.measure_recall, seed=args.seed,
         on_tokens=None if text is None else lambda b, ids: write(text.add(ids)),
-        prefill=prefill, options=options, draft_budget=args.draft_budget, verify=args.verify,
-        draft_selection=args.draft_selection,
+        prefill=prefill, options=options, draft_budget=draft_budget, verify=args.verify, draft_selection=draft_selection,
     )
     tokens = result.tokens[0]
     stats = result.stats.summary()
     if args.json:
-        record: dict[str, Any] = {"method": args.method, "tokens": tokens, "stats": stats}
+        record: dict[str, Any] = {"method": args.method, "draft_budget": draft_budget, "draft_selection": draft_selection,
+                                  "tokens": tokens, "stats": stats}
         if tok is not None:
             record["text"] = tok.decode(tokens, skip_special_tokens=True)
         print(json.dumps(record))

@@ -80,7 +80,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         out = run_method(
             method, target, draft, [prompt], args.max_new_tokens, gamma=args.gamma,
             selection=SelectionConfig(budget=args.budget) if method == "sts" else None,
-            mapping=mapping if method == "sts" else None, prefix_cache=cache, options=options,
+            mapping=mapping if method == "sts" else None, prefix_cache=cache, options=options, draft_budget="auto",
             verify="sparse",  # the table shows what sparse verification keeps, even below the break-even context
         )
         text = tok.decode(out.tokens[0], skip_special_tokens=True)

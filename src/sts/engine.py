@@ -74,7 +74,8 @@ class EngineConfig:
 
     gamma: int = 4
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    #: Rows the draft's steps after a round's first read; None: dense.
+    #: Rows the draft's steps after a round's first read; None: dense. With a selection policy only in its sparse
+    #: rounds: the rounds it verifies densely (``verify="auto"`` below the break-even context) draft densely too.
     draft_budget: int | None = None
     #: Which rows those are (:mod:`sts.selection.draft`): "recent", sinks and the latest rows; "scored" (STS only),
     #: sinks, the policy's window and the rows each draft layer scored best in the last sparse round. With "-all"
@@ -185,12 +186,16 @@ class Engine:
             self.round_model = RoundModel.build(target.config, draft.config, selection_reads(policy, target, draft),
                                                 target.embed_tokens.weight.element_size(), self.config.hardware)
         budget = self.config.draft_budget
+        if budget is not None and budget >= max_len:  # a budget past the cache's rows reads every row: dense kernels
+            budget = None
         self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget is not None else dense_attention
         #: The draft's later steps in sparse rounds, over the rows the select phase scored (None: as in dense rounds).
         self.scored_draft: ScoredDraftAttention | None = None
         if self.config.draft_selection.startswith("scored"):
-            if not isinstance(policy, STSPolicy) or draft is None or budget is None:
+            if not isinstance(policy, STSPolicy) or draft is None:
                 raise STSError("a scored draft selection reuses STS's draft scores: use --method sts with --draft-budget")
+        if self.config.draft_selection.startswith("scored") and budget is not None:
+            assert isinstance(policy, STSPolicy) and draft is not None
             self.scored_draft = ScoredDraftAttention(draft.config.n_layers, slots, draft.config.n_kv_heads, budget,
                                                      policy.config.sink, policy.config.window, max_len, self.device)
             self.scored_layers = torch.tensor(policy.draft_layers(draft), device=self.device)
@@ -580,6 +585,10 @@ class Engine:
         ctx = self._context()
         scored_round = self.scored_draft is not None and self.round_budget > 0
         sparse_draft = self.scored_draft if scored_round else self.later_draft_attention
+        if self.policy is not None and not self.round_budget:
+            # A dense round (below the break-even context): reading fewer draft rows saves less than the target's
+            # sparse rows would have and costs acceptance (docs/results.md), so the draft reads every row too.
+            sparse_draft = dense_attention
         # "-all": the first step reads the sparse rows too; scored ones exist in sparse rounds only (a dense round of
         # "scored-all", below the break-even, keeps its first step dense rather than fall back to the latest rows).
         selection = self.config.draft_selection

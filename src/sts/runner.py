@@ -21,6 +21,13 @@ from sts.speculative import check_draft_size, shared_vocab
 #: Methods that need no selection policy.
 DENSE_METHODS = ("autoregressive", "speculative")
 
+#: Rows the later draft steps of ``--method sts`` read by default, picked by STS's own draft scores ("scored"): on
+#: the H200 at 128K they cost ~0.03 ms per step more than 512 rows and keep more acceptance (docs/results.md).
+DEFAULT_DRAFT_BUDGET = 4096
+
+#: A draft budget as the product's entry points take it: rows, None (a dense draft) or "auto" (see :func:`draft_settings`).
+DraftBudget = int | Literal["auto"] | None
+
 
 def methods() -> tuple[str, ...]:
     """Return every ``--method`` name: the dense ones, then each registered selection policy."""
@@ -85,12 +92,23 @@ def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def draft_settings(method: str, draft_budget: DraftBudget, draft_selection: DraftSelection | None) -> tuple[int | None, DraftSelection]:
+    """Return ``(draft budget, draft selection)`` for ``method``: "auto" is :data:`DEFAULT_DRAFT_BUDGET` scored rows
+    for ``sts`` (a selection given is kept) and a dense draft for every other method; a selection left None is
+    "scored" there, else "recent". The engine drafts densely anyway in the rounds it verifies densely."""
+    if draft_budget == "auto":
+        if method == "sts":
+            return DEFAULT_DRAFT_BUDGET, draft_selection or "scored"
+        draft_budget = None
+    return draft_budget, draft_selection or "recent"
+
+
 def build_engine(
     method: str, target: LoadedModel, draft: LoadedModel | None, *, slots: int, max_len: int, gamma: int = 4,
     sampling: SamplingConfig = SamplingConfig(), selection: SelectionConfig | None = None, mapping: str | None = None,
-    options: dict[str, Any] | None = None, draft_budget: int | None = None, prefill: PrefillConfig | None = None,
+    options: dict[str, Any] | None = None, draft_budget: DraftBudget = None, prefill: PrefillConfig | None = None,
     prefill_chunk: int | None = None, measure_recall: bool = False, prefix_cache: PrefixCache | None = None, seed: int = 0,
-    verify: Literal["auto", "sparse"] = "auto", draft_selection: DraftSelection = "recent",
+    verify: Literal["auto", "sparse"] = "auto", draft_selection: DraftSelection | None = None,
 ) -> Engine:
     """Return an engine that decodes with ``method`` (see :func:`methods`) in ``slots`` slots of ``max_len`` rows.
 
@@ -101,7 +119,8 @@ def build_engine(
     selection policy (e.g. ``rerank``, ``feedback`` for STS); ``draft_budget`` makes the draft's
     steps after the first of each round read ``draft_budget`` rows: sinks and the latest rows, or with
     ``draft_selection="scored"`` (STS) sinks, the window and the rows the draft's layers scored best in the
-    last sparse round (:mod:`sts.selection.draft`); ``verify`` "sparse" keeps a selection policy's
+    last sparse round (:mod:`sts.selection.draft`; "auto" and a selection left None: :func:`draft_settings`);
+    ``verify`` "sparse" keeps a selection policy's
     verification sparse below the break-even context too (default "auto": :class:`~sts.engine.EngineConfig`).
 
     Raises :class:`STSError` for an unknown method, a method that needs a draft without one, or
@@ -109,6 +128,7 @@ def build_engine(
     """
     if method not in methods():
         raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
+    draft_budget, draft_selection = draft_settings(method, draft_budget, draft_selection)
     if method == "autoregressive":
         if prefill is not None or draft_budget:
             raise STSError("--sparse-prefill and --draft-budget need a draft: use a speculative method")
@@ -145,9 +165,9 @@ def run_method(
     prefix_cache: PrefixCache | None = None,
     prefill: PrefillConfig | None = None,
     options: dict[str, Any] | None = None,
-    draft_budget: int | None = None,
+    draft_budget: DraftBudget = None,
     verify: Literal["auto", "sparse"] = "auto",
-    draft_selection: DraftSelection = "recent",
+    draft_selection: DraftSelection | None = None,
 ) -> GenerationResult:
     """Return the generation of ``method`` (autoregressive, speculative or a selection policy) for ``prompts``.
 

@@ -104,6 +104,12 @@ def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: 
     return drafting + scoring + verify
 
 
+def dense_round(method: Method) -> Method:
+    """Return what a selection method runs in the rounds it verifies densely: dense speculative decoding (the
+    engine's sparse draft, too, reads every row in those rounds)."""
+    return replace(method, policy=None, options=(), sparse_draft=False, draft_selection="recent")
+
+
 def prefill_flops(config: ModelConfig, tokens: int) -> float:
     """Return the FLOPs of a causal prefill of ``tokens`` tokens: ``2 * params`` per token (the weights a forward
     reads, :func:`sts.costmodel.weight_bytes`) plus attention's ``2 * n^2 * d_q * L``."""
@@ -180,7 +186,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
         bytes_ = round_bytes(method, *shape)
         crossover = {"break_even": None, "dense_round_share": None}
         if policy is not None:  # the cost model's break-even context, and the rounds it verified densely
-            dense = round_bytes(replace(method, policy=None), *shape)
+            dense = round_bytes(dense_round(method), *shape)
             bytes_ = (dense * timed.dense_rounds + bytes_ * (rounds - timed.dense_rounds)) // rounds
             reads = selection_reads(policy, target, draft)
             crossover = {"break_even": break_even(target.config, draft.config, reads, selection, batch, element, config.hardware),

@@ -124,7 +124,8 @@ def test_e2e_profile_records_each_methods_kernels_per_round(tmp_path):
 def test_e2e_runs_each_gamma_and_gives_the_sparse_draft_its_own_agreement(tmp_path):
     """``--gamma 2,3``: every speculative method at both draft lengths (autoregressive once); with
     ``--sparse-draft-agreement 0`` the sparse-draft methods use a second draft that never predicts the target (one
-    token per round) while the dense draft (agreement 1) has every token accepted (gamma + 1 per round)."""
+    token per round) while the dense draft (agreement 1) has every token accepted (gamma + 1 per round); not in the
+    rounds a selection method verifies, and so drafts, densely."""
     out = tmp_path / "e2e.jsonl"
     main(["--device", "cpu", "--target-shape", "tiny-target", "--draft-shape", "tiny-draft", "--contexts", "150",
           "--batches", "2", "--gamma", "2,3", "--budget", "96", "--new-tokens", "12", "--verify", "sparse",
@@ -141,5 +142,12 @@ def test_e2e_runs_each_gamma_and_gives_the_sparse_draft_its_own_agreement(tmp_pa
     assert all(r["speedup_vs_spec"] == pytest.approx(r["tokens_per_s"] / fastest) for r in records)
     ar = records[0]
     assert all(r["tokens"] == ar["tokens"] for r in records)  # greedy: every method decodes the target's tokens
+    # With --verify auto these tiny contexts verify densely, and so draft densely: the dense draft's agreement.
+    auto = tmp_path / "auto.jsonl"
+    main(["--device", "cpu", "--target-shape", "tiny-target", "--draft-shape", "tiny-draft", "--contexts", "150",
+          "--batches", "1", "--gamma", "3", "--budget", "96", "--new-tokens", "12", "--agreement", "1",
+          "--sparse-draft-agreement", "0", "--methods", "sts+sd", "--out", str(auto)])
+    (record,) = map(json.loads, auto.read_text().splitlines())
+    assert (record["agreement"], record["acceptance_length"], record["dense_round_share"]) == (1.0, 4.0, 1.0)
     with pytest.raises(STSError, match="comma list of whole numbers"):
         main(["--device", "cpu", "--gamma", "4,x", "--out", str(tmp_path / "x.jsonl")])

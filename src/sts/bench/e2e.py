@@ -166,13 +166,18 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
     records = []
     runs = [(m, g) for m in METHODS if m.name in args.methods.split(",") for g in (lengths if m.speculative else lengths[:1])]
     for method, gamma in runs:
-        policy = None
-        if method.policy is not None:
-            policy = make_policy(method.policy, selection, target, draft, **dict(method.options))
+        policy, crossing = None, None
         config = EngineConfig(gamma=gamma, draft_budget=args.draft_budget if method.sparse_draft else None,
                               draft_selection=method.draft_selection,  # type: ignore[arg-type]
                               verify=args.verify)
-        drafter = (sparse_draft or draft) if method.sparse_draft else draft
+        if method.policy is not None:  # and the cost model's break-even context
+            policy = make_policy(method.policy, selection, target, draft, **dict(method.options))
+            reads = selection_reads(policy, target, draft)
+            crossing = break_even(target.config, draft.config, reads, selection, batch, element, config.hardware)
+        # A selection method drafts densely in the rounds it verifies densely: there the dense draft's acceptance.
+        sparse_rounds = policy is None or args.verify == "sparse" or (crossing is not None and context >= crossing)
+        worse = method.sparse_draft and sparse_draft is not None and sparse_rounds
+        drafter = sparse_draft if worse else draft
         engine = Engine(target, drafter if method.speculative else None, policy, slots=batch, max_len=max_len, config=config)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -185,19 +190,17 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
         shape = (target.config, draft.config, batch, context, gamma, args.budget, args.draft_budget, mapped, element)
         bytes_ = round_bytes(method, *shape)
         crossover = {"break_even": None, "dense_round_share": None}
-        if policy is not None:  # the cost model's break-even context, and the rounds it verified densely
+        if policy is not None:  # the rounds it verified densely
             dense = round_bytes(dense_round(method), *shape)
             bytes_ = (dense * timed.dense_rounds + bytes_ * (rounds - timed.dense_rounds)) // rounds
-            reads = selection_reads(policy, target, draft)
-            crossover = {"break_even": break_even(target.config, draft.config, reads, selection, batch, element, config.hardware),
-                         "dense_round_share": timed.dense_rounds / rounds}
+            crossover = {"break_even": crossing, "dense_round_share": timed.dense_rounds / rounds}
         summary = timed.summary()
         kernels = None
         if args.profile:  # a third call, profiled: its kernels per round (the timed call ran unprofiled)
             profiled, top = kernel_times(lambda: engine.generate(prompts, args.new_tokens, cached=True), device)
             per_round = max(profiled.stats.target_forwards, 1)
             kernels = [{**k, "us_per_round": round(k["us"] / per_round, 2)} for k in top]
-        agreement = args.sparse_draft_agreement if method.sparse_draft and sparse_draft is not None else args.agreement
+        agreement = args.sparse_draft_agreement if worse else args.agreement
         records.append({
             **common, "method": method.name, "gamma": gamma if method.speculative else None,
             "agreement": agreement if method.speculative else None, "tokens_per_s": summary["tokens_per_s"],
@@ -228,8 +231,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agreement", type=float, default=0.77,
                    help="share of tokens where the synthetic draft predicts the target (0.77: ~3 tokens per round at gamma 4)")
     p.add_argument("--sparse-draft-agreement", type=float, default=None,
-                   help="the share for the methods with a sparse draft (a second draft; default --agreement): on real "
-                        "weights a draft that reads fewer rows predicts worse, while the synthetic pair's does not")
+                   help="the share for the methods with a sparse draft (a second draft; default --agreement), in the "
+                        "contexts where they draft sparsely (a selection method with --verify auto: past its break-even): "
+                        "on real weights a draft that reads fewer rows predicts worse, while the synthetic pair's does not")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per sequence in the timed run")
     p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
                    help="STS rows: auto verifies densely below the cost model's break-even context; sparse always")

@@ -59,9 +59,9 @@ def test_generate_json_matches_transformers(capsys, checkpoints):
     assert (scored["draft_budget"], scored["draft_selection"]) == (5, "scored")
     # The default draft: with sts, DEFAULT_DRAFT_BUDGET rows scored by STS; with other methods, dense; "dense" asks.
     assert (sts["draft_budget"], sts["draft_selection"]) == (DEFAULT_DRAFT_BUDGET, "scored")
-    assert (spec["draft_budget"], spec["draft_selection"]) == (None, "recent")
+    assert (spec["draft_budget"], spec["draft_selection"]) == (None, None)
     dense = run_json(capsys, base + ["--method", "sts", "--budget", "4", "--sink", "1", "--window", "1", "--draft-budget", "dense"])
-    assert (dense["draft_budget"], dense["draft_selection"]) == (None, "recent")
+    assert (dense["draft_budget"], dense["draft_selection"]) == (None, None)
     # Without --method: speculative with a draft, autoregressive without one.
     assert run_json(capsys, base)["method"] == "speculative"
     alone = run_json(capsys, base[:3] + base[5:])
@@ -139,8 +139,8 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
     bad(capsys, gen + ["--method", "speculative", "--mapping", str(tmp_path / "map.json")], "applies to --method sts")
     bad(capsys, gen + ["--method", "speculative", "--budget", "64"], "--budget applies to selection methods")
     bad(capsys, gen + ["--method", "sts", "--draft-budget", "dense", "--draft-selection", "scored"], "needs a draft budget")
-    bad(capsys, gen + ["--method", "speculative", "--draft-selection", "scored"], "needs a draft budget")
-    bad(capsys, gen + ["--method", "speculative", "--draft-budget", "8", "--draft-selection", "scored"], "use --method sts")
+    bad(capsys, gen + ["--method", "speculative", "--draft-selection", "scored"], "needs method sts, not speculative")
+    bad(capsys, gen + ["--method", "speculative", "--draft-budget", "8", "--draft-selection", "scored"], "needs method sts")
     bad(capsys, gen + ["--method", "sts", "--window", "8", "--mapping", str(tmp_path / "missing.json")], "does not exist")
     for budget in ("nan", "inf"):
         with pytest.raises(SystemExit) as exit_:
@@ -148,7 +148,9 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
         assert exit_.value.code == 2 and "budget must be a number" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(gen + ["--method", "sts", "--draft-budget", "many"])
-    assert exit_.value.code == 2 and "expected auto, dense or a row count" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err  # one line, not argparse's usage block
+    assert err.startswith("sts generate: error: argument --draft-budget: expected auto, dense or a row count"), err
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     # Settings are checked before the models load: a missing model is not what these report.

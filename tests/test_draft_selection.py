@@ -184,6 +184,26 @@ def test_the_server_and_the_api_take_the_draft_selection(tiny_pair):
     assert len(llm.generate(prompt, max_tokens=8)[0].token_ids) == 8
 
 
+def test_draft_settings_resolve_auto_by_method_and_refuse_other_values():
+    from sts.runner import DEFAULT_DRAFT_BUDGET, draft_settings
+
+    assert draft_settings("sts", "auto", None) == (DEFAULT_DRAFT_BUDGET, "scored")
+    assert draft_settings("sts", "auto", "recent-all") == (DEFAULT_DRAFT_BUDGET, "recent-all")
+    assert draft_settings("speculative", "auto", None) == (None, "recent")
+    assert draft_settings("quest", "auto", None) == (None, "recent")
+    assert draft_settings("sts", None, None) == (None, "recent")
+    assert draft_settings("sts", 64, None) == (64, "scored")
+    assert draft_settings("speculative", 64, None) == (64, "recent")
+    assert draft_settings("sts", "dense", None) == (None, "recent")
+    for bad in ("bogus", 64.5, True):
+        with pytest.raises(STSError, match="draft budget must be 'auto', 'dense'"):
+            draft_settings("sts", bad, None)  # type: ignore[arg-type]
+    with pytest.raises(STSError, match="reuses STS's draft scores: it needs method sts, not quest"):
+        draft_settings("quest", 64, "scored-all")
+    with pytest.raises(STSError, match="draft selection recent-all needs a draft budget"):
+        draft_settings("speculative", "auto", "recent-all")
+
+
 def test_draft_layer_scores_are_each_layers_max_over_its_scored_heads(tiny_pair):
     """With a map that scores several heads of a draft layer, a layer's row is the max of those heads' softmax
     scores (against the reference scoring, head by head); with one head per layer, the rows themselves."""

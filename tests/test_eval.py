@@ -224,7 +224,8 @@ def test_reused_engines_give_the_records_of_fresh_engines(tiny_pair_with_tokeniz
         prompt = target.tokenizer(make_prompt(by_id[r["sample_id"]], target.tokenizer), add_special_tokens=False)["input_ids"]
         fresh = run_method(spec.method, target, draft, [prompt], 8, gamma=evaluator.gamma(spec),
                            selection=evaluator.selection(r["budget"]) if r["budget"] is not None else None,
-                           options=spec.policy_options(), draft_budget=spec.draft_budget, verify="sparse")
+                           options=spec.policy_options(), draft_budget=spec.draft_budget,
+                           draft_selection=spec.draft_selection, verify="sparse")
         assert r["tokens"] == fresh.tokens[0], r["key"]
         assert r["acceptance_length"] == pytest.approx(fresh.stats.summary()["acceptance_length"]), r["key"]
     # Interrupted after 13 runs: a new evaluator runs the other 23 and writes the same records.

@@ -415,8 +415,9 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max
 SETTABLE = {"max_tokens": 2, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "n": 1, "stream": True,
             "stream_options": {"include_usage": True}, "stop": ["\n\n"], "seed": 3, "user": "me", "return_token_ids": True,
             "ignore_eos": True, "budget": 16, "max_completion_tokens": 2}
-#: The method settings with values other than the server's (SETTINGS; dense_layers 0, no draft_budget).
-OVERRIDES = {"method": "streaming", "gamma": 5, "sink": 2, "window": 4, "dense_layers": 1, "draft_budget": 64}
+#: The method settings with values other than the server's (SETTINGS; dense_layers 0, sts's default draft: 4096 scored rows).
+OVERRIDES = {"method": "streaming", "gamma": 5, "sink": 2, "window": 4, "dense_layers": 1, "draft_budget": 64,
+             "draft_selection": "recent"}
 
 
 @pytest.mark.parametrize(("path", "good"), [("/v1/completions", GOOD), ("/v1/chat/completions", CHAT)],

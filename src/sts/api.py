@@ -129,7 +129,7 @@ class LLM:
     ``dense_layers``, ``mapping``, ``draft_budget``, ``draft_selection``, ``prefill`` and ``**options`` (e.g.
     ``rerank=0``) are ``sts generate``'s settings of the same names (``draft_budget`` "auto": with ``sts``, the later
     draft steps read :data:`~sts.runner.DEFAULT_DRAFT_BUDGET` rows scored by STS, :func:`sts.runner.draft_settings`;
-    None: a dense draft). ``slots``: sequences decoded
+    None or "dense": a dense draft). ``slots``: sequences decoded
     together; ``max_model_len``: each slot's context in tokens (default: the models' context,
     capped so that the caches take at most half of the free memory). ``prefill_chunk``: prompt
     tokens per prefill forward, the unit that prefill interleaves with decode rounds (default
@@ -230,7 +230,7 @@ class LLM:
         sel = self.selection
         return {"method": self.method, "gamma": self.gamma, "budget": sel.budget, "sink": sel.sink, "window": sel.window,
                 "dense_layers": sel.dense_layers, "draft_budget": self.draft_budget,
-                "draft_selection": self.draft_selection}
+                "draft_selection": self.draft_selection if self.draft_budget is not None else None}
 
     # ------------------------------------------------------------------ requests
 

@@ -16,7 +16,7 @@ import sys
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 from sts.errors import STSError
 
@@ -87,10 +87,10 @@ def report_header(argv: Sequence[str]) -> str:
     return f"Command: `sts {' '.join(argv)}`\n\nDate: {now}. Machine: {machine}.\n"
 
 
-def _draft_budget(text: str) -> int | str | None:
-    """Return a ``--draft-budget``: "auto", None for "dense", else a row count."""
+def _draft_budget(text: str) -> int | str:
+    """Return a ``--draft-budget``: "auto", "dense", else a row count."""
     if text in ("auto", "dense"):
-        return None if text == "dense" else text
+        return text
     try:
         return int(text)
     except ValueError:
@@ -120,9 +120,9 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         f"auto (default): {DEFAULT_DRAFT_BUDGET} scored rows with --method sts, else every row; "
                         "dense: every row")
     p.add_argument("--draft-selection", choices=DRAFT_SELECTIONS, default=None,
-                   help="the sparse draft's rows: recent (the default but with sts), sinks + the latest rows; scored "
-                        "(sts; its default), sinks, the window and the rows each draft layer scored best in the last "
-                        "sparse round; with -all the round's first draft step reads them too (else every row)")
+                   help="the sparse draft's rows: scored (sts only, and its default), sinks, the window and the rows "
+                        "each draft layer scored best in the last sparse round; recent (the other methods' default), "
+                        "sinks + the latest rows; with -all the round's first draft step reads them too (else every row)")
     p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
                    help="auto (default): verify densely in rounds whose contexts are below the break-even, where the "
                         "selection costs more than the KV reads it saves (sts.costmodel, H200 figures); sparse: always "
@@ -228,7 +228,8 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
     tokens = result.tokens[0]
     stats = result.stats.summary()
     if args.json:
-        record: dict[str, Any] = {"method": args.method, "draft_budget": draft_budget, "draft_selection": draft_selection,
+        record: dict[str, Any] = {"method": args.method, "draft_budget": draft_budget,
+                                  "draft_selection": draft_selection if draft_budget is not None else None,
                                   "tokens": tokens, "stats": stats}
         if tok is not None:
             record["text"] = tok.decode(tokens, skip_special_tokens=True)
@@ -354,11 +355,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (not after the usage block) and exit status 2; subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every subcommand."""
     from sts.runner import methods
 
-    parser = argparse.ArgumentParser(prog="sts", description="Speculative Token Sparsity: fast long-context decoding")
+    parser = _Parser(prog="sts", description="Speculative Token Sparsity: fast long-context decoding")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 

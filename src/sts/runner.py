@@ -25,8 +25,9 @@ DENSE_METHODS = ("autoregressive", "speculative")
 #: the H200 at 128K they cost ~0.03 ms per step more than 512 rows and keep more acceptance (docs/results.md).
 DEFAULT_DRAFT_BUDGET = 4096
 
-#: A draft budget as the product's entry points take it: rows, None (a dense draft) or "auto" (see :func:`draft_settings`).
-DraftBudget = int | Literal["auto"] | None
+#: A draft budget as the product's entry points take it: rows, None or "dense" (a dense draft), or "auto"
+#: (see :func:`draft_settings`).
+DraftBudget = int | Literal["auto", "dense"] | None
 
 
 def methods() -> tuple[str, ...]:
@@ -93,14 +94,25 @@ def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
 
 
 def draft_settings(method: str, draft_budget: DraftBudget, draft_selection: DraftSelection | None) -> tuple[int | None, DraftSelection]:
-    """Return ``(draft budget, draft selection)`` for ``method``: "auto" is :data:`DEFAULT_DRAFT_BUDGET` scored rows
-    for ``sts`` (a selection given is kept) and a dense draft for every other method; a selection left None is
-    "scored" there, else "recent". The engine drafts densely anyway in the rounds it verifies densely."""
+    """Return ``(draft budget, draft selection)`` for ``method``: a budget "auto" is :data:`DEFAULT_DRAFT_BUDGET` rows
+    for ``sts`` and a dense draft (None) for every other method, "dense" is None; a selection left None is "scored"
+    for ``sts`` with a draft budget (the rows STS's scores rank best: more acceptance than the latest rows,
+    docs/results.md), else "recent". The engine drafts densely anyway in the rounds it verifies densely.
+
+    Raises :class:`STSError`, before any model is loaded, for a budget that is none of these, a scored selection
+    with another method than ``sts``, or a selection other than "recent" without a draft budget (a count past the
+    sinks is checked by the engine).
+    """
+    if draft_budget not in (None, "auto", "dense") and (isinstance(draft_budget, bool) or not isinstance(draft_budget, int)):
+        raise STSError(f"draft budget must be 'auto', 'dense' (or None) or a row count, got {draft_budget!r}")
+    if draft_selection is not None and draft_selection.startswith("scored") and method != "sts":
+        raise STSError(f"draft selection {draft_selection} reuses STS's draft scores: it needs method sts, not {method}")
     if draft_budget == "auto":
-        if method == "sts":
-            return DEFAULT_DRAFT_BUDGET, draft_selection or "scored"
-        draft_budget = None
-    return draft_budget, draft_selection or "recent"
+        draft_budget = DEFAULT_DRAFT_BUDGET if method == "sts" else None
+    budget = None if draft_budget == "dense" else draft_budget
+    if draft_selection not in (None, "recent") and budget is None:
+        raise STSError(f"draft selection {draft_selection} needs a draft budget (rows; not a dense draft)")
+    return budget, draft_selection or ("scored" if method == "sts" and budget is not None else "recent")  # type: ignore[return-value]
 
 
 def build_engine(

@@ -9,7 +9,7 @@ each stream chunk's, carries ``token_ids``, and the response ``prompt_token_ids`
 (as vLLM: decode past end-of-sequence ids up to ``max_tokens``); ``budget``, this request's selection
 budget (rows per KV head, or a fraction of its context, as ``--budget``; the request then reads
 what it would alone at that budget, see :meth:`sts.engine.Engine.prefill`); and the server's other
-method settings (``method``, ``gamma``, ``sink``, ``window``, ``dense_layers``, ``draft_budget``),
+method settings (``method``, ``gamma``, ``sink``, ``window``, ``dense_layers``, ``draft_budget``, ``draft_selection``),
 which are accepted only with the server's own values: each is fixed when the engine is built (one
 engine per server, whose shapes and CUDA graphs every slot shares), so a request cannot change it.
 """
@@ -26,7 +26,7 @@ from sts.errors import STSError
 from sts.selection import SelectionConfig
 
 #: The server's method settings: fixed when its engine is built, so a request may only repeat the server's values.
-FIXED_SETTINGS = ("method", "gamma", "sink", "window", "dense_layers", "draft_budget")
+FIXED_SETTINGS = ("method", "gamma", "sink", "window", "dense_layers", "draft_budget", "draft_selection")
 
 
 class APIError(Exception):
@@ -77,6 +77,7 @@ class _Body(BaseModel):
     window: int | None = None
     dense_layers: int | None = None
     draft_budget: int | None = None
+    draft_selection: str | None = None
 
     def unsupported(self) -> list[tuple[str, bool]]:
         """Return (field, whether it asks for something sts does not do) pairs, checked by :func:`check_body`."""
@@ -163,7 +164,7 @@ def check_body(body: _Body, settings: dict[str, Any]) -> None:
     and method settings other than the server's ``settings`` (all but ``budget``, which a request may set).
 
     ``settings``: the server's values by field name (``method``, ``gamma``, ``budget``, ``sink``, ``window``,
-    ``dense_layers``, ``draft_budget``). Whether the server's method can give a request a budget of its own is the
+    ``dense_layers``, ``draft_budget``, ``draft_selection``). Whether the server's method can give a request a budget of its own is the
     engine's to say (:meth:`sts.api.LLM.params`).
     """
     if body.n != 1:
@@ -177,9 +178,6 @@ def check_body(body: _Body, settings: dict[str, Any]) -> None:
             SelectionConfig(**{k: settings[k] for k in ("budget", "sink", "window", "dense_layers")} | selection)
         except STSError as exc:
             raise APIError(400, f"invalid selection settings: {exc}", next(iter(selection)), "invalid_value") from None
-    if body.draft_budget is not None and body.draft_budget <= 4:
-        raise APIError(400, f"draft_budget must exceed the 4 sink rows, got {body.draft_budget}", "draft_budget",
-                       "invalid_value")
     if body.method is not None and body.method != settings["method"]:
         raise APIError(400, f"this server decodes with method {settings['method']!r}: one engine per server, start another "
                             f"server for method {body.method!r}", "method", "unsupported_override")

@@ -139,6 +139,8 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
     bad(capsys, gen + ["--method", "speculative", "--mapping", str(tmp_path / "map.json")], "applies to --method sts")
     bad(capsys, gen + ["--method", "speculative", "--budget", "64"], "--budget applies to selection methods")
     bad(capsys, gen + ["--method", "sts", "--draft-budget", "dense", "--draft-selection", "scored"], "needs a draft budget")
+    bad(capsys, gen + ["--method", "autoregressive", "--draft-budget", "64"], "a draft budget needs a draft")
+    bad(capsys, gen + ["--method", "autoregressive", "--sparse-prefill"], "--sparse-prefill needs a draft")
     bad(capsys, gen + ["--method", "speculative", "--draft-selection", "scored"], "needs method sts, not speculative")
     bad(capsys, gen + ["--method", "speculative", "--draft-budget", "8", "--draft-selection", "scored"], "needs method sts")
     bad(capsys, gen + ["--method", "sts", "--window", "8", "--mapping", str(tmp_path / "missing.json")], "does not exist")

@@ -99,9 +99,9 @@ def draft_settings(method: str, draft_budget: DraftBudget, draft_selection: Draf
     for ``sts`` with a draft budget (the rows STS's scores rank best: more acceptance than the latest rows,
     docs/results.md), else "recent". The engine drafts densely anyway in the rounds it verifies densely.
 
-    Raises :class:`STSError`, before any model is loaded, for a budget that is none of these, a scored selection
-    with another method than ``sts``, or a selection other than "recent" without a draft budget (a count past the
-    sinks is checked by the engine).
+    Raises :class:`STSError`, before any model is loaded, for a budget that is none of these or given to
+    autoregressive decoding, a scored selection with another method than ``sts``, or a selection other than
+    "recent" without a draft budget (a count past the sinks is checked by the engine).
     """
     if draft_budget not in (None, "auto", "dense") and (isinstance(draft_budget, bool) or not isinstance(draft_budget, int)):
         raise STSError(f"draft budget must be 'auto', 'dense' (or None) or a row count, got {draft_budget!r}")
@@ -110,6 +110,8 @@ def draft_settings(method: str, draft_budget: DraftBudget, draft_selection: Draf
     if draft_budget == "auto":
         draft_budget = DEFAULT_DRAFT_BUDGET if method == "sts" else None
     budget = None if draft_budget == "dense" else draft_budget
+    if budget is not None and method == "autoregressive":
+        raise STSError("a draft budget needs a draft: use a speculative method")
     if draft_selection not in (None, "recent") and budget is None:
         raise STSError(f"draft selection {draft_selection} needs a draft budget (rows; not a dense draft)")
     return budget, draft_selection or ("scored" if method == "sts" and budget is not None else "recent")  # type: ignore[return-value]
@@ -142,8 +144,8 @@ def build_engine(
         raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
     draft_budget, draft_selection = draft_settings(method, draft_budget, draft_selection)
     if method == "autoregressive":
-        if prefill is not None or draft_budget:
-            raise STSError("--sparse-prefill and --draft-budget need a draft: use a speculative method")
+        if prefill is not None:  # (a draft budget: refused by draft_settings)
+            raise STSError("--sparse-prefill needs a draft: use a speculative method")
         config = EngineConfig(sampling=sampling, seed=seed, prefill_chunk=prefill_chunk)
         return Engine(target.model, slots=slots, max_len=max_len, config=config, prefix_cache=prefix_cache)
     if draft is None:

@@ -93,7 +93,8 @@ def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def draft_settings(method: str, draft_budget: DraftBudget, draft_selection: DraftSelection | None) -> tuple[int | None, DraftSelection]:
+def draft_settings(method: str, draft_budget: DraftBudget,
+                   draft_selection: DraftSelection | None) -> tuple[int | None, DraftSelection]:
     """Return ``(draft budget, draft selection)`` for ``method``: a budget "auto" is :data:`DEFAULT_DRAFT_BUDGET` rows
     for ``sts`` and a dense draft (None) for every other method, "dense" is None; a selection left None is "scored"
     for ``sts`` with a draft budget (the rows STS's scores rank best: more acceptance than the latest rows,
@@ -103,18 +104,20 @@ def draft_settings(method: str, draft_budget: DraftBudget, draft_selection: Draf
     autoregressive decoding, a scored selection with another method than ``sts``, or a selection other than
     "recent" without a draft budget (a count past the sinks is checked by the engine).
     """
-    if draft_budget not in (None, "auto", "dense") and (isinstance(draft_budget, bool) or not isinstance(draft_budget, int)):
+    if draft_budget not in (None, "auto", "dense") and (isinstance(draft_budget, bool)
+                                                        or not isinstance(draft_budget, int)):
         raise STSError(f"draft budget must be 'auto', 'dense' (or None) or a row count, got {draft_budget!r}")
     if draft_selection is not None and draft_selection.startswith("scored") and method != "sts":
         raise STSError(f"draft selection {draft_selection} reuses STS's draft scores: it needs method sts, not {method}")
     if draft_budget == "auto":
         draft_budget = DEFAULT_DRAFT_BUDGET if method == "sts" else None
-    budget = None if draft_budget == "dense" else draft_budget
+    budget = draft_budget if isinstance(draft_budget, int) else None  # "dense" or None
     if budget is not None and method == "autoregressive":
         raise STSError("a draft budget needs a draft: use a speculative method")
     if draft_selection not in (None, "recent") and budget is None:
         raise STSError(f"draft selection {draft_selection} needs a draft budget (rows; not a dense draft)")
-    return budget, draft_selection or ("scored" if method == "sts" and budget is not None else "recent")  # type: ignore[return-value]
+    default: DraftSelection = "scored" if method == "sts" and budget is not None else "recent"
+    return budget, draft_selection or default
 
 
 def build_engine(

@@ -9,8 +9,8 @@ each stream chunk's, carries ``token_ids``, and the response ``prompt_token_ids`
 (as vLLM: decode past end-of-sequence ids up to ``max_tokens``); ``budget``, this request's selection
 budget (rows per KV head, or a fraction of its context, as ``--budget``; the request then reads
 what it would alone at that budget, see :meth:`sts.engine.Engine.prefill`); and the server's other
-method settings (``method``, ``gamma``, ``sink``, ``window``, ``dense_layers``, ``draft_budget``, ``draft_selection``),
-which are accepted only with the server's own values: each is fixed when the engine is built (one
+method settings (``method``, ``gamma``, ``sink``, ``window``, ``dense_layers``, ``draft_budget``,
+``draft_selection``), which are accepted only with the server's own values: each is fixed when the engine is built (one
 engine per server, whose shapes and CUDA graphs every slot shares), so a request cannot change it.
 """
 
@@ -164,8 +164,8 @@ def check_body(body: _Body, settings: dict[str, Any]) -> None:
     and method settings other than the server's ``settings`` (all but ``budget``, which a request may set).
 
     ``settings``: the server's values by field name (``method``, ``gamma``, ``budget``, ``sink``, ``window``,
-    ``dense_layers``, ``draft_budget``, ``draft_selection``). Whether the server's method can give a request a budget of its own is the
-    engine's to say (:meth:`sts.api.LLM.params`).
+    ``dense_layers``, ``draft_budget``, ``draft_selection``). Whether the server's method can give a request a
+    budget of its own is the engine's to say (:meth:`sts.api.LLM.params`).
     """
     if body.n != 1:
         raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", "n")

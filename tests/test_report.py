@@ -238,3 +238,12 @@ def test_interval_tables_pair_samples_by_id_and_match_the_intervals() -> None:
     t = stats.ttest_1samp(accept, 0.0).confidence_interval(0.95)
     assert f"| sts | 10% | {sum(accept) / 20:.2f} ± {(t.high - t.low) / 2:.2f} |" in text
     assert interval_tables([record("sts", 64, "perplexity", nll=2.0, nll_dense=2.0)]) == ""
+    # All tasks of a length together: 10 qa samples where sts gains 2 answers join the 20 needle ones (it loses 3).
+    qa_ref, qa_sts = [0.0] * 10, [1.0] * 2 + [0.0] * 8
+    records += [record(m, b, "qa", sample_id=f"q{i}", context_tokens=8192, score=s)
+                for m, b, scores in (("autoregressive", None, qa_ref), ("sts", 0.1, qa_sts)) for i, s in enumerate(scores)]
+    differences = [100 * (a - b) for a, b in zip(sts + qa_sts, ref + qa_ref)]
+    t = stats.ttest_1samp(differences, 0.0).confidence_interval(0.95)
+    mean = sum(differences) / 30
+    assert mean == pytest.approx(-100 / 30)  # a net answer lost of 30
+    assert f"| sts | 10% | {mean:.2f} ± {(t.high - t.low) / 2:.2f} |" in interval_tables(records)

@@ -7,7 +7,8 @@ counts are drawn on the budget axis of the figures. Records without a budget are
 methods (autoregressive and speculative decoding), drawn as dashed reference lines.
 The interval tables (:func:`interval_tables`) give accuracy per task and context length with
 its 95% interval, its paired difference to dense autoregressive decoding on the same samples,
-and acceptance length per context length (:mod:`sts.eval.intervals`).
+that difference over every task's samples of a context length, and acceptance length per context
+length (:mod:`sts.eval.intervals`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ _INTERVAL_NOTES = (
     f"*accuracy %*: mean score (0/1 for one answer, partial credit for several) with its "
     f"{CONFIDENCE:.0%} Wilson score interval; *Δ*: accuracy minus dense {REFERENCE_METHOD} decoding's "
     f"on the same samples, in points, with Newcombe's paired square-and-add {CONFIDENCE:.0%} interval "
-    "(for 0/1 scores the textbook intervals; for partial credit conservative); *acceptance length*: "
+    "(for 0/1 scores the textbook intervals; for partial credit conservative); *all tasks*: the mean over "
+    "every sample of a context length, all tasks together, of that paired difference, ± the half-width of its "
+    f"{CONFIDENCE:.0%} Student t interval; *acceptance length*: "
     "mean over samples of tokens per target forward, ± the half-width of its "
     f"{CONFIDENCE:.0%} Student t interval over samples."
 )
@@ -167,6 +170,26 @@ def acceptance_intervals(records: Iterable[Record]) -> dict[GroupKey, dict[int, 
     values: dict[GroupKey, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         values[(record["method"], _budget(record))][record["context_tokens"]] += _values([record], "acceptance_length")
+    return _per_length(values)
+
+
+def pooled_deltas(records: Iterable[Record]) -> dict[GroupKey, dict[int, Interval | float]]:
+    """Return, per (method, budget) other than the reference, per context length: the mean over every scored
+    sample of that length, all tasks together, of its score minus :data:`REFERENCE_METHOD`'s on the same sample
+    (in points), with the Student t interval of that paired mean. Tasks with equal sample counts weigh equally.
+    Ordered as :func:`summarise` orders methods."""
+    scored = [r for r in records if _values([r], "score")]
+    reference = {r["sample_id"]: float(r["score"]) for r in scored if (r["method"], _budget(r)) == (REFERENCE_METHOD, None)}
+    values: dict[GroupKey, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in scored:
+        key = (record["method"], _budget(record))
+        if key != (REFERENCE_METHOD, None) and record["sample_id"] in reference:
+            values[key][record["context_tokens"]].append(100 * (float(record["score"]) - reference[record["sample_id"]]))
+    return _per_length(values)
+
+
+def _per_length(values: dict[GroupKey, dict[int, list[float]]]) -> dict[GroupKey, dict[int, Interval | float]]:
+    """Return each group's per-length mean with its Student t interval (a bare mean for one value), in method order."""
     out: dict[GroupKey, dict[int, Interval | float]] = {}
     for key in sorted(values, key=_order):
         cells = {length: mean_interval(v) or v[0] for length, v in sorted(values[key].items()) if v}
@@ -195,16 +218,17 @@ def interval_tables(records: Sequence[Record]) -> str:
                 _cell("sparsity", row["sparsity"]), _cell("acceptance_length", row["acceptance_length"]),
             )))
         parts.append("\n".join(lines))
-    acceptance = acceptance_intervals(records)
-    if acceptance:
-        lengths = sorted({length for cells in acceptance.values() for length in cells})
-        lines = [
-            _table_line(("method", "budget", *(f"acceptance length @ {_tokens_label(n)}" for n in lengths))),
-            _table_line(("---", "---", *("---:",) * len(lengths))),
-        ]
-        for (method, budget), cells in acceptance.items():
-            lines.append(_table_line((method, _budget_label(budget), *(_plus_minus(cells.get(n)) for n in lengths))))
-        parts.append("\n".join(lines))
+    for title, table in ((f"Δ vs {REFERENCE_METHOD}, all tasks (points)", pooled_deltas(records)),
+                         ("acceptance length", acceptance_intervals(records))):
+        if table:
+            lengths = sorted({length for cells in table.values() for length in cells})
+            lines = [
+                _table_line(("method", "budget", *(f"{title} @ {_tokens_label(n)}" for n in lengths))),
+                _table_line(("---", "---", *("---:",) * len(lengths))),
+            ]
+            for (method, budget), cells in table.items():
+                lines.append(_table_line((method, _budget_label(budget), *(_plus_minus(cells.get(n)) for n in lengths))))
+            parts.append("\n".join(lines))
     if not parts:
         return ""
     return "\n\n".join(parts + [_INTERVAL_NOTES]) + "\n"
@@ -422,7 +446,7 @@ def _points(interval: Interval, signed: bool) -> str:
 
 
 def _plus_minus(cell: Interval | float | None) -> str:
-    """Return an acceptance cell: "2.91 ± 0.12" (the interval's half-width), a bare mean, or "-"."""
+    """Return a per-length cell: "2.91 ± 0.12" (the mean and its interval's half-width), a bare mean, or "-"."""
     if cell is None:
         return "-"
     if isinstance(cell, Interval):

@@ -60,7 +60,7 @@ from sts.selection.attend import SelectiveAttention, ShadowAttention
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
 from sts.prefill import PrefillConfig, sparse_prefill
 from sts.selection.mapping import HeadMapping
-from sts.selection.draft import DRAFT_SELECTIONS, DraftSelection, ScoredDraftAttention, SparseDraftAttention
+from sts.selection.draft import DraftSelection, ScoredDraftAttention, SparseDraftAttention, check_draft
 from sts.selection.sts import STSPolicy
 
 #: Prompt tokens per prefill chunk on CUDA: large enough for the matrix units, small enough that
@@ -105,10 +105,7 @@ class EngineConfig:
             raise STSError(f"gamma must be >= 1, got {self.gamma}")
         if self.verify not in ("auto", "sparse"):
             raise STSError(f"verify must be 'auto' or 'sparse', got {self.verify!r}")
-        if self.draft_selection not in DRAFT_SELECTIONS:
-            raise STSError(f"draft selection must be one of {', '.join(DRAFT_SELECTIONS)}, got {self.draft_selection!r}")
-        if self.draft_selection != "recent" and self.draft_budget is None:
-            raise STSError(f"draft selection {self.draft_selection} needs a draft budget (--draft-budget)")
+        check_draft(self.draft_budget, self.draft_selection)
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise STSError(f"prefill chunk must be >= 1, got {self.prefill_chunk}")
 
@@ -194,11 +191,10 @@ class Engine:
         if self.config.draft_selection.startswith("scored"):
             if not isinstance(policy, STSPolicy) or draft is None:
                 raise STSError("a scored draft selection reuses STS's draft scores: use --method sts with --draft-budget")
-        if self.config.draft_selection.startswith("scored") and budget is not None:
-            assert isinstance(policy, STSPolicy) and draft is not None
-            self.scored_draft = ScoredDraftAttention(draft.config.n_layers, slots, draft.config.n_kv_heads, budget,
-                                                     policy.config.sink, policy.config.window, max_len, self.device)
-            self.scored_layers = torch.tensor(policy.draft_layers(draft), device=self.device)
+            if budget is not None:
+                self.scored_draft = ScoredDraftAttention(draft.config.n_layers, slots, draft.config.n_kv_heads, budget,
+                                                         policy.config.sink, policy.config.window, max_len, self.device)
+                self.scored_layers = torch.tensor(policy.draft_layers(draft), device=self.device)
 
         def buffer(dtype: torch.dtype, *shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=dtype, device=self.device)

@@ -15,7 +15,7 @@ from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
 from sts.selection import REGISTRY, SelectionConfig, make_policy
-from sts.selection.draft import DraftSelection
+from sts.selection.draft import DraftSelection, check_draft
 from sts.speculative import check_draft_size, shared_vocab
 
 #: Methods that need no selection policy.
@@ -101,8 +101,9 @@ def draft_settings(method: str, draft_budget: DraftBudget,
     docs/results.md), else "recent". The engine drafts densely anyway in the rounds it verifies densely.
 
     Raises :class:`STSError`, before any model is loaded, for a budget that is none of these or given to
-    autoregressive decoding, a scored selection with another method than ``sts``, or a selection other than
-    "recent" without a draft budget (a count past the sinks is checked by the engine).
+    autoregressive decoding, a scored selection with another method than ``sts``, an unknown selection or one
+    other than "recent" without a draft budget (:func:`~sts.selection.draft.check_draft`; a count past the sinks
+    is checked by the engine).
     """
     if draft_budget not in (None, "auto", "dense") and (isinstance(draft_budget, bool)
                                                         or not isinstance(draft_budget, int)):
@@ -114,10 +115,10 @@ def draft_settings(method: str, draft_budget: DraftBudget,
     budget = draft_budget if isinstance(draft_budget, int) else None  # "dense" or None
     if budget is not None and method == "autoregressive":
         raise STSError("a draft budget needs a draft: use a speculative method")
-    if draft_selection not in (None, "recent") and budget is None:
-        raise STSError(f"draft selection {draft_selection} needs a draft budget (rows; not a dense draft)")
     default: DraftSelection = "scored" if method == "sts" and budget is not None else "recent"
-    return budget, draft_selection or default
+    selection = draft_selection or default
+    check_draft(budget, selection)  # the engine's own check, before any model is loaded
+    return budget, selection
 
 
 def build_engine(

@@ -34,6 +34,15 @@ DraftSelection = Literal["recent", "scored", "recent-all", "scored-all"]
 DRAFT_SELECTIONS: tuple[str, ...] = get_args(DraftSelection)
 
 
+def check_draft(budget: int | None, selection: str) -> None:
+    """Raise :class:`~sts.errors.STSError` for a selection that is not one of :data:`DRAFT_SELECTIONS`, or one other
+    than "recent" without a draft ``budget`` (rows; None: a dense draft)."""
+    if selection not in DRAFT_SELECTIONS:
+        raise STSError(f"draft selection must be one of {', '.join(DRAFT_SELECTIONS)}, got {selection!r}")
+    if selection != "recent" and budget is None:
+        raise STSError(f"draft selection {selection} needs a draft budget (--draft-budget)")
+
+
 class SparseDraftAttention:
     """The draft's attention for the steps after a round's first: the first ``sink`` rows and the latest rows,
     ``budget`` in all (StreamingLLM's selection, Xiao et al. 2023).

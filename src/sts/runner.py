@@ -22,7 +22,8 @@ from sts.speculative import check_draft_size, shared_vocab
 DENSE_METHODS = ("autoregressive", "speculative")
 
 #: Rows the later draft steps of ``--method sts`` read by default, picked by STS's own draft scores ("scored"): on
-#: the H200 at 128K they cost ~0.03 ms per step more than 512 rows and keep more acceptance (docs/results.md).
+#: the H200 at 128K, batch 1, the draft phase took 0.14 ms per round more than with 512 rows, and they keep more
+#: acceptance (docs/results.md, docs/benchmarks.md).
 DEFAULT_DRAFT_BUDGET = 4096
 
 #: A draft budget as the product's entry points take it: rows, None or "dense" (a dense draft), or "auto"

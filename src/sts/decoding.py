@@ -197,19 +197,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def context_capacity(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead: int) -> int:
-    """Return the cache rows a run needs; a prompt that cannot fit is an error."""
+def context_capacity(
+    models: Sequence[Transformer], prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead: int,
+) -> int:
+    """Return the cache rows a run needs: the longest prompt + ``max_new_tokens`` + ``lookahead`` (the rows a round
+    writes past its context: gamma + 1 for speculative decoding, 1 for autoregressive).
+
+    Raises STSError for an empty prompt, a run past any of ``models``' context, or token ids outside any
+    one's vocabulary.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise STSError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
-    limit = model.config.max_position_embeddings
     need = longest + max_new_tokens + lookahead
-    if need > limit:
-        raise STSError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of "
-            f"{model.config.name} ({limit} tokens)"
-        )
-    vocab = model.config.vocab_size
-    if any(not 0 <= t < vocab for p in prompts for t in p):
-        raise STSError(f"prompt token ids must be in [0, {vocab})")
+    for model in models:
+        limit = model.config.max_position_embeddings
+        if need > limit:
+            raise STSError(
+                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of "
+                f"{model.config.name} ({limit} tokens)"
+            )
+        vocab = model.config.vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise STSError(f"prompt token ids must be in [0, {vocab})")
     return need

@@ -196,7 +196,7 @@ def run_method(
     """
     lookahead = 1 if method == "autoregressive" else gamma + 1
     models = [m.model for m in (target, draft if method != "autoregressive" else None) if m is not None]
-    max_len = max(context_capacity(m, prompts, max_new_tokens, lookahead) for m in models)
+    max_len = context_capacity(models, prompts, max_new_tokens, lookahead)
     engine = build_engine(
         method, target, draft, slots=len(prompts), max_len=max_len, gamma=gamma, sampling=sampling,
         selection=selection, mapping=mapping, options=options, draft_budget=draft_budget, prefill=prefill,

@@ -136,20 +136,24 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
 
 def _draft_budget(name: str, value: float | None) -> int | None:
     """Return a method name's ``/draft_budget`` as rows, refusing fractions and budgets without room past the sinks."""
-    if value is None:
-        return None
-    if value != int(value):
-        raise STSError(f"method {name!r}: draft_budget must be a whole number of rows, got {value:g}")
-    SparseDraftAttention(int(value))  # refuses a budget that leaves no row past the sinks
-    return int(value)
+    rows = _whole(name, "draft_budget", value, "a whole number of rows")
+    if rows is not None:
+        SparseDraftAttention(rows)  # refuses a budget that leaves no row past the sinks
+    return rows
 
 
 def _gamma(name: str, value: float | None) -> int | None:
     """Return a method name's ``/gamma`` (draft tokens per round), refusing fractions and values below 1."""
+    return _whole(name, "gamma", value, "a whole number >= 1", minimum=1)
+
+
+def _whole(name: str, key: str, value: float | None, expected: str, minimum: float = float("-inf")) -> int | None:
+    """Return option ``key`` of method ``name`` as an int (None: unset); raise STSError saying it must be
+    ``expected`` for a fraction or a value below ``minimum``."""
     if value is None:
         return None
-    if value != int(value) or value < 1:
-        raise STSError(f"method {name!r}: gamma must be a whole number >= 1, got {value:g}")
+    if value != int(value) or value < minimum:
+        raise STSError(f"method {name!r}: {key} must be {expected}, got {value:g}")
     return int(value)
 
 
@@ -331,7 +335,7 @@ class Evaluator:
             longest = max(prompts.values(), key=len).tolist()
             lookahead = max(self.gamma(spec) for spec in specs) + 1
             answer = max(self.settings.answer_tokens(r[0].task) for r in todo)
-            self.max_len = max(context_capacity(m.model, [longest], answer, lookahead) for m in (self.target, self.draft))
+            self.max_len = context_capacity((self.target.model, self.draft.model), [longest], answer, lookahead)
         current: str | None = None
         # The bar is closed (its line ended) even when a run fails, so an error prints on a line of its own.
         with self.results.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr,

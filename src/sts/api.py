@@ -30,6 +30,7 @@ from sts.runner import (DENSE_METHODS, DraftBudget, LoadedModel, build_engine, c
                         methods, resolve_device)
 from sts.sampling import SamplingConfig
 from sts.selection import HeadMapping, SelectionConfig, check_options
+from sts.selection.base import DEFAULT_BUDGET
 from sts.selection.draft import DraftSelection
 from sts.serve.scheduler import Delta, Request, RequestError, RequestParams, Scheduler
 
@@ -152,7 +153,7 @@ class LLM:
 
     def __init__(
         self, target: str | Path | LoadedModel, draft: str | Path | LoadedModel | None = None, method: str | None = None, *,
-        budget: float = 256, sink: int = 4, window: int = 64, dense_layers: int = 0, gamma: int = 4,
+        budget: float = DEFAULT_BUDGET, sink: int = 4, window: int = 64, dense_layers: int = 0, gamma: int = 4,
         mapping: str | None = None, draft_budget: DraftBudget = "auto", draft_selection: DraftSelection | None = None,
         prefill: PrefillConfig | None = None, slots: int = 1, max_model_len: int | None = None,
         prefill_chunk: int | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,

@@ -100,10 +100,11 @@ def _draft_budget(text: str) -> int | str:
 def add_selection_args(p: argparse.ArgumentParser) -> None:
     """Add the sparse-verification options shared by generate and serve."""
     from sts.runner import DEFAULT_DRAFT_BUDGET
+    from sts.selection.base import DEFAULT_BUDGET
     from sts.selection.draft import DRAFT_SELECTIONS
 
     p.add_argument("--budget", type=_budget, default=None,
-                   help="context rows per target KV head, sinks and window included; < 1 means a fraction (default 256)")
+                   help=f"context rows per target KV head, sinks and window included; < 1 means a fraction (default {DEFAULT_BUDGET})")
     p.add_argument("--sink", type=int, default=4, help="first rows always kept (default 4)")
     p.add_argument("--window", type=int, default=64, help="last rows always kept (default 64)")
     p.add_argument("--dense-layers", type=int, default=0, help="first target layers that stay dense")
@@ -424,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt-tokens", type=int, default=2048, help="length of the demo prompt")
     d.add_argument("--max-new-tokens", type=int, default=96)
     d.add_argument("--gamma", type=int, default=4)
-    d.add_argument("--budget", type=_budget, default=256.0, help="STS budget (rows per KV head)")
+    d.add_argument("--budget", type=_budget, default=256.0,
+                   help="STS budget, rows per KV head (default 256: 87.5%% sparsity on the 2K prompt)")
     d.add_argument("--device", default=None, help="default: cuda when a GPU is there, else cpu")
     d.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     d.add_argument("--json-out", help="also write the demo's record as JSON here")

@@ -608,8 +608,10 @@ class Engine:
         self._hold["drafted"] = torch.stack(drafted, dim=1)
         if dists:
             self._hold["draft_probs"] = torch.stack(dists, dim=1)
-        if self.policy is not None:
+        if self.policy is not None and self.round_budget:
             self._hold["queries"] = self.recorder.take()  # type: ignore[assignment]
+        elif self.policy is not None:  # a dense round selects nothing: no copies of the queries in its graph
+            self.recorder.clear()
 
     def _select_phase(self) -> None:
         """Let the policy score the context for this round's budget."""

@@ -113,5 +113,9 @@ class QueryRecorder:
     def take(self) -> dict[int, Tensor]:
         """Return and clear the recorded queries, ``[B, Hq, steps, D]`` per layer."""
         out = {layer: torch.cat(qs, dim=2) for layer, qs in self.queries.items() if qs}
-        self.queries = {layer: [] for layer in self.layers}
+        self.clear()
         return out
+
+    def clear(self) -> None:
+        """Drop the recorded queries (a round that scores nothing: no copies)."""
+        self.queries = {layer: [] for layer in self.layers}

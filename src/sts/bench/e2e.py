@@ -39,7 +39,9 @@ from sts.errors import STSError
 from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
 from sts.parallel import Shard, device_type, quiet, rank_device, run_ranks
+from sts.runner import DEFAULT_DRAFT_BUDGET
 from sts.selection import SelectionConfig, make_policy
+from sts.selection.base import DEFAULT_BUDGET
 
 #: bf16 matrix rate measured on the H200 (KINDS.md: 769-798 TFLOP/s on random data).
 MATRIX_FLOPS = 790e12
@@ -226,8 +228,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", default="4",
                    help="draft tokens per round; a comma list runs every speculative method at each "
                         "(speed-ups over speculative decoding are then over its fastest gamma)")
-    p.add_argument("--budget", type=int, default=512, help="STS rows per KV head (sinks and window included)")
-    p.add_argument("--draft-budget", type=int, default=512, help="rows the sparse draft's later steps read")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
+                   help=f"STS rows per KV head, sinks and window included (default {DEFAULT_BUDGET}, the product's)")
+    p.add_argument("--draft-budget", type=int, default=DEFAULT_DRAFT_BUDGET,
+                   help=f"rows the sparse draft's later steps read (default {DEFAULT_DRAFT_BUDGET}, the product's)")
     p.add_argument("--agreement", type=float, default=0.77,
                    help="share of tokens where the synthetic draft predicts the target (0.77: ~3 tokens per round at gamma 4)")
     p.add_argument("--sparse-draft-agreement", type=float, default=None,

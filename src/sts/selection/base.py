@@ -20,6 +20,11 @@ from sts.attention.reference import attention_probs
 from sts.errors import STSError
 from sts.models.transformer import Transformer
 
+#: Rows per target KV head when none is given: the paper's headline budget (2.88x at 100K, DESIGN.md), the budget
+#: every speed figure of docs/benchmarks.md uses. 256 lost 30 points of QA at 32K on the demo pair
+#: (docs/results.md, "On the GPU").
+DEFAULT_BUDGET = 512
+
 
 @dataclass(frozen=True)
 class SelectionConfig:
@@ -30,7 +35,7 @@ class SelectionConfig:
     The first ``dense_layers`` target layers attend to the whole context.
     """
 
-    budget: float = 256
+    budget: float = DEFAULT_BUDGET
     sink: int = 4
     window: int = 64
     dense_layers: int = 0

@@ -259,6 +259,26 @@ def test_a_long_prefill_does_not_stall_decoding_and_changes_no_token(pair):
     assert [a.token_ids, b.token_ids] == alone == [reference(pair, short, 150), reference(pair, long, 20)]
 
 
+def test_a_request_that_cannot_be_admitted_fails_alone(pair):
+    """A request whose admission raises (a seed the generator refuses, past the checks of ``params``) finishes with
+    an error and holds no slot; the request after it decodes as it would alone."""
+    import dataclasses
+
+    llm = make_llm(pair, slots=1)
+    try:
+        ids = pair["tokenizer"](TEXT)["input_ids"]
+        bad = dataclasses.replace(llm.params(len(ids), 4), seed=2**64)
+        got: list = []
+        failed = llm.submit(ids, bad, got.append)
+        good = llm.submit(ids, llm.params(len(ids), 6), got.append)
+        while not llm.scheduler.idle:
+            llm.scheduler.run_once()
+        assert failed.finish_reason == "error" and failed.token_ids == []
+        assert good.finish_reason == "length" and good.token_ids == reference(pair, ids, 6)
+    finally:
+        llm.close()
+
+
 # --- a bounded load test on localhost -------------------------------------------------------
 
 
@@ -396,6 +416,10 @@ BAD_REQUESTS = [
     ("n > 1", {**GOOD, "n": 2}, 400, "n", None),
     ("negative temperature", {**GOOD, "temperature": -1.0}, 400, "temperature", None),
     ("top_p out of range", {**GOOD, "top_p": 1.5}, 400, "top_p", None),
+    ("NaN budget", {**GOOD, "budget": float("nan")}, 400, "budget", "invalid_value"),
+    ("infinite temperature", {**GOOD, "temperature": float("inf")}, 400, "temperature", None),
+    ("top_k past 64 bits", {**GOOD, "top_k": 2**70}, 400, "top_k", None),
+    ("seed past 64 bits", {**GOOD, "seed": 2**64}, 400, "seed", None),
     ("logprobs", {**GOOD, "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
     ("several prompts", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt", None),
     ("a JSON list, not an object", [GOOD], 400, None, None),

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from sts.errors import STSError
+
+
+#: top-k values from here on are refused (any k past the vocabulary already keeps every token).
+TOP_K_LIMIT = 2**31
 
 
 @dataclass(frozen=True)
@@ -19,10 +24,10 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise STSError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise STSError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 <= self.temperature < math.inf:
+            raise STSError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not 0 <= self.top_k < TOP_K_LIMIT:
+            raise STSError(f"top-k must be >= 0 and below 2^31, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise STSError(f"top-p must be in (0, 1], got {self.top_p}")
 

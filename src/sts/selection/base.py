@@ -41,8 +41,8 @@ class SelectionConfig:
     dense_layers: int = 0
 
     def __post_init__(self) -> None:
-        if self.budget <= 0:
-            raise STSError(f"budget must be > 0, got {self.budget}")
+        if not 0 < self.budget < math.inf:
+            raise STSError(f"budget must be finite and > 0, got {self.budget}")
         if self.budget >= 1 and self.budget != int(self.budget):
             raise STSError(f"a budget >= 1 is a token count and must be whole, got {self.budget}")
         if self.sink < 0 or self.window < 0 or self.dense_layers < 0:

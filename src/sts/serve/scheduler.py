@@ -258,12 +258,16 @@ class Scheduler:
                 if not self.waiting:
                     return
                 request = self.waiting.popleft()
+            try:
+                if request.params.seed is not None:
+                    self.engine.generator.manual_seed(request.params.seed)
+                steps = self.engine.prefill_steps(free[0], request.prompt_ids, request.params.sampling,
+                                                  budget=request.params.budget)
+            except Exception as exc:  # noqa: BLE001  (fails this request only; it holds no slot yet)
+                self._fail(request, exc)
+                continue
             slot = free.pop(0)
-            if request.params.seed is not None:
-                self.engine.generator.manual_seed(request.params.seed)
-            request.slot, request.admitted = slot, time.perf_counter()
-            request.steps = self.engine.prefill_steps(slot, request.prompt_ids, request.params.sampling,
-                                                      budget=request.params.budget)
+            request.slot, request.admitted, request.steps = slot, time.perf_counter(), steps
             self.prefilling[slot] = request
 
     def _prefill(self) -> bool:

@@ -98,7 +98,7 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
         "exceeds the context")
     bad(capsys, gen + ["--target", t, "--draft", d, "--gamma", "0"], "gamma")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--budget", "16", "--window", "64"], "exceed the budget")
-    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--budget", "-3"], "budget must be > 0")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--budget", "-3"], "budget must be finite and > 0")
     corrupt = tmp_path / "map.json"
     corrupt.write_text("{oops")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--mapping", str(corrupt)], "not valid JSON")

@@ -118,7 +118,7 @@ def test_impossible_slot_budgets_are_refused(tiny_pair):
     eng = engine(tiny_pair, "sts", {"rerank": 0}, 48, 2)
     with pytest.raises(STSError, match="exceed the budget"):
         eng.prefill(0, PROMPTS[0], budget=SINK + WINDOW - 1)
-    with pytest.raises(STSError, match="budget must be > 0"):
+    with pytest.raises(STSError, match="budget must be finite and > 0"):
         eng.prefill(0, PROMPTS[0], budget=-1)
     assert eng.free_slots() == [0, 1]
     eng.prefill(0, PROMPTS[0], budget=10**6)  # past the context: every row (capped at the cache length)

@@ -99,6 +99,12 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     bad(capsys, gen + ["--target", t, "--draft", d, "--gamma", "0"], "gamma")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--budget", "16", "--window", "64"], "exceed the budget")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--budget", "-3"], "budget must be finite and > 0")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--seed", str(2**70)], "seed must be a 64-bit integer")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--sparse-prefill", "--prefill-block", "0"],
+        "prefill block must be >= 1")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--prefill-budget", "10"], "apply with --sparse-prefill")
+    bad(capsys, gen + ["--target", t, "--method", "autoregressive", "--draft-selection", "recent"],
+        "a draft selection needs a draft")
     corrupt = tmp_path / "map.json"
     corrupt.write_text("{oops")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--mapping", str(corrupt)], "not valid JSON")
@@ -135,7 +141,7 @@ def test_the_installed_command_exits_non_zero_without_a_traceback(checkpoints, t
 def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_path):
     t, d = checkpoints["target"], checkpoints["draft"]
     gen = ["generate", "--target", t, "--draft", d, "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
-    bad(capsys, gen + ["--device", "gpu0"], "--device must be")
+    bad(capsys, gen + ["--device", "gpu0"], "device must be cpu, cuda or cuda:N, got 'gpu0'")
     bad(capsys, gen + ["--method", "speculative", "--mapping", str(tmp_path / "map.json")], "applies to --method sts")
     bad(capsys, gen + ["--method", "speculative", "--budget", "64"], "--budget applies to selection methods")
     bad(capsys, gen + ["--method", "sts", "--draft-budget", "dense", "--draft-selection", "scored"], "needs a draft budget")

@@ -202,7 +202,9 @@ def test_draft_settings_resolve_auto_by_method_and_refuse_other_values():
         draft_settings("quest", 64, "scored-all")
     with pytest.raises(STSError, match="a draft budget needs a draft"):
         draft_settings("autoregressive", 64, None)
-    assert draft_settings("autoregressive", "auto", None) == (None, "recent")
+    assert draft_settings("autoregressive", "auto", None) == (None, None)
+    with pytest.raises(STSError, match="a draft selection needs a draft"):
+        draft_settings("autoregressive", None, "recent")
     with pytest.raises(STSError, match="draft selection recent-all needs a draft budget"):
         draft_settings("speculative", "auto", "recent-all")
 

@@ -101,6 +101,67 @@ def test_eval_runs_end_to_end_and_resumes(tiny_pair_with_tokenizer, tmp_path, ca
     capsys.readouterr()
 
 
+def _needle_eval(target: str, draft: str, out, *options: str) -> list[str]:
+    """Return `sts eval` argv for one needle sample of 300 tokens into ``out``, then ``options``."""
+    return ["eval", "--target", target, "--draft", draft, "--tasks", "needle", "--lengths", "300", "--depths", "0.5",
+            "--sink", "2", "--window", "8", "--no-recall", "--out", str(out), *options]
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def _records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_eval_resumes_only_with_the_settings_of_its_records(tiny_pair_with_tokenizer, tmp_path, capsys):
+    """A resume whose records would differ (records are keyed by sample, method and budget only) is refused
+    without touching the folder; one with the same settings adds only the runs it lacks."""
+    out = tmp_path / "eval"
+    argv = _needle_eval(*tiny_pair_with_tokenizer, out, "--methods", "speculative,sts", "--max-new-tokens", "6")
+    assert main(argv + ["--budgets", "32"]) == 0
+    before, records = _files(out), _records(out)
+    assert {"results.jsonl", "settings.json", "report.md"} <= before.keys() and len(records) == 3
+    capsys.readouterr()
+    for changed, named in ((["--max-new-tokens", "7"], "--max-new-tokens for needle 6 there, 7 now"),
+                           (["--gamma", "2"], "--gamma 4 there, 2 now"), (["--window", "6"], "--window 8 there, 6 now")):
+        assert main(argv + ["--budgets", "32,48", *changed]) == 2  # (of an option given twice, the last counts)
+        (error,) = capsys.readouterr().err.strip().split("\n")[-1:]
+        assert error.startswith(f"sts: error: {out} holds results made with other settings") and named in error
+        assert "use another --out" in error
+        assert _files(out) == before
+    assert main(argv + ["--budgets", "32,48"]) == 0
+    resumed = _records(out)
+    assert resumed[:3] == records and [(r["method"], r["budget"]) for r in resumed[3:]] == [("sts", 48)]
+    capsys.readouterr()
+
+
+def test_eval_resumes_a_folder_from_before_settings_were_stored(tiny_pair_with_tokenizer, tmp_path, capsys, caplog):
+    """A folder of records without settings.json resumes unchecked (with a warning), then stores its settings."""
+    out = tmp_path / "eval"
+    argv = _needle_eval(*tiny_pair_with_tokenizer, out, "--max-new-tokens", "6", "--budgets", "32")
+    assert main(argv + ["--methods", "speculative"]) == 0
+    (out / "settings.json").unlink()
+    assert main(argv + ["--methods", "speculative,sts", "--gamma", "2"]) == 0
+    assert "from before sts eval stored their settings" in caplog.text
+    assert len(_records(out)) == 3 and json.loads((out / "settings.json").read_text())["gamma"] == 2
+    assert main(argv + ["--methods", "speculative,sts"]) == 2
+    assert "--gamma 2 there, 4 now" in capsys.readouterr().err
+
+
+def test_a_failed_eval_leaves_no_output_folder(tiny_pair_with_tokenizer, tmp_path, capsys):
+    """A run that fails before its first record (a prompt past the context) creates no folder, and its error
+    prints on a line of its own, after the progress bars."""
+    out = tmp_path / "x" / "e6b"
+    argv = _needle_eval(*tiny_pair_with_tokenizer, out, "--methods", "sts", "--budgets", "32", "--max-new-tokens", "6")
+    argv[argv.index("300")] = "2000"  # the tiny models' context: 1024 tokens
+    assert main(argv) == 2
+    assert not (tmp_path / "x").exists()
+    errors = [line for line in capsys.readouterr().err.split("\n") if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("sts: error: prompt of "), errors
+
+
 def test_each_task_gets_its_own_answer_length_unless_one_is_given(tiny_pair_with_tokenizer, tmp_path, monkeypatch, capsys):
     target, draft = tiny_pair_with_tokenizer
     monkeypatch.setattr(harness, "ANSWER_TOKENS", {**harness.ANSWER_TOKENS, "needle": 5, "qa": 9})
@@ -225,7 +286,7 @@ def test_reused_engines_give_the_records_of_fresh_engines(tiny_pair_with_tokeniz
         fresh = run_method(spec.method, target, draft, [prompt], 8, gamma=evaluator.gamma(spec),
                            selection=evaluator.selection(r["budget"]) if r["budget"] is not None else None,
                            options=spec.policy_options(), draft_budget=spec.draft_budget,
-                           draft_selection=spec.draft_selection, verify="sparse")
+                           draft_selection=spec.engine_draft_selection(), verify="sparse")
         assert r["tokens"] == fresh.tokens[0], r["key"]
         assert r["acceptance_length"] == pytest.approx(fresh.stats.summary()["acceptance_length"]), r["key"]
     # Interrupted after 13 runs: a new evaluator runs the other 23 and writes the same records.

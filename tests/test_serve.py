@@ -11,6 +11,7 @@ one at a time.
 from __future__ import annotations
 
 import copy
+import errno
 import http.client
 import json
 import os
@@ -413,6 +414,10 @@ BAD_REQUESTS = [
     ("negative budget", {**GOOD, "budget": -0.5}, 400, "budget", "invalid_value"),
     ("method override", {**GOOD, "method": "streaming"}, 400, "method", "unsupported_override"),
     ("gamma override", {**GOOD, "gamma": 5}, 400, "gamma", "unsupported_override"),
+    ("STS option override", {**GOOD, "rerank": 0}, 400, "rerank", "unsupported_override"),
+    ("another policy's option", {**GOOD, "page_size": 8}, 400, "page_size", "unsupported_override"),
+    ("a dense draft", {**GOOD, "draft_budget": "dense"}, 400, "draft_budget", "unsupported_override"),
+    ("draft_budget neither a count, auto nor dense", {**GOOD, "draft_budget": "sparse"}, 400, "draft_budget", "value_error"),
     ("n > 1", {**GOOD, "n": 2}, 400, "n", None),
     ("negative temperature", {**GOOD, "temperature": -1.0}, 400, "temperature", None),
     ("top_p out of range", {**GOOD, "top_p": 1.5}, 400, "top_p", None),
@@ -439,9 +444,10 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max
 SETTABLE = {"max_tokens": 2, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "n": 1, "stream": True,
             "stream_options": {"include_usage": True}, "stop": ["\n\n"], "seed": 3, "user": "me", "return_token_ids": True,
             "ignore_eos": True, "budget": 16, "max_completion_tokens": 2}
-#: The method settings with values other than the server's (SETTINGS; dense_layers 0, sts's default draft: 4096 scored rows).
+#: The method settings with values other than the server's (SETTINGS; dense_layers 0, sts's default draft: 4096 scored
+#: rows), and a selection policy option (sts's default rerank: 4).
 OVERRIDES = {"method": "streaming", "gamma": 5, "sink": 2, "window": 4, "dense_layers": 1, "draft_budget": 64,
-             "draft_selection": "recent"}
+             "draft_selection": "recent", "rerank": 0}
 
 
 @pytest.mark.parametrize(("path", "good"), [("/v1/completions", GOOD), ("/v1/chat/completions", CHAT)],
@@ -466,6 +472,51 @@ def test_a_refused_override_lists_what_a_request_may_set_and_each_is_accepted(se
         assert status == 200, (name, payload)
         assert b'"error"' not in payload and (payload.endswith(b"data: [DONE]\n\n") if name == "stream" else
                                               json.loads(payload)["usage"]["completion_tokens"] > 0), (name, payload)
+    wait_idle(llm)
+
+
+def test_every_policy_option_is_refused_but_with_the_servers_value(server):
+    """Each option any selection policy takes (sts.selection's constructors: not a list of the test's own) is a 400 with
+    any value but the server's, as /v1/models reports it; its own value, and "auto" or the row count the server's draft
+    budget resolves to, are served."""
+    from sts.serve.protocol import POLICY_OPTIONS
+
+    url, llm = server
+    conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60)
+    conn.request("GET", "/v1/models")
+    reported = json.loads(conn.getresponse().read())["data"][0]["sts"]
+    assert {"rerank", "rerank_prob", "feedback", "head_budgets"} <= set(POLICY_OPTIONS) and "page_size" in POLICY_OPTIONS
+    assert reported["rerank"] == 4 and "page_size" not in reported, reported  # sts's default; quest's option
+    for name in POLICY_OPTIONS:
+        value = reported.get(name)
+        other = value + "-other" if isinstance(value, str) else value + 1 if isinstance(value, (int, float)) else [1]
+        status, body = post(url, "/v1/completions", {**GOOD, name: other})
+        assert_error(status, body, 400, name, "unsupported_override")
+        assert f"{name} is fixed when the server starts" in body["error"]["message"], body
+        if name in reported:
+            status, body = post(url, "/v1/completions", {**GOOD, name: value})
+            assert status == 200, (name, body)
+    status, body = post(url, "/v1/completions", {**GOOD, "draft_budget": "dense"})
+    assert f"(this server: draft_budget={reported['draft_budget']})" in body["error"]["message"], body
+    for value in ("auto", reported["draft_budget"]):
+        status, body = post(url, "/v1/completions", {**GOOD, "draft_budget": value})
+        assert status == 200, (value, body)
+    wait_idle(llm)
+
+
+def test_a_body_not_sent_as_json_is_a_415_that_says_so(server):
+    """A JSON body sent as text, a form (curl -d without -H) or untyped is refused, as FastAPI refuses it (against
+    cross-site requests from a browser), with a 415 that names the Content-Type; JSON types, with parameters, are read."""
+    url, llm = server
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "text/json", ""):
+        status, body = post(url, "/v1/completions", GOOD, {"Content-Type": kind})
+        assert_error(status, body, 415, None, "unsupported_media_type")
+        sent = f"got {kind!r}" if kind else "none was sent"
+        assert body["error"]["message"] == f"Content-Type must be application/json, {sent}", body
+    for kind in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"):
+        status, body = post(url, "/v1/chat/completions", CHAT, {"Content-Type": kind})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3, (kind, body)
+    assert_serves(url)
     wait_idle(llm)
 
 
@@ -813,21 +864,44 @@ def test_the_readme_examples_run(pair, server, capsys):
     assert len([x for x in out if x.strip()]) >= 2, out
 
 
-def test_a_port_in_use_or_a_bad_option_is_one_line_before_loading(capsys, tmp_path):
+def test_a_port_in_use_or_a_bad_option_is_one_line_before_loading(capsys, tmp_path, monkeypatch):
     """The port and the server's options are checked before the models load (minutes on real weights): one line,
-    exit 2."""
+    exit 2, and loading never starts. The port is bound before loading and held through it (no other process takes
+    it meanwhile, not even with SO_REUSEADDR as servers bind), and freed when loading fails."""
+    from sts import api
     from sts.cli import main
+    from sts.errors import STSError
 
+    loads: list[int] = []
+
+    def load(*args: Any, **kwargs: Any) -> None:
+        loads.append(port)
+        with socket.socket() as rival, pytest.raises(OSError) as refused:
+            rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            rival.bind(("127.0.0.1", port))
+        assert refused.value.errno == errno.EADDRINUSE
+        raise STSError("no models here")
+
+    monkeypatch.setattr(api, "LLM", load)
+    target = str(tmp_path / "never-loaded")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["serve", "--target", str(tmp_path / "not-loaded-yet"), "--port", str(port)]) == 2
+        assert main(["serve", "--target", target, "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("sts: error: cannot listen on 127.0.0.1:") and "\n" not in err, err
-    assert main(["serve", "--target", str(tmp_path / "not-loaded-yet"), "--port", str(free_port()),
-                 "--max-request-bytes", "0"]) == 2
+    assert err == f"sts: error: cannot listen on 127.0.0.1:{port}: Address already in use", err
+    for bad in ("-1", "0", "70000"):
+        assert main(["serve", "--target", target, "--port", bad]) == 2
+        assert capsys.readouterr().err.strip() == f"sts: error: --port must be in [1, 65535], got {bad}"
+    assert main(["serve", "--target", target, "--port", str(free_port()), "--max-request-bytes", "0"]) == 2
     assert capsys.readouterr().err.strip() == "sts: error: --max-request-bytes must be >= 1, got 0"
+    assert loads == []
+    port = free_port()
+    assert main(["serve", "--target", target, "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip() == "sts: error: no models here" and loads == [port]
+    with socket.socket() as after:
+        after.bind(("127.0.0.1", port))  # freed
 
 
 def listening(port: int) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import numbers
 import os
 import queue
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.runner import (DENSE_METHODS, DraftBudget, LoadedModel, build_engine, check_pair, draft_settings, eos_ids, load,
                         methods, resolve_device)
-from sts.sampling import TOP_K_LIMIT, SamplingConfig
+from sts.sampling import TOP_K_LIMIT, SamplingConfig, check_seed
 from sts.selection import HeadMapping, SelectionConfig, check_options
 from sts.selection.base import DEFAULT_BUDGET
 from sts.selection.draft import DraftSelection
@@ -97,10 +98,12 @@ def cache_rows(models: Sequence[Transformer], slots: int, max_model_len: int | N
     return min(limit, fit)
 
 
-#: The numeric request settings and the types each takes (bool excluded: Python's bool is an int).
+#: The numeric settings (of a request, then of :class:`LLM`) and the types each takes (bool excluded: Python's bool
+#: is an int).
 _NUMBERS: dict[str, tuple[type, ...]] = {
     "max_tokens": (int,), "top_k": (int,), "seed": (int,), "temperature": (int, float), "top_p": (int, float),
     "budget": (int, float),
+    **dict.fromkeys(("sink", "window", "dense_layers", "gamma", "slots", "max_queue", "max_model_len", "prefill_chunk"), (int,)),
 }
 
 
@@ -111,6 +114,16 @@ def _check_types(**values: Any) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
             kind = "an integer" if kinds == (int,) else "a number"
             raise RequestError(f"{name} must be {kind}, got {value!r}", name)
+
+
+def _plain(prompts: Any) -> Any:
+    """Return a torch tensor's or numpy array's ids as (nested) lists of ints; anything else as it is."""
+    return prompts.tolist() if isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy" else prompts
+
+
+def _is_integer(value: Any) -> bool:
+    """Return whether ``value`` is a token id: an integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -167,6 +180,15 @@ class LLM:
         self.method = method or ("sts" if draft is not None else "autoregressive")
         if self.method not in methods():
             raise STSError(f"unknown method {self.method!r} (choose from {', '.join(methods())})")
+        _check_types(budget=budget, sink=sink, window=window, dense_layers=dense_layers, gamma=gamma, slots=slots,
+                     seed=seed, max_queue=max_queue, max_model_len=max_model_len, prefill_chunk=prefill_chunk)
+        if gamma < 1:
+            raise STSError(f"gamma must be >= 1, got {gamma}")
+        check_seed(seed)
+        scratch = 1 if self.method == "autoregressive" else gamma + 1  # rows a round writes past the sequence
+        if max_model_len is not None and max_model_len < scratch + 2:
+            raise STSError(f"max_model_len must be >= {scratch + 2} (a prompt token, a new token and the {scratch} "
+                           f"rows a round writes), got {max_model_len}")
         self.selection = SelectionConfig(budget=budget, sink=sink, window=window, dense_layers=dense_layers)
         self.draft_budget, self.draft_selection = draft_settings(self.method, draft_budget, draft_selection)
         self.options = dict(options)
@@ -241,12 +263,15 @@ class LLM:
 
         Raises :class:`RequestError` for text without a tokenizer, an empty prompt, or ids outside the vocabulary.
         """
+        prompt = _plain(prompt)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this checkpoint has no tokenizer: give the prompt as token ids", param)
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        else:
+        elif isinstance(prompt, Sequence) and all(_is_integer(t) for t in prompt):
             ids = [int(t) for t in prompt]
+        else:
+            raise RequestError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}", param)
         vocab = self.target.model.config.vocab_size
         if not ids:
             raise RequestError("the prompt is empty (no tokens)", param)
@@ -300,10 +325,13 @@ class LLM:
                                f"room for {room} (max model length {self.max_model_len}, {scratch} rows for a round)",
                                "max_tokens", "context_length_exceeded")
         for name, ok, rule in (("temperature", 0 <= temperature < math.inf, "finite and >= 0"),
-                               ("top_p", 0 < top_p <= 1, "in (0, 1]"), ("top_k", 0 <= top_k < TOP_K_LIMIT, "in [0, 2^31)"),
-                               ("seed", seed is None or -2**63 <= seed < 2**64, "a 64-bit integer")):
+                               ("top_p", 0 < top_p <= 1, "in (0, 1]"), ("top_k", 0 <= top_k < TOP_K_LIMIT, "in [0, 2^31)")):
             if not ok:
                 raise RequestError(f"{name} must be {rule}", name)
+        try:
+            check_seed(0 if seed is None else seed)
+        except STSError as exc:
+            raise RequestError(str(exc), "seed") from None
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if stops and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this checkpoint has none", "stop")
@@ -396,7 +424,10 @@ class LLM:
         would alone at that budget. Raises :class:`RequestError` for a prompt or setting that cannot be served
         (before any decoding) and :class:`STSError` for other user errors.
         """
-        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        prompts = _plain(prompts)
+        if not isinstance(prompts, Sequence) or not (prompts or isinstance(prompts, str)):
+            raise RequestError("prompts must be text, token ids, or a non-empty list of those", "prompt")
+        batch = [prompts] if isinstance(prompts, str) or _is_integer(prompts[0]) else list(prompts)
         ids = [self.prompt_ids(p) for p in batch]  # type: ignore[arg-type]
         return self._complete(ids, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                         stop=stop, seed=seed, budget=budget))

@@ -53,16 +53,11 @@ def add_model_args(p: argparse.ArgumentParser, draft_required: bool = False) -> 
 
 
 def _load(args: argparse.Namespace, with_draft: bool = True) -> tuple[Any, Any]:
-    """Return (target, draft or None) as :class:`~sts.runner.LoadedModel`, from the model options."""
-    import torch
-
+    """Return (target, draft or None) as :class:`~sts.runner.LoadedModel`, from the model options (the device
+    checked by :func:`main`)."""
     from sts.models.loading import parse_dtype
     from sts.runner import load_pair
 
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        raise STSError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}") from None
     return load_pair(args.target, args.draft if with_draft else None, parse_dtype(args.dtype), args.device)
 
 
@@ -99,6 +94,7 @@ def _draft_budget(text: str) -> int | str:
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:
     """Add the sparse-verification options shared by generate and serve."""
+    from sts.prefill import PrefillConfig
     from sts.runner import DEFAULT_DRAFT_BUDGET
     from sts.selection.base import DEFAULT_BUDGET
     from sts.selection.draft import DRAFT_SELECTIONS
@@ -129,8 +125,10 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         "selection costs more than the KV reads it saves (sts.costmodel, H200 figures); sparse: always "
                         "over the selected rows")
     p.add_argument("--sparse-prefill", action="store_true", help="draft-chosen key blocks for the target's prefill too")
-    p.add_argument("--prefill-budget", type=int, default=1024, help="context rows per KV head in sparse prefill")
-    p.add_argument("--prefill-block", type=int, default=64, help="rows per block in sparse prefill")
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help=f"context rows per KV head in sparse prefill (default {PrefillConfig.budget})")
+    p.add_argument("--prefill-block", type=int, default=None,
+                   help=f"rows per block in sparse prefill (default {PrefillConfig.block})")
 
 
 def _selection(args: argparse.Namespace):
@@ -153,7 +151,12 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def _prefill(args: argparse.Namespace):
     from sts.prefill import PrefillConfig
 
-    return PrefillConfig(args.prefill_budget, args.prefill_block) if args.sparse_prefill else None
+    sizes = {k: v for k, v in (("budget", args.prefill_budget), ("block", args.prefill_block)) if v is not None}
+    if not args.sparse_prefill:
+        if sizes:
+            raise STSError("--prefill-budget and --prefill-block apply with --sparse-prefill")
+        return None
+    return PrefillConfig(**sizes)
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
@@ -188,13 +191,14 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
     """
     from sts.detokenize import IncrementalDetokenizer
     from sts.runner import draft_settings, run_method
-    from sts.sampling import SamplingConfig
+    from sts.sampling import SamplingConfig, check_seed
     from sts.selection import HeadMapping
 
     if args.method is None:
         args.method = "speculative" if args.draft else "autoregressive"
     # Every check that needs no model comes before the (slow) loading.
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    check_seed(args.seed)
     if args.method in ("autoregressive", "speculative") and args.budget is not None:
         raise STSError(f"--budget applies to selection methods (e.g. --method sts), not {args.method}")
     selection = _selection(args) if args.method not in ("autoregressive", "speculative") else None

@@ -106,6 +106,8 @@ class GenerationStats:
     time_s: float = 0.0
     prefill_s: float = 0.0
     target_forwards: int = 0
+    #: Tokens each round produced per decoding sequence (accepted drafts + 1): the acceptance length's samples. Tokens
+    #: past ``max_new_tokens`` or an end-of-sequence id count too: they measure the draft's agreement, not the output.
     accepted_per_round: list[int] = field(default_factory=list)
     draft_s: float = 0.0
     select_s: float = 0.0
@@ -214,7 +216,8 @@ def context_capacity(
         limit = model.config.max_position_embeddings
         if need > limit:
             raise STSError(
-                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the context of "
+                f"prompt of {longest} tokens + {max_new_tokens} new tokens + {lookahead} "
+                f"row{'s' if lookahead > 1 else ''} a round writes past them exceeds the context of "
                 f"{model.config.name} ({limit} tokens)"
             )
         vocab = model.config.vocab_size

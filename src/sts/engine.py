@@ -55,7 +55,7 @@ from sts.decoding import (
 )
 from sts.errors import STSError
 from sts.models.transformer import Transformer
-from sts.sampling import SamplingConfig, SamplingRows, accept, draw, probabilities
+from sts.sampling import SamplingConfig, SamplingRows, accept, check_seed, draw, probabilities
 from sts.selection.attend import SelectiveAttention, ShadowAttention
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
 from sts.prefill import PrefillConfig, sparse_prefill
@@ -103,6 +103,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.gamma < 1:
             raise STSError(f"gamma must be >= 1, got {self.gamma}")
+        check_seed(self.seed)
         if self.verify not in ("auto", "sparse"):
             raise STSError(f"verify must be 'auto' or 'sparse', got {self.verify!r}")
         check_draft(self.draft_budget, self.draft_selection)

@@ -23,8 +23,10 @@ On CUDA, NVLink multicast stays off in every process (:data:`NO_MULTICAST`; DESI
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import socket
@@ -268,7 +270,9 @@ def _rank_main(
     if errors is not None:
         # A process spawned here ends without the interpreter's teardown: there gloo's C++ threads
         # were seen to abort it now and then ("terminate called without an active exception",
-        # SIGABRT, after the work was done; about 1 run in 10 of the CLI's two-rank test on CI).
+        # SIGABRT, after the work was done; about 1 run in 10 of the CLI's two-rank test on CI). The exit handlers
+        # still run (multiprocessing's among them: without them the semaphores this process made, tqdm's, leak).
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -292,14 +296,21 @@ def run_ranks(fn: Callable[..., None], world: int, args: tuple[Any, ...] = (), k
         return
     _check_gpus(kind, world)
     errors = mp.get_context("spawn").SimpleQueue()
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)  # its "Terminating process ..." warnings: the failed rank's error says why
     with tempfile.TemporaryDirectory(prefix="sts-tp-") as rendezvous:
         init = f"file://{os.path.join(rendezvous, 'store')}"
         try:
             mp.spawn(_rank_main, args=(world, init, kind, fn, args, errors), nprocs=world)
-        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             if not errors.empty():
                 raise STSError(errors.get()) from None
+            if isinstance(exc, mp.ProcessExitedException):  # killed (out of memory, a signal): no traceback of ours
+                raise STSError(f"a tensor-parallel rank ended without finishing: {exc}") from None
             raise
+        finally:
+            spawn_log.setLevel(level)
 
 
 def _check_gpus(kind: str, world: int) -> None:

@@ -30,7 +30,9 @@ class PrefillConfig:
     block: int = 64
 
     def __post_init__(self) -> None:
-        if self.block < 1 or self.budget < 2 * self.block:
+        if self.block < 1:
+            raise STSError(f"prefill block must be >= 1 row, got {self.block}")
+        if self.budget < 2 * self.block:
             raise STSError(f"prefill budget ({self.budget}) must hold at least two blocks of {self.block}")
 
 

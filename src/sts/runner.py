@@ -38,9 +38,13 @@ def methods() -> tuple[str, ...]:
 
 def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
     """Return (device, dtype): CUDA in bfloat16 when a GPU is there and no device was given, else CPU in float32;
-    a given device or dtype is kept."""
+    a given device or dtype is kept. Raises STSError for a device torch does not know."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise STSError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
     if dtype is None:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return device, dtype
@@ -95,14 +99,15 @@ def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
 
 
 def draft_settings(method: str, draft_budget: DraftBudget,
-                   draft_selection: DraftSelection | None) -> tuple[int | None, DraftSelection]:
+                   draft_selection: DraftSelection | None) -> tuple[int | None, DraftSelection | None]:
     """Return ``(draft budget, draft selection)`` for ``method``: a budget "auto" is :data:`DEFAULT_DRAFT_BUDGET` rows
     for ``sts`` and a dense draft (None) for every other method, "dense" is None; a selection left None is "scored"
     for ``sts`` with a draft budget (the rows STS's scores rank best: more acceptance than the latest rows,
-    docs/results.md), else "recent". The engine drafts densely anyway in the rounds it verifies densely.
+    docs/results.md), else "recent"; autoregressive decoding has neither (None, None). The engine drafts densely
+    anyway in the rounds it verifies densely.
 
-    Raises :class:`STSError`, before any model is loaded, for a budget that is none of these or given to
-    autoregressive decoding, a scored selection with another method than ``sts``, an unknown selection or one
+    Raises :class:`STSError`, before any model is loaded, for a budget that is none of these, a budget or a
+    selection given to autoregressive decoding, a scored selection with another method than ``sts``, an unknown selection or one
     other than "recent" without a draft budget (:func:`~sts.selection.draft.check_draft`; a count past the sinks
     is checked by the engine).
     """
@@ -114,8 +119,11 @@ def draft_settings(method: str, draft_budget: DraftBudget,
     if draft_budget == "auto":
         draft_budget = DEFAULT_DRAFT_BUDGET if method == "sts" else None
     budget = draft_budget if isinstance(draft_budget, int) else None  # "dense" or None
-    if budget is not None and method == "autoregressive":
-        raise STSError("a draft budget needs a draft: use a speculative method")
+    if method == "autoregressive":
+        if budget is not None or draft_selection is not None:
+            what = "budget" if budget is not None else "selection"
+            raise STSError(f"a draft {what} needs a draft: use a speculative method")
+        return None, None
     default: DraftSelection = "scored" if method == "sts" and budget is not None else "recent"
     selection = draft_selection or default
     check_draft(budget, selection)  # the engine's own check, before any model is loaded

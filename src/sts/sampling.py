@@ -15,6 +15,12 @@ from sts.errors import STSError
 TOP_K_LIMIT = 2**31
 
 
+def check_seed(seed: int) -> None:
+    """Raise STSError unless ``seed`` is a seed torch's generators take: a 64-bit integer, -2^63 <= seed < 2^64."""
+    if not -(2**63) <= seed < 2**64:
+        raise STSError(f"seed must be a 64-bit integer (-2^63 <= seed < 2^64), got {seed}")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to pick tokens. ``temperature == 0`` is greedy (top-k / top-p are then ignored)."""

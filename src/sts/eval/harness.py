@@ -1,7 +1,9 @@
 """``sts eval``: every method x budget x task x context length on one pair, resumable, with a report.
 
 Every finished (sample, method, budget) is appended to ``results.jsonl`` at once, so an
-interrupted run continues where it stopped. Dense greedy decoding is the reference for token
+interrupted run continues where it stopped; a run resumes only with the settings the records
+already there were made with (:mod:`sts.eval.results`), and a run that fails before its first
+record leaves no output folder behind. Dense greedy decoding is the reference for token
 agreement and accuracy differences, and teacher-forced dense verification the reference for
 perplexity.
 
@@ -22,8 +24,6 @@ the engines built over the old one are rebuilt (their graphs point at freed memo
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,8 +37,10 @@ from sts.decoding import PrefixCache, context_capacity
 from sts.engine import Engine
 from sts.selection.draft import DraftSelection, SparseDraftAttention
 from sts.errors import STSError
-from sts.eval.output import output_dir
+from sts.eval.output import run_output_dir
 from sts.eval.report import write_report
+from sts.eval.results import (RESULTS_FILE, Record, ResultSettings, ResultsLog, file_digest, model_dtype,
+                              model_identity, resume)
 from sts.eval.scoring import score
 from sts.eval.tasks import ANSWER_TOKENS, TASKS, Sample, make_prompt, needle_grid, token_counter
 from sts.eval.teacher import TeacherForced, teacher_forced
@@ -73,6 +75,10 @@ class MethodSpec:
     draft_selection: DraftSelection = "recent"
     #: Draft tokens per round (``/gamma=6``); None: the grid's ``--gamma``.
     gamma: int | None = None
+
+    def engine_draft_selection(self) -> DraftSelection | None:
+        """Return the draft selection to build the method's engine with: None for autoregressive decoding (no draft)."""
+        return self.draft_selection if self.method != "autoregressive" else None
 
     def policy_options(self) -> dict[str, float]:
         """Return the options as keyword arguments for the policy."""
@@ -262,20 +268,9 @@ def _key(sample: Sample, spec: MethodSpec, budget: float | None) -> str:
     return f"{sample.sample_id}|{spec.name}|{budget}"
 
 
-def _done_records(path: Path) -> dict[str, dict]:
-    """Return the records already in ``path`` by key (resuming skips them)."""
-    if not path.exists():
-        return {}
-    from sts.eval.report import load_records
-
-    return {r["key"]: r for r in load_records(path)}
-
-
-def _append(sink: Any, done: dict[str, dict], record: dict) -> None:
+def _append(log: ResultsLog, done: dict[str, Record], record: Record) -> None:
     """Store a finished record durably (an interrupted run keeps it) and remember it."""
-    sink.write(json.dumps(record) + "\n")
-    sink.flush()
-    os.fsync(sink.fileno())
+    log.append(record)
     done[record["key"]] = record
 
 
@@ -300,7 +295,7 @@ class Evaluator:
         self.tokenizer = target.tokenizer
         self.eos = eos_ids(target)
         self.out = out
-        self.results = self.out / "results.jsonl"
+        self.results = self.out / RESULTS_FILE
         #: Per perplexity sample: its dense teacher-forced run, the reference of every method.
         self.dense_runs: dict[str, TeacherForced] = {}
         #: The current sample's prefill, restored by every run of it.
@@ -325,10 +320,44 @@ class Evaluator:
                 for budget in _budgets(spec, self.settings.budgets):
                     yield sample, spec, budget
 
+    def result_settings(self, samples: Sequence[Sample], specs: Sequence[MethodSpec]) -> ResultSettings:
+        """Return the settings the grid's records depend on beyond their key (sample, method, budget), by name.
+
+        These are the models (:func:`~sts.eval.results.model_identity`) and their dtype, and the settings
+        the grid's methods and tasks use: the grid's gamma (methods with a draft and no ``/gamma`` of their own,
+        and the perplexity task's dense reference), sink, window and recall measurement (sparse methods),
+        the sparse prefill's sizes (``+sp`` methods), the mapping file's contents (``sts-cal``), each
+        generation task's answer length and the perplexity task's scored tokens. Not the seed, which every
+        sample id holds, nor the device.
+        """
+        a, tasks = self.settings, {sample.task for sample in samples}
+        settings: ResultSettings = {"target": model_identity(self.target.model),
+                                    "draft": model_identity(self.draft.model), "dtype": model_dtype(self.target.model)}
+        if "perplexity" in tasks or any(s.method != "autoregressive" and s.gamma is None for s in specs):
+            settings["gamma"] = a.gamma
+        if any(s.sparse for s in specs):
+            settings.update(sink=a.sink, window=a.window, measure_recall=a.measure_recall)
+        if any(s.sparse_prefill for s in specs):
+            settings.update(prefill_budget=a.prefill_budget, prefill_block=a.prefill_block)
+        if a.mapping is not None and any(s.mapping for s in specs):
+            settings["mapping"] = file_digest(a.mapping)
+        if "perplexity" in tasks:
+            settings["ppl_tokens"] = a.ppl_tokens
+        settings.update({f"max_new_tokens.{task}": a.answer_tokens(task) for task in sorted(tasks - {"perplexity"})})
+        return settings
+
     def run(self, samples: Sequence[Sample], specs: Sequence[MethodSpec]) -> None:
-        """Run the grid, skipping what ``results.jsonl`` already holds."""
-        output_dir(self.out)
-        done = _done_records(self.results)
+        """Run the grid, skipping what ``results.jsonl`` already holds.
+
+        Raises :class:`STSError`, before any work, for an output folder that cannot be made or whose records
+        were made with other settings (:func:`~sts.eval.results.resume`); and, removing the output folder again
+        when it made it and wrote nothing there, for a run that fails (a prompt past the context, say).
+        """
+        with run_output_dir(self.out):
+            self._run(samples, specs)
+
+    def _run(self, samples: Sequence[Sample], specs: Sequence[MethodSpec]) -> None:
+        done, log = resume(self.out, self.result_settings(samples, specs))
         todo = [r for r in self.runs(samples, specs) if _key(*r) not in done]
         prompts = self.prompt_ids(list({r[0].sample_id: r[0] for r in todo}.values()))
         if prompts:
@@ -338,8 +367,7 @@ class Evaluator:
             self.max_len = context_capacity((self.target.model, self.draft.model), [longest], answer, lookahead)
         current: str | None = None
         # The bar is closed (its line ended) even when a run fails, so an error prints on a line of its own.
-        with self.results.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr,
-                                                  bar_format=_BAR) as bar:
+        with log, tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr, bar_format=_BAR) as bar:
             for sample, spec, budget in todo:
                 if sample.sample_id != current:  # one prefill per sample, shared by its runs
                     self.prefix_cache.entries.clear()  # the last sample's rows: device memory
@@ -347,19 +375,21 @@ class Evaluator:
                 reference = _key(sample, REFERENCE, None)
                 if sample.metric != "perplexity" and reference not in done:
                     # Token agreement needs dense greedy output first, whatever the method order.
-                    _append(sink, done, self.evaluate(sample, REFERENCE, None, prompt, done))
+                    _append(log, done, self.evaluate(sample, REFERENCE, None, prompt, done))
                 if _key(sample, spec, budget) not in done:
                     bar.set_postfix_str(f"{sample.task}@{sample.context_tokens} {spec.name} {budget}")
-                    _append(sink, done, self.evaluate(sample, spec, budget, prompt, done))
+                    _append(log, done, self.evaluate(sample, spec, budget, prompt, done))
                 bar.update()
 
     def prompt_ids(self, samples: Sequence[Sample]) -> dict[str, np.ndarray]:
         """Return each sample's prompt token ids by sample id (tokenized once per sample, kept compact)."""
-        return {
-            s.sample_id: np.asarray(self.tokenizer(make_prompt(s, self.tokenizer), add_special_tokens=False)["input_ids"],
-                                    dtype=np.int64)
-            for s in tqdm(samples, desc="tokenize", unit="sample", file=sys.stderr, leave=False)
-        }
+        # Like the eval bar, this one ends its line when closed, so an error after it prints on a line of its own.
+        with tqdm(samples, desc="tokenize", unit="sample", file=sys.stderr, disable=not samples) as bar:
+            return {
+                s.sample_id: np.asarray(self.tokenizer(make_prompt(s, self.tokenizer), add_special_tokens=False)["input_ids"],
+                                        dtype=np.int64)
+                for s in bar
+            }
 
     def engine(self, spec: MethodSpec, budget: float | None) -> Engine:
         """Return the engine of (method, budget), built on first use and reused for every sample."""
@@ -369,7 +399,8 @@ class Evaluator:
             engine = build_engine(
                 spec.method, self.target, self.draft, slots=1, max_len=self.max_len, gamma=self.gamma(spec),
                 selection=self.selection(budget) if budget is not None else None, mapping=spec.mapping,
-                options=spec.policy_options(), draft_budget=spec.draft_budget, draft_selection=spec.draft_selection,
+                options=spec.policy_options(), draft_budget=spec.draft_budget,
+                draft_selection=spec.engine_draft_selection(),
                 prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
                 measure_recall=spec.sparse and a.measure_recall, prefix_cache=self.prefix_cache, seed=a.seed,
                 verify="sparse",  # the grid measures sparse verification at every length, the short ones included
@@ -377,7 +408,7 @@ class Evaluator:
             entry = self.engines[spec.name, budget] = (engine, _caches(engine))
         return entry[0]
 
-    def evaluate(self, sample: Sample, spec: MethodSpec, budget: float | None, prompt: list[int], done: dict[str, dict]) -> dict:
+    def evaluate(self, sample: Sample, spec: MethodSpec, budget: float | None, prompt: list[int], done: dict[str, Record]) -> dict:
         """Return the record of one (sample, method, budget) run on the sample's prompt token ids."""
         record: dict[str, Any] = {
             "key": _key(sample, spec, budget), "task": sample.task, "sample_id": sample.sample_id,
@@ -393,7 +424,7 @@ class Evaluator:
         return record
 
     def _generate(self, sample: Sample, prompt: list[int], spec: MethodSpec, budget: float | None,
-                  done: dict[str, dict]) -> dict[str, Any]:
+                  done: dict[str, Record]) -> dict[str, Any]:
         result = self.engine(spec, budget).generate([prompt], self.settings.answer_tokens(sample.task), self.eos)
         tokens = result.tokens[0]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -437,7 +468,10 @@ def run_eval(target: LoadedModel, draft: LoadedModel, out: str | Path, settings:
     """Return the path of the report after running the grid of ``settings`` into the folder ``out``.
 
     Runs already in ``out/results.jsonl`` are kept and skipped; ``header`` (the command and the
-    machine, say) opens the report.
+    machine, say) opens the report. Raises :class:`STSError` for impossible settings, for a resume whose
+    settings differ from those of the records in ``out`` (:func:`~sts.eval.results.resume`: so the report
+    under ``header`` holds only records made with its settings), and for a failed run, which leaves no
+    ``out`` behind when it wrote nothing (:meth:`Evaluator.run`).
     """
     specs = settings.method_specs()
     if target.tokenizer is None:
@@ -446,4 +480,4 @@ def run_eval(target: LoadedModel, draft: LoadedModel, out: str | Path, settings:
                             settings.seed)
     out = Path(out)
     Evaluator(settings, target, draft, out).run(samples, specs)
-    return write_report(out / "results.jsonl", out, header=header)
+    return write_report(out / RESULTS_FILE, out, header=header)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 
 from sts.errors import STSError
 from sts.eval.intervals import CONFIDENCE, Interval, mean_interval, paired_difference_interval, wilson_interval
+from sts.eval.output import atomic_write
 
 Record = dict[str, Any]
 Row = dict[str, Any]
@@ -300,7 +300,7 @@ def write_report(results_path: str | Path, out_dir: str | Path, header: str = ""
     ]
     text = "\n\n".join(part for part in parts if part) + "\n"
     report = out / "report.md"
-    _atomic_write(report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return report
 
 
@@ -612,16 +612,5 @@ def _method_colours(records: Iterable[Record]) -> dict[str, str]:
 
 def _save(figure: Figure, path: Path) -> Path:
     """Return ``path`` after writing ``figure`` there as a PNG, atomically."""
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=_DPI))
     return path
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write ``path`` by calling ``write`` on a temporary sibling and renaming it into place."""
-    # A reader (or a crash) never sees a half-written file; the pid keeps concurrent writers apart.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -169,6 +169,8 @@ def _read_weights(directory: Path, take: Take | None = None) -> dict[str, Tensor
                 else:
                     state = torch.load(f, map_location="cpu", weights_only=True)
                     out.update(state if take is None else {name: take(name, t) for name, t in state.items()})
+            except STSError:  # ``take``'s own (a model that does not split over the tensor-parallel ranks)
+                raise
             except Exception as exc:  # corrupt or truncated files surface as many exception types
                 raise STSError(f"cannot read the weights in {f}: {_cause(exc)}") from exc
         return out

@@ -6,8 +6,9 @@ and ``GET /metrics`` (Prometheus). With an API key every route but ``/health`` n
 ``Authorization: Bearer KEY``. Every error is answered with OpenAI's body
 (``{"error": {"message", "type", "param", "code"}}``): 400 for a request that cannot be
 served as asked, 401 without the key, 404 for an unknown model or route, 413 for a body past the
-server's limit (refused unread: by its Content-Length, else once that many bytes have come), 429
-when the queue is full, 500 when decoding fails inside (that request only: the server goes on).
+server's limit (refused unread: by its Content-Length, else once that many bytes have come), 415 for a
+body sent as anything but JSON (see :func:`require_json`), 429 when the queue is full, 500 when decoding
+fails inside (that request only: the server goes on).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from sts.api import LLM
 from sts.errors import STSError
 from sts.serve.metrics import CONTENT_TYPE, Metrics
 from sts.serve.options import default_max_request_bytes
-from sts.serve.protocol import APIError, ChatRequest, CompletionRequest, Reply, _Body, check_body, error_body, usage
+from sts.serve.protocol import (APIError, ChatRequest, CompletionRequest, Reply, _Body, check_body, error_body,
+                                policy_settings, usage)
 from sts.serve.scheduler import Delta, Request as Job, RequestError
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,22 @@ class _Flight:
         return usage(len(self.job.prompt_ids), len(self.job.token_ids))
 
 
+def require_json(http: Request) -> None:
+    """Refuse (415) a POST whose Content-Type is not JSON (``application/json`` or ``application/*+json``, parameters
+    such as a charset aside; none is not JSON either): FastAPI's rule, under which the routes would otherwise get the
+    raw bytes and answer a 400 that does not say why.
+
+    Such bodies are not read as JSON on purpose: a web page may make a browser POST a body as text, a form or untyped
+    to any address without asking the server first (CORS), and a server that read those as JSON would let any page its
+    user opens run requests on a server on their machine (FastAPI's CVE-2021-32677, and its strict content type).
+    """
+    given = http.headers.get("content-type", "")
+    kind, _, subtype = given.partition(";")[0].strip().lower().partition("/")
+    if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        sent = f"got {given!r}" if given else "none was sent"
+        raise APIError(415, f"Content-Type must be application/json, {sent}", code="unsupported_media_type")
+
+
 def _error_response(exc: BaseException) -> JSONResponse:
     """Return the JSON error response for an exception (the scheduler has logged internal ones)."""
     err = api_error(exc)
@@ -179,7 +197,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_reques
     """
     metrics = Metrics(max(llm.gamma, 1))
     llm.scheduler.observer = metrics
-    settings = llm.settings
+    settings = llm.settings | policy_settings(llm.method, llm.options)  # as /v1/models reports them
     limit = max_request_bytes if max_request_bytes is not None else default_max_request_bytes(llm.max_model_len)
     too_large = APIError(413, f"the request body is larger than this server's limit of {limit} bytes",
                          code="request_too_large")
@@ -205,6 +223,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_reques
             raise APIError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
 
     guarded = [Depends(authorize)]
+    posted = [*guarded, Depends(require_json)]  # after the key: a client without it learns nothing more
 
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -296,7 +315,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_reques
         finally:
             flight.cancel()  # a client that disconnects mid-stream cancels this generator: free the slot
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions", dependencies=posted)
     async def completions(body: CompletionRequest, http: Request) -> Response:
         check(body)
         prompt = body.prompt
@@ -307,7 +326,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_reques
         ids = await run_in_threadpool(llm.prompt_ids, prompt)  # type: ignore[arg-type]
         return await answer(Reply("completion", model_name), body, ids, body.max_tokens, http)
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions", dependencies=posted)
     async def chat_completions(body: ChatRequest, http: Request) -> Response:
         check(body)
         messages = [m.template_input(i) for i, m in enumerate(body.messages)]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any, Iterator
 
@@ -39,7 +41,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_selection_args(p)
     p.add_argument("--seed", type=int, default=0, help="the engine's random generator (sampling)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000,
+                   help="port to listen on (default 8000), bound before the models load: one in use is an error at once")
     p.add_argument("--api-key", default=os.environ.get("STS_API_KEY"),
                    help="require Authorization: Bearer KEY on every route but /health (default: $STS_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --target as given)")
@@ -82,16 +85,40 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
                 max_queue=args.max_queue, verify=args.verify, tensor_parallel=args.tensor_parallel, **_options(args))
 
 
-def _check_port(host: str, port: int) -> None:
-    """Raise :class:`STSError` when ``host:port`` cannot be bound (in use, no permission, unknown host)."""
-    import socket
+@contextlib.contextmanager
+def bound(host: str, port: int) -> Iterator[list[socket.socket]]:
+    """Bind ``host:port`` (every address of ``host``) and yield the sockets, closed on exit; raise :class:`STSError`
+    when it cannot be bound (in use, no permission, unknown host).
 
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
-            probe.bind(infos[0][4])
-    except OSError as exc:
-        raise STSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    The server binds before it loads the models (minutes on real weights) and holds the port meanwhile, so a port in
+    use is an error at once and no other process can take it while loading. The sockets are bound as uvicorn binds
+    its own (asyncio's ``create_server``: ``SO_REUSEADDR``, so that a restart need not wait for the last run's
+    connections in TIME_WAIT; IPv6 sockets for IPv6 only) and listen at once: a socket bound with ``SO_REUSEADDR``
+    excludes another one (a second ``sts serve`` on the port) only once it listens. A client that connects while
+    the models load waits until they have loaded.
+    """
+    sockets: list[socket.socket] = []
+    with contextlib.ExitStack() as closing:
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = closing.enter_context(socket.socket(family, kind, proto))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(address)
+                except OSError as exc:  # an address of a family this machine has not enabled: skipped, as asyncio does
+                    if exc.errno != errno.EADDRNOTAVAIL:
+                        raise
+                    continue
+                sock.listen()
+                sockets.append(sock)
+            if not sockets:  # every address skipped
+                raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+        except OSError as exc:
+            raise STSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        yield sockets
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -103,9 +130,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise STSError(f"sts serve needs the serve extra: pip install 'sts[serve]' ({exc.name} is missing)") from None
     from sts.api import LLM
 
-    _check_port(args.host, args.port)  # before minutes of loading, not after
-    settings = llm_settings(args)
-    with _terminate_as_exit():
+    settings = llm_settings(args)  # every option, the port's range among them, before the port and the loading
+    with bound(args.host, args.port) as sockets, _terminate_as_exit():  # the port before minutes of loading
         llm = LLM(args.target, args.draft, **settings)
         try:
             name = args.served_model_name or args.target
@@ -113,7 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
             app = create_app(llm, name, args.api_key, args.max_request_bytes)
             BoundedServer(app, llm.scheduler.cancel_all, args.shutdown_timeout, host=args.host, port=args.port,
-                          log_level=args.log_level).run()
+                          log_level=args.log_level).run(sockets)
         finally:
             llm.close()
     return 0

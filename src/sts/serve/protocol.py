@@ -10,23 +10,52 @@ each stream chunk's, carries ``token_ids``, and the response ``prompt_token_ids`
 budget (rows per KV head, or a fraction of its context, as ``--budget``; the request then reads
 what it would alone at that budget, see :meth:`sts.engine.Engine.prefill`); and the server's other
 method settings (``method``, ``gamma``, ``sink``, ``window``, ``dense_layers``, ``draft_budget``,
-``draft_selection``), which are accepted only with the server's own values: each is fixed when the engine is built (one
+``draft_selection``) and its selection policy's options (:data:`POLICY_OPTIONS`: ``rerank``,
+``rerank_prob``, ``feedback``, ``head_budgets``, ... as the selection policies' constructors name them),
+which are accepted only with the server's own values: each is fixed when the engine is built (one
 engine per server, whose shapes and CUDA graphs every slot shares), so a request cannot change it.
+``draft_budget`` takes ``--draft-budget``'s values (a row count, "auto" or "dense": a dense draft, null in
+``/v1/models``); a policy option the server's method does not take is refused whatever its value.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from sts.errors import STSError
-from sts.selection import SelectionConfig
+from sts.runner import DraftBudget, draft_settings
+from sts.selection import REGISTRY, SelectionConfig, check_options
 
 #: The server's method settings: fixed when its engine is built, so a request may only repeat the server's values.
 FIXED_SETTINGS = ("method", "gamma", "sink", "window", "dense_layers", "draft_budget", "draft_selection")
+
+
+def _takes(method: str, name: str) -> bool:
+    """Return whether selection policy ``method`` takes the option ``name`` (:func:`~sts.selection.check_options`)."""
+    try:
+        check_options(method, [name])
+    except STSError:
+        return False
+    return True
+
+
+def policy_settings(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the options the selection policy of ``method`` runs with, by name: ``options`` as the engine was given
+    them, else the defaults of the policy's constructor ({} for a method without a policy, e.g. ``speculative``)."""
+    if method not in REGISTRY:
+        return {}
+    params = inspect.signature(REGISTRY[method].__init__).parameters.values()
+    return {p.name: options.get(p.name, p.default) for p in params if _takes(method, p.name)}
+
+
+#: Every option of every selection policy (``rerank``, ``feedback``, ``page_size``, ...): like the method settings, each
+#: is fixed when the server's engine is built.
+POLICY_OPTIONS = tuple(dict.fromkeys(name for method in REGISTRY for name in policy_settings(method, {})))
 
 
 class APIError(Exception):
@@ -48,9 +77,9 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 class _Body(BaseModel):
-    """Fields both endpoints take."""
+    """Fields both endpoints take (other fields are kept aside, unvalidated: :meth:`policy_options` reads them)."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: str
     max_tokens: int | None = None
@@ -76,8 +105,22 @@ class _Body(BaseModel):
     sink: int | None = None
     window: int | None = None
     dense_layers: int | None = None
-    draft_budget: int | None = None
+    draft_budget: DraftBudget = None
     draft_selection: str | None = None
+
+    @field_validator("draft_budget", mode="wrap")
+    @classmethod
+    def _one_draft_budget_error(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Say what ``draft_budget`` takes in one error (not one per kind of value it takes)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"a row count, 'auto' or 'dense' (as --draft-budget), got {value!r}") from None
+
+    def policy_options(self) -> dict[str, Any]:
+        """Return the selection policy options (:data:`POLICY_OPTIONS`) the request sets, by name (null: unset)."""
+        extra = self.model_extra or {}
+        return {name: extra[name] for name in POLICY_OPTIONS if extra.get(name) is not None}
 
     def unsupported(self) -> list[tuple[str, bool]]:
         """Return (field, whether it asks for something sts does not do) pairs, checked by :func:`check_body`."""
@@ -161,11 +204,13 @@ class ChatRequest(_Body):
 
 def check_body(body: _Body, settings: dict[str, Any]) -> None:
     """Refuse (:class:`APIError` 400) ``n > 1``, unsupported fields, an impossible budget (e.g. below sink + window),
-    and method settings other than the server's ``settings`` (all but ``budget``, which a request may set).
+    and method settings or selection policy options other than the server's ``settings`` (all but ``budget``, which
+    a request may set).
 
     ``settings``: the server's values by field name (``method``, ``gamma``, ``budget``, ``sink``, ``window``,
-    ``dense_layers``, ``draft_budget``, ``draft_selection``). Whether the server's method can give a request a
-    budget of its own is the engine's to say (:meth:`sts.api.LLM.params`).
+    ``dense_layers``, ``draft_budget``, ``draft_selection``, and its policy's options, :func:`policy_settings`).
+    Whether the server's method can give a request a budget of its own is the engine's to say
+    (:meth:`sts.api.LLM.params`).
     """
     if body.n != 1:
         raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
@@ -181,11 +226,32 @@ def check_body(body: _Body, settings: dict[str, Any]) -> None:
     if body.method is not None and body.method != settings["method"]:
         raise APIError(400, f"this server decodes with method {settings['method']!r}: one engine per server, start another "
                             f"server for method {body.method!r}", "method", "unsupported_override")
-    for name in FIXED_SETTINGS[1:]:  # the method: just above
-        value = getattr(body, name)
-        if value is not None and value != settings[name]:
-            raise APIError(400, f"{name} is fixed when the server starts (this server: {name}={settings[name]}); "
-                                f"a request may set only {', '.join(body.settable())}", name, "unsupported_override")
+    asked = {name: getattr(body, name) for name in FIXED_SETTINGS[1:]} | body.policy_options()  # the method: above
+    for name, value in asked.items():
+        if value is not None and not _same_as_server(name, value, settings):
+            if name not in settings:
+                server = f"this server's method {settings['method']} takes no {name}"
+            else:  # the server's value as a request would give it (a dense draft: null in /v1/models)
+                shown = "dense" if name == "draft_budget" and settings[name] is None else settings[name]
+                server = f"this server: {name}={shown}"
+            raise APIError(400, f"{name} is fixed when the server starts ({server}); a request may set only "
+                                f"{', '.join(body.settable())}", name, "unsupported_override")
+
+
+def _same_as_server(name: str, value: Any, settings: dict[str, Any]) -> bool:
+    """Return whether a request's ``value`` of the fixed setting or policy option ``name`` is the server's: the same
+    after "auto"/"dense" are resolved for the server's method (``draft_budget``), JSON lists read as tuples, and
+    a JSON true or false not taken for 1 or 0."""
+    if name not in settings:  # an option of another method's policy
+        return False
+    server = settings[name]
+    if name == "draft_budget":
+        try:
+            value = draft_settings(settings["method"], value, None)[0]
+        except STSError:  # e.g. a row count for autoregressive decoding: not the server's
+            return False
+    value, server = (tuple(x) if isinstance(x, list) else x for x in (value, server))
+    return isinstance(value, bool) == isinstance(server, bool) and value == server
 
 
 class Reply:

@@ -54,6 +54,13 @@ class BoundedServer(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup; on ``sockets`` bound beforehand (:func:`sts.serve.options.bound`) also its "Uvicorn
+        running on" line, which uvicorn leaves to whoever bound them."""
+        await super().startup(sockets)
+        if sockets and self.started:
+            self._log_started_message(sockets)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Count the signal and start the shutdown (a second signal makes the abort due at once, see :meth:`shutdown`)."""
         self.signals += 1

@@ -271,7 +271,7 @@ def _rank_main(
         # A process spawned here ends without the interpreter's teardown: there gloo's C++ threads
         # were seen to abort it now and then ("terminate called without an active exception",
         # SIGABRT, after the work was done; about 1 run in 10 of the CLI's two-rank test on CI). The exit handlers
-        # still run (multiprocessing's among them: without them the semaphores this process made, tqdm's, leak).
+        # still run: multiprocessing's among them, which release the semaphores this process made.
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -13,7 +13,6 @@ requests there and drive it, and ``sts serve`` runs the same object from its own
 from __future__ import annotations
 
 import atexit
-import math
 import numbers
 import os
 import queue
@@ -30,7 +29,7 @@ from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.runner import (DENSE_METHODS, DraftBudget, LoadedModel, build_engine, check_pair, draft_settings, eos_ids, load,
                         methods, resolve_device)
-from sts.sampling import TOP_K_LIMIT, SamplingConfig, check_seed
+from sts.sampling import SamplingConfig, check_seed, sampling_problem
 from sts.selection import HeadMapping, SelectionConfig, check_options
 from sts.selection.base import DEFAULT_BUDGET
 from sts.selection.draft import DraftSelection
@@ -324,10 +323,9 @@ class LLM:
             raise RequestError(f"max_tokens {max_tokens} goes past the context: a prompt of {prompt_tokens} tokens leaves "
                                f"room for {room} (max model length {self.max_model_len}, {scratch} rows for a round)",
                                "max_tokens", "context_length_exceeded")
-        for name, ok, rule in (("temperature", 0 <= temperature < math.inf, "finite and >= 0"),
-                               ("top_p", 0 < top_p <= 1, "in (0, 1]"), ("top_k", 0 <= top_k < TOP_K_LIMIT, "in [0, 2^31)")):
-            if not ok:
-                raise RequestError(f"{name} must be {rule}", name)
+        problem = sampling_problem(temperature, top_k, top_p)
+        if problem is not None:
+            raise RequestError(problem[1], problem[0])
         try:
             check_seed(0 if seed is None else seed)
         except STSError as exc:

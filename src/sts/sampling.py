@@ -21,6 +21,17 @@ def check_seed(seed: int) -> None:
         raise STSError(f"seed must be a 64-bit integer (-2^63 <= seed < 2^64), got {seed}")
 
 
+def sampling_problem(temperature: float, top_k: int, top_p: float) -> tuple[str, str] | None:
+    """Return (setting, message) for the first sampling setting out of its range, None when all are in range:
+    ``temperature`` finite and >= 0, ``top_k`` in [0, 2^31), ``top_p`` in (0, 1] (NaN in none of them)."""
+    for name, value, ok, rule in (("temperature", temperature, 0 <= temperature < math.inf, "finite and >= 0"),
+                                  ("top_k", top_k, 0 <= top_k < TOP_K_LIMIT, "in [0, 2^31)"),
+                                  ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]")):
+        if not ok:
+            return name, f"{name} must be {rule}, got {value}"
+    return None
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to pick tokens. ``temperature == 0`` is greedy (top-k / top-p are then ignored)."""
@@ -30,12 +41,9 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.temperature < math.inf:
-            raise STSError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if not 0 <= self.top_k < TOP_K_LIMIT:
-            raise STSError(f"top-k must be >= 0 and below 2^31, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise STSError(f"top-p must be in (0, 1], got {self.top_p}")
+        problem = sampling_problem(self.temperature, self.top_k, self.top_p)
+        if problem is not None:
+            raise STSError(problem[1])
 
     @property
     def greedy(self) -> bool:

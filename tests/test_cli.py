@@ -58,7 +58,7 @@ def test_generate_json_matches_transformers(capsys, checkpoints):
     assert scored["tokens"] == ref  # the sparse draft changes what is proposed, never what is accepted
     assert (scored["draft_budget"], scored["draft_selection"]) == (5, "scored")
     # The default draft: with sts, DEFAULT_DRAFT_BUDGET rows scored by STS; with other methods, dense; "dense" asks.
-    assert (sts["draft_budget"], sts["draft_selection"]) == (DEFAULT_DRAFT_BUDGET, "scored")
+    assert (sts["draft_budget"], sts["draft_selection"]) == (DEFAULT_DRAFT_BUDGET, "scored-all")
     assert (spec["draft_budget"], spec["draft_selection"]) == (None, None)
     dense = run_json(capsys, base + ["--method", "sts", "--budget", "4", "--sink", "1", "--window", "1", "--draft-budget", "dense"])
     assert (dense["draft_budget"], dense["draft_selection"]) == (None, None)

@@ -187,12 +187,12 @@ def test_the_server_and_the_api_take_the_draft_selection(tiny_pair):
 def test_draft_settings_resolve_auto_by_method_and_refuse_other_values():
     from sts.runner import DEFAULT_DRAFT_BUDGET, draft_settings
 
-    assert draft_settings("sts", "auto", None) == (DEFAULT_DRAFT_BUDGET, "scored")
+    assert draft_settings("sts", "auto", None) == (DEFAULT_DRAFT_BUDGET, "scored-all")
     assert draft_settings("sts", "auto", "recent-all") == (DEFAULT_DRAFT_BUDGET, "recent-all")
     assert draft_settings("speculative", "auto", None) == (None, "recent")
     assert draft_settings("quest", "auto", None) == (None, "recent")
     assert draft_settings("sts", None, None) == (None, "recent")
-    assert draft_settings("sts", 64, None) == (64, "scored")
+    assert draft_settings("sts", 64, None) == (64, "scored-all")
     assert draft_settings("speculative", 64, None) == (64, "recent")
     assert draft_settings("sts", "dense", None) == (None, "recent")
     for bad in ("bogus", 64.5, True):

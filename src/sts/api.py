@@ -142,7 +142,8 @@ class LLM:
     default ``sts`` with a draft, ``autoregressive`` without. ``budget``, ``sink``, ``window``,
     ``dense_layers``, ``mapping``, ``draft_budget``, ``draft_selection``, ``prefill`` and ``**options`` (e.g.
     ``rerank=0``) are ``sts generate``'s settings of the same names (``draft_budget`` "auto": with ``sts``, the later
-    draft steps read :data:`~sts.runner.DEFAULT_DRAFT_BUDGET` rows scored by STS, :func:`sts.runner.draft_settings`;
+    draft steps of sparse rounds read :data:`~sts.runner.DEFAULT_DRAFT_BUDGET` rows scored by STS, the first one
+    included, :func:`sts.runner.draft_settings`;
     None or "dense": a dense draft). ``slots``: sequences decoded
     together; ``max_model_len``: each slot's context in tokens (default: the models' context,
     capped so that the caches take at most half of the free memory). ``prefill_chunk``: prompt

@@ -114,12 +114,14 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
     p.add_argument("--draft-budget", type=_draft_budget, default="auto",
                    help="draft steps after a round's first read only this many rows (see --draft-selection); "
-                        f"auto (default): {DEFAULT_DRAFT_BUDGET} scored rows with --method sts, else every row; "
+                        f"auto (default): {DEFAULT_DRAFT_BUDGET} scored rows in every draft step of a sparse round with --method sts "
+                        "(--draft-selection scored-all), else every row; "
                         "dense: every row")
     p.add_argument("--draft-selection", choices=DRAFT_SELECTIONS, default=None,
-                   help="the sparse draft's rows: scored (sts only, and its default), sinks, the window and the rows "
-                        "each draft layer scored best in the last sparse round; recent (the other methods' default), "
-                        "sinks + the latest rows; with -all the round's first draft step reads them too (else every row)")
+                   help="the sparse draft's rows: scored (sts only), sinks, the window and the rows each draft layer scored "
+                        "best in the last sparse round; recent (the other methods' default), sinks + the latest rows; "
+                        "with -all the round's first draft step reads them too (else every row); scored-all is sts's "
+                        "default")
     p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
                    help="auto (default): verify densely in rounds whose contexts are below the break-even, where the "
                         "selection costs more than the KV reads it saves (sts.costmodel, H200 figures); sparse: always "

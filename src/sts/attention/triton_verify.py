@@ -51,17 +51,20 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_count(n_rows: int, n_groups: int, device: torch.device, block_n: int, per_sm: int = 2) -> int:
+def split_count(n_rows: int, n_groups: int, device: torch.device, block_n: int, per_sm: int = 2,
+                min_rows: int | None = None) -> int:
     """Return how many slices to cut ``n_rows`` rows into so ``n_groups`` x slices fills the GPU once.
 
     ``per_sm`` is how many programs one SM runs at once (2 for the verify kernel's default
     config, bound by shared memory): filling exactly one such wave beats a second, partial
     wave of equally long programs, and more splits only add partial outputs to merge
     (measured on an H200). Static: depends on shapes only, so it is safe under CUDA graphs.
-    Each slice keeps at least two blocks of ``block_n`` rows, so its loads overlap its arithmetic.
+    Each slice keeps at least ``min_rows`` rows (default two blocks of ``block_n``, so that its loads overlap its
+    arithmetic); gathered rows want smaller slices: at 512 indexed rows per KV head (a 512-row budget at batch 1)
+    16 slices of 32 rows took 7.8 us per call against 10.6 us for 4 of 128 (H200, 2026-11-30, docs/benchmarks.md).
     """
     per_group = max(1, per_sm * _sm_count(device) // n_groups)
-    return max(1, min(per_group, triton.cdiv(n_rows, 2 * block_n)))
+    return max(1, min(per_group, triton.cdiv(n_rows, min_rows or 2 * block_n)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -306,7 +309,9 @@ def sparse_verify_attention(
         idx_strides = indices.stride()[:2]
     else:
         n_idx, indices, idx_strides = seq_len, start_pos, (0, 0)
-    n_splits = cfg.num_splits or split_count(n_idx, b * hkv, q.device, cfg.block_n)
+    # Gathered rows: slices of half a block (see split_count); the dense path's contiguous rows keep two blocks.
+    min_rows = cfg.block_n // 2 if has_indices else None
+    n_splits = cfg.num_splits or split_count(n_idx, b * hkv, q.device, cfg.block_n, min_rows=min_rows)
     tiles = 1  # the dense path reads its rows in order and needs no index tile
     if has_indices:
         n_splits = max(n_splits, triton.cdiv(n_idx, _MAX_TILES * cfg.block_n))

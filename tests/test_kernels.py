@@ -147,7 +147,8 @@ def check_verify(c: dict, device: str) -> dict[str, float]:
 
 
 def check_scores(c: dict, device: str) -> dict[str, float]:
-    """Return the relative error of the score kernel, and whether the columns past max(start_pos) are -inf."""
+    """Return the relative error of the score kernel, per query head and (``max_heads``) as their max, and whether the
+    columns past max(start_pos) are -inf."""
     from sts.attention.triton_scores import context_scores_triton
     from sts.attention.triton_verify import KernelConfig
 
@@ -162,8 +163,11 @@ def check_scores(c: dict, device: str) -> dict[str, float]:
     cfg = KernelConfig(block_n=16 if interp else 64, num_splits=4) if c["tuned"] else None
     out = context_scores_triton(q, kc, sp, c["agg"], config=cfg)
     ref = context_scores(q.double(), kc.double(), sp, c["agg"])
+    top = context_scores_triton(q, kc, sp, c["agg"], max_heads=True, config=cfg)
     n = ref.shape[-1]
-    return {"scores": _rel_err(out[..., :n], ref), "tail_not_inf": float(not torch.isneginf(out[..., n:]).all())}
+    return {"scores": _rel_err(out[..., :n], ref), "tail_not_inf": float(not torch.isneginf(out[..., n:]).all()),
+            "max_heads": _rel_err(top[..., :n], ref.amax(1)),
+            "max_heads_tail_not_inf": float(top.shape != (c["b"], s) or not torch.isneginf(top[..., n:]).all())}
 
 
 def _candidates(sp: torch.Tensor, hkv: int, n: int, sink: int, window: int, gen: torch.Generator):
@@ -355,6 +359,8 @@ def test_scores_match_reference(results, case):
     errs = _errors(results, _case_id("scores", case))
     assert errs["tail_not_inf"] == 0.0, "columns past max(start_pos) must be -inf"
     assert errs["scores"] < SCORES_TOL, f"relative error {errs['scores']}"
+    assert errs["max_heads_tail_not_inf"] == 0.0, "max over heads: [B, S], -inf past max(start_pos)"
+    assert errs["max_heads"] < SCORES_TOL, f"max over heads: relative error {errs['max_heads']}"
 
 
 # bf16 on CUDA: near-ties may swap a few rows, at no real loss of score; float32 under the interpreter: exact.

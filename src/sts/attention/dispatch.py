@@ -39,8 +39,11 @@ def verify_attention(
     return reference.sparse_attention(q, k_cache, v_cache, start_pos, indices)
 
 
-def score_context(q: Tensor, k_cache: Tensor, start_pos: Tensor, aggregate: Aggregate = "max") -> Tensor:
-    """Return ``[B, Hq, S]`` float32 context scores, ``-inf`` at and past ``start_pos[b]``.
+def score_context(
+    q: Tensor, k_cache: Tensor, start_pos: Tensor, aggregate: Aggregate = "max", max_heads: bool = False
+) -> Tensor:
+    """Return ``[B, Hq, S]`` float32 context scores, ``-inf`` at and past ``start_pos[b]`` (``max_heads``: ``[B, S]``,
+    their max over the query heads).
 
     The width is the cache length S on every path (the reference's ``max(start_pos)`` columns
     padded with ``-inf``), so callers see one static shape.
@@ -48,8 +51,9 @@ def score_context(q: Tensor, k_cache: Tensor, start_pos: Tensor, aggregate: Aggr
     if use_triton(q):
         from sts.attention.triton_scores import context_scores_triton
 
-        return context_scores_triton(q, k_cache, start_pos, aggregate)
+        return context_scores_triton(q, k_cache, start_pos, aggregate, max_heads=max_heads)
     ref = scores.context_scores(q, k_cache, start_pos, aggregate)
+    ref = ref.amax(1) if max_heads else ref
     return F.pad(ref, (0, k_cache.shape[2] - ref.shape[-1]), value=float("-inf"))
 
 

@@ -88,7 +88,7 @@ def _score_probs_kernel(
     n_kv_heads, seq_len, qk_scale, n_splits,
     GQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    MEAN: tl.constexpr, PRECISION: tl.constexpr,
+    MEAN: tl.constexpr, HEAD_MAX: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh, b, h = program_head(n_kv_heads)
     split = tl.program_id(1)
@@ -107,8 +107,9 @@ def _score_probs_kernel(
     lse = m_safe + tl.log2(tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0))
 
     heads = tl.arange(0, BLOCK_M // G_P)
-    out_base = out_ptr + b * stride_ob + (h * GQ + heads)[None, :] * stride_oh
     head_ok = (heads < GQ)[None, :]
+    # HEAD_MAX: one column per KV head (the max over its query heads), else one per query head.
+    out_base = out_ptr + b * stride_ob + (h + 0 * heads[None, :] if HEAD_MAX else (h * GQ + heads)[None, :]) * stride_oh
     lo, hi = split_range(start, split, n_splits, BLOCK_N)
     for n0 in tl.range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
@@ -117,13 +118,17 @@ def _score_probs_kernel(
         p = tl.where(row_ok[None, :], tl.exp2(s - lse[None, :]), 0.0)
         p = tl.reshape(p, [BLOCK_N, BLOCK_M // G_P, G_P])
         agg = tl.sum(p, 2) / G if MEAN else tl.max(p, 2)
-        tl.store(out_base + offs[:, None], agg, mask=ok[:, None] & head_ok)
+        if HEAD_MAX:  # padding heads hold 0, below any real probability's max but never above it
+            agg = tl.max(agg, 1, keep_dims=True)
+            tl.store(out_base + offs[:, None], agg, mask=ok[:, None] & (heads == 0)[None, :])
+        else:
+            tl.store(out_base + offs[:, None], agg, mask=ok[:, None] & head_ok)
     # Rows at and past start_pos[b] score -inf; the splits share them out as they share the context.
     lo, hi = split_range(seq_len - start, split, n_splits, BLOCK_N)
     for n0 in tl.range(start + lo, start + hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         neg = tl.full([BLOCK_N, BLOCK_M // G_P], float("-inf"), tl.float32)
-        tl.store(out_base + offs[:, None], neg, mask=(offs < start + hi)[:, None] & head_ok)
+        tl.store(out_base + offs[:, None], neg, mask=(offs < start + hi)[:, None] & ((heads == 0) if HEAD_MAX else head_ok))
 
 
 def context_scores_triton(
@@ -132,14 +137,20 @@ def context_scores_triton(
     start_pos: Tensor,
     aggregate: Aggregate = "max",
     *,
+    max_heads: bool = False,
     config: KernelConfig | None = None,
 ) -> Tensor:
-    """Return ``[B, Hq, S]`` float32 scores of the context rows, ``-inf`` at and past ``start_pos[b]``.
+    """Return ``[B, Hq, S]`` float32 scores of the context rows, ``-inf`` at and past ``start_pos[b]``; with
+    ``max_heads``, ``[B, S]``: their max over the query heads (STS's default map scores a draft layer so).
 
     ``q`` ``[B, Hq, G, D]`` (G queries per head), ``k_cache`` ``[B, Hkv, S, D]``. Each query's
     softmax runs over the rows ``< start_pos[b]``; probabilities are aggregated over the G
     queries (``"max"`` or ``"mean"``). Equal to :func:`sts.attention.scores.context_scores`
-    on the first ``max(start_pos)`` columns. No host synchronisation.
+    on the first ``max(start_pos)`` columns (``max_heads``: its ``amax(1)``). No host synchronisation.
+
+    With ``max_heads`` each program writes the max over its KV head's query heads, ``[B, Hkv, S]``, and one
+    reduction over the KV heads follows: a quarter of the writes and reads of the per-head scores at 4 query
+    heads per KV head.
     """
     if aggregate not in ("max", "mean"):
         raise ValueError(f"aggregate must be 'max' or 'mean', got {aggregate!r}")
@@ -162,7 +173,7 @@ def context_scores_triton(
 
     m_part = torch.empty(b * hkv * n_splits * block_m, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    out = torch.empty(b, hq, seq_len, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, hkv if max_heads else hq, seq_len, device=q.device, dtype=torch.float32)
     common = dict(
         GQ=gq, G=g, G_P=g_p, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -173,6 +184,7 @@ def context_scores_triton(
     _score_stats_kernel[grid](q, k_cache, start_pos, m_part, l_part, *strides, hkv, qk_scale, n_splits, **common)
     _score_probs_kernel[grid](
         q, k_cache, start_pos, m_part, l_part, out, *strides, out.stride(0), out.stride(1),
-        hkv, seq_len, qk_scale, n_splits, BLOCK_S=triton.next_power_of_2(n_splits), MEAN=aggregate == "mean", **common,
+        hkv, seq_len, qk_scale, n_splits, BLOCK_S=triton.next_power_of_2(n_splits), MEAN=aggregate == "mean",
+        HEAD_MAX=max_heads, **common,
     )  # fmt: skip
-    return out
+    return out.amax(1) if max_heads else out

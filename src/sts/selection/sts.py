@@ -112,8 +112,10 @@ class STSPolicy(SelectionPolicy):
                 t.to(device) for t in (self.combo_of, self.combo_sources, self.combo_weights))
         rows = []
         for dl, heads in self.heads_of.items():
-            scores = dispatch.score_context(ctx.draft_queries[dl], ctx.draft_keys(dl), ctx.start_pos, self.aggregate)
-            rows += [scores.amax(1) if dh == ALL_HEADS else scores[:, dh] for dh in heads]
+            only_max = heads == [ALL_HEADS]  # the default map: the kernel takes the max over the heads itself
+            scores = dispatch.score_context(ctx.draft_queries[dl], ctx.draft_keys(dl), ctx.start_pos, self.aggregate,
+                                            max_heads=only_max)
+            rows += [scores] if only_max else [scores.amax(1) if dh == ALL_HEADS else scores[:, dh] for dh in heads]
         self.source_scores = torch.stack(rows)  # [sources, B, N], grouped by draft layer in heads_of's order
         picked = self.source_scores[self.combo_sources]  # [U, M, B, N]
         if self.mapping.combine == "max":

@@ -113,7 +113,8 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-budgets", type=float, default=None,
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
     p.add_argument("--draft-budget", type=_draft_budget, default="auto",
-                   help="draft steps after a round's first read only this many rows (see --draft-selection); "
+                   help="sparse draft steps read only this many rows (which, and whether the round's first step too: "
+                        "--draft-selection); "
                         f"auto (default): {DEFAULT_DRAFT_BUDGET} scored rows in every draft step of a sparse round with --method sts "
                         "(--draft-selection scored-all), else every row; "
                         "dense: every row")

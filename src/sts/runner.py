@@ -22,8 +22,8 @@ from sts.speculative import check_draft_size, shared_vocab
 DENSE_METHODS = ("autoregressive", "speculative")
 
 #: Rows every draft step of ``--method sts``'s sparse rounds reads by default, picked by STS's own draft scores
-#: ("scored-all"): on the H200 at 128K, batch 1, the draft phase took 0.14 ms per round more than with 512 rows, and
-#: they keep more acceptance (docs/results.md, docs/benchmarks.md).
+#: (:data:`DEFAULT_DRAFT_SELECTION`): with "scored" at 128K, batch 1, on the H200 the draft phase took 0.14 ms per round
+#: more than with 512 rows, and they keep more acceptance (docs/results.md, docs/benchmarks.md).
 DEFAULT_DRAFT_BUDGET = 4096
 
 #: The draft selection of ``--method sts`` with a draft budget: every draft step of a sparse round reads the rows STS
@@ -109,8 +109,9 @@ def draft_settings(method: str, draft_budget: DraftBudget,
     """Return ``(draft budget, draft selection)`` for ``method``: a budget "auto" is :data:`DEFAULT_DRAFT_BUDGET` rows
     for ``sts`` and a dense draft (None) for every other method, "dense" is None; a selection left None is
     :data:`DEFAULT_DRAFT_SELECTION` for ``sts`` with a draft budget (the rows STS's scores rank best, read by every
-    draft step of a sparse round: more acceptance than the latest rows, docs/results.md), else "recent"; autoregressive decoding has neither (None, None). The engine drafts densely
-    anyway in the rounds it verifies densely.
+    draft step of a sparse round: more acceptance than the latest rows, docs/results.md), else "recent";
+    autoregressive decoding has neither (None, None). The engine drafts densely anyway in the rounds it verifies
+    densely.
 
     Raises :class:`STSError`, before any model is loaded, for a budget that is none of these, a budget or a
     selection given to autoregressive decoding, a scored selection with another method than ``sts``, an unknown selection or one

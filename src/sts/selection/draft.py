@@ -4,9 +4,9 @@ A round's first draft step reads the whole context (it re-reads the last accepte
 its queries feed the selection); the later steps can read a few hundred rows, so that a draft
 step costs about its weights at any context length. With "-all" (``recent-all``, ``scored-all``)
 the first step reads those rows too and no draft step reads the whole context: MagicDec's
-self-speculation (Chen et al. 2024) drafts that way with StreamingLLM rows. (``scored-all`` does so in
-sparse rounds; a round verified densely, below the break-even, has no scores and keeps its first
-step dense.) Which rows:
+self-speculation (Chen et al. 2024) drafts that way with StreamingLLM rows. (``scored-all``, the default
+of ``--method sts``, does so in sparse rounds; a round verified densely, below the break-even, has no scores
+and drafts densely.) Which rows:
 
 * ``recent`` (:class:`SparseDraftAttention`): the first ``sink`` rows and the latest ones
   (StreamingLLM's rule, Xiao et al. 2023). Free, but blind to anything the text refers back to.

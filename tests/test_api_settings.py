@@ -27,6 +27,13 @@ def test_a_bad_setting_is_refused_before_loading(settings, words):
         LLM(MISSING, MISSING, "sts", **settings)
 
 
+def test_a_target_or_draft_that_is_not_a_model_source_is_refused():
+    with pytest.raises(STSError, match="target must be a checkpoint directory.*got NoneType"):
+        LLM(None, MISSING)  # type: ignore[arg-type]
+    with pytest.raises(STSError, match="draft must be a checkpoint directory.*got int"):
+        LLM(MISSING, 3)  # type: ignore[arg-type]
+
+
 def test_autoregressive_needs_room_for_one_round_only():
     with pytest.raises(STSError, match="max_model_len must be >= 3"):
         LLM(MISSING, method="autoregressive", max_model_len=2)

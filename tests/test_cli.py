@@ -62,8 +62,10 @@ def test_generate_json_matches_transformers(capsys, checkpoints):
     assert (spec["draft_budget"], spec["draft_selection"]) == (None, None)
     dense = run_json(capsys, base + ["--method", "sts", "--budget", "4", "--sink", "1", "--window", "1", "--draft-budget", "dense"])
     assert (dense["draft_budget"], dense["draft_selection"]) == (None, None)
-    # Without --method: speculative with a draft, autoregressive without one.
-    assert run_json(capsys, base)["method"] == "speculative"
+    # Without --method: sts with a draft (as sts serve and LLM; this short context verifies densely), autoregressive
+    # without one.
+    default = run_json(capsys, base)
+    assert default["method"] == "sts" and default["tokens"] == ref
     alone = run_json(capsys, base[:3] + base[5:])
     assert alone["method"] == "autoregressive" and alone["tokens"] == ref
 
@@ -115,6 +117,8 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--mapping", str(corrupt)], "mapping was made for")
     bad(capsys, ["generate", "--target", t, "--prompt", "hello", "--method", "autoregressive"], "no tokenizer")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,x", "--method", "autoregressive"], "comma-separated")
+    bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,,2", "--method", "autoregressive"], "comma-separated")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--temperature", "1e39"], "temperature must be in [0, 10000]")
     bad(capsys, ["generate", "--target", t, "--prompt-file", str(tmp_path / "nofile"), "--method", "autoregressive"],
         "cannot read prompt file")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,999", "--method", "autoregressive"], "token ids")

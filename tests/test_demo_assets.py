@@ -328,3 +328,20 @@ def test_fractional_budget_is_shown_as_a_share_of_the_context() -> None:
 def test_the_gpu_figures_the_demo_points_to_exist() -> None:
     text = (ROOT / sts_demo.GPU_FIGURES).read_text()
     assert "H200" in text and "128K" in text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--budget", "10"], "exceed the budget"),
+    (["--gamma", "0"], "--gamma must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+])
+def test_demo_refuses_bad_settings_before_fetching_or_loading(monkeypatch, capsys, argv, message):
+    from sts.cli import main
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("the demo pair was fetched before the settings were checked")
+
+    monkeypatch.setattr(sts_demo, "demo_pair", fetched)
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sts: error:") and "\n" not in err and message in err, err

@@ -9,7 +9,7 @@ from scipy.stats import chisquare
 from conftest import hf_config, hf_model, ours, perturbed
 from sts.engine import generate
 from sts.errors import STSError
-from sts.sampling import SamplingConfig, probabilities
+from sts.sampling import SamplingConfig, SamplingRows, probabilities
 from sts.sampling import accept
 from sts.speculative import speculative_generate
 
@@ -58,6 +58,23 @@ def test_top_k_and_top_p_match_brute_force():
     torch.testing.assert_close(p[0], torch.cat([full[:2] / full[:2].sum(), torch.zeros(3)]))
     p = probabilities(logits, SamplingConfig(temperature=0.5))
     torch.testing.assert_close(p[0], torch.softmax(logits[0] / 0.5, 0))
+    # A k past the vocabulary keeps every token; a top_p that float32 rounds to 0 keeps the most likely one.
+    p = probabilities(logits, SamplingConfig(temperature=1.0, top_k=200_000))
+    torch.testing.assert_close(p[0], full)
+    p = probabilities(logits, SamplingConfig(temperature=1.0, top_p=1e-300))
+    torch.testing.assert_close(p[0], torch.eye(5)[0])
+
+
+def test_temperatures_out_of_float32_reach_are_greedy_or_refused():
+    """Below MIN_TEMPERATURE decoding is greedy (as vLLM); dividing by 1e-40 in float32 gave inf logits and token 0."""
+    tiny = SamplingConfig(temperature=1e-40)
+    assert tiny.greedy and tiny.temperature == 0.0
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    torch.testing.assert_close(probabilities(logits, tiny)[0], torch.tensor([0.0, 1.0, 0.0]))
+    rows = SamplingRows.filled(SamplingConfig(temperature=1e-45, top_p=0.5), 1)
+    torch.testing.assert_close(probabilities(logits, rows)[0], torch.tensor([0.0, 1.0, 0.0]))
+    with pytest.raises(STSError, match=r"temperature must be in \[0, 10000\], got 1e\+39"):
+        SamplingConfig(temperature=1e39)
 
 
 def test_rejection_sampling_keeps_target_distribution():

@@ -423,6 +423,7 @@ BAD_REQUESTS = [
     ("top_p out of range", {**GOOD, "top_p": 1.5}, 400, "top_p", None),
     ("NaN budget", {**GOOD, "budget": float("nan")}, 400, "budget", "invalid_value"),
     ("infinite temperature", {**GOOD, "temperature": float("inf")}, 400, "temperature", None),
+    ("temperature past float32", {**GOOD, "temperature": 1e39}, 400, "temperature", None),
     ("top_k past 64 bits", {**GOOD, "top_k": 2**70}, 400, "top_k", None),
     ("seed past 64 bits", {**GOOD, "seed": 2**64}, 400, "seed", None),
     ("logprobs", {**GOOD, "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),

@@ -75,19 +75,19 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def cache_rows(models: Sequence[Transformer], slots: int, max_model_len: int | None = None) -> int:
+def cache_rows(models: Sequence[Transformer], slots: int, max_model_len: int | None = None, least: int = 1) -> int:
     """Return each slot's cache length in rows: ``max_model_len``, else the models' context capped to what fits.
 
     "Fits": every slot's KV cache in both models takes at most :data:`CACHE_MEMORY_SHARE` of
-    :func:`available_memory`. Raises :class:`STSError` when ``max_model_len`` exceeds a model's
-    context (or sliding window), or when memory cannot hold a useful cache.
+    :func:`available_memory`. Raises :class:`STSError` when ``max_model_len`` is below ``least`` (the rows one
+    round needs) or exceeds a model's context (or sliding window), or when memory cannot hold a useful cache.
     """
     limit = min(m.config.max_position_embeddings for m in models)
     windows = [m.config.sliding_window for m in models if m.config.sliding_window is not None]
     limit = min([limit, *windows])
     if max_model_len is not None:
-        if not 1 <= max_model_len <= limit:
-            raise STSError(f"max model length must be in [1, {limit}] (the models' context), got {max_model_len}")
+        if not least <= max_model_len <= limit:
+            raise STSError(f"max model length must be in [{least}, {limit}] (the models' context), got {max_model_len}")
         return max_model_len
     weights = models[0].embed_tokens.weight
     row_bytes = slots * sum(kv_bytes(m.config, 1, weights.element_size()) for m in models)
@@ -177,6 +177,10 @@ class LLM:
         # The other tensor-parallel ranks build the same LLM from these: every argument but the models.
         settings = {k: v for k, v in locals().items()
                     if k not in ("self", "target", "draft", "tensor_parallel", "options")}
+        for name, model, optional in (("target", target, False), ("draft", draft, True)):
+            if not (isinstance(model, (str, Path, LoadedModel)) or (optional and model is None)):
+                raise STSError(f"{name} must be a checkpoint directory, a .gguf file, a hub id or a loaded model, "
+                               f"got {type(model).__name__}")
         self.method = method or ("sts" if draft is not None else "autoregressive")
         if self.method not in methods():
             raise STSError(f"unknown method {self.method!r} (choose from {', '.join(methods())})")
@@ -186,6 +190,7 @@ class LLM:
             raise STSError(f"gamma must be >= 1, got {gamma}")
         check_seed(seed)
         scratch = 1 if self.method == "autoregressive" else gamma + 1  # rows a round writes past the sequence
+        self.least_len = scratch + 2
         if max_model_len is not None and max_model_len < scratch + 2:
             raise STSError(f"max_model_len must be >= {scratch + 2} (a prompt token, a new token and the {scratch} "
                            f"rows a round writes), got {max_model_len}")
@@ -241,9 +246,9 @@ class LLM:
         self.tokenizer = self.target.tokenizer
         models = [m.model for m in loaded if m is not None]
         if part is None:
-            self.max_model_len = cache_rows(models, slots, max_model_len)
+            self.max_model_len = cache_rows(models, slots, max_model_len, self.least_len)
         else:  # rank 0's memory decides: every rank's engine must have the same shape
-            self.max_model_len = part.agree(cache_rows(models, slots, max_model_len) if part.leads else None)
+            self.max_model_len = part.agree(cache_rows(models, slots, max_model_len, self.least_len) if part.leads else None)
         engine = build_engine(self.method, self.target, self.draft, slots=slots, max_len=self.max_model_len,
                               **engine_settings)
         self.engine = part.drive(engine) if part is not None else engine

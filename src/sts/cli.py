@@ -166,9 +166,9 @@ def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
     """Return the prompt's token ids from --prompt, --prompt-file or --prompt-ids."""
     if args.prompt_ids is not None:
         try:
-            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+            ids = [int(x) for x in args.prompt_ids.split(",")]  # an empty item ("1,,2") is a mistake, not a skip
         except ValueError:
-            raise STSError("--prompt-ids must be comma-separated integers") from None
+            raise STSError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
         return ids
     if args.prompt_file is not None:
         try:
@@ -197,8 +197,8 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
     from sts.sampling import SamplingConfig, check_seed
     from sts.selection import HeadMapping
 
-    if args.method is None:
-        args.method = "speculative" if args.draft else "autoregressive"
+    if args.method is None:  # as sts serve and LLM
+        args.method = "sts" if args.draft else "autoregressive"
     # Every check that needs no model comes before the (slow) loading.
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     check_seed(args.seed)
@@ -351,7 +351,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Fetch the demo pair and compare decoding methods on real text."""
     from sts.demo import run_demo
+    from sts.selection import SelectionConfig
 
+    _at_least(args, gamma=1, max_new_tokens=1)  # before the (slow) loading, as sts generate does
+    SelectionConfig(budget=args.budget)  # refuses a budget without room past the sinks and the window
     run_demo(args)
     return 0
 
@@ -392,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--method", default=None, choices=methods(),
-                   help="default: speculative with --draft, autoregressive without")
+                   help="default: sts with --draft (as sts serve and LLM), autoregressive without")
     add_selection_args(g)
     g.add_argument("--measure-recall", action="store_true", help="also compute dense attention to report recall (slow)")
     g.add_argument("--json", action="store_true", help="print one JSON record on stdout")

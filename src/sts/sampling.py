@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +12,12 @@ from sts.errors import STSError
 
 #: top-k values from here on are refused (any k past the vocabulary already keeps every token).
 TOP_K_LIMIT = 2**31
+#: Temperatures below this decode greedily, as in vLLM (its ``_SAMPLING_EPS``): dividing float32 logits by a
+#: smaller one overflows them to inf (1e-40 drew token 0 every step).
+MIN_TEMPERATURE = 1e-5
+#: Temperatures above this are refused: at 1e4 a distribution over logits tens apart is already nearly uniform,
+#: and past float32's range (3.4e38) the temperature itself overflows.
+MAX_TEMPERATURE = 1e4
 
 
 def check_seed(seed: int) -> None:
@@ -23,8 +28,9 @@ def check_seed(seed: int) -> None:
 
 def sampling_problem(temperature: float, top_k: int, top_p: float) -> tuple[str, str] | None:
     """Return (setting, message) for the first sampling setting out of its range, None when all are in range:
-    ``temperature`` finite and >= 0, ``top_k`` in [0, 2^31), ``top_p`` in (0, 1] (NaN in none of them)."""
-    for name, value, ok, rule in (("temperature", temperature, 0 <= temperature < math.inf, "finite and >= 0"),
+    ``temperature`` in [0, :data:`MAX_TEMPERATURE`], ``top_k`` in [0, 2^31), ``top_p`` in (0, 1] (NaN in none)."""
+    for name, value, ok, rule in (("temperature", temperature, 0 <= temperature <= MAX_TEMPERATURE,
+                                   f"in [0, {MAX_TEMPERATURE:g}]"),
                                   ("top_k", top_k, 0 <= top_k < TOP_K_LIMIT, "in [0, 2^31)"),
                                   ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]")):
         if not ok:
@@ -34,7 +40,9 @@ def sampling_problem(temperature: float, top_k: int, top_p: float) -> tuple[str,
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick tokens. ``temperature == 0`` is greedy (top-k / top-p are then ignored)."""
+    """How to pick tokens. ``temperature == 0`` is greedy (top-k / top-p are then ignored), and so is any temperature
+    below :data:`MIN_TEMPERATURE` (stored as 0). Raises :class:`~sts.errors.STSError` for a setting out of range
+    (:func:`sampling_problem`)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -44,6 +52,8 @@ class SamplingConfig:
         problem = sampling_problem(self.temperature, self.top_k, self.top_p)
         if problem is not None:
             raise STSError(problem[1])
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
 
     @property
     def greedy(self) -> bool:
@@ -101,11 +111,14 @@ def probabilities(logits: Tensor, config: SamplingConfig | SamplingRows, filtere
 def _top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """Return ``logits`` with tokens outside each row's top ``k`` (when k > 0) and top-``p`` nucleus set to ``-inf``."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    kth = sorted_logits.gather(-1, (top_k - 1).clamp_min(0).expand(*logits.shape[:-1], 1))
+    last = logits.shape[-1] - 1  # a k past the vocabulary keeps every token
+    kth = sorted_logits.gather(-1, (top_k - 1).clamp(0, last).expand(*logits.shape[:-1], 1))
     sorted_logits = sorted_logits.masked_fill((top_k > 0) & (sorted_logits < kth), float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
-    # Drop a token once the mass before it already reaches top_p (the first token always stays).
+    # Drop a token once the mass before it already reaches top_p; the first token always stays (a top_p below
+    # float32's smallest number, e.g. 1e-300, is 0 here and would otherwise drop every token).
     drop_sorted = ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1.0)
+    drop_sorted[..., 0] = False
     drop_sorted |= torch.isinf(sorted_logits)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))

@@ -821,6 +821,8 @@ def test_llm_refuses_what_it_cannot_serve(pair, llm, tmp_path):
 
     with pytest.raises(RequestError, match="past the context"):
         llm.generate("Hi", max_tokens=MAX_LEN)
+    with pytest.raises(RequestError, match="non-empty list of conversations"):
+        llm.chat([])  # as generate([]): nothing to answer is a mistake, not an empty answer
     with pytest.raises(RequestError, match="top_p"):
         llm.generate("Hi", top_p=0)
     with pytest.raises(STSError, match="exceed the budget"):

@@ -444,6 +444,8 @@ class LLM:
         """Return the assistant's reply to a conversation (a list of ``{"role", "content"}``), or one per conversation
         (``budget`` as :meth:`generate`'s)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not conversations:
+            raise RequestError("messages must be a conversation or a non-empty list of conversations", "messages")
         ids = [self.chat_ids(c) for c in conversations]  # type: ignore[arg-type]
         return self._complete(ids, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                         stop=stop, seed=seed, budget=budget))

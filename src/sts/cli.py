@@ -278,7 +278,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", type=csv_list(int), default=list(defaults.lengths), help="context lengths in tokens")
     p.add_argument("--depths", type=csv_list(float), default=list(defaults.depths), help="needle depths (needle task)")
     p.add_argument("--methods", type=csv_list(str), default=None,
-                   help="comma list (default: every method, sts-cal only with --mapping)")
+                   help="comma list (default: every method, sts-cal only with --mapping); autoregressive decoding "
+                        "always runs too, the reference of every difference in the report")
     p.add_argument("--budgets", type=csv_list(_budget), default=list(defaults.budgets),
                    help="token counts, or fractions < 1")
     p.add_argument("--limit", type=int, default=defaults.limit, help="samples per task and length (needle: per depth)")

@@ -42,7 +42,7 @@ SETTINGS_FILE = "settings.json"
 ResultSettings = dict[str, Any]
 
 #: The option that sets a setting, where it is not ``--`` and the setting's name in dashes.
-_OPTIONS = {"measure_recall": "--no-recall (recall measured)", "mapping": "--mapping (file contents)"}
+_OPTIONS = {"measure_recall": "measuring recall (off with --no-recall)", "mapping": "--mapping (file contents)"}
 #: Parameters' elements a model's weights digest reads, per tensor.
 _DIGEST_ELEMENTS = 64
 

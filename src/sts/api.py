@@ -190,9 +190,9 @@ class LLM:
             raise STSError(f"gamma must be >= 1, got {gamma}")
         check_seed(seed)
         scratch = 1 if self.method == "autoregressive" else gamma + 1  # rows a round writes past the sequence
-        self.least_len = scratch + 2
-        if max_model_len is not None and max_model_len < scratch + 2:
-            raise STSError(f"max_model_len must be >= {scratch + 2} (a prompt token, a new token and the {scratch} "
+        self.least_len = scratch + 2  # checked here, before loading; cache_rows names the whole range after it
+        if max_model_len is not None and max_model_len < self.least_len:
+            raise STSError(f"max_model_len must be >= {self.least_len} (a prompt token, a new token and the {scratch} "
                            f"rows a round writes), got {max_model_len}")
         self.selection = SelectionConfig(budget=budget, sink=sink, window=window, dense_layers=dense_layers)
         self.draft_budget, self.draft_selection = draft_settings(self.method, draft_budget, draft_selection)

@@ -1,6 +1,6 @@
 """Diagnostic: dense rounds of sts vs speculative at 8K b1 (synthetic 8B/1B): per-graph replay times, memcpy nodes
 in the captured graphs (DOT), in both creation orders."""
-import os, re, sys, collections, time, json
+import os, re, sys, collections, json
 import torch
 from sts.bench.synthetic import synthetic_pair
 from sts.engine import Engine, EngineConfig

@@ -1,5 +1,5 @@
 """Dense-round parity: speculative vs sts (dense rounds by the cost model) at 8K, batch 1 and 4, interleaved repeats."""
-import sys, json, os
+import json, os
 import torch
 from sts.bench.synthetic import synthetic_pair
 from sts.engine import Engine, EngineConfig

@@ -1,5 +1,5 @@
 """Diagnostic: live-loop kernel timeline of dense rounds, sts (scored-all) vs sts-sparse-recent at 8K b1; per-position gap diff."""
-import os, json, collections, time
+import os, json, collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 from sts.bench.synthetic import synthetic_pair

@@ -189,10 +189,11 @@ class LLM:
         if gamma < 1:
             raise STSError(f"gamma must be >= 1, got {gamma}")
         check_seed(seed)
-        scratch = 1 if self.method == "autoregressive" else gamma + 1  # rows a round writes past the sequence
-        self.least_len = scratch + 2  # checked here, before loading; cache_rows names the whole range after it
+        #: Rows a round writes past a sequence (its drafts and the target's token; one without a draft).
+        self.scratch = 1 if self.method == "autoregressive" else gamma + 1
+        self.least_len = self.scratch + 2  # checked here, before loading; cache_rows names the whole range after it
         if max_model_len is not None and max_model_len < self.least_len:
-            raise STSError(f"max_model_len must be >= {self.least_len} (a prompt token, a new token and the {scratch} "
+            raise STSError(f"max_model_len must be >= {self.least_len} (a prompt token, a new token and the {self.scratch} "
                            f"rows a round writes), got {max_model_len}")
         self.selection = SelectionConfig(budget=budget, sink=sink, window=window, dense_layers=dense_layers)
         self.draft_budget, self.draft_selection = draft_settings(self.method, draft_budget, draft_selection)
@@ -314,7 +315,7 @@ class LLM:
         if not (stop is None or isinstance(stop, str)
                 or (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))):
             raise RequestError(f"stop must be a string or a list of strings, got {stop!r}", "stop")
-        scratch = self.gamma + 1  # rows a round writes past the sequence
+        scratch = self.scratch
         context = self.max_model_len - scratch - 1
         if prompt_tokens > context:
             raise RequestError(f"the prompt has {prompt_tokens} tokens but this model's context holds {context} "

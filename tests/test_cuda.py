@@ -39,6 +39,39 @@ def test_cuda_logits_match_transformers(cuda_pair):
     torch.testing.assert_close(ours_logits, hf(tokens).logits, atol=2e-3, rtol=2e-3)
 
 
+def test_cuda_bf16_few_row_linear_kernel_is_as_close_to_transformers_as_cublas(cuda_pair, monkeypatch):
+    """A bf16 model's decode steps (one row: matrix-vector path, SwiGLU folded) and verify step (5 rows) through
+    sts's Triton linear kernel are as close to transformers' float32 logits as the same model through cuBLAS."""
+    import sts.models.triton_linear as triton_linear
+
+    hf, target32, _ = cuda_pair
+    target = on_cuda(target32, torch.bfloat16)
+    tokens = torch.randint(0, 96, (1, 70), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    ref = hf.cuda()(tokens).logits
+    calls = []
+    kernel = triton_linear.skinny_linear
+    monkeypatch.setattr(triton_linear, "skinny_linear", lambda *a, **kw: calls.append(kw["swiglu"]) or kernel(*a, **kw))
+
+    def logits() -> torch.Tensor:
+        target.setup_cache(1, 128)
+        start = torch.zeros(1, dtype=torch.long, device="cuda")
+        out = [target(tokens[:, :60], start)]
+        out += [target(tokens[:, 60 + i : 61 + i], start + 60 + i) for i in range(5)]
+        out.append(target(tokens[:, 65:], start + 65))
+        return torch.cat(out, dim=1)
+
+    fast = logits()
+    assert True in calls and False in calls, "the Triton kernel served no step, or never folded SwiGLU"
+    monkeypatch.setenv("STS_TRITON_LINEAR", "0")
+    calls.clear()
+    cublas = logits()
+    assert not calls
+    err = {name: float((out[:, 60:] - ref[:, 60:]).norm() / ref[:, 60:].norm()) for name, out in
+           (("triton", fast), ("cublas", cublas))}
+    assert err["triton"] <= 1.5 * err["cublas"] + 1e-3, err
+    torch.testing.assert_close(fast[:, :60], cublas[:, :60])  # prefill rows: past the kernel's 16 rows, unchanged
+
+
 def test_cuda_speculative_and_full_budget_sts_equal_greedy(cuda_pair):
     _, target, draft = cuda_pair
     prompts = [list(range(1, 80)), [5, 6, 7] * 30]

@@ -39,9 +39,9 @@ def test_cuda_logits_match_transformers(cuda_pair):
     torch.testing.assert_close(ours_logits, hf(tokens).logits, atol=2e-3, rtol=2e-3)
 
 
-def test_cuda_bf16_few_row_linear_kernel_is_as_close_to_transformers_as_cublas(cuda_pair, monkeypatch):
-    """A bf16 model's decode steps (one row: matrix-vector path, SwiGLU folded) and verify step (5 rows) through
-    sts's Triton linear kernel are as close to transformers' float32 logits as the same model through cuBLAS."""
+def test_cuda_bf16_one_row_linear_kernel_is_as_close_to_transformers_as_cublas(cuda_pair, monkeypatch):
+    """A bf16 model's decode steps through sts's one-row Triton kernel (SwiGLU folded into the down projection)
+    are as close to transformers' float32 logits as the same model's through cuBLAS; more rows keep cuBLAS."""
     import sts.models.triton_linear as triton_linear
 
     hf, target32, _ = cuda_pair
@@ -49,8 +49,8 @@ def test_cuda_bf16_few_row_linear_kernel_is_as_close_to_transformers_as_cublas(c
     tokens = torch.randint(0, 96, (1, 70), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     ref = hf.cuda()(tokens).logits
     calls = []
-    kernel = triton_linear.skinny_linear
-    monkeypatch.setattr(triton_linear, "skinny_linear", lambda *a, **kw: calls.append(kw["swiglu"]) or kernel(*a, **kw))
+    kernel = triton_linear.gemv
+    monkeypatch.setattr(triton_linear, "gemv", lambda *a, **kw: calls.append(kw["swiglu"]) or kernel(*a, **kw))
 
     def logits() -> torch.Tensor:
         target.setup_cache(1, 128)
@@ -61,7 +61,8 @@ def test_cuda_bf16_few_row_linear_kernel_is_as_close_to_transformers_as_cublas(c
         return torch.cat(out, dim=1)
 
     fast = logits()
-    assert True in calls and False in calls, "the Triton kernel served no step, or never folded SwiGLU"
+    # 5 one-row steps x 3 layers x (q/k/v, o, down with SwiGLU) + 5 LM heads; the gate/up projections stay with cuBLAS
+    assert calls.count(True) == 15 and calls.count(False) == 35, calls
     monkeypatch.setenv("STS_TRITON_LINEAR", "0")
     calls.clear()
     cublas = logits()
@@ -69,7 +70,9 @@ def test_cuda_bf16_few_row_linear_kernel_is_as_close_to_transformers_as_cublas(c
     err = {name: float((out[:, 60:] - ref[:, 60:]).norm() / ref[:, 60:].norm()) for name, out in
            (("triton", fast), ("cublas", cublas))}
     assert err["triton"] <= 1.5 * err["cublas"] + 1e-3, err
-    torch.testing.assert_close(fast[:, :60], cublas[:, :60])  # prefill rows: past the kernel's 16 rows, unchanged
+    torch.testing.assert_close(fast[:, :60], cublas[:, :60])  # the prefill: many rows, cuBLAS either way
+    torch.testing.assert_close(fast[:, 65:], cublas[:, 65:], atol=0.05, rtol=0.05)  # the 5-row verify step: cuBLAS, on
+    # caches that the decode steps wrote through either path
 
 
 def test_cuda_speculative_and_full_budget_sts_equal_greedy(cuda_pair):

@@ -1,10 +1,10 @@
-"""Micro: few-row linear layers in CUDA graphs, cuBLAS (F.linear) against sts's Triton kernel.
+"""Micro: one-row linear layers in CUDA graphs, cuBLAS (F.linear) against sts's Triton kernel (sts.models.triton_linear).
 
 Shapes of the synthetic Llama 8B target / 1B draft and the Qwen2.5 1.5B / 0.5B demo pair. Each call reads
 a different copy of its weight (at least 384 MB of copies in all, so the 50 MB L2 never holds the next one),
 as a model's layers do. Prints and writes $OUT/linear-probe.json: us per call and TB/s of weight bytes.
 
-    [ONLY=substring] [ROWS=1,2,4] python docs/bench/linear_probe.py [configs]   # configs: block_n/block_k/warps/stages,...
+    [ONLY=substring] python docs/bench/linear_probe.py [configs]   # configs: block_n/block_k/warps/stages,...
 """
 import json
 import os
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sts.models.transformer import swiglu
-from sts.models.triton_linear import LinearConfig, skinny_linear
+from sts.models.triton_linear import LinearConfig, gemv
 
 OUT = os.environ.get("OUT", "/tmp")
 SHAPES = {  # name: (N, K)
@@ -52,7 +52,6 @@ def timed(calls, reps=10):
 def main():
     configs = [LinearConfig(*map(int, c.split("/"))) for c in (sys.argv[1].split(",") if len(sys.argv) > 1 else [])]
     configs = configs or [LinearConfig()]
-    rows_list = tuple(int(r) for r in os.environ.get("ROWS", "1,2,4,5,8,16").split(","))
     res = []
     only = os.environ.get("ONLY", "")
     for name, (n, k) in SHAPES.items():
@@ -61,38 +60,38 @@ def main():
         nbytes = n * k * 2
         copies = max(2, min(64, -(-384 * 2**20 // nbytes)))
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
-        for m in rows_list:
-            fold = m == 1 and name.endswith("down")  # SwiGLU folded into the kernel at one row (the model's use)
-            x = torch.randn(m, 2 * k if fold else k, device="cuda", dtype=torch.bfloat16)
-            if fold:
-                gate, up = x.chunk(2, dim=-1)
-                ref_calls = [lambda w=w: F.linear(swiglu(gate, up), w) for w in ws]
-                ref = F.linear(swiglu(gate, up), ws[0])
-            else:
-                ref_calls = [lambda w=w: F.linear(x, w) for w in ws]
-                ref = F.linear(x, ws[0])
-            row = {"shape": name + ("+swiglu" if fold else ""), "n": n, "k": k, "rows": m, "mb": round(nbytes / 1e6, 1),
-                   "cublas_us": round(timed(ref_calls), 2)}
-            timings = []
-            for cfg in configs:
-                key = f"{cfg.block_n}/{cfg.block_k}/{cfg.num_warps}/{cfg.num_stages}"
-                try:
-                    out = skinny_linear(x, ws[0], swiglu=fold, config=cfg)
-                    us = timed([lambda w=w: skinny_linear(x, w, swiglu=fold, config=cfg) for w in ws])
-                except Exception as e:  # a config past the shared memory
-                    row[key] = type(e).__name__
-                    continue
-                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                row[key] = round(us, 2)
-                row[key + "_err"] = float(f"{err:.2e}")
-                timings.append((us, key))
-            best = min(timings)
-            row["best"] = best[1]
-            row["cublas_tbs"] = round(nbytes / row["cublas_us"] / 1e6, 2)
-            row["best_tbs"] = round(nbytes / best[0] / 1e6, 2)
-            row["speedup"] = round(row["cublas_us"] / best[0], 3)
-            print(json.dumps(row), flush=True)
-            res.append(row)
+        m = 1
+        fold = name.endswith("down")  # SwiGLU folded into the down projection (the model's use)
+        x = torch.randn(m, 2 * k if fold else k, device="cuda", dtype=torch.bfloat16)
+        if fold:
+            gate, up = x.chunk(2, dim=-1)
+            ref_calls = [lambda w=w: F.linear(swiglu(gate, up), w) for w in ws]
+            ref = F.linear(swiglu(gate, up), ws[0])
+        else:
+            ref_calls = [lambda w=w: F.linear(x, w) for w in ws]
+            ref = F.linear(x, ws[0])
+        row = {"shape": name + ("+swiglu" if fold else ""), "n": n, "k": k, "rows": m, "mb": round(nbytes / 1e6, 1),
+               "cublas_us": round(timed(ref_calls), 2)}
+        timings = []
+        for cfg in configs:
+            key = f"{cfg.block_n}/{cfg.block_k}/{cfg.num_warps}/{cfg.num_stages}"
+            try:
+                out = gemv(x, ws[0], swiglu=fold, config=cfg)
+                us = timed([lambda w=w: gemv(x, w, swiglu=fold, config=cfg) for w in ws])
+            except Exception as e:  # a config past the shared memory
+                row[key] = type(e).__name__
+                continue
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            row[key] = round(us, 2)
+            row[key + "_err"] = float(f"{err:.2e}")
+            timings.append((us, key))
+        best = min(timings)
+        row["best"] = best[1]
+        row["cublas_tbs"] = round(nbytes / row["cublas_us"] / 1e6, 2)
+        row["best_tbs"] = round(nbytes / best[0] / 1e6, 2)
+        row["speedup"] = round(row["cublas_us"] / best[0], 3)
+        print(json.dumps(row), flush=True)
+        res.append(row)
         del ws
     with open(os.path.join(OUT, "linear-probe.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": res}, f, indent=1)

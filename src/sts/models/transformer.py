@@ -70,17 +70,17 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def _triton_linear(x: Tensor, weight: Tensor) -> bool:
-    """Return whether sts's few-row Triton kernel may serve ``x @ weight.T`` (16-bit CUDA weights; ``STS_TRITON_LINEAR=0``
-    turns it off, for comparisons)."""
-    return (x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(-1) == 1
+def _triton_linear(x: Tensor, weight: Tensor, rows: int) -> bool:
+    """Return whether sts's one-row Triton kernel may serve ``x @ weight.T`` (one row, 16-bit CUDA weights;
+    ``STS_TRITON_LINEAR=0`` turns it off, for comparisons)."""
+    return (rows == 1 and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(-1) == 1
             and find_spec("triton") is not None and os.environ.get("STS_TRITON_LINEAR", "1") != "0")
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` with faster paths for the few rows of decode, draft and verify steps.
 
-    On the GPU, up to 16 rows go to :mod:`sts.models.triton_linear` where it beat cuBLAS on an H200
+    On the GPU, one row goes to :mod:`sts.models.triton_linear` where it beat cuBLAS on an H200
     (:func:`~sts.models.triton_linear.linear_config`). On the CPU, 2-8 rows run as one matrix-vector
     product each: MKL's GEMM packs the whole weight matrix on every call, so a verify or draft step of a
     few rows costs several times a GEMV per row (measured, fp32, 2 threads, 896 x 9728 weights: 2 rows
@@ -92,12 +92,12 @@ class Linear(nn.Linear):
         """Return ``x @ weight.T + bias`` for ``x`` ``[..., in]``; with ``gated``, ``x`` is ``[..., 2 * in]``, a gate/up
         projection's output, and the product takes ``silu(gate) * up`` (SwiGLU) in its place."""
         rows = x.numel() // x.shape[-1]
-        if _triton_linear(x, self.weight):
-            from sts.models.triton_linear import linear_config, skinny_linear
+        if _triton_linear(x, self.weight, rows):
+            from sts.models.triton_linear import gemv, linear_config
 
-            config = linear_config(self.out_features, self.in_features, rows, gated)
+            config = linear_config(self.out_features, self.in_features, gated)
             if config is not None:
-                return skinny_linear(x, self.weight, self.bias, swiglu=gated, config=config)
+                return gemv(x, self.weight, self.bias, swiglu=gated, config=config)
         if gated:
             x = swiglu(*x.chunk(2, dim=-1))
         if x.is_cuda or rows < 2 or rows > 8:

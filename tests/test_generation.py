@@ -9,7 +9,7 @@ from scipy.stats import chisquare
 from conftest import hf_config, hf_model, ours, perturbed
 from sts.engine import generate
 from sts.errors import STSError
-from sts.sampling import ARGMAX_SLICES, SamplingConfig, SamplingRows, argmax, probabilities
+from sts.sampling import SamplingConfig, SamplingRows, probabilities
 from sts.sampling import accept
 from sts.speculative import speculative_generate
 
@@ -63,21 +63,6 @@ def test_top_k_and_top_p_match_brute_force():
     torch.testing.assert_close(p[0], full)
     p = probabilities(logits, SamplingConfig(temperature=1.0, top_p=1e-300))
     torch.testing.assert_close(p[0], torch.eye(5)[0])
-
-
-@pytest.mark.parametrize("shape", [(3, 128256), (2, 5, 151936), (4, 9001), (1, 64 * ARGMAX_SLICES)])
-def test_two_pass_argmax_equals_torch_argmax_with_ties_and_views(shape):
-    gen = torch.Generator().manual_seed(shape[-1])
-    x = torch.randn(*shape, generator=gen)
-    v = shape[-1]
-    x[..., 7] = x.amax(-1) + 1  # tied maxima in different slices: the first index wins
-    x[..., v - 3] = x[..., 7]
-    x[0, ..., v // 2 : v // 2 + 2] = x[0, ..., 7:8] + 2  # ties inside one slice, in the first row only
-    assert torch.equal(argmax(x), x.argmax(-1))
-    padded = torch.randn(shape[0], 2, v + 5, generator=gen)[:, -1, :v]  # a vocabulary slice of padded logits
-    assert torch.equal(argmax(padded), padded.argmax(-1))
-    if torch.cuda.is_available():
-        assert torch.equal(argmax(x.cuda()).cpu(), x.argmax(-1))
 
 
 def test_temperatures_out_of_float32_reach_are_greedy_or_refused():

@@ -55,7 +55,7 @@ from sts.decoding import (
 )
 from sts.errors import STSError
 from sts.models.transformer import Transformer
-from sts.sampling import SamplingConfig, SamplingRows, accept, argmax, check_seed, draw, probabilities
+from sts.sampling import SamplingConfig, SamplingRows, accept, check_seed, draw, probabilities
 from sts.selection.attend import SelectiveAttention, ShadowAttention
 from sts.selection.base import RoundContext, SelectionConfig, SelectionPolicy
 from sts.prefill import PrefillConfig, sparse_prefill
@@ -566,7 +566,7 @@ class Engine:
     def _pick(self, logits: Tensor) -> Tensor:
         """Return one token per slot from ``logits`` ``[S, V]`` under each slot's sampling settings."""
         if self.round_mode == "greedy":
-            return argmax(logits)
+            return logits.argmax(-1)
         return draw(self._distributions(logits), self.generator)
 
     def _decode_phase(self) -> None:
@@ -602,7 +602,7 @@ class Engine:
             if self._forced is not None:  # teacher forcing: the draft reads the known text
                 drafted.append(self._forced[:, i])
             elif self.round_mode == "greedy":
-                drafted.append(argmax(logits))
+                drafted.append(logits.argmax(-1))
             else:
                 dists.append(self._distributions(logits))
                 drafted.append(draw(dists[-1], self.generator))
@@ -633,7 +633,7 @@ class Engine:
         logits = self.target(torch.cat([self.last.view(-1, 1), drafted], dim=1), ctx, attention)
         logits = logits[..., : self.vocab]
         if self.round_mode == "greedy":
-            choice = argmax(logits)
+            choice = logits.argmax(-1)
             n = (choice[:, :-1] == drafted).long().cumprod(dim=1).sum(dim=1)
             nxt = choice.gather(1, n.view(-1, 1)).view(-1)
         else:

@@ -85,27 +85,6 @@ class SamplingRows:
         self.temperature[row], self.top_k[row], self.top_p[row] = config.temperature, config.top_k, config.top_p
 
 
-#: Slices of the vocabulary in :func:`argmax`'s first pass.
-ARGMAX_SLICES = 128
-
-
-def argmax(logits: Tensor) -> Tensor:
-    """Return ``logits.argmax(-1)`` for ``logits`` ``[..., V]`` (the first index among equal maxima, as torch's).
-
-    A vocabulary that splits into ``ARGMAX_SLICES`` equal slices takes two passes, the max of each slice and
-    then the argmax of those: in a CUDA graph on an H200, 12.6 us over Llama 3's 128256 float32 logits against
-    26.2 us for one ``torch.argmax`` (``docs/bench/argmax_probe.py``, docs/benchmarks.md). Sampling-free rounds call
-    it once per draft step and once per verification.
-    """
-    v = logits.shape[-1]
-    if v % ARGMAX_SLICES or v < 64 * ARGMAX_SLICES or logits.stride(-1) != 1:
-        return logits.argmax(-1)
-    width = v // ARGMAX_SLICES
-    peaks, at = logits.unflatten(-1, (ARGMAX_SLICES, width)).max(-1)
-    best = peaks.argmax(-1, keepdim=True)
-    return (at.gather(-1, best) + best * width).squeeze(-1)
-
-
 def probabilities(logits: Tensor, config: SamplingConfig | SamplingRows, filtered: bool | None = None) -> Tensor:
     """Return the distributions ``[B, ..., V]`` (float32) that tokens are drawn from, row ``b`` under row ``b``'s settings.
 

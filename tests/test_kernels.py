@@ -62,16 +62,7 @@ def _rerank_cases() -> list[dict]:
     return cases
 
 
-def _linear_cases() -> list[dict]:
-    # one row as [1, 1, K] (a decode or draft step) or [K]; odd widths and tails under the interpreter
-    return [dict(gated=gated, bias=bias, shape=shape, step=(gated + bias + shape) % 2 == 0)
-            for gated in (False, True) for bias in (False, True) for shape in range(3)]
-
-
 VERIFY = _verify_cases()
-LINEAR = _linear_cases()
-# (out, in) per case shape: odd widths and tails under the interpreter, the 1B draft's o / q-k-v / down on CUDA.
-LINEAR_SHAPES = [(2048, 2048), (3072, 2048), (2048, 8192)] if CUDA else [(40, 24), (33, 100), (16, 72)]
 SCORES = _score_cases()
 RERANK = _rerank_cases()
 # Re-ranking shapes (sink, window, free rows, candidates): small under the interpreter, the
@@ -305,36 +296,11 @@ def check_dispatch(device: str) -> dict[str, float]:
     }
 
 
-def check_linear(c: dict, device: str) -> dict[str, float]:
-    """Return the relative error of the one-row linear kernel (``gated``: SwiGLU folded in) against float64."""
-    from sts.models.triton_linear import gemv, linear_config
-
-    n, k = LINEAR_SHAPES[c["shape"]]
-    gen = torch.Generator().manual_seed(zlib.crc32(_case_id("linear", c).encode()))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    w = (torch.randn(n, k, generator=gen) / math.sqrt(k)).to(device, dtype)
-    bias = torch.randn(n, generator=gen).to(device, dtype) if c["bias"] else None
-    width = 2 * k if c["gated"] else k
-    x = torch.randn(*((1, 1) if c["step"] else ()), width, generator=gen).to(device, dtype)
-    inner = x.double()
-    if c["gated"]:
-        gate, up = inner.chunk(2, dim=-1)
-        inner = (torch.nn.functional.silu(gate) * up).to(dtype).double()  # the kernel rounds SwiGLU once, as eager does
-    ref = torch.nn.functional.linear(inner, w.double(), None if bias is None else bias.double())
-    out = gemv(x, w, bias, swiglu=c["gated"])
-    errs = {"linear": _rel_err(out, ref), "shape": float(out.shape != ref.shape)}
-    config = linear_config(n, k, c["gated"])
-    if config is not None:
-        errs["chosen_config"] = _rel_err(gemv(x, w, bias, swiglu=c["gated"], config=config), ref)
-    return errs
-
-
 def _run_all(device: str) -> dict[str, dict[str, float] | str]:
     results: dict[str, dict[str, float] | str] = {}
     jobs = [(_case_id("verify", c), check_verify, c) for c in VERIFY]
     jobs += [(_case_id("scores", c), check_scores, c) for c in SCORES]
     jobs += [(_case_id("rerank", c), check_rerank, c) for c in RERANK]
-    jobs += [(_case_id("linear", c), check_linear, c) for c in LINEAR]
     jobs.append(("rerank_budgets", lambda _, device: check_rerank_budgets(device), None))
     jobs.append(("dispatch", lambda _, device: check_dispatch(device), None))
     for name, fn, c in jobs:
@@ -395,12 +361,6 @@ def test_scores_match_reference(results, case):
     assert errs["scores"] < SCORES_TOL, f"relative error {errs['scores']}"
     assert errs["max_heads_tail_not_inf"] == 0.0, "max over heads: [B, S], -inf past max(start_pos)"
     assert errs["max_heads"] < SCORES_TOL, f"max over heads: relative error {errs['max_heads']}"
-
-
-@pytest.mark.parametrize("case", LINEAR, ids=[_case_id("linear", c) for c in LINEAR])
-def test_one_row_linear_matches_reference(results, case):
-    for what, err in _errors(results, _case_id("linear", case)).items():
-        assert err < VERIFY_TOL, f"{what}: relative error {err}"
 
 
 # bf16 on CUDA: near-ties may swap a few rows, at no real loss of score; float32 under the interpreter: exact.

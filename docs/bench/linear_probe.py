@@ -1,4 +1,8 @@
-"""Micro: one-row linear layers in CUDA graphs, cuBLAS (F.linear) against sts's Triton kernel (sts.models.triton_linear).
+"""Micro: one-row linear layers in CUDA graphs, cuBLAS (F.linear) against a Triton matrix-vector kernel.
+
+The kernel below served sts's one-row projections in commits 7e3484f..0b82049 (with SwiGLU folded into the
+down projection) and was taken out again: faster than cuBLAS alone, it made the 8B target's decode step 4%
+faster in the product's graphs but dense speculative rounds 2.6% slower (docs/benchmarks.md).
 
 Shapes of the synthetic Llama 8B target / 1B draft and the Qwen2.5 1.5B / 0.5B demo pair. Each call reads
 a different copy of its weight (at least 384 MB of copies in all, so the 50 MB L2 never holds the next one),
@@ -9,12 +13,78 @@ as a model's layers do. Prints and writes $OUT/linear-probe.json: us per call an
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
 
 from sts.models.transformer import swiglu
-from sts.models.triton_linear import LinearConfig, gemv
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Launch parameters of :func:`gemv`: output columns per program, the K tile, warps and pipeline stages."""
+
+    block_n: int = 16
+    block_k: int = 1024
+    num_warps: int = 8
+    num_stages: int = 1
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, N, K, stride_wn,
+    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if SWIGLU:
+            gate = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + k, mask=k_ok, other=0.0).to(tl.float32)
+            x = (gate * tl.sigmoid(gate) * up).to(w.dtype)
+        else:
+            x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+def gemv(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, swiglu: bool = False, config: LinearConfig | None = None,
+) -> Tensor:
+    """Return ``x @ weight.T + bias`` ``[..., N]`` for one row ``x`` ``[..., K]`` (every leading dimension 1).
+
+    ``weight`` ``[N, K]`` with contiguous rows, ``bias`` ``[N]`` or None, all of one dtype. With ``swiglu``, ``x``
+    is a gate/up projection's output ``[..., 2K]`` and the product takes ``silu(x[:K]) * x[K:]`` (SwiGLU,
+    Shazeer 2020) in its place. Raises ``ValueError`` for more than one row or mismatched widths.
+    """
+    cfg = config or LinearConfig()
+    n, k = weight.shape
+    width = 2 * k if swiglu else k
+    if x.shape[-1] != width or x.numel() != width or weight.stride(-1) != 1:
+        raise ValueError(f"gemv takes one row of width {width} and a weight with contiguous rows; "
+                         f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    row = x.reshape(width)
+    if row.stride(0) != 1:
+        row = row.contiguous()
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        row, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=cfg.block_n,
+        BLOCK_K=min(cfg.block_k, triton.next_power_of_2(k)), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out.view(*x.shape[:-1], n)
+
 
 OUT = os.environ.get("OUT", "/tmp")
 SHAPES = {  # name: (N, K)

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import os
-from importlib.util import find_spec
 from typing import Any, Callable, NamedTuple
 
 from sts.attention.backend import KERNEL_MAX_TOKENS, AttentionFn, dense_attention
@@ -70,36 +69,18 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def _triton_linear(x: Tensor, weight: Tensor, rows: int) -> bool:
-    """Return whether sts's one-row Triton kernel may serve ``x @ weight.T`` (one row, 16-bit CUDA weights;
-    ``STS_TRITON_LINEAR=0`` turns it off, for comparisons)."""
-    return (rows == 1 and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(-1) == 1
-            and find_spec("triton") is not None and os.environ.get("STS_TRITON_LINEAR", "1") != "0")
-
-
 class Linear(nn.Linear):
-    """``nn.Linear`` with faster paths for the few rows of decode, draft and verify steps.
+    """``nn.Linear`` that, on the CPU, runs 2-8 rows as one matrix-vector product each.
 
-    On the GPU, one row goes to :mod:`sts.models.triton_linear` where it beat cuBLAS on an H200
-    (:func:`~sts.models.triton_linear.linear_config`). On the CPU, 2-8 rows run as one matrix-vector
-    product each: MKL's GEMM packs the whole weight matrix on every call, so a verify or draft step of a
-    few rows costs several times a GEMV per row (measured, fp32, 2 threads, 896 x 9728 weights: 2 rows
+    MKL's GEMM packs the whole weight matrix on every call, so a verify or draft step of a few
+    rows costs several times a GEMV per row (measured, fp32, 2 threads, 896 x 9728 weights: 2 rows
     14.5 ms as one GEMM vs 4.6 ms as two GEMVs; 5 rows 23.8 vs 11.8 ms; from about 10 rows on the
-    GEMM wins). Longer inputs take the ordinary path.
+    GEMM wins). GPUs and longer inputs take the ordinary path.
     """
 
-    def forward(self, x: Tensor, gated: bool = False) -> Tensor:
-        """Return ``x @ weight.T + bias`` for ``x`` ``[..., in]``; with ``gated``, ``x`` is ``[..., 2 * in]``, a gate/up
-        projection's output, and the product takes ``silu(gate) * up`` (SwiGLU) in its place."""
+    def forward(self, x: Tensor) -> Tensor:
+        """Return ``x @ weight.T + bias`` for ``x`` ``[..., in]``."""
         rows = x.numel() // x.shape[-1]
-        if _triton_linear(x, self.weight, rows):
-            from sts.models.triton_linear import gemv, linear_config
-
-            config = linear_config(self.out_features, self.in_features, gated)
-            if config is not None:
-                return gemv(x, self.weight, self.bias, swiglu=gated, config=config)
-        if gated:
-            x = swiglu(*x.chunk(2, dim=-1))
         if x.is_cuda or rows < 2 or rows > 8:
             return super().forward(x)
         flat = x.reshape(rows, x.shape[-1])
@@ -220,8 +201,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return down(silu(gate(x)) * up(x)) (at one row on the GPU, SwiGLU runs inside the down projection's kernel)."""
-        return self.down_proj(self.gate_up_proj(x), gated=True)
+        """Return down(silu(gate(x)) * up(x))."""
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(swiglu(gate, up))
 
 
 class Block(nn.Module):

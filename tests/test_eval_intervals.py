@@ -54,6 +54,16 @@ def test_mean_interval_equals_the_student_t_interval():
     assert mean_interval([3.0]) is None
 
 
+def test_mean_interval_is_cut_to_the_range_the_mean_lies_in():
+    # Two score differences of +100 and 0 points: the t interval (1 degree of freedom) spans about +-635 points.
+    wide = stats.ttest_1samp([100.0, 0.0], 0.0).confidence_interval(0.95)
+    assert wide.low < -100 and wide.high > 100
+    got = mean_interval([100.0, 0.0], bounds=(-100.0, 100.0))
+    assert (got.estimate, got.low, got.high) == (50.0, -100.0, 100.0)
+    got = mean_interval([1.0, 1.2, 5.0], bounds=(1.0, math.inf))  # acceptance lengths: at least 1
+    assert got.low == 1.0 and got.high == pytest.approx(stats.ttest_1samp([1.0, 1.2, 5.0], 0).confidence_interval().high)
+
+
 def test_bad_scores_are_refused():
     with pytest.raises(STSError, match="at least one score"):
         wilson_interval([])

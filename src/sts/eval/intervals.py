@@ -67,14 +67,17 @@ def paired_difference_interval(scores: Sequence[float], reference: Sequence[floa
     return Interval(d, d - below, d + above)
 
 
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval | None:
-    """Return the mean of ``values`` and its Student t interval; None for fewer than two values."""
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE,
+                  bounds: tuple[float, float] = (-math.inf, math.inf)) -> Interval | None:
+    """Return the mean of ``values`` and its Student t interval, cut to ``bounds``, the range the true mean is
+    known to lie in (a score difference in points within +-100, an acceptance length of at least 1: at a few
+    values the t interval reaches far past them); None for fewer than two values."""
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
         return None
     mean = float(x.mean())
     half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return Interval(mean, mean - half, mean + half)
+    return Interval(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]))
 
 
 def _scores(scores: Sequence[float]) -> np.ndarray:

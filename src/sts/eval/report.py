@@ -170,7 +170,7 @@ def acceptance_intervals(records: Iterable[Record]) -> dict[GroupKey, dict[int, 
     values: dict[GroupKey, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         values[(record["method"], _budget(record))][record["context_tokens"]] += _values([record], "acceptance_length")
-    return _per_length(values)
+    return _per_length(values, (1.0, math.inf))  # a round yields at least one token
 
 
 def pooled_deltas(records: Iterable[Record]) -> dict[GroupKey, dict[int, Interval | float]]:
@@ -185,14 +185,16 @@ def pooled_deltas(records: Iterable[Record]) -> dict[GroupKey, dict[int, Interva
         key = (record["method"], _budget(record))
         if key != (REFERENCE_METHOD, None) and record["sample_id"] in reference:
             values[key][record["context_tokens"]].append(100 * (float(record["score"]) - reference[record["sample_id"]]))
-    return _per_length(values)
+    return _per_length(values, (-100.0, 100.0))
 
 
-def _per_length(values: dict[GroupKey, dict[int, list[float]]]) -> dict[GroupKey, dict[int, Interval | float]]:
-    """Return each group's per-length mean with its Student t interval (a bare mean for one value), in method order."""
+def _per_length(values: dict[GroupKey, dict[int, list[float]]],
+                bounds: tuple[float, float]) -> dict[GroupKey, dict[int, Interval | float]]:
+    """Return each group's per-length mean with its Student t interval cut to ``bounds`` (a bare mean for one
+    value), in method order."""
     out: dict[GroupKey, dict[int, Interval | float]] = {}
     for key in sorted(values, key=_order):
-        cells = {length: mean_interval(v) or v[0] for length, v in sorted(values[key].items()) if v}
+        cells = {length: mean_interval(v, bounds=bounds) or v[0] for length, v in sorted(values[key].items()) if v}
         if cells:
             out[key] = cells
     return out

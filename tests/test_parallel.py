@@ -179,6 +179,32 @@ def _generate_json(capfd, argv: list[str]) -> dict:
     return json.loads(lines[0])
 
 
+def test_an_indivisible_split_is_refused_before_any_rank_starts(tmp_path, monkeypatch):
+    """`sts generate` and `LLM(tensor_parallel=N)` read a local checkpoint's config and refuse a split that does not
+    divide before spawning anything (the ranks would refuse it too, seconds later)."""
+    import sts.parallel
+    import sts.serve.parallel
+    from sts.api import LLM
+    from sts.cli import build_parser
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("a rank was started")
+
+    monkeypatch.setattr(sts.parallel, "run_ranks", no_spawn)
+    monkeypatch.setattr(sts.serve.parallel, "start_workers", no_spawn)
+    hf_model(hf_config("qwen2"), seed=0).save_pretrained(tmp_path / "target")  # 2 KV heads
+    argv = ["generate", "--target", str(tmp_path / "target"), "--method", "autoregressive", "--prompt-ids", "1,2",
+            "--tensor-parallel", "3"]
+    args = build_parser().parse_args(argv)
+    args.argv, args.device = argv, "cpu"  # as main() leaves them
+    with pytest.raises(STSError, match="--tensor-parallel 3: .* has 2 KV heads, not divisible by 3"):
+        sts.parallel.launch_generate(lambda *a, **k: 0, args)
+    with pytest.raises(STSError, match="not divisible by 3"):
+        LLM(str(tmp_path / "target"), method="autoregressive", tensor_parallel=3)
+    sts.parallel.check_split("someone/hub-model", 3)  # not local: left to the ranks, which download it
+    sts.parallel.check_split(tmp_path / "target", 2)  # divides
+
+
 def test_cli_tensor_parallel_equals_one_process(tmp_path, capfd):
     hf_model(hf_config("llama", heads=8, kv_heads=4), seed=0).save_pretrained(tmp_path / "target")
     hf_model(hf_config("llama", heads=8, kv_heads=4), seed=0).save_pretrained(tmp_path / "draft")

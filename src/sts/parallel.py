@@ -33,6 +33,7 @@ import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 from sts.errors import STSError
 from sts.models.config import ModelConfig
-from sts.models.loading import build_model, load_model
+from sts.models.loading import build_model, load_model, read_config
 from sts.models.transformer import Linear, Transformer
 
 #: Set in every process the launcher starts: NVLink multicast (NVLS) is never used here.
@@ -436,5 +437,14 @@ def launch_generate(command: Callable[..., int], args: argparse.Namespace) -> in
     Raises STSError for an impossible device or rank count, or any rank's STSError.
     """
     kind = device_type(args.device)
+    check_split(args.target, args.tensor_parallel)
     run_ranks(_generate_rank, args.tensor_parallel, (command, list(args.argv), kind), kind)
     return 0
+
+
+def check_split(source: str | Path, world: int) -> None:
+    """Raise STSError, before any rank starts, when the local checkpoint at ``source`` cannot be split over ``world``
+    ranks (its KV heads or feed-forward width do not divide); hub ids are checked by the ranks as they load."""
+    config = read_config(source)
+    if config is not None and world > 1:
+        Shard(0, world).local_config(config)

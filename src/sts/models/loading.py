@@ -241,6 +241,15 @@ def _load_directory(
 ) -> tuple[Transformer, Any]:
     """Return (model or its ``partition``, tokenizer or None) from an HF checkpoint directory; ``name`` overrides
     the model name."""
+    config = _directory_config(directory, name)
+    take = (lambda key, tensor: partition.take(config, key, tensor)) if partition is not None else None
+    model = _build(config, _read_weights(directory, take), dtype, device, partition)
+    tokenizer = _load_tokenizer(directory) if has_tokenizer_files(directory) else None
+    return model, tokenizer
+
+
+def _directory_config(directory: Path, name: str | None = None) -> ModelConfig:
+    """Return the config of the HF checkpoint directory ``directory`` (``name`` overrides the model name)."""
     from transformers import AutoConfig
 
     if not (directory / "config.json").is_file():
@@ -250,11 +259,7 @@ def _load_directory(
     except Exception as exc:
         raise STSError(f"cannot read {directory / 'config.json'}: {_cause(exc)}") from exc
     config = _model_config(hf_config, name or _model_name(directory, hf_config), directory / "config.json")
-    config = _with_eos(config, _generation_eos(directory))
-    take = (lambda key, tensor: partition.take(config, key, tensor)) if partition is not None else None
-    model = _build(config, _read_weights(directory, take), dtype, device, partition)
-    tokenizer = _load_tokenizer(directory) if has_tokenizer_files(directory) else None
-    return model, tokenizer
+    return _with_eos(config, _generation_eos(directory))
 
 
 def _model_name(directory: Path, hf_config: Any) -> str:
@@ -380,9 +385,9 @@ def _apply_gguf_rope(hf_config: Any, extras: GGUFExtras) -> tuple[float, ...] | 
     return extras.rope_freq_divisors
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device, partition: Partition | None = None) -> tuple[Transformer, Any]:
-    """Return (model or its ``partition``, tokenizer or None) from a GGUF file, dequantised (whole) by transformers."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _gguf_config(path: Path) -> tuple[ModelConfig, GGUFExtras]:
+    """Return the config of the GGUF file ``path`` and what transformers' loader drops from it (tensors unread)."""
+    from transformers import AutoConfig
 
     extras = read_gguf_extras(path)
     # llama.cpp names Mistral "llama"; refuse other families before the slow tensor load.
@@ -398,6 +403,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, partition: Partition | No
     config = _model_config(hf_config, path.stem, path)
     config = _with_eos(dataclasses.replace(config, rope_freq_divisors=divisors), extras.eos_ids)
     config.rope_inv_freq()  # a bad rope_freqs length fails here, before the slow tensor load
+    return config, extras
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device, partition: Partition | None = None) -> tuple[Transformer, Any]:
+    """Return (model or its ``partition``, tokenizer or None) from a GGUF file, dequantised (whole) by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    config, extras = _gguf_config(path)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
@@ -469,9 +482,7 @@ def load_model(
     :func:`sts.parallel.load_sharded`); from safetensors only that part of each weight is read.
     """
     path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise STSError(f"{path} is a file but not a .gguf model")
+    if _local_kind(path) == "gguf":
         return _load_gguf(path, dtype, device, partition)
     if path.is_dir():
         return _load_directory(path, dtype, device, partition=partition)
@@ -479,3 +490,24 @@ def load_model(
     if looks_like_id:
         return _load_directory(_download(source), dtype, device, name=source, partition=partition)
     raise STSError(f"model path {source} does not exist")
+
+
+def _local_kind(path: Path) -> str | None:
+    """Return "gguf" for a .gguf file, "directory" for a directory, None when nothing is at ``path``; raises STSError
+    for another kind of file."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise STSError(f"{path} is a file but not a .gguf model")
+        return "gguf"
+    return "directory" if path.is_dir() else None
+
+
+def read_config(source: str | Path) -> ModelConfig | None:
+    """Return the config of the local checkpoint at ``source`` (an HF directory or a ``.gguf`` file) without reading
+    its weights; None for anything else (a hub id, or no such path: :func:`load_model` says which).
+    Raises STSError as :func:`load_model` does for an unreadable config."""
+    path = Path(source).expanduser()
+    kind = _local_kind(path)
+    if kind == "gguf":
+        return _gguf_config(path)[0]
+    return _directory_config(path) if kind == "directory" else None

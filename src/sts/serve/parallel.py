@@ -29,7 +29,7 @@ import torch.distributed as dist
 from sts.decoding import GenerationStats
 from sts.engine import Engine
 from sts.errors import STSError
-from sts.parallel import Shard, Workers, device_type, rank_device, start_workers
+from sts.parallel import Shard, Workers, check_split, device_type, rank_device, start_workers
 from sts.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -196,11 +196,13 @@ class TensorParallel:
     def start(cls, world: int, device: str, target: Any, draft: Any, settings: dict[str, Any]) -> TensorParallel:
         """Return rank 0's place in a new ``world``-rank group; ranks ``1 .. world - 1`` build ``LLM(target, draft,
         **settings)`` in processes of their own. Raises STSError for loaded models (each rank loads its own part),
+        a local target that does not split over ``world`` ranks (before any starts: :func:`sts.parallel.check_split`),
         or as :func:`sts.parallel.start_workers` does."""
         if not all(m is None or isinstance(m, (str, Path)) for m in (target, draft)):
             raise STSError("tensor_parallel loads each rank's part of the target itself: give checkpoint paths, "
                            "not loaded models")
         kind = device_type(device)
+        check_split(target, world)
         sources = (str(target), None if draft is None else str(draft))
         workers = start_workers(world, kind, follow_llm, (*sources, settings, kind))
         try:

@@ -34,6 +34,17 @@ def test_speculative_greedy_equals_target_greedy(tiny_pair, gamma):
     assert 1.0 < acc <= gamma + 1  # the noisy draft is right sometimes, not always
 
 
+def test_a_gamma_past_the_tokens_asked_for_is_cut_to_them(tiny_pair):
+    """`sts generate --gamma 64 --max-new-tokens 4` drafts at most 3 tokens a round: with a draft that always agrees
+    (the target's own weights) the same tokens as gamma 3 in one round of 4, not one round accepting 65."""
+    from sts.runner import LoadedModel, run_method
+
+    target, draft = LoadedModel(tiny_pair[1], None), LoadedModel(perturbed(tiny_pair[1], 0.0, seed=0), None)
+    wide = run_method("speculative", target, draft, [PROMPTS[0]], 4, gamma=64)
+    assert wide.tokens == run_method("speculative", target, draft, [PROMPTS[0]], 4, gamma=3).tokens
+    assert len(wide.tokens[0]) == 4 and wide.stats.accepted_per_round == [4]
+
+
 def test_eos_stops_each_sequence_and_streams_in_order(tiny_pair):
     _, target, draft = tiny_pair
     ref = generate(target, PROMPTS, 30).tokens

@@ -206,9 +206,12 @@ def run_method(
     """Return the generation of ``method`` (autoregressive, speculative or a selection policy) for ``prompts``.
 
     Builds one engine sized for these prompts (:func:`build_engine` describes the settings) and
-    decodes them to an end-of-sequence id or ``max_new_tokens``. Raises :class:`STSError` for
-    impossible settings or prompts that do not fit a model's context.
+    decodes them to an end-of-sequence id or ``max_new_tokens``. ``gamma`` is cut to ``max_new_tokens - 1``: the
+    prefill gives the first token, and no round can keep more drafts than the tokens left after it. Raises
+    :class:`STSError` for impossible settings or prompts that do not fit a model's context.
     """
+    if gamma >= 1:  # (smaller: refused by the engine's settings check)
+        gamma = min(gamma, max(max_new_tokens - 1, 1))
     lookahead = 1 if method == "autoregressive" else gamma + 1
     models = [m.model for m in (target, draft if method != "autoregressive" else None) if m is not None]
     max_len = context_capacity(models, prompts, max_new_tokens, lookahead)

@@ -27,6 +27,32 @@ def test_a_bad_setting_is_refused_before_loading(settings, words):
         LLM(MISSING, MISSING, "sts", **settings)
 
 
+@pytest.mark.parametrize("method", ["autoregressive", "speculative"])
+@pytest.mark.parametrize("budget", [64, 1000, 0.5])
+def test_a_budget_for_a_dense_method_is_refused_as_such(method, budget):
+    # 64 is below the default sink + window: the message must still be that dense methods take no budget
+    with pytest.raises(STSError, match=f"budget applies to selection methods .*not {method}"):
+        LLM(MISSING, MISSING, method, budget=budget)
+
+
+@pytest.mark.parametrize("method", ["autoregressive", "sts"])
+def test_a_misspelt_keyword_is_a_type_error_as_python_gives_one(method):
+    # not "options budgett apply to selection methods", nor a list of sts's options without the LLM's own keywords
+    with pytest.raises(TypeError, match=r"^LLM\(\) got an unexpected keyword argument 'budgett'$"):
+        LLM(MISSING, MISSING, method, budgett=64)
+    with pytest.raises(STSError, match="unknown option 'page_size' for sts"):  # another policy's option: said so
+        LLM(MISSING, MISSING, "sts", page_size=16)
+
+
+def test_the_errors_are_exported_from_the_package():
+    import sts
+    from sts import RequestError, STSError as Exported
+
+    assert Exported is STSError and issubclass(RequestError, STSError)
+    with pytest.raises(sts.STSError, match="budget must be a number"):
+        LLM(MISSING, MISSING, "sts", budget="abc")
+
+
 def test_a_target_or_draft_that_is_not_a_model_source_is_refused():
     with pytest.raises(STSError, match="target must be a checkpoint directory.*got NoneType"):
         LLM(None, MISSING)  # type: ignore[arg-type]

@@ -248,3 +248,11 @@ def test_the_library_does_not_import_the_cli():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("bench", ["kernels", "e2e", "serve"])
+def test_each_benchmarks_help_names_the_command_it_is(capsys, bench):
+    with pytest.raises(SystemExit) as done:
+        main(["bench", bench, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: sts bench {bench} ")

@@ -90,6 +90,8 @@ def make_llm(pair: dict[str, Any], **extra: Any):
     from sts import LLM
 
     settings = {**SETTINGS, "max_model_len": MAX_LEN, **extra}
+    if settings["method"] in ("autoregressive", "speculative"):
+        del settings["budget"]  # dense methods take none
     return LLM(pair["target"], pair["draft"], **settings)
 
 
@@ -827,8 +829,10 @@ def test_llm_refuses_what_it_cannot_serve(pair, llm, tmp_path):
         llm.generate("Hi", top_p=0)
     with pytest.raises(STSError, match="exceed the budget"):
         make_llm(pair, budget=8)
-    with pytest.raises(STSError, match="unknown option"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'reranking'"):  # no policy's option: a typo
         make_llm(pair, reranking=3)
+    with pytest.raises(STSError, match="unknown option 'page_size' for sts"):  # another policy's
+        make_llm(pair, page_size=16)
     with pytest.raises(STSError, match="needs a draft"):
         from sts import LLM
 
@@ -844,6 +848,21 @@ def test_import_sts_stays_cheap():
     code = "import sys, sts; print(any(m in sys.modules for m in ('torch', 'transformers', 'fastapi')))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+@pytest.mark.parametrize("field, value", [("budget", 64), ("budget", 512), ("window", 4)])
+def test_a_selection_setting_on_a_dense_server_says_it_reads_every_row(field, value):
+    """A budget (or sink/window) asked of an autoregressive server is refused as such, whatever its value (64 is below
+    the server's sink + window, which used to be the reason given)."""
+    from sts.serve.protocol import APIError, CompletionRequest, check_body
+
+    settings = dict(method="autoregressive", gamma=0, budget=None, sink=4, window=64, dense_layers=0, draft_budget=None,
+                    draft_selection=None)
+    with pytest.raises(APIError) as refused:
+        check_body(CompletionRequest(model="m", prompt="hi", **{field: value}), settings)
+    err = refused.value
+    assert (err.status, err.param, err.code) == (400, field, "unsupported_parameter")
+    assert err.message == f"{field} applies to selection methods; this server decodes with autoregressive, which reads every row"
 
 
 def test_the_readme_examples_run(pair, server, capsys):
@@ -899,6 +918,10 @@ def test_a_port_in_use_or_a_bad_option_is_one_line_before_loading(capsys, tmp_pa
         assert capsys.readouterr().err.strip() == f"sts: error: --port must be in [1, 65535], got {bad}"
     assert main(["serve", "--target", target, "--port", str(free_port()), "--max-request-bytes", "0"]) == 2
     assert capsys.readouterr().err.strip() == "sts: error: --max-request-bytes must be >= 1, got 0"
+    for budget in ("64", "1000"):  # 64: below sink + window, yet the error is that dense decoding takes no budget
+        assert main(["serve", "--target", target, "--port", str(free_port()), "--budget", budget]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "sts: error: --budget applies to selection methods (e.g. --method sts), not autoregressive", err
     assert loads == []
     port = free_port()
     assert main(["serve", "--target", target, "--port", str(port)]) == 2

@@ -30,7 +30,7 @@ from sts.prefill import PrefillConfig
 from sts.runner import (DENSE_METHODS, DraftBudget, LoadedModel, build_engine, check_pair, draft_settings, eos_ids, load,
                         methods, resolve_device)
 from sts.sampling import SamplingConfig, check_seed, sampling_problem
-from sts.selection import HeadMapping, SelectionConfig, check_options
+from sts.selection import HeadMapping, SelectionConfig, check_options, is_option
 from sts.selection.base import DEFAULT_BUDGET
 from sts.selection.draft import DraftSelection
 from sts.serve.scheduler import Delta, Request, RequestError, RequestParams, Scheduler
@@ -139,7 +139,8 @@ class LLM:
 
     ``target``, ``draft``: HF hub ids, checkpoint directories or ``.gguf`` files (or models
     loaded with :func:`sts.runner.load`). ``method``: one of :func:`sts.runner.methods`; by
-    default ``sts`` with a draft, ``autoregressive`` without. ``budget``, ``sink``, ``window``,
+    default ``sts`` with a draft, ``autoregressive`` without. ``budget`` (selection methods only; None:
+    :data:`~sts.selection.base.DEFAULT_BUDGET`), ``sink``, ``window``,
     ``dense_layers``, ``mapping``, ``draft_budget``, ``draft_selection``, ``prefill`` and ``**options`` (e.g.
     ``rerank=0``) are ``sts generate``'s settings of the same names (``draft_budget`` "auto": with ``sts``, the later
     draft steps of sparse rounds read :data:`~sts.runner.DEFAULT_DRAFT_BUDGET` rows scored by STS, the first one
@@ -167,7 +168,7 @@ class LLM:
 
     def __init__(
         self, target: str | Path | LoadedModel, draft: str | Path | LoadedModel | None = None, method: str | None = None, *,
-        budget: float = DEFAULT_BUDGET, sink: int = 4, window: int = 64, dense_layers: int = 0, gamma: int = 4,
+        budget: float | None = None, sink: int = 4, window: int = 64, dense_layers: int = 0, gamma: int = 4,
         mapping: str | None = None, draft_budget: DraftBudget = "auto", draft_selection: DraftSelection | None = None,
         prefill: PrefillConfig | None = None, slots: int = 1, max_model_len: int | None = None,
         prefill_chunk: int | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -195,9 +196,15 @@ class LLM:
         if max_model_len is not None and max_model_len < self.least_len:
             raise STSError(f"max_model_len must be >= {self.least_len} (a prompt token, a new token and the {self.scratch} "
                            f"rows a round writes), got {max_model_len}")
-        self.selection = SelectionConfig(budget=budget, sink=sink, window=window, dense_layers=dense_layers)
+        if budget is not None and self.method in DENSE_METHODS:
+            raise STSError(f"budget applies to selection methods (e.g. method='sts'), not {self.method}")
+        self.selection = SelectionConfig(budget=DEFAULT_BUDGET if budget is None else budget, sink=sink, window=window,
+                                         dense_layers=dense_layers)
         self.draft_budget, self.draft_selection = draft_settings(self.method, draft_budget, draft_selection)
         self.options = dict(options)
+        for name in options:
+            if not is_option(name):  # a misspelt keyword, not a policy's option
+                raise TypeError(f"LLM() got an unexpected keyword argument {name!r}")
         if options:
             if self.method in DENSE_METHODS:
                 raise STSError(f"options {', '.join(options)} apply to selection methods, not {self.method}")
@@ -258,7 +265,8 @@ class LLM:
     def settings(self) -> dict[str, Any]:
         """Return the settings fixed when the engine was built (method, gamma, selection, draft budget)."""
         sel = self.selection
-        return {"method": self.method, "gamma": self.gamma, "budget": sel.budget, "sink": sel.sink, "window": sel.window,
+        budget = None if self.method in DENSE_METHODS else sel.budget  # dense methods read every row
+        return {"method": self.method, "gamma": self.gamma, "budget": budget, "sink": sel.sink, "window": sel.window,
                 "dense_layers": sel.dense_layers, "draft_budget": self.draft_budget,
                 "draft_selection": self.draft_selection if self.draft_budget is not None else None}
 

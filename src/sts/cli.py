@@ -274,27 +274,31 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
     defaults = EvalSettings()
     add_model_args(p, draft_required=True)
-    p.add_argument("--tasks", type=csv_list(str), default=list(defaults.tasks), help=f"comma list of {', '.join(TASKS)}")
-    p.add_argument("--lengths", type=csv_list(int), default=list(defaults.lengths), help="context lengths in tokens")
+    p.add_argument("--tasks", type=csv_list(str), default=list(defaults.tasks), help=f"comma list of {', '.join(TASKS)} (default: all)")
+    p.add_argument("--lengths", type=csv_list(int), default=list(defaults.lengths),
+                   help=f"context lengths in tokens (default: {','.join(map(str, defaults.lengths))})")
     p.add_argument("--depths", type=csv_list(float), default=list(defaults.depths), help="needle depths (needle task)")
     p.add_argument("--methods", type=csv_list(str), default=None,
                    help="comma list (default: every method, sts-cal only with --mapping); autoregressive decoding "
-                        "always runs too, the reference of every difference in the report")
+                        "always runs too, the reference of every difference in the report; a method's own "
+                        "settings follow it as /key=number, e.g. sts/gamma=6, sts/draft_budget=256, sts+sp "
+                        "(sparse prefill)")
     p.add_argument("--budgets", type=csv_list(_budget), default=list(defaults.budgets),
-                   help="token counts, or fractions < 1")
-    p.add_argument("--limit", type=int, default=defaults.limit, help="samples per task and length (needle: per depth)")
+                   help=f"token counts, or fractions < 1 (default: {','.join(map(str, defaults.budgets))})")
+    p.add_argument("--limit", type=int, default=defaults.limit, help="samples per task and length (needle: per depth; default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help="new tokens per answer (default: each task's own, 32-96)")
     p.add_argument("--ppl-tokens", type=int, default=defaults.ppl_tokens, help="teacher-forced tokens scored per perplexity sample")
-    p.add_argument("--gamma", type=int, default=defaults.gamma)
-    p.add_argument("--sink", type=int, default=defaults.sink)
-    p.add_argument("--window", type=int, default=defaults.window)
+    p.add_argument("--gamma", type=int, default=defaults.gamma, help="draft tokens per round (default: %(default)s)")
+    p.add_argument("--sink", type=int, default=defaults.sink, help="first rows every selection keeps (default: %(default)s)")
+    p.add_argument("--window", type=int, default=defaults.window,
+                   help="latest rows every selection keeps (default: %(default)s)")
     p.add_argument("--mapping", help="calibrated mapping for method sts-cal")
     p.add_argument("--prefill-budget", type=int, default=defaults.prefill_budget, help="rows per KV head for +sp methods' sparse prefill")
     p.add_argument("--prefill-block", type=int, default=defaults.prefill_block)
     p.add_argument("--no-recall", dest="measure_recall", action="store_false",
                    help="skip recall measurement (it computes dense attention)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="sampling and task seed (default: %(default)s)")
     p.add_argument("--out", required=True, help="output directory (results.jsonl, report.md, plots)")
 
 

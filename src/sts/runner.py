@@ -67,7 +67,7 @@ class LoadedModel:
 def load(source: str, dtype: torch.dtype, device: str, partition: Partition | None = None) -> LoadedModel:
     """Return the model (and tokenizer) at ``source``; with ``partition``, this process's part of the model."""
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise STSError("--device cuda asked for, but no CUDA device is available")
+        raise STSError(f"device {device} asked for, but no CUDA device is available")
     model, tokenizer = load_model(source, dtype=dtype, device=device, partition=partition)
     return LoadedModel(model, tokenizer)
 

@@ -17,7 +17,7 @@ GPU_ONLY = ("kernels",)
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """Add the benchmark choice; its own options follow it (``sts bench e2e --help``)."""
     p.add_argument("bench", choices=sorted(BENCHMARKS), help="which benchmark")
-    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (none: its defaults)")
 
 
 def run_bench_cli(args: argparse.Namespace) -> None:

@@ -223,8 +223,9 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """Add the end-to-end benchmark's options."""
-    p.add_argument("--contexts", default="8192,32768,131072")
-    p.add_argument("--batches", default="1,4")
+    p.add_argument("--contexts", default="8192,32768,131072",
+                   help="comma list of prompt lengths in tokens (default: %(default)s)")
+    p.add_argument("--batches", default="1,4", help="comma list of sequences decoded together (default: %(default)s)")
     p.add_argument("--gamma", default="4",
                    help="draft tokens per round; a comma list runs every speculative method at each "
                         "(speed-ups over speculative decoding are then over its fastest gamma)")
@@ -249,7 +250,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="split the target by heads over N processes (cuda: one GPU each, NCCL); rank 0 writes")
     p.add_argument("--profile", action="store_true",
                    help="also profile one more call per method and record its top kernels (launches, device us per round)")
-    p.add_argument("--out", default="e2e.jsonl")
+    p.add_argument("--out", default="e2e.jsonl", help="JSON-lines record of every run, appended (default: %(default)s)")
     p.add_argument("--png", default=None, help="also draw the speed-ups into this PNG")
 
 

@@ -316,7 +316,7 @@ def markdown(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark grid (or the tuning sweep) and write JSON lines and a markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sts bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON-lines output path")
     parser.add_argument("--md", help="markdown table output path (default: printed only)")
     parser.add_argument("--quick", action="store_true", help="contexts 8K and 128K, budgets 256 and 2048")

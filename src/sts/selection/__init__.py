@@ -11,7 +11,7 @@ from sts.selection import oracle, quest, specpc, streaming, sts, tidal  # noqa: 
 from sts.selection.base import REGISTRY, RoundContext, SelectionConfig, SelectionPolicy
 from sts.selection.mapping import HeadMapping
 
-__all__ = ["REGISTRY", "RoundContext", "SelectionConfig", "SelectionPolicy", "HeadMapping", "check_options", "make_policy"]
+__all__ = ["REGISTRY", "RoundContext", "SelectionConfig", "SelectionPolicy", "HeadMapping", "check_options", "is_option", "make_policy"]
 
 #: Constructor arguments that make_policy fills itself: never options.
 _GIVEN = ("self", "config", "mapping")
@@ -21,15 +21,27 @@ def check_options(method: str, names: Iterable[str]) -> None:
     """Refuse, with an STSError naming the valid ones, any option in ``names`` that policy ``method`` does not take."""
     if method not in REGISTRY:
         raise STSError(f"unknown selection method {method!r} (choose from {', '.join(REGISTRY)})")
-    params = inspect.signature(REGISTRY[method].__init__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    valid = _option_names(method)
+    if valid is None:
         return
-    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    valid = [p.name for p in params if p.kind in keyword and p.name not in _GIVEN]
     unknown = [name for name in names if name not in valid]
     if unknown:
         raise STSError(f"unknown option {', '.join(map(repr, unknown))} for {method} "
                        f"(it takes {', '.join(valid) if valid else 'no options'})")
+
+
+def _option_names(method: str) -> list[str] | None:
+    """Return the options policy ``method`` takes (its constructor's keywords), or None when it takes any."""
+    params = inspect.signature(REGISTRY[method].__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in keyword and p.name not in _GIVEN]
+
+
+def is_option(name: str) -> bool:
+    """Return whether some selection policy takes the option ``name``."""
+    return any(valid is None or name in valid for valid in map(_option_names, REGISTRY))
 
 
 def make_policy(

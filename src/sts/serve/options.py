@@ -13,6 +13,7 @@ import sys
 from typing import Any, Iterator
 
 from sts.errors import STSError
+from sts.runner import DENSE_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,12 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise STSError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise STSError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
-    return dict(method=args.method, budget=_selection(args).budget, sink=args.sink, window=args.window,
+    if args.method in DENSE_METHODS:
+        if args.budget is not None:
+            raise STSError(f"--budget applies to selection methods (e.g. --method sts), not {args.method}")
+    else:
+        _selection(args)  # sink, window and budget together, refused before any model loads
+    return dict(method=args.method, budget=args.budget, sink=args.sink, window=args.window,
                 dense_layers=args.dense_layers,
                 gamma=args.gamma, mapping=args.mapping, draft_budget=args.draft_budget,
                 draft_selection=args.draft_selection, prefill=_prefill(args),

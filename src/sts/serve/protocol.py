@@ -218,6 +218,9 @@ def check_body(body: _Body, settings: dict[str, Any]) -> None:
         if asked:
             raise APIError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
     selection = {k: getattr(body, k) for k in ("budget", "sink", "window", "dense_layers") if getattr(body, k) is not None}
+    if selection and settings["budget"] is None:
+        raise APIError(400, f"{next(iter(selection))} applies to selection methods; this server decodes with "
+                            f"{settings['method']}, which reads every row", next(iter(selection)), "unsupported_parameter")
     if selection:
         try:
             SelectionConfig(**{k: settings[k] for k in ("budget", "sink", "window", "dense_layers")} | selection)

@@ -155,11 +155,17 @@ def test_a_failed_eval_leaves_no_output_folder(tiny_pair_with_tokenizer, tmp_pat
     prints on a line of its own, after the progress bars."""
     out = tmp_path / "x" / "e6b"
     argv = _needle_eval(*tiny_pair_with_tokenizer, out, "--methods", "sts", "--budgets", "32", "--max-new-tokens", "6")
-    argv[argv.index("300")] = "2000"  # the tiny models' context: 1024 tokens
+    argv[argv.index("300")] = "1020"  # the tiny models' context: 1024 tokens, too few for the answer too
     assert main(argv) == 2
     assert not (tmp_path / "x").exists()
     errors = [line for line in capsys.readouterr().err.split("\n") if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("sts: error: prompt of "), errors
+    argv[argv.index("1020")] = "2000"  # past the context itself: refused before any sample is built or tokenized
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tokenize" not in err and not (tmp_path / "x").exists()
+    assert err.strip().endswith("sts: error: --lengths 2000: not below the context of target (1024 tokens), "
+                                "which must also hold the answer"), err
 
 
 def test_each_task_gets_its_own_answer_length_unless_one_is_given(tiny_pair_with_tokenizer, tmp_path, monkeypatch, capsys):

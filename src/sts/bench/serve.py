@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from sts.decoding import GenerationStats
 from sts.errors import STSError
+from sts.runner import DENSE_METHODS
 
 #: The served model id.
 MODEL = "synthetic"
@@ -218,7 +219,8 @@ def serve_settings(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     parser = argparse.ArgumentParser(prog="sts serve", exit_on_error=False)
     add_serve_args(parser)
-    argv = ["--target", MODEL, "--draft", MODEL, "--method", method, "--budget", str(args.budget), "--gamma",
+    budget = [] if method in DENSE_METHODS else ["--budget", str(args.budget)]  # dense methods take none
+    argv = ["--target", MODEL, "--draft", MODEL, "--method", method, *budget, "--gamma",
             str(args.gamma), "--slots", str(args.slots), "--max-model-len", str(args.max_model_len),
             "--device", args.device, "--dtype", args.dtype, *shlex.split(args.serve_args)]
     try:
@@ -339,7 +341,8 @@ def check_args(args: argparse.Namespace) -> None:
         if method not in methods():
             raise STSError(f"unknown method {method!r} (choose from {', '.join(methods())})")
         settings = serve_settings(method, args)  # sts serve's own checks, and the selection's, before anything loads
-        SelectionConfig(**{k: settings[k] for k in ("budget", "sink", "window", "dense_layers")})
+        if method not in DENSE_METHODS:
+            SelectionConfig(**{k: settings[k] for k in ("budget", "sink", "window", "dense_layers")})
 
 
 def table(records: list[dict[str, Any]]) -> str:

@@ -476,6 +476,11 @@ def run_eval(target: LoadedModel, draft: LoadedModel, out: str | Path, settings:
     specs = settings.method_specs()
     if target.tokenizer is None:
         raise STSError("sts eval needs a target with a tokenizer")
+    for model in (target.model, draft.model):  # before minutes of building and tokenizing the samples
+        context = model.config.max_position_embeddings
+        if max(settings.lengths) >= context:
+            raise STSError(f"--lengths {max(settings.lengths)}: not below the context of {model.config.name} "
+                           f"({context} tokens), which must also hold the answer")
     samples = build_samples(settings.tasks, settings.lengths, settings.depths, settings.limit, target.tokenizer,
                             settings.seed)
     out = Path(out)

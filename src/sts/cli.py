@@ -135,8 +135,15 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _selection(args: argparse.Namespace):
+    """Return the SelectionConfig of ``args`` for a selection ``--method``; None for a dense one, which takes no
+    ``--budget`` (an STSError, as is a budget with no room past the sinks and the window)."""
+    from sts.runner import DENSE_METHODS
     from sts.selection import SelectionConfig
 
+    if args.method in DENSE_METHODS:
+        if args.budget is not None:
+            raise STSError(f"--budget applies to selection methods (e.g. --method sts), not {args.method}")
+        return None
     budget = SelectionConfig.budget if args.budget is None else args.budget
     return SelectionConfig(budget=budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
 
@@ -202,9 +209,7 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
     # Every check that needs no model comes before the (slow) loading.
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     check_seed(args.seed)
-    if args.method in ("autoregressive", "speculative") and args.budget is not None:
-        raise STSError(f"--budget applies to selection methods (e.g. --method sts), not {args.method}")
-    selection = _selection(args) if args.method not in ("autoregressive", "speculative") else None
+    selection = _selection(args)
     _at_least(args, gamma=1, max_new_tokens=1)
     if args.chat and args.prompt_ids is not None:
         raise STSError("--chat wraps prompt text: use it with --prompt or --prompt-file, not --prompt-ids")

@@ -482,9 +482,10 @@ def load_model(
     :func:`sts.parallel.load_sharded`); from safetensors only that part of each weight is read.
     """
     path = Path(source).expanduser()
-    if _local_kind(path) == "gguf":
+    kind = _local_kind(path)
+    if kind == "gguf":
         return _load_gguf(path, dtype, device, partition)
-    if path.is_dir():
+    if kind == "directory":
         return _load_directory(path, dtype, device, partition=partition)
     looks_like_id = isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
     if looks_like_id:

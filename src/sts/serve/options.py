@@ -13,7 +13,6 @@ import sys
 from typing import Any, Iterator
 
 from sts.errors import STSError
-from sts.runner import DENSE_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +77,7 @@ def llm_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise STSError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise STSError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
-    if args.method in DENSE_METHODS:
-        if args.budget is not None:
-            raise STSError(f"--budget applies to selection methods (e.g. --method sts), not {args.method}")
-    else:
-        _selection(args)  # sink, window and budget together, refused before any model loads
+    _selection(args)  # a dense method's budget, or sink, window and budget together, refused before any model loads
     return dict(method=args.method, budget=args.budget, sink=args.sink, window=args.window,
                 dense_layers=args.dense_layers,
                 gamma=args.gamma, mapping=args.mapping, draft_budget=args.draft_budget,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import read_weights
-from sts.bench.e2e import METHODS, dense_round, main, round_bytes
+from sts.bench.e2e import METHODS, dense_round, main, parse_methods, round_bytes
 from sts.bench.synthetic import shape_config, synthetic_pair
 from sts.errors import STSError
 from sts.parallel import Shard
@@ -31,27 +31,30 @@ def cache_bytes(model, rows: int, layers: tuple[int, ...] | None = None, k_only:
 def test_round_bytes_of_a_tiny_pair_is_what_each_forward_of_a_round_reads(tmp_path):
     """One CPU run of every method (sparse verification every round): the record's bytes are the draft's weights
     per step, its rows (all, or with "-all" the sparse draft's budget, then the sparse draft's budget), the STS scores' draft K rows, the target's weights and
-    its rows (all, or the budget), each counted from the models' tensors."""
+    its rows (all, or the budget), each counted from the models' tensors; with ``select_interval`` n, a round's
+    share of the scores' rows (1/n)."""
     batch, context, gamma, budget, draft_budget = 2, 150, 3, 96, 100  # a scored draft's budget exceeds sink + window (68)
     out = tmp_path / "e2e.jsonl"
-    main(["--device", "cpu", "--target-shape", "tiny-target", "--draft-shape", "tiny-draft", "--contexts", str(context),
+    methods = METHODS + tuple(parse_methods("sts+sd-scored-all/select_interval=2,sts-plain/select_interval=3"))
+    main(["--device", "cpu", "--methods", ",".join(m.name for m in methods), "--target-shape", "tiny-target",
+          "--draft-shape", "tiny-draft", "--contexts", str(context),
           "--batches", str(batch), "--gamma", str(gamma), "--budget", str(budget), "--draft-budget", str(draft_budget),
           "--new-tokens", "4", "--verify", "sparse", "--out", str(out)])
     records = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(records) == {m.name for m in METHODS}
+    assert set(records) == {m.name for m in methods}
     target, draft = synthetic_pair("tiny-target", "tiny-draft", 0.77, dtype=torch.float32, device="cpu")
     for model in (target, draft):
         model.setup_cache(batch, context)
     mapped = make_policy("sts", SelectionConfig(budget=budget), target, draft).draft_layers(draft)
-    for method in METHODS:
+    for method in methods:
         want = read_weights(target) + cache_bytes(target, min(budget, context) if method.policy else context)
         if method.speculative:
             later = min(draft_budget, context) if method.sparse_draft else context
             first = later if method.draft_selection.endswith("-all") else context
             want += gamma * read_weights(draft) + cache_bytes(draft, first) + (gamma - 1) * cache_bytes(draft, later)
         if method.policy:
-            want += cache_bytes(draft, context, mapped, k_only=True)
-        assert records[method.name]["round_bytes"] == want, method.name
+            want += cache_bytes(draft, context, mapped, k_only=True) / dict(method.options).get("select_interval", 1)
+        assert records[method.name]["round_bytes"] == int(want), method.name
         assert records[method.name]["bound_share"] is None  # no H200 rate on the CPU
 
 
@@ -68,7 +71,7 @@ def test_round_bytes_reproduces_the_stored_h200_records(path):
         mapped = len(HeadMapping.default(target, draft).draft_layers())  # STS's default mapping, as benchmarked
         if r.get("tensor_parallel", 1) > 1:
             target = Shard(0, r["tensor_parallel"]).local_config(target)
-        method = next(m for m in METHODS if m.name == r["method"])
+        method = parse_methods(r["method"])[0]
         shape = (target, draft, r["batch"], r["context"], r["gamma"], r["budget"], r["draft_budget"], mapped, 2)
         want = round_bytes(method, *shape)
         share = r.get("dense_round_share") or 0.0
@@ -151,3 +154,14 @@ def test_e2e_runs_each_gamma_and_gives_the_sparse_draft_its_own_agreement(tmp_pa
     assert (record["agreement"], record["acceptance_length"], record["dense_round_share"]) == (1.0, 4.0, 1.0)
     with pytest.raises(STSError, match="comma list of whole numbers"):
         main(["--device", "cpu", "--gamma", "4,x", "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_methods_take_policy_options_and_refuse_what_does_not_apply():
+    (method,) = parse_methods("sts+sd-scored-all/select_interval=2")
+    assert method.name == "sts+sd-scored-all/select_interval=2" and method.draft_selection == "scored-all"
+    assert dict(method.options) == {"select_interval": 2.0}
+    assert dict(parse_methods("sts-plain/select_interval=3")[0].options) == {"rerank": 0, "select_interval": 3.0}
+    for spec, message in (("sts/bogus=1", "unknown option 'bogus'"), ("speculative/rerank=0", "selection methods only"),
+                          ("nope", "unknown method 'nope'"), ("sts/select_interval", "/key=number")):
+        with pytest.raises(STSError, match=message):
+            parse_methods(spec)

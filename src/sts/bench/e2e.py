@@ -40,7 +40,7 @@ from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
 from sts.parallel import Shard, device_type, quiet, rank_device, run_ranks
 from sts.runner import DEFAULT_DRAFT_BUDGET
-from sts.selection import SelectionConfig, make_policy
+from sts.selection import SelectionConfig, check_options, make_policy, split_options
 from sts.selection.base import DEFAULT_BUDGET
 
 #: bf16 matrix rate measured on the H200 (KINDS.md: 769-798 TFLOP/s on random data).
@@ -83,6 +83,26 @@ METHODS = (
 )
 
 
+def parse_methods(names: str) -> list[Method]:
+    """Return the methods of a comma list of :data:`METHODS`' names, a selection method's optionally followed by its
+    policy's options (``sts+sd-scored-all/select_interval=2``, :func:`sts.selection.split_options`); the spec is the
+    method's name in the records. Raises STSError for an unknown method or option."""
+    by_name = {m.name: m for m in METHODS}
+    methods = []
+    for spec in names.split(","):
+        base, options = split_options(spec)
+        if base not in by_name:
+            raise STSError(f"unknown method {spec!r} (choose from {', '.join(by_name)}, a selection method optionally "
+                           "with /key=number options)")
+        method = by_name[base]
+        if options:
+            if method.policy is None:
+                raise STSError(f"method {spec!r}: options apply to selection methods only")
+            check_options(method.policy, dict(options))
+        methods.append(replace(method, name=spec, options=method.options + options))
+    return methods
+
+
 def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: int, context: int, gamma: int,
                 budget: int, draft_budget: int, mapped_layers: int, dtype_bytes: int) -> int:
     """Return the fewest bytes one round of ``method`` must move over ``batch`` sequences of ``context`` rows.
@@ -90,7 +110,8 @@ def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: 
     Each forward reads its model's weights once (:func:`sts.costmodel.weight_bytes`) and the KV rows
     it attends to (:func:`sts.costmodel.kv_bytes`): the draft's first step every row (``draft_budget`` rows
     with a "-all" draft selection), its later ``gamma - 1`` steps ``draft_budget`` rows with a sparse draft;
-    a selection method's scores the draft's K rows of its ``mapped_layers`` layers, its verify ``budget`` rows. Rows a round writes
+    a selection method's scores the draft's K rows of its ``mapped_layers`` layers (a round's share, with a
+    ``select_interval`` option), its verify ``budget`` rows. Rows a round writes
     are left out. ``dtype_bytes``: bytes per weight and cache element.
     """
     selective = method.policy is not None
@@ -102,8 +123,9 @@ def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: 
     first = later if method.draft_selection.endswith("-all") else batch * context
     drafting = (gamma * weight_bytes(draft, dtype_bytes) + kv_bytes(draft, first, dtype_bytes)
                 + (gamma - 1) * kv_bytes(draft, later, dtype_bytes))
-    scoring = kv_bytes(draft, batch * context, dtype_bytes, layers=mapped_layers, k_only=True) if selective else 0
-    return drafting + scoring + verify
+    interval = dict(method.options).get("select_interval", 1)  # rounds one selection serves
+    scoring = kv_bytes(draft, batch * context, dtype_bytes, layers=mapped_layers, k_only=True) / interval if selective else 0
+    return int(drafting + scoring + verify)
 
 
 def dense_round(method: Method) -> Method:
@@ -166,7 +188,7 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
               "prefill_matrix_share": flops / prefill_s / MATRIX_FLOPS if cuda else None}
     selection = SelectionConfig(budget=args.budget, sink=4, window=64)
     records = []
-    runs = [(m, g) for m in METHODS if m.name in args.methods.split(",") for g in (lengths if m.speculative else lengths[:1])]
+    runs = [(m, g) for m in parse_methods(args.methods) for g in (lengths if m.speculative else lengths[:1])]
     for method, gamma in runs:
         policy, crossing = None, None
         config = EngineConfig(gamma=gamma, draft_budget=args.draft_budget if method.sparse_draft else None,
@@ -242,7 +264,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per sequence in the timed run")
     p.add_argument("--verify", choices=("auto", "sparse"), default="auto",
                    help="STS rows: auto verifies densely below the cost model's break-even context; sparse always")
-    p.add_argument("--methods", default=",".join(m.name for m in METHODS), help="comma list (default: all of them)")
+    p.add_argument("--methods", default=",".join(m.name for m in METHODS),
+                   help="comma list, a selection method's name optionally followed by policy options "
+                        "(sts+sd-scored-all/select_interval=2; default: every method without options)")
     p.add_argument("--target-shape", default="llama3-8b", help=f"target shape: {', '.join(SHAPES)}")
     p.add_argument("--draft-shape", default="llama3.2-1b", help="draft shape (same vocabulary)")
     p.add_argument("--device", default="cuda", help="cuda (bfloat16) or cpu (float32, for tests)")
@@ -323,9 +347,7 @@ def run(args: argparse.Namespace, shard: Shard | None = None) -> None:
     """
     from sts.bench.synthetic import shape_config, synthetic_draft, synthetic_pair
 
-    unknown = sorted(set(args.methods.split(",")) - {m.name for m in METHODS})
-    if unknown:
-        raise STSError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(m.name for m in METHODS)})")
+    parse_methods(args.methods)  # before building anything
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     longest = max(contexts) + args.new_tokens + max(gammas(args)) + 2

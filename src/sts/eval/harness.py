@@ -46,7 +46,7 @@ from sts.eval.tasks import ANSWER_TOKENS, TASKS, Sample, make_prompt, needle_gri
 from sts.eval.teacher import TeacherForced, teacher_forced
 from sts.prefill import PrefillConfig
 from sts.runner import DENSE_METHODS, LoadedModel, build_engine, eos_ids
-from sts.selection import REGISTRY, HeadMapping, SelectionConfig, check_options, make_policy
+from sts.selection import REGISTRY, HeadMapping, SelectionConfig, check_options, make_policy, split_options
 
 #: Every method ``sts eval`` knows, in report order; ``sts-cal`` (calibrated STS) needs a mapping file.
 DEFAULT_METHODS = ("autoregressive", "speculative", "sts", "sts-cal", "streaming", "quest", "tidal", "specpc", "oracle")
@@ -102,13 +102,7 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
     specs = []
     for name in names:
         head, sparse_prefill = (name[:-3], True) if name.endswith("+sp") else (name, False)
-        base, *pairs = head.split("/")
-        try:
-            options = tuple((k, float(v)) for k, v in (p.split("=") for p in pairs))
-        except ValueError:
-            raise STSError(f"method {name!r}: options must look like /key=number") from None
-        if len({k for k, _ in options}) < len(options):
-            raise STSError(f"method {name!r} sets an option twice")
+        base, options = split_options(head)
         draft_budget = _draft_budget(name, dict(options).get("draft_budget"))
         scored, all_steps = (dict(options).get(key, 0) for key in ("scored_draft", "draft_all_steps"))
         if scored not in (0, 1) or (scored and (draft_budget is None or base not in ("sts", "sts-cal"))):

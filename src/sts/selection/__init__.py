@@ -11,7 +11,8 @@ from sts.selection import oracle, quest, specpc, streaming, sts, tidal  # noqa: 
 from sts.selection.base import REGISTRY, RoundContext, SelectionConfig, SelectionPolicy
 from sts.selection.mapping import HeadMapping
 
-__all__ = ["REGISTRY", "RoundContext", "SelectionConfig", "SelectionPolicy", "HeadMapping", "check_options", "is_option", "make_policy"]
+__all__ = ["REGISTRY", "RoundContext", "SelectionConfig", "SelectionPolicy", "HeadMapping", "check_options", "is_option", "make_policy",
+           "split_options"]
 
 #: Constructor arguments that make_policy fills itself: never options.
 _GIVEN = ("self", "config", "mapping")
@@ -28,6 +29,20 @@ def check_options(method: str, names: Iterable[str]) -> None:
     if unknown:
         raise STSError(f"unknown option {', '.join(map(repr, unknown))} for {method} "
                        f"(it takes {', '.join(valid) if valid else 'no options'})")
+
+
+def split_options(name: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """Return (base, options) of a method name with policy options, ``"sts/rerank=0/select_interval=2"`` ->
+    ``("sts", (("rerank", 0.0), ("select_interval", 2.0)))``; an STSError when an option is not ``/key=number`` or
+    is set twice (which options the method takes is :func:`check_options`'s)."""
+    base, *pairs = name.split("/")
+    try:
+        options = tuple((k, float(v)) for k, v in (p.split("=") for p in pairs))
+    except ValueError:
+        raise STSError(f"method {name!r}: options must look like /key=number") from None
+    if len({k for k, _ in options}) < len(options):
+        raise STSError(f"method {name!r} sets an option twice")
+    return base, options
 
 
 def _option_names(method: str) -> list[str] | None:

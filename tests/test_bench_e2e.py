@@ -31,11 +31,11 @@ def cache_bytes(model, rows: int, layers: tuple[int, ...] | None = None, k_only:
 def test_round_bytes_of_a_tiny_pair_is_what_each_forward_of_a_round_reads(tmp_path):
     """One CPU run of every method (sparse verification every round): the record's bytes are the draft's weights
     per step, its rows (all, or with "-all" the sparse draft's budget, then the sparse draft's budget), the STS scores' draft K rows, the target's weights and
-    its rows (all, or the budget), each counted from the models' tensors; with ``select_interval`` n, a round's
-    share of the scores' rows (1/n)."""
+    its rows (all, or the budget), each counted from the models' tensors; a method with policy options the same
+    as without."""
     batch, context, gamma, budget, draft_budget = 2, 150, 3, 96, 100  # a scored draft's budget exceeds sink + window (68)
     out = tmp_path / "e2e.jsonl"
-    methods = METHODS + tuple(parse_methods("sts+sd-scored-all/select_interval=2,sts-plain/select_interval=3"))
+    methods = METHODS + tuple(parse_methods("sts+sd-scored-all/rerank=8"))
     main(["--device", "cpu", "--methods", ",".join(m.name for m in methods), "--target-shape", "tiny-target",
           "--draft-shape", "tiny-draft", "--contexts", str(context),
           "--batches", str(batch), "--gamma", str(gamma), "--budget", str(budget), "--draft-budget", str(draft_budget),
@@ -53,8 +53,8 @@ def test_round_bytes_of_a_tiny_pair_is_what_each_forward_of_a_round_reads(tmp_pa
             first = later if method.draft_selection.endswith("-all") else context
             want += gamma * read_weights(draft) + cache_bytes(draft, first) + (gamma - 1) * cache_bytes(draft, later)
         if method.policy:
-            want += cache_bytes(draft, context, mapped, k_only=True) / dict(method.options).get("select_interval", 1)
-        assert records[method.name]["round_bytes"] == int(want), method.name
+            want += cache_bytes(draft, context, mapped, k_only=True)
+        assert records[method.name]["round_bytes"] == want, method.name
         assert records[method.name]["bound_share"] is None  # no H200 rate on the CPU
 
 
@@ -157,11 +157,12 @@ def test_e2e_runs_each_gamma_and_gives_the_sparse_draft_its_own_agreement(tmp_pa
 
 
 def test_methods_take_policy_options_and_refuse_what_does_not_apply():
-    (method,) = parse_methods("sts+sd-scored-all/select_interval=2")
-    assert method.name == "sts+sd-scored-all/select_interval=2" and method.draft_selection == "scored-all"
-    assert dict(method.options) == {"select_interval": 2.0}
-    assert dict(parse_methods("sts-plain/select_interval=3")[0].options) == {"rerank": 0, "select_interval": 3.0}
+    (method,) = parse_methods("sts+sd-scored-all/rerank=8")
+    assert method.name == "sts+sd-scored-all/rerank=8" and method.draft_selection == "scored-all"
+    assert dict(method.options) == {"rerank": 8.0}
+    assert dict(parse_methods("sts-plain/rerank_prob=0")[0].options) == {"rerank": 0, "rerank_prob": 0.0}
     for spec, message in (("sts/bogus=1", "unknown option 'bogus'"), ("speculative/rerank=0", "selection methods only"),
-                          ("nope", "unknown method 'nope'"), ("sts/select_interval", "/key=number")):
+                          ("nope", "unknown method 'nope'"), ("sts/rerank", "/key=number"),
+                          ("sts/rerank=1/rerank=2", "sets an option twice")):
         with pytest.raises(STSError, match=message):
             parse_methods(spec)

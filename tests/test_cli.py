@@ -81,7 +81,6 @@ def test_sts_settings_reach_the_policy():
     assert options("--rerank", "0") == {"rerank": 0}
     assert options("--rerank", "8", "--rerank-by", "logit") == {"rerank": 8, "rerank_prob": 0.0}
     assert options("--rerank", "0", "--head-budgets", "2", "--feedback", "0.25") == {"rerank": 0, "feedback": 0.25, "head_budgets": 2.0}
-    assert options("--select-interval", "2") == {"select_interval": 2}
 
 
 def bad(capsys, argv, message):
@@ -129,10 +128,6 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "0", "--head-budgets", "0.5"], "cap must be >= 1")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--head-budgets", "2"], "--rerank 0")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "-1"], "whole number >= 0")
-    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--select-interval", "0"], "whole number >= 1")
-    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--select-interval", "2",
-                       "--feedback", "0.25"], "--feedback changes them")
-    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "speculative", "--select-interval", "2"], "apply to --method sts")
     if not torch.cuda.is_available():
         bad(capsys, ["bench", "e2e", "--contexts", "8192"], "needs a CUDA device")
 

@@ -21,7 +21,7 @@ from sts.speculative import speculative_generate
 BYTES_ONLY = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0)
 SELECTION = SelectionConfig(budget=32, sink=4, window=8)
 #: (method, policy options) whose reads the model accounts for differently.
-POLICIES = [("sts", {}), ("sts", {"rerank": 0}), ("sts", {"select_interval": 3}), ("specpc", {}), ("streaming", {}), ("quest", {}), ("tidal", {})]
+POLICIES = [("sts", {}), ("sts", {"rerank": 0}), ("specpc", {}), ("streaming", {}), ("quest", {}), ("tidal", {})]
 
 
 def decode(target, draft, policy, prompts, n, verify="auto", hardware=Hardware(), gamma=3):
@@ -31,8 +31,8 @@ def decode(target, draft, policy, prompts, n, verify="auto", hardware=Hardware()
     return engine.generate(prompts, n)
 
 
-def sts(target, draft, budget=32, **options):
-    return make_policy("sts", SelectionConfig(budget=budget, sink=4, window=8), target, draft, **options)
+def sts(target, draft, budget=32):
+    return make_policy("sts", SelectionConfig(budget=budget, sink=4, window=8), target, draft)
 
 
 @pytest.mark.parametrize("method,options", POLICIES, ids=lambda x: str(x) if x else "")
@@ -108,18 +108,16 @@ def test_a_budget_per_slot_must_match_the_contexts(tiny_pair):
         round_cost(target.config, draft.config, reads, [100, 200, 300], [32, 32], 4)
 
 
-@pytest.mark.parametrize("interval", [1, 2])
-def test_round_cost_counts_the_models_own_tensors(tiny_pair, interval):
+def test_round_cost_counts_the_models_own_tensors(tiny_pair):
     """Dense: the target's weights and every context row of its caches; sparse: budget rows plus the draft K
-    rows the STS scores read, the score rows (with ``select_interval``, a round's share of both), and the
-    candidates' target K rows."""
+    rows the STS scores read, the score rows, and the candidates' target K rows."""
     _, target, draft = tiny_pair
     weights = read_weights(target)
     target.setup_cache(1, 600)
     draft.setup_cache(1, 600)
     n, budget = 500, 32
     kv = sum(c.k[:, :, :n].nbytes + c.v[:, :, :n].nbytes for c in (blk.self_attn.cache for blk in target.layers))
-    policy = sts(target, draft, select_interval=interval)
+    policy = sts(target, draft)
     reads = selection_reads(policy, target, draft)
     mapped = policy.draft_layers(draft)
     draft_keys = sum(draft.layers[layer].self_attn.cache.k[:, :, :n].nbytes for layer in mapped)
@@ -127,8 +125,7 @@ def test_round_cost_counts_the_models_own_tensors(tiny_pair, interval):
     selected = sum(c.k[:, :, :budget].nbytes + c.v[:, :, :budget].nbytes for c in (blk.self_attn.cache for blk in target.layers))
     scores = 4 * n * len({head for layer in policy.mapping.sources for head in layer})
     cost = round_cost(target.config, draft.config, reads, [n], budget, 4, BYTES_ONLY)
-    assert cost.dense_s == weights + kv
-    assert cost.sparse_s == pytest.approx(weights + selected + (draft_keys + scores) / interval + candidates, rel=1e-12)
+    assert cost == RoundCost(weights + kv, weights + selected + draft_keys + candidates + scores)
 
 
 def test_below_break_even_sts_equals_dense_speculative_and_every_round_is_dense(tiny_pair):

@@ -81,9 +81,7 @@ def test_cuda_rerank_rows_equal_the_reference_in_a_decode_round(cuda_pair):
 
 ENGINE_METHODS = ["autoregressive", "speculative", "speculative+sd", "speculative+sd-recent-all", "sts", "sts+sd",
                   "sts+sd-scored", "sts+sd-scored-all", "sts-plain", "streaming",
-                  "specpc", "quest", "tidal", "oracle",
-                  # selections reused across rounds: graphs that skip the select phase read its held candidates/rows
-                  "sts+sd-scored-all/select_interval=2", "sts-plain/select_interval=3"]
+                  "specpc", "quest", "tidal", "oracle"]
 
 
 def run_engine(target, draft, method, prompts, n, graphs, eos=(), budget=64.0, sampling=None, seed=0, slots=None,
@@ -94,7 +92,6 @@ def run_engine(target, draft, method, prompts, n, graphs, eos=(), budget=64.0, s
     from sts.engine import Engine, EngineConfig
     from sts.sampling import SamplingConfig
 
-    method, _, interval = method.partition("/select_interval=")
     selection = method.partition("+sd-")[2] or "recent"  # sts+sd-scored(-all): the sparse draft's rows by STS's scores
     name, sparse_draft = method.partition("+sd")[0], "+sd" in method
     config = EngineConfig(gamma=4, cuda_graphs=graphs, draft_budget=24 if sparse_draft else None,
@@ -103,7 +100,6 @@ def run_engine(target, draft, method, prompts, n, graphs, eos=(), budget=64.0, s
     policy = None
     if name not in ("autoregressive", "speculative"):
         base, options = ("sts", {"rerank": 0}) if name == "sts-plain" else (name, {})
-        options |= {"select_interval": int(interval)} if interval else {}
         policy = make_policy(base, SelectionConfig(budget=budget, sink=4, window=8), target, draft, **options)
     engine = Engine(target, None if name == "autoregressive" else draft, policy, slots=slots or len(prompts),
                     max_len=max(map(len, prompts)) + n + 8, config=config)
@@ -118,7 +114,7 @@ def test_cuda_graph_path_equals_eager_path(cuda_pair, method):
     engine, graphed = run_engine(target, draft, method, prompts, 40, graphs=True)
     _, eager = run_engine(target, draft, method, prompts, 40, graphs=False)
     assert graphed.tokens == eager.tokens
-    expect_graphs = method.split("/")[0].partition("+sd")[0] in ("autoregressive", "speculative", "sts", "sts-plain", "streaming", "specpc")
+    expect_graphs = method.partition("+sd")[0] in ("autoregressive", "speculative", "sts", "sts-plain", "streaming", "specpc")
     assert bool(engine._graphs) == expect_graphs
     if method.startswith(("autoregressive", "speculative")):  # lossless methods equal plain greedy
         assert graphed.tokens == generate(target, prompts, 40).tokens

@@ -112,9 +112,6 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feedback", type=float, default=None, help="STS: share of free rows kept for rows the target attended to")
     p.add_argument("--head-budgets", type=float, default=None,
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
-    p.add_argument("--select-interval", type=int, default=None,
-                   help="STS: score the context in one round of this many; the others re-rank that round's candidates "
-                        "with their own verify queries (default 1: every round)")
     p.add_argument("--draft-budget", type=_draft_budget, default="auto",
                    help="sparse draft steps read only this many rows (which, and whether the round's first step too: "
                         "--draft-selection); "
@@ -154,12 +151,10 @@ def _selection(args: argparse.Namespace):
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Return the STS refinements set on the command line (other methods take none)."""
     rerank_prob = None if args.rerank_by is None else float(args.rerank_by == "prob")
-    chosen = (("rerank", args.rerank), ("rerank_prob", rerank_prob), ("feedback", args.feedback),
-              ("head_budgets", args.head_budgets), ("select_interval", args.select_interval))
+    chosen = (("rerank", args.rerank), ("rerank_prob", rerank_prob), ("feedback", args.feedback), ("head_budgets", args.head_budgets))
     options = {k: v for k, v in chosen if v is not None}
     if options and args.method != "sts":
-        raise STSError("--rerank/--rerank-by/--feedback/--head-budgets/--select-interval apply to --method sts, "
-                       f"not {args.method}")
+        raise STSError(f"--rerank/--rerank-by/--feedback/--head-budgets apply to --method sts, not {args.method}")
     return options
 
 

@@ -89,9 +89,6 @@ class SelectionReads:
     rerank: int = 0
     #: The selection reads every K row of each sparse target layer (it scores with the target's own queries).
     key_scan: bool = False
-    #: Rounds one selection serves (STS's ``select_interval``): the draft K reads and the top-k over the scores are
-    #: paid once in that many rounds.
-    interval: int = 1
 
 
 @dataclass(frozen=True)
@@ -115,8 +112,7 @@ def selection_reads(policy: SelectionPolicy, target: Transformer, draft: Transfo
     drafted = len(policy.draft_layers(draft)) if policy.uses_draft else 0
     forced = config.sink + config.window
     if isinstance(policy, STSPolicy):
-        return SelectionReads(forced, dense, drafted, len(policy.combo_sources), policy.rerank,
-                              interval=policy.select_interval)
+        return SelectionReads(forced, dense, drafted, len(policy.combo_sources), policy.rerank)
     if isinstance(policy, (QuestPolicy, OraclePolicy)):
         return SelectionReads(forced, dense, drafted, (n_layers - dense) * target.config.n_kv_heads, key_scan=True)
     if isinstance(policy, TidalPolicy):
@@ -175,9 +171,8 @@ class RoundModel:
     weights: int
     #: Dense verification: K and V of every target layer.
     dense_row: int
-    #: Sparse verification, per context row: K and V of the dense layers, the draft K rows scored and the scores
-    #: ranked (these two a round's share: once per ``interval`` rounds).
-    context_row: float
+    #: Sparse verification, per context row: K and V of the dense layers, the draft K rows scored, the scores ranked.
+    context_row: int
     #: Sparse verification, per selected row: K and V of the sparse layers.
     selected_row: int
     #: Sparse verification, per re-rank candidate (or scanned key): K of the sparse layers.
@@ -198,12 +193,12 @@ class RoundModel:
             reads, hardware.bandwidth, weight_bytes(target, dtype_bytes),
             dense_row=kv_bytes(target, 1, dtype_bytes),
             context_row=(kv_bytes(target, 1, dtype_bytes, layers=reads.dense_layers)
-                         + (kv_bytes(draft, 1, dtype_bytes, layers=reads.draft_layers, k_only=True)
-                            + SCORE_BYTES * reads.score_rows) / reads.interval),
+                         + kv_bytes(draft, 1, dtype_bytes, layers=reads.draft_layers, k_only=True)
+                         + SCORE_BYTES * reads.score_rows),
             selected_row=kv_bytes(target, 1, dtype_bytes, layers=sparse_layers),
             key_row=kv_bytes(target, 1, dtype_bytes, layers=sparse_layers, k_only=True),
             round_s=hardware.round_s, rerank_s=hardware.rerank_layer_s * sparse_layers,
-            score_s=hardware.score_s * reads.score_rows / reads.interval,
+            score_s=hardware.score_s * reads.score_rows,
         )
 
     def cost(self, contexts: Sequence[int], budget: int | Sequence[int]) -> RoundCost:

@@ -224,10 +224,6 @@ class Engine:
         self._graphs: dict[tuple[int, str], list[torch.cuda.CUDAGraph]] = {}  # (budget, mode); budget 0: dense
         self._hold: dict[str, Tensor] = {}
         self.round_budget = 0
-        #: Rounds since the last select phase and its budget (None: the next sparse round selects; see
-        #: :meth:`_reuses_selection`).
-        self._selection_age: int | None = None
-        self._selected_budget = 0
         self._prefill_logits: dict[int, Tensor] = {}
         self._forced: Tensor | None = None
         if cuda:
@@ -353,7 +349,6 @@ class Engine:
         self.ctx[slot], self.last[slot], self.prev[slot], self.active[slot] = n, first, prompt[-1], True
         self.host_ctx[slot], self.host_active[slot] = n, True
         self.slot_selection[slot] = selection
-        self._selection_age = None  # a new sequence has no candidates yet
         if self.scored_draft is not None:
             self.scored_draft.start(slot, n)
         yield first
@@ -449,19 +444,15 @@ class Engine:
         clock = _PhaseClock(self.device, len(phases) + 1)
         if self.graphs_enabled:
             graphs = self._graphs.get((budget, mode)) or self._capture(budget, mode, phases)
-            reuse = self._reuses_selection(budget)  # after a capture: its warm-up rounds selected for real
             clock.mark(0)
             for i, graph in enumerate(graphs):
-                if not (reuse and i == 1):
-                    graph.replay()
+                graph.replay()
                 clock.mark(i + 1)
         else:
             self.round_budget, self.round_mode = budget, mode
-            reuse = self._reuses_selection(budget)
             clock.mark(0)
             for i, phase in enumerate(phases):
-                if not (reuse and i == 1):
-                    phase()
+                phase()
                 clock.mark(i + 1)
         tokens, counts, sparsity = self._fetch()
         self._account(clock, counts, sparsity, dense=budget == 0)
@@ -476,8 +467,7 @@ class Engine:
 
         ``blocks[s]`` holds slot ``s``'s next ``gamma + 2`` tokens, from its context on. The draft reads
         the first ``gamma`` of them (as a draft that guessed right would; its mapped queries are
-        recorded), the policy selects rows for this round (or reuses the last round's, as :meth:`step` does, within its
-        ``select_interval``), and the target verifies the first
+        recorded), the policy selects rows for this round, and the target verifies the first
         ``gamma + 1`` over them: the logits predict tokens ``1 .. gamma + 1``. Every decoding slot then
         moves ``gamma + 1`` tokens on. With ``observers`` the target attends densely and each
         observer's policy chooses rows for those same queries (:class:`ShadowAttention`), so recall
@@ -505,7 +495,7 @@ class Engine:
             for observer in observers.values():
                 observer.policy.prepare(RoundContext(ctx, self.target, observer.policy.config.tokens(longest), self.draft, queries))
             attention = ShadowAttention(dict(observers))
-        elif self.policy is not None and not self._reuses_selection(self.round_budget):
+        elif self.policy is not None:
             self._select_phase()
         logits = self.target(block[:, : self.gamma + 1], ctx, attention)[..., : self.vocab]
         count = (self.gamma + 1) * self.active.long()
@@ -531,7 +521,6 @@ class Engine:
             rows = [max(rows) if a else 0 for a in self.host_active]
         if rows != self.host_budgets:
             self.host_budgets = rows
-            self._selection_age = None  # the candidates each sequence may use depend on its budget
             host = torch.tensor(rows)
             self.slot_budgets.copy_(host.pin_memory() if self.device.type == "cuda" else host, non_blocking=True)
         return max(rows)
@@ -548,24 +537,6 @@ class Engine:
             if not self.round_model.cost(contexts, budgets).sparse_pays:
                 return 0
         return rows
-
-    def _reuses_selection(self, budget: int) -> bool:
-        """Return whether this round of ``budget`` rows (0: dense) skips its select phase and verifies over the last
-        one's candidates, and count it.
-
-        A sparse round reuses them when fewer than the policy's ``select_interval`` rounds have passed since they
-        were selected for the same budget, the same decoding sequences and their same budgets; any change (a dense
-        round, a new sequence, another budget) makes the next sparse round select. Host only, no sync.
-        """
-        if budget == 0 or self.policy is None:
-            self._selection_age = None
-            return False
-        age = self._selection_age
-        if age is not None and budget == self._selected_budget and age + 1 < self.policy.select_interval:
-            self._selection_age = age + 1
-            return True
-        self._selection_age, self._selected_budget = 0, budget
-        return False
 
     def _mode(self) -> str:
         """Return how this round draws tokens: "greedy" (every decoding slot), "filtered" (some slot uses top-k or

@@ -85,7 +85,7 @@ METHODS = (
 
 def parse_methods(names: str) -> list[Method]:
     """Return the methods of a comma list of :data:`METHODS`' names, a selection method's optionally followed by its
-    policy's options (``sts+sd-scored-all/select_interval=2``, :func:`sts.selection.split_options`); the spec is the
+    policy's options (``sts+sd-scored-all/rerank=8``, :func:`sts.selection.split_options`); the spec is the
     method's name in the records. Raises STSError for an unknown method or option."""
     by_name = {m.name: m for m in METHODS}
     methods = []
@@ -110,8 +110,7 @@ def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: 
     Each forward reads its model's weights once (:func:`sts.costmodel.weight_bytes`) and the KV rows
     it attends to (:func:`sts.costmodel.kv_bytes`): the draft's first step every row (``draft_budget`` rows
     with a "-all" draft selection), its later ``gamma - 1`` steps ``draft_budget`` rows with a sparse draft;
-    a selection method's scores the draft's K rows of its ``mapped_layers`` layers (a round's share, with a
-    ``select_interval`` option), its verify ``budget`` rows. Rows a round writes
+    a selection method's scores the draft's K rows of its ``mapped_layers`` layers, its verify ``budget`` rows. Rows a round writes
     are left out. ``dtype_bytes``: bytes per weight and cache element.
     """
     selective = method.policy is not None
@@ -123,9 +122,8 @@ def round_bytes(method: Method, target: ModelConfig, draft: ModelConfig, batch: 
     first = later if method.draft_selection.endswith("-all") else batch * context
     drafting = (gamma * weight_bytes(draft, dtype_bytes) + kv_bytes(draft, first, dtype_bytes)
                 + (gamma - 1) * kv_bytes(draft, later, dtype_bytes))
-    interval = dict(method.options).get("select_interval", 1)  # rounds one selection serves
-    scoring = kv_bytes(draft, batch * context, dtype_bytes, layers=mapped_layers, k_only=True) / interval if selective else 0
-    return int(drafting + scoring + verify)
+    scoring = kv_bytes(draft, batch * context, dtype_bytes, layers=mapped_layers, k_only=True) if selective else 0
+    return drafting + scoring + verify
 
 
 def dense_round(method: Method) -> Method:
@@ -266,7 +264,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="STS rows: auto verifies densely below the cost model's break-even context; sparse always")
     p.add_argument("--methods", default=",".join(m.name for m in METHODS),
                    help="comma list, a selection method's name optionally followed by policy options "
-                        "(sts+sd-scored-all/select_interval=2; default: every method without options)")
+                        "(sts+sd-scored-all/rerank=8; default: every method without options)")
     p.add_argument("--target-shape", default="llama3-8b", help=f"target shape: {', '.join(SHAPES)}")
     p.add_argument("--draft-shape", default="llama3.2-1b", help="draft shape (same vocabulary)")
     p.add_argument("--device", default="cuda", help="cuda (bfloat16) or cpu (float32, for tests)")

@@ -32,8 +32,8 @@ def check_options(method: str, names: Iterable[str]) -> None:
 
 
 def split_options(name: str) -> tuple[str, tuple[tuple[str, float], ...]]:
-    """Return (base, options) of a method name with policy options, ``"sts/rerank=0/select_interval=2"`` ->
-    ``("sts", (("rerank", 0.0), ("select_interval", 2.0)))``; an STSError when an option is not ``/key=number`` or
+    """Return (base, options) of a method name with policy options, ``"sts/rerank=0/feedback=0.25"`` ->
+    ``("sts", (("rerank", 0.0), ("feedback", 0.25)))``; an STSError when an option is not ``/key=number`` or
     is set twice (which options the method takes is :func:`check_options`'s)."""
     base, *pairs = name.split("/")
     try:

@@ -112,9 +112,6 @@ class SelectionPolicy(ABC):
     #: a prefix is a smaller budget's selection: then sequences of one round can each read their own budget. A policy
     #: that is not ranked selects the round's budget for every sequence (and refuses per-sequence budgets).
     ranked: bool = True
-    #: Rounds one selection serves: the engine runs the select phase (:meth:`prepare`) in one round of this many and
-    #: the others reuse its result (STS's ``select_interval``; 1: every round selects).
-    select_interval: int = 1
 
     def __init__(self, config: SelectionConfig) -> None:
         self.config = config

@@ -35,12 +35,6 @@ class STSPolicy(SelectionPolicy):
     * ``feedback = f``: a share ``f`` of the free rows goes to rows the target itself attended
       to most in earlier steps (per layer and KV head, decayed by ``decay`` each step).
 
-    * ``select_interval = n`` (default 1, the paper's rule): the draft's scores and candidates are
-      computed in one round of ``n`` and reused by the next ``n - 1``, whose verify queries re-rank
-      them afresh (the engine skips their select phase; the rows a reused selection chose stay
-      older than every later window, so none is read twice). Rows that leave the window between
-      two selections are read only if chosen again.
-
     ``head_budgets = c`` spreads the same total over target KV heads by their calibrated
     difficulty (the mapping's mass curves, :mod:`sts.selection.budgets`), each head between a
     quarter and ``c`` times the uniform share; the rows read per head are padded to the largest
@@ -53,7 +47,6 @@ class STSPolicy(SelectionPolicy):
     def __init__(
         self, config: SelectionConfig, mapping: HeadMapping, aggregate: Aggregate = "max",
         rerank: float = 4, feedback: float = 0.0, decay: float = 0.5, rerank_prob: float = 1, head_budgets: float = 0,
-        select_interval: float = 1,
     ) -> None:
         super().__init__(config)
         if rerank < 0 or rerank != int(rerank):
@@ -64,19 +57,11 @@ class STSPolicy(SelectionPolicy):
             raise STSError(f"the feedback decay must be in [0, 1], got {decay}")
         if head_budgets < 0 or 0 < head_budgets < 1:
             raise STSError(f"per-head budget cap must be >= 1 (x the mean), got {head_budgets}")
-        if select_interval < 1 or select_interval != int(select_interval):
-            raise STSError(f"--select-interval must be a whole number >= 1, got {select_interval}")
-        if select_interval > 1 and feedback:
-            raise STSError("--select-interval reuses a round's candidates; --feedback changes them every step")
         if head_budgets and (rerank or feedback):
             raise STSError("--head-budgets works with the plain rule (--rerank 0), not with re-ranking or --feedback")
         if head_budgets and mapping.mass_curve is None:
             raise STSError("--head-budgets needs a calibrated mapping with mass curves (from `sts calibrate`)")
         self.head_budgets = head_budgets
-        self.select_interval = int(select_interval)
-        #: Static buffers (by name, shape and dtype) that hold a selection across the rounds that reuse it: made
-        #: outside the CUDA graphs, so a later graph's scratch memory never overlaps them.
-        self._held: dict[tuple[str, tuple[int, ...], torch.dtype], Tensor] = {}
         self.curve = torch.tensor(mapping.mass_curve) if head_budgets else None
         self.widths: tuple[int, Tensor] | None = None  # (budget, [L, Hkv] rows per head) when head_budgets
         self.mapping = mapping
@@ -142,22 +127,13 @@ class STSPolicy(SelectionPolicy):
         if self.rerank and not self.wants_feedback:
             # The draft's candidates do not depend on the target's queries: one batched top-k, and one gather of
             # every target layer's heads' candidates ([B, L, Hkv, C]: a layer takes a view, launching nothing).
-            self.candidates = tuple(self._hold(name, t[:, self.combo_of]) for name, t in
-                                    zip(("candidates", "usable"), self._top_candidates(self.combined, ctx.start_pos)))
+            self.candidates = tuple(t[:, self.combo_of] for t in self._top_candidates(self.combined, ctx.start_pos))
         if not (self.rerank or self.wants_feedback):
             # Without per-layer refinements every layer's rows are known now: one batched top-k
             # over the distinct score rows is far cheaper on the GPU than one per target layer.
             width = self.budget if not self.head_budgets else int(self._head_widths(device).max())
-            self.rows = self._hold("rows", topk_rows(
-                self.combined, ctx.start_pos, width, self.config.sink, self.config.window, ranked=True))
-
-    def _hold(self, name: str, value: Tensor) -> Tensor:
-        """Return ``value`` copied into its static buffer (one per name, shape and dtype), which rounds reusing this
-        selection read (``select_interval``)."""
-        key = (name, tuple(value.shape), value.dtype)
-        if key not in self._held:
-            self._held[key] = torch.empty_like(value)
-        return self._held[key].copy_(value)
+            self.rows = topk_rows(
+                self.combined, ctx.start_pos, width, self.config.sink, self.config.window, ranked=True)
 
     def draft_layer_scores(self) -> Tensor:
         """Return ``[L, B, N]``: this round's scores of the context rows for each draft layer of :meth:`draft_layers`

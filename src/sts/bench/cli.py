@@ -16,14 +16,16 @@ GPU_ONLY = ("kernels",)
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """Add the benchmark choice; its own options follow it (``sts bench e2e --help``)."""
-    p.add_argument("bench", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("bench", nargs="?", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (none: its defaults)")
 
 
 def run_bench_cli(args: argparse.Namespace) -> None:
-    """Run the chosen benchmark with its options."""
+    """Run the chosen benchmark with its options (an STSError when none is chosen)."""
     import torch
 
+    if args.bench is None:
+        raise STSError(f"choose a benchmark: {', '.join(sorted(BENCHMARKS))} (sts bench --help)")
     if args.bench in GPU_ONLY and not torch.cuda.is_available() and args.options not in (["--help"], ["-h"]):
         raise STSError("sts bench measures GPU speed and needs a CUDA device")
     importlib.import_module(BENCHMARKS[args.bench]).main(args.options)

@@ -166,3 +166,21 @@ def test_methods_take_policy_options_and_refuse_what_does_not_apply():
                           ("sts/rerank=1/rerank=2", "sets an option twice")):
         with pytest.raises(STSError, match=message):
             parse_methods(spec)
+
+
+def test_plot_places_every_context_and_method_with_options(tmp_path, monkeypatch):
+    """Contexts below 1K and between powers of two keep their place on the K-token axis; a method named with policy
+    options gets its own line."""
+    from matplotlib.axes import Axes
+
+    from sts.bench.e2e import plot
+
+    drawn = []
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, *a, **k: drawn.append((k.get("label"), list(x))) or original(self, x, *a, **k))
+    base = {"batch": 1, "gamma": 4, "device": "cpu"}
+    records = [{**base, "method": m, "context": c, "speedup_vs_ar": 1.5}
+               for m in ("sts", "sts/rerank=8") for c in (512, 1536)]
+    path = plot(records, tmp_path / "e2e.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(drawn) == [("sts, batch 1", [0.5, 1.5]), ("sts/rerank=8, batch 1", [0.5, 1.5])]

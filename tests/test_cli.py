@@ -257,3 +257,37 @@ def test_each_benchmarks_help_names_the_command_it_is(capsys, bench):
         main(["bench", bench, "--help"])
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: sts bench {bench} ")
+
+
+def test_unusable_output_paths_fail_in_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+    """--out/--png/--json-out that cannot be written (a folder no one can create files in, a folder given for a
+    file), and --plot files that cannot be read, are one-line errors with exit 2: checked before the models load
+    (here they do not even exist), nothing written."""
+    locked = "/proc/self/out.json"  # procfs takes no new files, whoever runs the tests
+    missing = str(tmp_path / "no-model")
+    texts = tmp_path / "t.txt"
+    texts.write_text("some text")
+    bad(capsys, ["calibrate", "--target", missing, "--draft", missing, "--text-file", str(texts), "--out", locked],
+        "cannot use /proc/self as the output folder")
+    bad(capsys, ["recall", "--target", missing, "--draft", missing, "--text-file", str(texts), "--out", locked],
+        "cannot use /proc/self as the output folder")
+    bad(capsys, ["calibrate", "--target", missing, "--draft", missing, "--text-file", str(texts), "--out", str(tmp_path)],
+        "is a folder: name a file")
+    e2e = ["bench", "e2e", "--device", "cpu", "--target-shape", "tiny-target", "--draft-shape", "tiny-draft"]
+    bad(capsys, e2e + ["--out", locked], "cannot use /proc/self as the output folder")
+    bad(capsys, e2e + ["--out", str(tmp_path / "r.jsonl"), "--png", str(tmp_path)], "is a folder: name a file")
+    assert not (tmp_path / "r.jsonl").exists()
+    records = tmp_path / "bad.jsonl"
+    records.write_text('{"a": 1}\nnot json\n')
+    for bench in ("e2e", "serve"):
+        bad(capsys, ["bench", bench, "--plot", str(tmp_path / "none.jsonl")], "cannot read")
+        bad(capsys, ["bench", bench, "--plot", str(records)], "bad.jsonl:2 is not a JSON record")
+    bad(capsys, ["bench", "serve", "--device", "cpu", "--quick", "--out", locked], "cannot use /proc/self as the output folder")
+
+    import sts.demo
+
+    def full_disk(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(sts.demo, "run_demo", full_disk)  # what the system refuses mid-run: still one line
+    bad(capsys, ["demo", "--device", "cpu"], "x: No space left on device")

@@ -135,6 +135,12 @@ def test_eval_resumes_only_with_the_settings_of_its_records(tiny_pair_with_token
     resumed = _records(out)
     assert resumed[:3] == records and [(r["method"], r["budget"]) for r in resumed[3:]] == [("sts", 48)]
     capsys.readouterr()
+    other = tmp_path / "other"  # a folder of someone else's files is not an eval to resume: left as it was
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(_needle_eval(*tiny_pair_with_tokenizer, other, "--methods", "speculative")) == 2
+    assert "holds other files and no sts eval results" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_eval_resumes_a_folder_from_before_settings_were_stored(tiny_pair_with_tokenizer, tmp_path, capsys, caplog):

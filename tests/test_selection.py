@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -499,3 +500,15 @@ def test_settings_out_of_range_are_refused_naming_the_flag(tiny_pair):
         make_policy("sts", SelectionConfig(budget=64, sink=4, window=8, dense_layers=99), target, draft)
     with pytest.raises(STSError, match="draft budget must exceed"):
         speculative_generate(target, draft, [[1, 2, 3]], 4, draft_budget=0)
+
+
+@pytest.mark.parametrize("settings", [dict(n_queries=85), dict(window=90), dict(topk=80)])
+def test_calibration_text_too_short_names_every_setting_that_counts(tiny_pair, settings):
+    from sts.calibrate import calibrate
+
+    _, target, draft = tiny_pair
+    chosen = {"n_queries": 8, "topk": 8, "sink": 4, "window": 8} | settings
+    with pytest.raises(STSError, match="100 tokens is too short") as err:
+        calibrate(target, draft, [[i % 90 + 1 for i in range(100)]], progress=False, **chosen)
+    said = re.search(r"exceed --queries (\d+) \+ --topk (\d+) \+ --sink 4 \+ --window (\d+) tokens", str(err.value))
+    assert said and [int(x) for x in said.groups()] == [chosen["n_queries"], chosen["topk"], chosen["window"]]

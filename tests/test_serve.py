@@ -601,11 +601,12 @@ def test_bad_chat_requests_and_routes(server):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": image}), 400, "messages.0.content")
     assert_error(*post(url, "/v1/nothing", GOOD), 404)
-    llm.scheduler.max_queue = 0  # every slot "busy": the queue takes nobody
+    llm.scheduler.max_queue, free = 0, llm.scheduler.free_slots
+    llm.scheduler.free_slots = lambda: 0  # every slot busy: the queue takes nobody
     try:
         assert_error(*post(url, "/v1/completions", GOOD), 429, code="queue_full")
     finally:
-        llm.scheduler.max_queue = 64
+        llm.scheduler.max_queue, llm.scheduler.free_slots = 64, free
     assert_serves(url)
 
 
@@ -1007,3 +1008,23 @@ def test_python_api_wrong_types_are_one_line_errors(pair):
         assert llm.generate("hello", max_tokens=3)[0].text is not None  # it still serves
     finally:
         llm.close()
+
+
+def test_the_queue_bound_counts_only_requests_no_free_slot_will_take(pair):
+    """Slots 2, --max-queue 1: on an idle server three requests at once are taken (two get slots at the next
+    iteration, one waits); a fourth is refused; once the first two hold their slots, one more may wait."""
+    from sts.serve.scheduler import QueueFull, RequestParams
+
+    llm = make_llm(pair, slots=2, max_queue=1)  # its scheduler thread is not started: nothing is admitted by itself
+    ids = pair["tokenizer"]("hello there").input_ids
+    params = RequestParams(max_tokens=2)
+    taken = [llm.submit(ids, params, lambda delta: None) for _ in range(3)]
+    with pytest.raises(QueueFull, match="1 requests are waiting"):
+        llm.submit(ids, params, lambda delta: None)
+    llm.scheduler._admit()  # the two oldest take the free slots; the third still waits
+    assert [r.slot is not None for r in taken] == [True, True, False]
+    with pytest.raises(QueueFull):
+        llm.submit(ids, params, lambda delta: None)
+    while not llm.scheduler.idle:
+        llm.scheduler.run_once()
+    assert all(r.finish_reason is not None for r in taken)

@@ -152,7 +152,8 @@ def calibrate(
     curves: list[Tensor] = []
     for tokens in tqdm(texts, desc="calibrate", disable=not progress, file=None):
         if len(tokens) <= n_queries + topk + sink + window:
-            raise STSError(f"a calibration text of {len(tokens)} tokens is too short for --topk {topk}")
+            raise STSError(f"a calibration text of {len(tokens)} tokens is too short: it must exceed --queries {n_queries} "
+                           f"+ --topk {topk} + --sink {sink} + --window {window} tokens (lower them or raise --context)")
         mass = competing_mass(probe(target, tokens, n_queries), target.config.n_kv_heads, sink, window, gamma)
         score = score_sources(mass, probe(draft, tokens, n_queries), topk, sink, window, criterion, gamma)
         total = score if total is None else total + score

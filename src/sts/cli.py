@@ -260,7 +260,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate the draft->target head mapping and write it to --out."""
     from sts.calibrate import calibrate_files
 
+    from sts.eval.output import output_file
+
     _at_least(args, topk=1, sources=1, queries=1, context=1, skip_tokens=0, sink=0, window=0)
+    output_file(args.out)  # before loading: an unusable path fails first
     target, draft = _load(args)
     mapping = calibrate_files(
         target, draft, args.text_file, args.out, skip_tokens=args.skip_tokens, context=args.context,
@@ -342,8 +345,11 @@ def cmd_recall(args: argparse.Namespace) -> int:
     """Compare selections' recall on identical queries and print the table."""
     from sts.eval.recall import RecallSettings, recall_table, run_recall
 
+    from sts.eval.output import output_file
+
     settings = _settings(RecallSettings, args)
-    settings.method_specs()  # refuse impossible settings before loading the models
+    settings.method_specs()  # refuse impossible settings and an unusable --out before loading the models
+    output_file(args.out)
     target, draft = _load(args)
     rows = run_recall(target, draft, args.text_file, args.out, settings, header=report_header(args.argv))
     print(recall_table(rows))
@@ -477,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except STSError as exc:
         print(f"sts: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the system refused (disk full, a path that changed meanwhile): the user's to fix
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"sts: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sts: interrupted", file=sys.stderr)

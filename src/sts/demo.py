@@ -25,6 +25,7 @@ import torch
 
 from sts.costmodel import kv_bytes, weight_bytes
 from sts.decoding import PrefixCache
+from sts.eval.output import atomic_write, output_file
 from sts.eval.scoring import score
 from sts.eval.tasks import generate_qa, make_prompt, token_counter
 from sts.models.config import ModelConfig
@@ -58,6 +59,8 @@ def kv_share(config: ModelConfig, context: int) -> float:
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo, print a comparison table, and return its record."""
     device, dtype = resolve_device(getattr(args, "device", None), getattr(args, "dtype", None))
+    if getattr(args, "json_out", None):
+        output_file(args.json_out)  # an unusable path fails before the fetch and the decoding
     draft_dir, target_dir = demo_pair()
     print(f"loading {target_dir.name} (target) and {draft_dir.name} (draft) on {device} in {dtype}", file=sys.stderr)
     target, draft = load_pair(str(target_dir), str(draft_dir), parse_dtype(dtype), device)
@@ -98,7 +101,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
               "mapping": os.path.basename(mapping) if mapping else "default", "device": device, "dtype": dtype,
               "kv_share": round(setting["kv_share"], 5), "methods": results}
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(record, indent=1))
+        atomic_write(Path(args.json_out), lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     return record
 
 

@@ -36,6 +36,7 @@ from sts.costmodel import H200_BANDWIDTH, break_even, kv_bytes, selection_reads,
 from sts.decoding import synchronize
 from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
+from sts.eval.output import output_file, read_jsonl
 from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
 from sts.parallel import Shard, device_type, quiet, rank_device, run_ranks
@@ -286,14 +287,14 @@ def plot(records: list[dict], path: Path) -> Path:
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     lines = sorted({(r["method"], r.get("gamma")) for r in records if r["method"] != "autoregressive"},
-                   key=lambda line: ([m.name for m in METHODS].index(line[0]), line[1] or 0))
+                   key=lambda line: ([m.name for m in METHODS].index(line[0].split("/")[0]), line[0], line[1] or 0))
     several = len({gamma for _, gamma in lines}) > 1
     for batch, style in zip(sorted({r["batch"] for r in records}), ("-o", "--s", ":^", "-.v")):
         for i, (method, gamma) in enumerate(lines):
             rows = sorted((r for r in records if r["batch"] == batch and (r["method"], r.get("gamma")) == (method, gamma)
                            and r["speedup_vs_ar"]), key=lambda r: r["context"])
             if rows:  # one colour per method (and gamma), one line style per batch size
-                ax.plot([r["context"] // 1024 for r in rows], [r["speedup_vs_ar"] for r in rows], style, color=f"C{i % 10}",
+                ax.plot([r["context"] / 1024 for r in rows], [r["speedup_vs_ar"] for r in rows], style, color=f"C{i % 10}",
                         label=f"{method}{f' gamma {gamma}' if several else ''}, batch {batch}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
@@ -397,8 +398,11 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     args.argv = argv
     if args.plot:
-        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], Path(args.png or "e2e.png"))
+        plot(read_jsonl(args.plot), output_file(args.png or "e2e.png"))
         return
+    for path in (args.out, args.png):  # unusable output paths fail before the grid runs
+        if path:
+            output_file(path)
     kind = device_type(args.device)
     if kind == "cuda" and not torch.cuda.is_available():
         raise STSError("sts bench e2e measures GPU speed and needs a CUDA device (--device cpu runs it on the CPU for tests)")

@@ -41,6 +41,7 @@ from sts.attention.rerank import rerank_rows
 from sts.attention.triton_rerank import rerank_rows_triton
 from sts.attention.triton_scores import context_scores_triton
 from sts.attention.triton_verify import KernelConfig, sparse_verify_attention, split_count
+from sts.eval.output import output_file
 
 HBM_GBPS = 4300.0
 TOUCH_BYTES = 256 << 20  # bytes each timed graph replay touches: over 4x the L2
@@ -326,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the kernel benchmarks need a CUDA GPU")
+    for path in (args.out, args.md):  # unusable output paths fail before the kernels run
+        if path:
+            output_file(path)
     torch.manual_seed(0)
     contexts = (8192, 131072) if args.quick else (8192, 32768, 65536, 131072)
     budgets = (256, 2048) if args.quick else (256, 512, 1024, 2048, 4096)

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from sts.decoding import GenerationStats
 from sts.errors import STSError
+from sts.eval.output import output_file, read_jsonl
 from sts.runner import DENSE_METHODS
 
 #: The served model id.
@@ -403,9 +404,12 @@ def main(argv: list[str] | None = None) -> list[Point]:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
     if args.plot:
-        plot([json.loads(line) for line in Path(args.plot).read_text().splitlines() if line.strip()], Path(args.png or "serve.png"))
+        plot(read_jsonl(args.plot), output_file(args.png or "serve.png"))
         return []
     check_args(args)
+    for path in (args.out, args.png):  # unusable output paths fail before the servers start
+        if path:
+            output_file(path)
     chosen = args.methods.split(",")
     streams = [int(c) for c in args.streams.split(",")]
     shapes = QUICK_SHAPES if args.quick else SHAPES

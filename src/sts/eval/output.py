@@ -3,7 +3,9 @@ when a run fails before writing anything."""
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,10 +14,14 @@ from sts.errors import STSError
 
 
 def output_dir(path: str | Path) -> Path:
-    """Return ``path`` as a folder that exists (parents created); a path that cannot be one is a user error."""
+    """Return ``path`` as a folder that exists (parents created) and takes new files; a path that cannot be one
+    (not a folder, read-only, no permission) is a user error, found by creating and removing an empty file there."""
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sts-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise STSError(f"cannot use {folder} as the output folder: {exc.strerror or exc}") from None
     return folder
@@ -57,12 +63,34 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def output_file(path: str | Path) -> Path:
-    """Return ``path`` as a file that can be written (its folder created); a folder there is a user error."""
+    """Return ``path`` as a file that can be written (its folder created, :func:`output_dir`); a folder there is a
+    user error. Call it before the work whose result goes there."""
     file = Path(path)
     if file.is_dir():
         raise STSError(f"output {file} is a folder: name a file")
     output_dir(file.parent)
     return file
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Return the JSON objects of a JSON-lines file (blank lines skipped); an unreadable or malformed file is an
+    STSError naming it (and the line)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise STSError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise STSError(f"{path}:{number} is not a JSON record ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise STSError(f"{path}:{number} is not a JSON object")
+        records.append(record)
+    return records
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

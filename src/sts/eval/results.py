@@ -84,10 +84,14 @@ def resume(folder: Path, current: ResultSettings) -> tuple[dict[str, Record], Re
 
     Raises :class:`STSError`, before anything is written, when the records were made with a setting of
     ``current`` at another value: one line naming each such setting and its two values, and asking for
-    another ``--out``. Also for a settings file that cannot be read. A folder with records but no settings
-    file (from before they were stored) resumes unchecked, with a warning.
+    another ``--out``. Also for a settings file that cannot be read, and for a folder that holds other files but no
+    records (not an earlier run's: the report and figures would mix into them). A folder with records but no
+    settings file (from before they were stored) resumes unchecked, with a warning.
     """
     done = _records(folder / RESULTS_FILE)
+    if not done and any(folder.iterdir()):
+        raise STSError(f"{folder} holds other files and no sts eval results: use a new or empty --out (or an "
+                       "earlier run's folder, to resume it)")
     stored = _stored_settings(folder / SETTINGS_FILE) if done else None  # settings of no record bind nothing
     if stored is None:
         if done:

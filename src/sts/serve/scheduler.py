@@ -164,13 +164,19 @@ class Scheduler:
     # ------------------------------------------------------------------ any thread
 
     def submit(self, request: Request, bounded: bool = True) -> None:
-        """Queue ``request`` for a slot; raise :class:`QueueFull` when ``bounded`` and ``max_queue`` requests already wait."""
+        """Queue ``request`` for a slot; raise :class:`QueueFull` when ``bounded`` and ``max_queue`` requests already
+        wait with no slot free for them (requests that a free slot takes at the next iteration do not count)."""
         with self._lock:
-            if bounded and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self.waiting)} requests are waiting for a slot; retry later",
+            beyond = len(self.waiting) - self.free_slots()
+            if bounded and beyond >= self.max_queue:
+                raise QueueFull(f"the server is busy: {beyond} requests are waiting for a slot; retry later",
                                 code="queue_full")
             self.waiting.append(request)
         self._wake.set()
+
+    def free_slots(self) -> int:
+        """Return how many slots no request holds (prefilling or decoding); read from any thread."""
+        return self.engine.slots - len(self.prefilling) - len(self.running)
 
     def cancel(self, request: Request) -> None:
         """Stop ``request``: dropped from the queue now, or its slot freed before the next round."""

@@ -291,3 +291,31 @@ def test_unusable_output_paths_fail_in_one_line_before_any_work(capsys, tmp_path
 
     monkeypatch.setattr(sts.demo, "run_demo", full_disk)  # what the system refuses mid-run: still one line
     bad(capsys, ["demo", "--device", "cpu"], "x: No space left on device")
+
+
+def test_a_mapping_for_another_pair_is_refused_before_loading(capsys, checkpoints, tmp_path, monkeypatch):
+    """generate, eval and recall read the local checkpoints' configs and the mapping first: a mapping made for the
+    draft as target fails without loading a model (here loading would fail) and writes nothing; the right mapping
+    passes that check."""
+    import sts.runner
+    from sts.errors import STSError
+    from sts.models.loading import read_config
+
+    t, d = checkpoints["target"], checkpoints["draft"]
+    wrong, right = tmp_path / "wrong.json", tmp_path / "right.json"
+    HeadMapping.default(read_config(d), read_config(d)).save(wrong)
+    HeadMapping.default(read_config(t), read_config(d)).save(right)
+
+    def no_loading(*args, **kwargs):
+        raise STSError("loaded")
+
+    monkeypatch.setattr(sts.runner, "load_pair", no_loading)
+    texts = tmp_path / "t.txt"
+    texts.write_text("text")
+    out = tmp_path / "eval"
+    for argv in (["generate", "--prompt-ids", "1,2,3", "--method", "sts", "--window", "8"],
+                 ["eval", "--methods", "sts-cal", "--out", str(out)],
+                 ["recall", "--text-file", str(texts), "--out", str(tmp_path / "r.json")]):
+        bad(capsys, argv + ["--target", t, "--draft", d, "--mapping", str(wrong)], "mapping was made for target")
+        bad(capsys, argv + ["--target", t, "--draft", d, "--mapping", str(right)], "loaded")
+    assert not out.exists() and not (tmp_path / "r.json").exists()

@@ -54,10 +54,17 @@ def add_model_args(p: argparse.ArgumentParser, draft_required: bool = False) -> 
 
 def _load(args: argparse.Namespace, with_draft: bool = True) -> tuple[Any, Any]:
     """Return (target, draft or None) as :class:`~sts.runner.LoadedModel`, from the model options (the device
-    checked by :func:`main`)."""
-    from sts.models.loading import parse_dtype
+    checked by :func:`main`); a ``--mapping`` made for another pair of local checkpoints is refused first, from their
+    configs alone."""
+    from sts.models.loading import parse_dtype, read_config
     from sts.runner import load_pair
+    from sts.selection import HeadMapping
 
+    mapping = getattr(args, "mapping", None)
+    if mapping and with_draft and args.draft:  # a mapping for another pair fails before the (slow) loading
+        configs = read_config(args.target), read_config(args.draft)
+        if None not in configs:
+            HeadMapping.load(mapping).check_pair(*configs)  # type: ignore[arg-type]
     return load_pair(args.target, args.draft if with_draft else None, parse_dtype(args.dtype), args.device)
 
 

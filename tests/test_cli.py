@@ -281,7 +281,7 @@ def test_unusable_output_paths_fail_in_one_line_before_any_work(capsys, tmp_path
     records.write_text('{"a": 1}\nnot json\n')
     for bench in ("e2e", "serve"):
         bad(capsys, ["bench", bench, "--plot", str(tmp_path / "none.jsonl")], "cannot read")
-        bad(capsys, ["bench", bench, "--plot", str(records)], "bad.jsonl:2 is not a JSON record")
+        bad(capsys, ["bench", bench, "--plot", str(records)], "bad.jsonl:2: not valid JSON")
     bad(capsys, ["bench", "serve", "--device", "cpu", "--quick", "--out", locked], "cannot use /proc/self as the output folder")
 
     import sts.demo

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sts.errors import STSError
 
@@ -72,9 +73,9 @@ def output_file(path: str | Path) -> Path:
     return file
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Return the JSON objects of a JSON-lines file (blank lines skipped); an unreadable or malformed file is an
-    STSError naming it (and the line)."""
+def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Return the JSON objects of a JSON-lines file (blank lines skipped), each holding the ``required`` fields
+    (not null); an unreadable file or a line that is not such an object is an STSError naming the file (and line)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -83,12 +84,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise STSError(f"{path}:{number} is not a JSON record ({exc.msg})") from None
+            raise STSError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(record, dict):
-            raise STSError(f"{path}:{number} is not a JSON object")
+            raise STSError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        missing = [name for name in required if record.get(name) is None]
+        if missing:
+            raise STSError(f"{where}: record lacks {', '.join(missing)}")
         records.append(record)
     return records
 

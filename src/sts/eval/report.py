@@ -13,7 +13,6 @@ length (:mod:`sts.eval.intervals`).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +25,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 
 from sts.errors import STSError
 from sts.eval.intervals import CONFIDENCE, Interval, mean_interval, paired_difference_interval, wilson_interval
-from sts.eval.output import atomic_write
+from sts.eval.output import atomic_write, read_jsonl
 
 Record = dict[str, Any]
 Row = dict[str, Any]
@@ -86,16 +85,7 @@ def load_records(path: str | Path) -> list[Record]:
     Raises :class:`STSError` naming the file and line of a line that is not a JSON object
     with a ``method`` and a ``task``.
     """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise STSError(f"cannot read results file {path}: {error.strerror}") from error
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            records.append(_parse_record(line, f"{path}:{number}"))
-    return records
+    return read_jsonl(path, _REQUIRED_FIELDS)
 
 
 def summarise(records: Iterable[Record]) -> list[Row]:
@@ -304,20 +294,6 @@ def write_report(results_path: str | Path, out_dir: str | Path, header: str = ""
     report = out / "report.md"
     atomic_write(report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return report
-
-
-def _parse_record(line: str, where: str) -> Record:
-    """Return the record on one JSONL line; ``where`` ("file:line") names it in errors."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise STSError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from error
-    if not isinstance(record, dict):
-        raise STSError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    missing = [name for name in _REQUIRED_FIELDS if record.get(name) is None]
-    if missing:
-        raise STSError(f"{where}: record lacks {', '.join(missing)}")
-    return record
 
 
 def _summary_row(

@@ -284,6 +284,7 @@ def test_unusable_output_paths_fail_in_one_line_before_any_work(capsys, tmp_path
         bad(capsys, ["bench", bench, "--plot", str(records)], "bad.jsonl:2: not valid JSON")
     bad(capsys, ["bench", "serve", "--device", "cpu", "--quick", "--out", locked], "cannot use /proc/self as the output folder")
 
+    bad(capsys, ["demo", "--device", "cpu", "--json-out", locked], "cannot use /proc/self as the output folder")
     import sts.demo
 
     def full_disk(args):

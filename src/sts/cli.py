@@ -266,7 +266,6 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate the draft->target head mapping and write it to --out."""
     from sts.calibrate import calibrate_files
-
     from sts.eval.output import output_file
 
     _at_least(args, topk=1, sources=1, queries=1, context=1, skip_tokens=0, sink=0, window=0)
@@ -350,9 +349,8 @@ def add_recall_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_recall(args: argparse.Namespace) -> int:
     """Compare selections' recall on identical queries and print the table."""
-    from sts.eval.recall import RecallSettings, recall_table, run_recall
-
     from sts.eval.output import output_file
+    from sts.eval.recall import RecallSettings, recall_table, run_recall
 
     settings = _settings(RecallSettings, args)
     settings.method_specs()  # refuse impossible settings and an unusable --out before loading the models

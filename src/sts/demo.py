@@ -59,7 +59,7 @@ def kv_share(config: ModelConfig, context: int) -> float:
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo, print a comparison table, and return its record."""
     device, dtype = resolve_device(getattr(args, "device", None), getattr(args, "dtype", None))
-    if getattr(args, "json_out", None):
+    if args.json_out:
         output_file(args.json_out)  # an unusable path fails before the fetch and the decoding
     draft_dir, target_dir = demo_pair()
     print(f"loading {target_dir.name} (target) and {draft_dir.name} (draft) on {device} in {dtype}", file=sys.stderr)

@@ -193,7 +193,11 @@ def test_openai_client_completion_chat_and_streams_equal_sts_generate(capsys, pa
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
     assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == 10
 
-    assert [m.id for m in api.models.list().data] == [MODEL]
+    (listed,) = api.models.list().data
+    assert listed.id == MODEL and abs(listed.created - time.time()) < 3600  # created: when the server started
+    assert api.models.retrieve(MODEL).model_dump() == listed.model_dump()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        api.models.retrieve("another-model")
     conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"))
     conn.request("GET", "/metrics")  # Prometheus' text format
     text = conn.getresponse().read().decode()

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP routes over one :class:`~sts.api.LLM` whose scheduler runs in its own thread.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``: server-sent
-events in OpenAI's chunk format, ended by ``data: [DONE]``), ``GET /v1/models``, ``GET /health``
+events in OpenAI's chunk format, ended by ``data: [DONE]``), ``GET /v1/models`` (and ``/v1/models/{id}``), ``GET /health``
 and ``GET /metrics`` (Prometheus). With an API key every route but ``/health`` needs
 ``Authorization: Bearer KEY``. Every error is answered with OpenAI's body
 (``{"error": {"message", "type", "param", "code"}}``): 400 for a request that cannot be
@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -256,10 +257,13 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_reques
         log.error("internal error", exc_info=exc)
         return _error_response(exc)
 
-    def check(body: _Body) -> None:
-        if body.model != model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}", "model",
+    def served(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
                            "model_not_found")
+
+    def check(body: _Body) -> None:
+        served(body.model)
         check_body(body, settings)
 
     async def answer(reply: Reply, body: _Body, ids: list[int], max_tokens: int | None, http: Request) -> Response:
@@ -334,11 +338,17 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_reques
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await answer(Reply("chat", model_name), body, ids, limit, http)
 
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "sts",
+            "max_model_len": llm.max_model_len, "sts": settings}  # created: when the server started
+
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "sts",
-                "max_model_len": llm.max_model_len, "sts": settings}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}", dependencies=guarded)
+    async def model(name: str) -> dict[str, Any]:
+        served(name)
+        return card
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -606,7 +606,7 @@ def test_bad_chat_requests_and_routes(server):
     assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": image}), 400, "messages.0.content")
     assert_error(*post(url, "/v1/nothing", GOOD), 404)
     llm.scheduler.max_queue, free = 0, llm.scheduler.free_slots
-    llm.scheduler.free_slots = lambda: 0  # every slot busy: the queue takes nobody
+    llm.scheduler.free_slots = lambda: []  # every slot busy: the queue takes nobody
     try:
         assert_error(*post(url, "/v1/completions", GOOD), 429, code="queue_full")
     finally:

@@ -167,16 +167,16 @@ class Scheduler:
         """Queue ``request`` for a slot; raise :class:`QueueFull` when ``bounded`` and ``max_queue`` requests already
         wait with no slot free for them (requests that a free slot takes at the next iteration do not count)."""
         with self._lock:
-            beyond = len(self.waiting) - self.free_slots()
+            beyond = len(self.waiting) - len(self.free_slots())
             if bounded and beyond >= self.max_queue:
                 raise QueueFull(f"the server is busy: {beyond} requests are waiting for a slot; retry later",
                                 code="queue_full")
             self.waiting.append(request)
         self._wake.set()
 
-    def free_slots(self) -> int:
-        """Return how many slots no request holds (prefilling or decoding); read from any thread."""
-        return self.engine.slots - len(self.prefilling) - len(self.running)
+    def free_slots(self) -> list[int]:
+        """Return the slots no request holds (prefilling or decoding), in order; read from any thread."""
+        return [s for s in self.engine.free_slots() if s not in self.prefilling]
 
     def cancel(self, request: Request) -> None:
         """Stop ``request``: dropped from the queue now, or its slot freed before the next round."""
@@ -258,7 +258,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Give free slots to waiting requests, oldest first."""
-        free = [s for s in self.engine.free_slots() if s not in self.prefilling]
+        free = self.free_slots()
         while free:
             with self._lock:
                 if not self.waiting:

@@ -10,7 +10,9 @@ import torch
 
 from conftest import FAMILIES, hf_config, hf_model, ours, perturbed, read_weights
 from sts.bench.synthetic import shape_config
-from sts.costmodel import Hardware, RoundCost, break_even, kv_bytes, round_cost, selection_reads, weight_bytes
+from sts.costmodel import (
+    DraftSteps, Hardware, RoundCost, break_even, kv_bytes, round_cost, selection_reads, weight_bytes,
+)
 from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
 from sts.parallel import shard_model
@@ -18,7 +20,7 @@ from sts.selection import SelectionConfig, make_policy
 from sts.speculative import speculative_generate
 
 #: Only bytes count: sparse verification pays exactly when it reads fewer bytes than dense verification.
-BYTES_ONLY = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0)
+BYTES_ONLY = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0, forward_s=0.0)
 SELECTION = SelectionConfig(budget=32, sink=4, window=8)
 #: (method, policy options) whose reads the model accounts for differently.
 POLICIES = [("sts", {}), ("sts", {"rerank": 0}), ("specpc", {}), ("streaming", {}), ("quest", {}), ("tidal", {})]
@@ -35,22 +37,27 @@ def sts(target, draft, budget=32):
     return make_policy("sts", SelectionConfig(budget=budget, sink=4, window=8), target, draft)
 
 
+#: A dense draft, a sparse one reading 16 rows in its later steps, and in every step at 80% of the dense acceptance.
+STEPS = [DraftSteps(), DraftSteps(3), DraftSteps(3, 16), DraftSteps(3, 16, first=True, acceptance=0.8)]
+
+
 @pytest.mark.parametrize("method,options", POLICIES, ids=lambda x: str(x) if x else "")
 @pytest.mark.parametrize("batch", [1, 3])
-def test_break_even_is_the_first_context_where_sparse_pays(tiny_pair, method, options, batch):
+@pytest.mark.parametrize("steps", STEPS, ids=str)
+def test_break_even_is_the_first_context_where_sparse_pays(tiny_pair, method, options, batch, steps):
     _, target, draft = tiny_pair
     policy = make_policy(method, SELECTION, target, draft, **options)
     reads = selection_reads(policy, target, draft)
-    for hardware in (BYTES_ONLY, Hardware(bandwidth=1e6, round_s=2e-3, rerank_layer_s=1e-4, score_s=1e-9)):
+    for hardware in (BYTES_ONLY, Hardware(bandwidth=1e6, round_s=2e-3, rerank_layer_s=1e-4, score_s=1e-9, forward_s=1e-4)):
         def pays(n):
-            return round_cost(target.config, draft.config, reads, [n] * batch, 32, 4, hardware).sparse_pays
+            return round_cost(target.config, draft.config, reads, [n] * batch, 32, 4, hardware, steps).sparse_pays
         brute = next((n for n in range(1, 20_000) if pays(n)), None)
-        got = break_even(target.config, draft.config, reads, SELECTION, batch, 4, hardware, limit=20_000)
+        got = break_even(target.config, draft.config, reads, SELECTION, batch, 4, hardware, limit=20_000, steps=steps)
         assert got == brute, (method, options, hardware)
         if brute is not None:  # past the break-even it keeps paying
             assert all(pays(n) for n in range(brute, brute + 2000, 7))
     # With the H200's overheads these tiny models' rows are never worth selecting.
-    assert break_even(target.config, draft.config, reads, SELECTION, batch, 4, limit=20_000) is None
+    assert break_even(target.config, draft.config, reads, SELECTION, batch, 4, limit=20_000, steps=steps) is None
 
 
 def test_fractional_budget_break_even_pays_and_the_context_before_does_not(tiny_pair):
@@ -126,6 +133,61 @@ def test_round_cost_counts_the_models_own_tensors(tiny_pair):
     scores = 4 * n * len({head for layer in policy.mapping.sources for head in layer})
     cost = round_cost(target.config, draft.config, reads, [n], budget, 4, BYTES_ONLY)
     assert cost == RoundCost(weights + kv, weights + selected + draft_keys + candidates + scores)
+    # With 3 draft steps: their weights each, and K and V of every draft layer over the context (dense), or over 16
+    # rows in the later two steps (sparse draft), or in all three ("-all").
+    step = read_weights(draft)
+    rows = {r: sum(c.k[:, :, :r].nbytes + c.v[:, :, :r].nbytes for c in (blk.self_attn.cache for blk in draft.layers))
+            for r in (16, n)}
+    sparse = weights + selected + draft_keys + candidates + scores + 3 * step
+    dense = weights + kv + 3 * step + 3 * rows[n]
+    for steps, drafted in ((DraftSteps(3), 3 * rows[n]), (DraftSteps(3, 16), rows[n] + 2 * rows[16]),
+                           (DraftSteps(3, 16, first=True, acceptance=0.9), 3 * rows[16])):
+        cost = round_cost(target.config, draft.config, reads, [n], budget, 4, BYTES_ONLY, steps)
+        assert cost == RoundCost(dense, sparse + drafted, steps.acceptance)
+
+
+def test_a_sparse_draft_pays_sooner_and_its_lost_acceptance_later(tiny_pair):
+    """A sparse round whose draft reads 16 rows saves the draft's context reads too (sparse verification pays at a
+    shorter context); one accepting fewer tokens per round pays later; the fixed seconds per forward weigh in only
+    through the acceptance. Per token: a sparse round pays when its seconds over the dense round's are below its
+    relative acceptance."""
+    _, target, draft = tiny_pair
+    reads = selection_reads(sts(target, draft), target, draft)
+
+    def crossing(steps, hardware=BYTES_ONLY):
+        return break_even(target.config, draft.config, reads, SELECTION, 1, 4, hardware, steps=steps)
+
+    dense_draft = crossing(DraftSteps(3))
+    assert dense_draft == crossing(DraftSteps())  # a dense draft reads the same in both rounds
+    assert crossing(DraftSteps(3, 16, first=True)) < crossing(DraftSteps(3, 16)) < dense_draft
+    assert crossing(DraftSteps(3, 16, first=True, acceptance=0.8)) > crossing(DraftSteps(3, 16, first=True))
+    slow = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0, forward_s=1e5)
+    assert crossing(DraftSteps(3), slow) == dense_draft
+    assert crossing(DraftSteps(3, 16, first=True, acceptance=0.8), slow) > crossing(DraftSteps(3, 16, first=True, acceptance=0.8))
+    cost = round_cost(target.config, draft.config, reads, [500], 32, 4, BYTES_ONLY, DraftSteps(3, 16, acceptance=0.8))
+    assert cost.sparse_pays == (cost.sparse_s / cost.dense_s < 0.8)
+    for bad in ({"steps": -1}, {"steps": 3, "rows": 0}, {"steps": 3, "acceptance": 0.0}, {"steps": 3, "acceptance": 1.5}):
+        with pytest.raises(STSError):
+            DraftSteps(**bad)
+
+
+def test_the_engine_models_its_own_draft(tiny_pair):
+    """Between the break-even of a dense draft and that of a sparse one reading 16 rows in every step, an engine with
+    the sparse draft verifies every round sparsely and one with the dense draft its first rounds densely."""
+    _, target, draft = tiny_pair
+    reads = selection_reads(sts(target, draft), target, draft)
+    sparse_draft = DraftSteps.of(3, 16, "recent-all")
+    assert sparse_draft == DraftSteps(3, 16, True, 0.95)
+    lo = break_even(target.config, draft.config, reads, SELECTION, 1, 4, BYTES_ONLY, steps=sparse_draft)
+    hi = break_even(target.config, draft.config, reads, SELECTION, 1, 4, BYTES_ONLY, steps=DraftSteps.of(3, None, "recent"))
+    assert lo + 8 < hi
+    prompt = [(5 * i) % 96 for i in range(lo + 4)]
+    runs = {}
+    for budget, selection in ((None, "recent"), (16, "recent-all")):
+        config = EngineConfig(gamma=3, hardware=BYTES_ONLY, draft_budget=budget, draft_selection=selection)
+        engine = Engine(target, draft, sts(target, draft), max_len=len(prompt) + 20, config=config)
+        runs[budget] = engine.generate([prompt], 4).stats
+    assert runs[16].dense_rounds == 0 and runs[None].dense_rounds == runs[None].target_forwards > 0
 
 
 def test_below_break_even_sts_equals_dense_speculative_and_every_round_is_dense(tiny_pair):

@@ -140,7 +140,7 @@ def test_cuda_crossing_the_break_even_mid_generation_graphed_equals_eager(cuda_p
     from sts.costmodel import Hardware
 
     _, target, draft = cuda_pair
-    bytes_only = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0)
+    bytes_only = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0, forward_s=0.0)
     prompts = [[(7 * i) % 96 for i in range(320)], [5, 6, 7] * 110]
     engine, graphed = run_engine(target, draft, "sts", prompts, 60, graphs=True, verify="auto", hardware=bytes_only)
     _, eager = run_engine(target, draft, "sts", prompts, 60, graphs=False, verify="auto", hardware=bytes_only)

@@ -1,19 +1,22 @@
-"""Whether sparse verification pays: a bandwidth model of one round's verify step, dense against sparse.
+"""Whether sparse verification pays: a bandwidth model of one round, dense against sparse, per accepted token.
 
-Decoding is bound by memory bandwidth (DESIGN.md, "Where the time goes"), so a verify step is
-modelled as the bytes it reads over the bandwidth. **Densely**, the target reads its weights and
-every context row of every decoding slot at every layer and KV head (K and V). **Sparsely**, it
-reads its weights and ``budget`` rows per (slot, layer, KV head) (every row in the layers the policy
-keeps dense), and the selection reads what it scores with (:class:`SelectionReads`): the draft's K
-rows of the scored draft layers over each slot's context, the score rows top-k ranks, the target's
-K rows of STS's re-rank candidates (or of the whole context, for policies that score with the
-target's own queries). A sparse round also costs time no byte count shows: the select phase's
-launches and top-k, the re-rank kernel per layer, the gather kernels' lower efficiency
-(:class:`Hardware`). Sparse verification pays when its modelled time is below the dense one;
-below the break-even context it does not, because the weights, read either way, dominate the step.
+Decoding is bound by memory bandwidth (DESIGN.md, "Where the time goes"), so a round is modelled as
+the bytes its forwards read over the bandwidth, plus measured overheads. **Densely**, the draft's
+``gamma`` steps read its weights and every context row of every decoding slot, and the target's
+verify step its weights and every context row (K and V, every layer and KV head). **Sparsely**, the
+target reads its weights and ``budget`` rows per (slot, layer, KV head) (every row in the layers the
+policy keeps dense), and the selection reads what it scores with (:class:`SelectionReads`): the
+draft's K rows of the scored draft layers over each slot's context, the score rows top-k ranks, the
+target's K rows of STS's re-rank candidates (or of the whole context, for policies that score with
+the target's own queries); a sparse draft (:class:`DraftSteps`) reads a few thousand rows per step
+instead of the context, and accepts fewer tokens per round. A sparse round also costs time no byte
+count shows: the select phase's launches and top-k, the re-rank kernel per layer, the gather
+kernels' lower efficiency (:class:`Hardware`). Sparse verification pays when its modelled seconds
+per accepted token are below the dense round's; below the break-even context they are not,
+because the weights, read either way, dominate the round.
 
 The model knows the shapes, not the device: bandwidth and overheads are parameters (default: an
-H200's, fitted from docs/bench/e2e-h200.jsonl), so it answers the same on any machine and in tests.
+H200's, fitted from ``sts bench e2e`` records), so it answers the same on any machine and in tests.
 Its byte counts of a forward's weights (:func:`weight_bytes`) and of cache rows (:func:`kv_bytes`)
 are also those of ``sts bench e2e``'s roofline bound; :class:`RoundModel` works out a pair's
 constants once for the engine, which asks every round.
@@ -36,18 +39,28 @@ from sts.selection.tidal import TidalPolicy, default_select_layers
 #: Bytes per score that top-k ranks (float32).
 SCORE_BYTES = 4
 
-# The H200 constants below come from docs/bench/e2e-h200.jsonl (2026-11-29: batch 1 and 4 at 8K, 32K
-# and 128K, batch 16 at 32K; Llama-3.1-8B / 3.2-1B shapes, bf16, budget 512, default mapping). For each
-# of those 7 points and for `sts` and `sts-plain`, the measured select + verify time minus the dense
-# speculative verify time, minus this module's byte difference over the bandwidth, is the time a
-# sparse round pays beyond its bytes; a least-squares fit of the three constants over the 14 points
-# leaves residuals of at most 0.3 ms (the select phase alone is 0.35 ms at 8K and 1.5 ms at 128K, batch 1).
+# The H200 constants below come from `sts bench e2e` on one H200. H200_RERANK_LAYER_S and H200_SCORE_S:
+# docs/bench/e2e-h200.jsonl (2026-11-29: batch 1 and 4 at 8K, 32K and 128K, batch 16 at 32K; Llama-3.1-8B /
+# 3.2-1B shapes, bf16, budget 512, default mapping), the measured select + verify time minus the dense
+# speculative verify time, minus this module's byte difference over the bandwidth, fitted over 14 points
+# (residuals <= 0.3 ms). H200_ROUND_S and H200_FORWARD_S: refitted with the whole round (draft steps included)
+# by least squares over the 12 rounds of docs/bench/e2e-crossover-h200.jsonl (2026-11-30, gamma 4: dense
+# speculative decoding and `sts+sd-scored-all`, batch 1 at 32K, 48K, 64K and 128K, batch 4 at 128K, batch
+# 16 at 32K); residuals -1.5 to +0.9 ms on rounds of 10.7-42 ms.
 
 #: Bytes per second the H200 reads weights at in a GEMV (DESIGN.md; also the roofline of ``sts bench e2e``).
 H200_BANDWIDTH = 4.07e12
 #: Seconds a sparse round costs beyond its bytes, whatever the context: the select phase's launches
 #: and the sparse verify kernels' lower efficiency than the dense split-KV kernel (H200 fit).
-H200_ROUND_S = 0.92e-3
+H200_ROUND_S = 0.72e-3
+#: Seconds every forward of a round (each draft step, the verify step) costs beyond its bytes, dense or
+#: sparse (launches, sampling, acceptance; H200 fit). It weighs in the comparison only through a sparse
+#: draft's lower acceptance, which spreads a round's fixed seconds over fewer tokens.
+H200_FORWARD_S = 0.54e-3
+#: Tokens per round of a round whose draft reads a few thousand rows per step, over a dense round's: the demo pair
+#: on an H200 at 32000 tokens (docs/results.md): STS with 4096 scored draft rows 4.13 tokens per round, dense
+#: speculative decoding 4.35 (sparse verification alone costs none: within 0.06 tokens at 4K-32K).
+SPARSE_DRAFT_ACCEPTANCE = 0.95
 #: Seconds per target layer that STS re-ranks (one fused kernel launch and its top-k each; H200 fit).
 H200_RERANK_LAYER_S = 22.5e-6
 #: Seconds per score that top-k ranks (per score row, context row and slot; H200 fit).
@@ -65,12 +78,52 @@ class Hardware:
     rerank_layer_s: float = H200_RERANK_LAYER_S
     #: Seconds per score top-k ranks.
     score_s: float = H200_SCORE_S
+    #: Seconds per forward (draft step or verify step) of any round.
+    forward_s: float = H200_FORWARD_S
 
     def __post_init__(self) -> None:
         if not self.bandwidth > 0:
             raise STSError(f"bandwidth must be > 0 B/s, got {self.bandwidth}")
-        if min(self.round_s, self.rerank_layer_s, self.score_s) < 0:
-            raise STSError("the sparse round's overheads must be >= 0 s")
+        if min(self.round_s, self.rerank_layer_s, self.score_s, self.forward_s) < 0:
+            raise STSError("the rounds' overheads must be >= 0 s")
+
+
+@dataclass(frozen=True)
+class DraftSteps:
+    """The draft's forwards in one round, and what they read in a sparse round (the engine's draft settings).
+
+    A dense round's ``steps`` forwards read every context row. In a sparse round a sparse draft (``rows`` set) reads
+    ``rows`` rows per (slot, KV head) in its later steps, and in its first too with ``first`` (the ``-all`` draft
+    selections); such a round accepts ``acceptance`` times a dense round's tokens (its draft predicts worse).
+    ``steps`` 0: the verify step alone is modelled.
+    """
+
+    steps: int = 0
+    rows: int | None = None
+    first: bool = False
+    acceptance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise STSError(f"draft steps must be >= 0, got {self.steps}")
+        if self.rows is not None and self.rows < 1:
+            raise STSError(f"the sparse draft's rows must be >= 1, got {self.rows}")
+        if not 0 < self.acceptance <= 1:
+            raise STSError(f"a sparse round's acceptance relative to a dense one must be in (0, 1], got {self.acceptance}")
+
+    @classmethod
+    def of(cls, gamma: int, draft_budget: int | None, draft_selection: str) -> DraftSteps:
+        """Return the steps of an engine drafting ``gamma`` tokens per round with these draft settings
+        (:class:`~sts.engine.EngineConfig`'s): a sparse draft's acceptance is :data:`SPARSE_DRAFT_ACCEPTANCE`."""
+        if draft_budget is None:
+            return cls(gamma)
+        return cls(gamma, draft_budget, draft_selection.endswith("-all"), SPARSE_DRAFT_ACCEPTANCE)
+
+    def sparse_steps(self) -> int:
+        """Return the steps of a sparse round that read ``rows`` rows rather than the context."""
+        if self.rows is None:
+            return 0
+        return self.steps if self.first else max(self.steps - 1, 0)
 
 
 @dataclass(frozen=True)
@@ -93,15 +146,17 @@ class SelectionReads:
 
 @dataclass(frozen=True)
 class RoundCost:
-    """One round's modelled verify-step time (select phase included), in seconds, dense and sparse."""
+    """One round's modelled time in seconds (draft steps, select phase and verify step), dense and sparse, and the
+    tokens a sparse round accepts relative to a dense one."""
 
     dense_s: float
     sparse_s: float
+    acceptance: float = 1.0
 
     @property
     def sparse_pays(self) -> bool:
-        """Return whether verifying over the selected rows is faster than densely."""
-        return self.sparse_s < self.dense_s
+        """Return whether a sparse round costs fewer seconds per accepted token than a dense one."""
+        return self.sparse_s < self.dense_s * self.acceptance
 
 
 def selection_reads(policy: SelectionPolicy, target: Transformer, draft: Transformer) -> SelectionReads:
@@ -158,16 +213,19 @@ def kv_bytes(config: ModelConfig, rows: int, dtype_bytes: int, layers: int | Non
 
 @dataclass(frozen=True)
 class RoundModel:
-    """:func:`round_cost` for one (target, draft, selection reads, dtype, hardware), its constants worked out once.
+    """:func:`round_cost` for one (target, draft, selection reads, draft steps, dtype, hardware), its constants worked
+    out once.
 
     The engine asks it every round; only the slots' contexts and budgets change, so :meth:`cost`
-    is a sum over the slots. Bytes are per context, selected or key row of one slot; seconds are
-    per round (``round_s``, ``rerank_s``) or per context row of a slot (``score_s``).
+    is a sum over the slots. Bytes are per round (``weights``), or per context, selected or key row
+    of one slot; seconds are per round (``round_s``, ``rerank_s``, ``fixed_s``) or per context row
+    of a slot (``score_s``).
     """
 
     reads: SelectionReads
+    draft: DraftSteps
     bandwidth: float
-    #: The target's weight bytes (read by every verify step, dense or sparse).
+    #: The weights every round reads, dense or sparse: the target's once, the draft's once per step.
     weights: int
     #: Dense verification: K and V of every target layer.
     dense_row: int
@@ -177,63 +235,73 @@ class RoundModel:
     selected_row: int
     #: Sparse verification, per re-rank candidate (or scanned key): K of the sparse layers.
     key_row: int
+    #: One draft step, per row it reads: K and V of every draft layer.
+    draft_row: int
     #: Seconds every sparse round costs beyond its bytes.
     round_s: float
     #: The re-rank kernels' seconds over the sparse layers (paid when there are candidates).
     rerank_s: float
     #: Top-k's seconds per context row of a slot (over every score row).
     score_s: float
+    #: Seconds every round's forwards cost beyond their bytes, dense or sparse.
+    fixed_s: float
 
     @classmethod
     def build(cls, target: ModelConfig, draft: ModelConfig, reads: SelectionReads, dtype_bytes: int,
-              hardware: Hardware = Hardware()) -> RoundModel:
-        """Return the model of ``target`` verifying with ``draft``'s selection ``reads`` (see :func:`round_cost`)."""
+              hardware: Hardware = Hardware(), steps: DraftSteps = DraftSteps()) -> RoundModel:
+        """Return the model of ``target`` verifying ``steps``' drafts with ``draft``'s selection ``reads``
+        (see :func:`round_cost`)."""
         sparse_layers = target.n_layers - reads.dense_layers
         return cls(
-            reads, hardware.bandwidth, weight_bytes(target, dtype_bytes),
+            reads, steps, hardware.bandwidth, weight_bytes(target, dtype_bytes) + steps.steps * weight_bytes(draft, dtype_bytes),
             dense_row=kv_bytes(target, 1, dtype_bytes),
             context_row=(kv_bytes(target, 1, dtype_bytes, layers=reads.dense_layers)
                          + kv_bytes(draft, 1, dtype_bytes, layers=reads.draft_layers, k_only=True)
                          + SCORE_BYTES * reads.score_rows),
             selected_row=kv_bytes(target, 1, dtype_bytes, layers=sparse_layers),
             key_row=kv_bytes(target, 1, dtype_bytes, layers=sparse_layers, k_only=True),
+            draft_row=kv_bytes(draft, 1, dtype_bytes),
             round_s=hardware.round_s, rerank_s=hardware.rerank_layer_s * sparse_layers,
-            score_s=hardware.score_s * reads.score_rows,
+            score_s=hardware.score_s * reads.score_rows, fixed_s=hardware.forward_s * (steps.steps + 1),
         )
 
     def cost(self, contexts: Sequence[int], budget: int | Sequence[int]) -> RoundCost:
-        """Return the modelled verify-step time of one round, dense and sparse (arguments as :func:`round_cost`'s)."""
+        """Return the modelled time of one round, dense and sparse (arguments as :func:`round_cost`'s)."""
         budgets = [budget] * len(contexts) if isinstance(budget, int) else budget
         if len(budgets) != len(contexts):
             raise STSError(f"{len(budgets)} budgets for {len(contexts)} contexts: give one budget, or one per context")
         candidates = self.reads.rerank * max(max(budgets, default=0) - self.reads.forced, 0)
+        steps, sparse_steps = self.draft.steps, self.draft.sparse_steps()
         sparse = 0
         for n, rows in zip(contexts, budgets):
             keys = n if self.reads.key_scan else min(candidates, n)
             sparse += self.context_row * n + self.selected_row * min(rows, n) + self.key_row * keys
+            drafted = sparse_steps * min(self.draft.rows or n, n) + (steps - sparse_steps) * n
+            sparse += self.draft_row * drafted
         total = sum(contexts)
         overhead = self.round_s + self.rerank_s * (candidates > 0) + self.score_s * total
-        return RoundCost((self.weights + self.dense_row * total) / self.bandwidth,
-                         (self.weights + sparse) / self.bandwidth + overhead)
+        dense = (self.dense_row + steps * self.draft_row) * total
+        return RoundCost((self.weights + dense) / self.bandwidth + self.fixed_s,
+                         (self.weights + sparse) / self.bandwidth + overhead + self.fixed_s, self.draft.acceptance)
 
 
 def round_cost(
     target: ModelConfig, draft: ModelConfig, reads: SelectionReads, contexts: Sequence[int], budget: int | Sequence[int],
-    dtype_bytes: int, hardware: Hardware = Hardware(),
+    dtype_bytes: int, hardware: Hardware = Hardware(), steps: DraftSteps = DraftSteps(),
 ) -> RoundCost:
-    """Return the modelled verify-step time of one round, dense and sparse.
+    """Return the modelled time of one round, dense and sparse, with ``steps``' draft forwards.
 
     ``contexts``: each decoding slot's context rows (free slots left out); ``budget``: rows per
     (slot, KV head) this round, one number for every slot or one per slot of ``contexts`` (the
     re-rank candidates are the largest's); ``dtype_bytes``: bytes per cache and weight element (2 for bf16).
     Raises STSError when ``budget`` is a sequence of another length than ``contexts``.
     """
-    return RoundModel.build(target, draft, reads, dtype_bytes, hardware).cost(contexts, budget)
+    return RoundModel.build(target, draft, reads, dtype_bytes, hardware, steps).cost(contexts, budget)
 
 
 def break_even(
     target: ModelConfig, draft: ModelConfig, reads: SelectionReads, selection: SelectionConfig, batch: int,
-    dtype_bytes: int, hardware: Hardware = Hardware(), limit: int = 1 << 24,
+    dtype_bytes: int, hardware: Hardware = Hardware(), limit: int = 1 << 24, steps: DraftSteps = DraftSteps(),
 ) -> int | None:
     """Return the shortest context (rows per slot, every one of ``batch`` slots alike) at which sparse verification
     pays, or None when it does not pay even at ``limit`` rows.
@@ -247,7 +315,7 @@ def break_even(
     if batch < 1:
         raise STSError(f"batch must be >= 1, got {batch}")
 
-    model = RoundModel.build(target, draft, reads, dtype_bytes, hardware)
+    model = RoundModel.build(target, draft, reads, dtype_bytes, hardware, steps)
 
     def pays(n: int) -> bool:
         return model.cost([n] * batch, selection.tokens(n)).sparse_pays

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from sts.attention.dispatch import kernel_head_dim
 from sts.attention.backend import AttentionFn, QueryRecorder, chunk_attention, dense_attention
-from sts.costmodel import Hardware, RoundModel, selection_reads
+from sts.costmodel import DraftSteps, Hardware, RoundModel, selection_reads
 from sts.decoding import (
     GenerationResult, GenerationStats, PrefixCache, StopState, StreamCallback, context_capacity, synchronize,
 )
@@ -178,14 +178,15 @@ class Engine:
         self.verify_attention: AttentionFn = (
             SelectiveAttention(policy, self.config.measure_recall) if policy is not None else dense_attention)
         #: Whether each round asks the cost model if sparse verification pays (else every round of a policy is sparse).
-        self.crossover = policy is not None and self.config.verify == "auto" and not self.config.measure_recall
-        if self.crossover:  # the cost model's constants for this pair, once: each round adds only the contexts
-            assert policy is not None and draft is not None
-            self.round_model = RoundModel.build(target.config, draft.config, selection_reads(policy, target, draft),
-                                                target.embed_tokens.weight.element_size(), self.config.hardware)
         budget = self.config.draft_budget
         if budget is not None and budget >= max_len:  # a budget past the cache's rows reads every row: dense kernels
             budget = None
+        self.crossover = policy is not None and self.config.verify == "auto" and not self.config.measure_recall
+        if self.crossover:  # the cost model's constants for this pair, once: each round adds only the contexts
+            assert policy is not None and draft is not None
+            steps = DraftSteps.of(self.gamma, budget, self.config.draft_selection)
+            self.round_model = RoundModel.build(target.config, draft.config, selection_reads(policy, target, draft),
+                                                target.embed_tokens.weight.element_size(), self.config.hardware, steps)
         self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget is not None else dense_attention
         #: The draft's later steps in sparse rounds, over the rows the select phase scored (None: as in dense rounds).
         self.scored_draft: ScoredDraftAttention | None = None

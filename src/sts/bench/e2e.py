@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from sts.bench.profile import kernel_times
-from sts.costmodel import H200_BANDWIDTH, break_even, kv_bytes, selection_reads, weight_bytes
+from sts.costmodel import H200_BANDWIDTH, DraftSteps, break_even, kv_bytes, selection_reads, weight_bytes
 from sts.decoding import synchronize
 from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
@@ -196,7 +196,9 @@ def bench_point(target: Transformer, draft: Transformer, batch: int, context: in
         if method.policy is not None:  # and the cost model's break-even context
             policy = make_policy(method.policy, selection, target, draft, **dict(method.options))
             reads = selection_reads(policy, target, draft)
-            crossing = break_even(target.config, draft.config, reads, selection, batch, element, config.hardware)
+            steps = DraftSteps.of(gamma, config.draft_budget, config.draft_selection)
+            crossing = break_even(target.config, draft.config, reads, selection, batch, element, config.hardware,
+                                  steps=steps)
         # A selection method drafts densely in the rounds it verifies densely: there the dense draft's acceptance.
         sparse_rounds = policy is None or args.verify == "sparse" or (crossing is not None and context >= crossing)
         worse = method.sparse_draft and sparse_draft is not None and sparse_rounds

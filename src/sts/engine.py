@@ -25,11 +25,12 @@ Inference from Transformers via Speculative Decoding"; with a selection policy, 
 3. **verify**: the target reads ``last`` and the drafts over the selected rows; acceptance runs
    on the device (exact match for greedy, rejection sampling otherwise) and updates the state.
 
-Below a break-even context the selection costs more than the KV reads it saves (the weights,
-read either way, dominate the step), so by default (``verify="auto"``) each round first asks the
-bandwidth model of :mod:`sts.costmodel`, on the host, whether sparse verification pays for the
-slots' contexts; when it does not, the round skips the select phase and verifies densely (budget 0):
-it then decodes exactly what dense speculative decoding decodes.
+Below a break-even context the selection (and a sparse draft's lower acceptance) costs more than
+the KV reads it saves (the weights, read either way, dominate the round), so by default
+(``verify="auto"``) each round first asks the bandwidth model of :mod:`sts.costmodel`, on the host,
+whether a sparse round costs less per accepted token for the slots' contexts; when it does not, the
+round skips the select phase and drafts and verifies densely (budget 0): it then decodes exactly
+what dense speculative decoding decodes.
 
 Rolling back rejected tokens is free: rows past ``ctx`` are scratch. On CUDA each phase is
 captured once per budget size in a CUDA graph (static shapes: the cache length, the slot count,

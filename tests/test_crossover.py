@@ -172,22 +172,27 @@ def test_a_sparse_draft_pays_sooner_and_its_lost_acceptance_later(tiny_pair):
 
 
 def test_the_engine_models_its_own_draft(tiny_pair):
-    """Between the break-even of a dense draft and that of a sparse one reading 16 rows in every step, an engine with
-    the sparse draft verifies every round sparsely and one with the dense draft its first rounds densely."""
+    """Between the break-even of a dense draft and the later one of a draft reading the 16 latest rows in every step
+    (which accepts 0.77 of a dense round's tokens), an engine with the dense draft verifies every round sparsely and
+    one with the sparse draft every round densely."""
     _, target, draft = tiny_pair
     reads = selection_reads(sts(target, draft), target, draft)
     sparse_draft = DraftSteps.of(3, 16, "recent-all")
-    assert sparse_draft == DraftSteps(3, 16, True, 0.95)
-    lo = break_even(target.config, draft.config, reads, SELECTION, 1, 4, BYTES_ONLY, steps=sparse_draft)
-    hi = break_even(target.config, draft.config, reads, SELECTION, 1, 4, BYTES_ONLY, steps=DraftSteps.of(3, None, "recent"))
-    assert lo + 8 < hi
-    prompt = [(5 * i) % 96 for i in range(lo + 4)]
+    assert sparse_draft == DraftSteps(3, 16, True, 0.77)
+    # The acceptance each rule kept on the demo pair: many scored rows the most, the latest rows the least.
+    assert DraftSteps.of(4, 4096, "scored-all") == DraftSteps(4, 4096, True, 0.95)
+    assert DraftSteps.of(4, 512, "scored") == DraftSteps(4, 512, False, 0.8)
+    assert DraftSteps.of(4, None, "recent") == DraftSteps(4)
+    dense = break_even(target.config, draft.config, reads, SELECTION, 1, 4, BYTES_ONLY, steps=DraftSteps.of(3, None, "recent"))
+    sparse = break_even(target.config, draft.config, reads, SELECTION, 1, 4, BYTES_ONLY, steps=sparse_draft)
+    assert dense + 8 < sparse
+    prompt = [(5 * i) % 96 for i in range(dense + 4)]
     runs = {}
     for budget, selection in ((None, "recent"), (16, "recent-all")):
         config = EngineConfig(gamma=3, hardware=BYTES_ONLY, draft_budget=budget, draft_selection=selection)
         engine = Engine(target, draft, sts(target, draft), max_len=len(prompt) + 20, config=config)
         runs[budget] = engine.generate([prompt], 4).stats
-    assert runs[16].dense_rounds == 0 and runs[None].dense_rounds == runs[None].target_forwards > 0
+    assert runs[None].dense_rounds == 0 and runs[16].dense_rounds == runs[16].target_forwards > 0
 
 
 def test_below_break_even_sts_equals_dense_speculative_and_every_round_is_dense(tiny_pair):

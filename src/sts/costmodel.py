@@ -57,10 +57,16 @@ H200_ROUND_S = 0.72e-3
 #: sparse (launches, sampling, acceptance; H200 fit). It weighs in the comparison only through a sparse
 #: draft's lower acceptance, which spreads a round's fixed seconds over fewer tokens.
 H200_FORWARD_S = 0.54e-3
-#: Tokens per round of a round whose draft reads a few thousand rows per step, over a dense round's: the demo pair
-#: on an H200 at 32000 tokens (docs/results.md): STS with 4096 scored draft rows 4.13 tokens per round, dense
-#: speculative decoding 4.35 (sparse verification alone costs none: within 0.06 tokens at 4K-32K).
-SPARSE_DRAFT_ACCEPTANCE = 0.95
+#: Tokens per round of a round whose draft reads sparse rows, over a dense round's, on the demo pair on an H200 at
+#: 32000 tokens (docs/results.md; sparse verification alone costs none: within 0.06 tokens at 4K-32K). The rows STS
+#: scored, at least 4096 of them (the default): 4.13 against dense speculative decoding's 4.35.
+SCORED_DRAFT_ACCEPTANCE = 0.95
+#: Fewer scored rows: 512-2048 of them kept 0.77-0.88 of the dense draft's tokens (window 16).
+FEW_SCORED_DRAFT_ACCEPTANCE = 0.8
+#: Sinks and the latest rows ("recent", StreamingLLM's rule), 512 or 2048 of them: 3.35 against 4.35.
+RECENT_DRAFT_ACCEPTANCE = 0.77
+#: Scored rows from this many on keep :data:`SCORED_DRAFT_ACCEPTANCE`.
+MANY_SCORED_ROWS = 4096
 #: Seconds per target layer that STS re-ranks (one fused kernel launch and its top-k each; H200 fit).
 H200_RERANK_LAYER_S = 22.5e-6
 #: Seconds per score that top-k ranks (per score row, context row and slot; H200 fit).
@@ -114,10 +120,16 @@ class DraftSteps:
     @classmethod
     def of(cls, gamma: int, draft_budget: int | None, draft_selection: str) -> DraftSteps:
         """Return the steps of an engine drafting ``gamma`` tokens per round with these draft settings
-        (:class:`~sts.engine.EngineConfig`'s): a sparse draft's acceptance is :data:`SPARSE_DRAFT_ACCEPTANCE`."""
+        (:class:`~sts.engine.EngineConfig`'s), a sparse draft's acceptance as measured for its rule and rows
+        (:data:`SCORED_DRAFT_ACCEPTANCE`, :data:`FEW_SCORED_DRAFT_ACCEPTANCE`, :data:`RECENT_DRAFT_ACCEPTANCE`)."""
         if draft_budget is None:
             return cls(gamma)
-        return cls(gamma, draft_budget, draft_selection.endswith("-all"), SPARSE_DRAFT_ACCEPTANCE)
+        if draft_selection.startswith("scored"):
+            many = draft_budget >= MANY_SCORED_ROWS
+            acceptance = SCORED_DRAFT_ACCEPTANCE if many else FEW_SCORED_DRAFT_ACCEPTANCE
+        else:
+            acceptance = RECENT_DRAFT_ACCEPTANCE
+        return cls(gamma, draft_budget, draft_selection.endswith("-all"), acceptance)
 
     def sparse_steps(self) -> int:
         """Return the steps of a sparse round that read ``rows`` rows rather than the context."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sts.errors import STSError
-from sts.eval.report import load_records, markdown_table, plot_all, summarise, write_report
+from sts.eval.report import budget_panels, load_records, markdown_table, plot_all, summarise, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = {
@@ -177,6 +177,24 @@ def test_plot_all_writes_valid_pngs(tmp_path: Path) -> None:
         data = path.read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_MAGIC), path.name
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_budget_panels_keep_each_context_length_apart() -> None:
+    """A budget run at one length only is not averaged with another length's samples: one panel per length, each
+    with that length's means (hand-computed), dense methods as single values, fractional budgets left out."""
+    def at(method, budget, length, score, sample):
+        return record(method, budget, context_tokens=length, score=score, sample_id=f"s{sample}")
+    records = [at("autoregressive", None, 4096, 1.0, 0), at("autoregressive", None, 4096, 0.0, 1),
+               at("autoregressive", None, 8192, 1.0, 0),
+               at("sts", 512, 4096, 1.0, 0), at("sts", 512, 4096, 1.0, 1), at("sts", 0.1, 4096, 0.0, 0),
+               at("sts", 512, 8192, 0.0, 0), at("sts", 1024, 8192, 1.0, 0), at("sts", 1024, 8192, 0.5, 1)]
+    mean_score = lambda group: sum(r["score"] for r in group) / len(group)
+    assert budget_panels(records, mean_score) == {
+        4096: ({"sts": [(512, 1.0)]}, {"autoregressive": 0.5}),
+        8192: ({"sts": [(512, 0.0), (1024, 0.75)]}, {"autoregressive": 1.0}),
+    }
+    only_dense = [at("autoregressive", None, 4096, 1.0, 0), at("sts", 512, 8192, 1.0, 0)]
+    assert list(budget_panels(only_dense, mean_score)) == [8192]
 
 
 def test_plot_all_skips_figures_without_records(tmp_path: Path) -> None:

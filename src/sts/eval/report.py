@@ -443,42 +443,63 @@ def _most_common_count(records: Iterable[Record]) -> float | None:
     return max(counts, key=lambda b: (counts[b], b)) if counts else None
 
 
+#: Per context length: (sparse method -> [(count budget, value)], dense method -> value).
+BudgetPanel = tuple[dict[str, list[tuple[float, float]]], dict[str, float]]
+
+
+def budget_panels(records: Iterable[Record], aggregate: Aggregate) -> dict[int, BudgetPanel]:
+    """Return, per context length in ascending order, each sparse method's ``aggregate`` at each count budget and each
+    dense method's; lengths without a sparse value are left out. Lengths are kept apart because a grid's methods and
+    budgets need not cover every length alike (a mean over lengths would compare different samples)."""
+    by_length: dict[int, list[Record]] = defaultdict(list)
+    for record in records:
+        by_length[record["context_tokens"]].append(record)
+    panels: dict[int, BudgetPanel] = {}
+    for length in sorted(by_length):
+        lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        dense: dict[str, float] = {}
+        for (method, budget), group in _sorted_groups(by_length[length]):
+            value = aggregate(group)
+            if value is None:
+                continue
+            if budget is None:
+                dense[method] = value
+            elif _is_count(budget):
+                lines[method].append((budget, value))
+        if lines:
+            panels[length] = (dict(lines), dense)
+    return panels
+
+
 def _plot_vs_budget(
     records: Sequence[Record], aggregate: Aggregate, path: Path, title: str, ylabel: str
 ) -> Path | None:
-    """Return ``path`` after drawing ``aggregate`` vs count budget, one line per method; None without data.
-
-    Dense methods with a value are drawn as horizontal dashed lines.
-    """
-    lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    dense: dict[str, float] = {}
-    for (method, budget), group in _sorted_groups(records):
-        value = aggregate(group)
-        if value is None:
-            continue
-        if budget is None:
-            dense[method] = value
-        elif _is_count(budget):
-            lines[method].append((budget, value))
-    if not lines:
+    """Return ``path`` after drawing ``aggregate`` vs count budget, one panel per context length and one line per
+    method in each (:func:`budget_panels`); None without data. Dense methods are horizontal dashed lines."""
+    panels = budget_panels(records, aggregate)
+    if not panels:
         return None
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    axes = figure.add_subplot()
+    figure = Figure(figsize=(max(7.0, 4.5 * len(panels)), 5), layout="constrained")
     colours = _method_colours(records)
-    for method, points in lines.items():
-        budgets, values = zip(*points)
-        axes.plot(budgets, values, marker="o", color=colours[method], label=method)
-    for method, value in dense.items():
-        axes.axhline(value, linestyle="--", color=colours[method], label=f"{method} (dense)")
-    budgets = sorted({budget for points in lines.values() for budget, _ in points})
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(budgets, [_budget_label(budget) for budget in budgets])
-    axes.xaxis.set_minor_locator(NullLocator())
-    axes.set_xlabel(_BUDGET_AXIS_LABEL)
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    for axes, (length, (lines, dense)) in zip(figure.subplots(1, len(panels), sharey=True, squeeze=False)[0],
+                                              panels.items()):
+        for method, points in lines.items():
+            budgets, values = zip(*points)
+            axes.plot(budgets, values, marker="o", color=colours[method], label=method)
+        for method, value in dense.items():
+            axes.axhline(value, linestyle="--", color=colours[method], label=f"{method} (dense)")
+        budgets = sorted({budget for points in lines.values() for budget, _ in points})
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(budgets, [_budget_label(budget) for budget in budgets])
+        axes.xaxis.set_minor_locator(NullLocator())
+        axes.set_xlabel(_BUDGET_AXIS_LABEL)
+        axes.set_title(f"{_tokens_label(length)} tokens of context", fontsize="medium")
+        axes.grid(alpha=0.3)
+    figure.axes[0].set_ylabel(ylabel)
+    handles = {label: handle for axes in figure.axes for handle, label in zip(*axes.get_legend_handles_labels())}
+    columns = 2 if 2 * max(map(len, handles)) < 12 * figure.get_figwidth() else 1  # long method names: one column
+    figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=columns, fontsize="small")
+    figure.suptitle(title)
     return _save(figure, path)
 
 

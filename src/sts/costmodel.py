@@ -54,9 +54,13 @@ H200_BANDWIDTH = 4.07e12
 #: and the sparse verify kernels' lower efficiency than the dense split-KV kernel (H200 fit).
 H200_ROUND_S = 0.72e-3
 #: Seconds every forward of a round (each draft step, the verify step) costs beyond its bytes, dense or
-#: sparse (launches, sampling, acceptance; H200 fit). It weighs in the comparison only through a sparse
+#: sparse (launches, sampling, the acceptance test; H200 fit). It weighs in the comparison only through a sparse
 #: draft's lower acceptance, which spreads a round's fixed seconds over fewer tokens.
 H200_FORWARD_S = 0.54e-3
+#: Seconds per target layer that STS re-ranks (one fused kernel launch and its top-k each; H200 fit).
+H200_RERANK_LAYER_S = 22.5e-6
+#: Seconds per score that top-k ranks (per score row, context row and slot; H200 fit).
+H200_SCORE_S = 0.64e-9
 #: Tokens per round of a round whose draft reads sparse rows, over a dense round's, on the demo pair on an H200 at
 #: 32000 tokens (docs/results.md; sparse verification alone costs none: within 0.06 tokens at 4K-32K). The rows STS
 #: scored, at least 4096 of them (the default): 4.13 against dense speculative decoding's 4.35.
@@ -67,15 +71,11 @@ FEW_SCORED_DRAFT_ACCEPTANCE = 0.8
 RECENT_DRAFT_ACCEPTANCE = 0.77
 #: Scored rows from this many on keep :data:`SCORED_DRAFT_ACCEPTANCE`.
 MANY_SCORED_ROWS = 4096
-#: Seconds per target layer that STS re-ranks (one fused kernel launch and its top-k each; H200 fit).
-H200_RERANK_LAYER_S = 22.5e-6
-#: Seconds per score that top-k ranks (per score row, context row and slot; H200 fit).
-H200_SCORE_S = 0.64e-9
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """The device a round is modelled on: memory bandwidth (B/s) and a sparse round's costs beyond its bytes (s)."""
+    """The device a round is modelled on: memory bandwidth (B/s) and what rounds cost beyond their bytes (s)."""
 
     bandwidth: float = H200_BANDWIDTH
     #: Fixed seconds per sparse round.
@@ -265,7 +265,8 @@ class RoundModel:
         (see :func:`round_cost`)."""
         sparse_layers = target.n_layers - reads.dense_layers
         return cls(
-            reads, steps, hardware.bandwidth, weight_bytes(target, dtype_bytes) + steps.steps * weight_bytes(draft, dtype_bytes),
+            reads, steps, hardware.bandwidth,
+            weights=weight_bytes(target, dtype_bytes) + steps.steps * weight_bytes(draft, dtype_bytes),
             dense_row=kv_bytes(target, 1, dtype_bytes),
             context_row=(kv_bytes(target, 1, dtype_bytes, layers=reads.dense_layers)
                          + kv_bytes(draft, 1, dtype_bytes, layers=reads.draft_layers, k_only=True)

@@ -121,12 +121,17 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     bad(capsys, gen + ["--target", t, "--draft", d, "--temperature", "1e39"], "temperature must be in [0, 10000]")
     bad(capsys, ["generate", "--target", t, "--prompt-file", str(tmp_path / "nofile"), "--method", "autoregressive"],
         "cannot read prompt file")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    # A prompt file that is not UTF-8 is refused before loading (the target here does not exist).
+    bad(capsys, ["generate", "--target", str(tmp_path / "missing"), "--prompt-file", str(latin1)],
+        f"cannot read prompt file {latin1}: not UTF-8 text (byte 3 is 0xe9)")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,999", "--method", "autoregressive"], "token ids")
     bad(capsys, gen + ["--target", t, "--method", "speculative"], "needs a --draft")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "streaming", "--window", "8", "--rerank", "4"], "apply to --method sts")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "0", "--head-budgets", "2"], "mass curves")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "0", "--head-budgets", "0.5"], "cap must be >= 1")
-    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--head-budgets", "2"], "--rerank 0")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--head-budgets", "2"], "plain rule (rerank 0)")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "-1"], "whole number >= 0")
     bad(capsys, ["bench"], "choose a benchmark: e2e, kernels, serve")
     if not torch.cuda.is_available():
@@ -231,7 +236,7 @@ def test_streamed_text_equals_the_json_text(capsys, text_models, method):
 
 
 def test_chat_needs_a_chat_template(capsys, text_models, tmp_path):
-    from sts.cli import _prompt_ids, build_parser
+    from sts.cli import _prompt, _prompt_ids, build_parser
 
     plain = ["generate", "--target", text_models["plain"], "--prompt", "hi", "--method", "autoregressive", "--max-new-tokens", "2"]
     bad(capsys, plain + ["--chat"], "no chat template")
@@ -241,7 +246,7 @@ def test_chat_needs_a_chat_template(capsys, text_models, tmp_path):
     tok = text_models["tokenizer"]
     args = build_parser().parse_args(["generate", "--target", "t", "--prompt", "hi", "--chat"])
     start = tok.convert_tokens_to_ids("<|im_start|>")
-    assert start in _prompt_ids(args, tok) and start not in tok("hi")["input_ids"]
+    assert start in _prompt_ids(args, _prompt(args), tok) and start not in tok("hi")["input_ids"]
 
 
 def test_the_library_does_not_import_the_cli():
@@ -273,6 +278,11 @@ def test_unusable_output_paths_fail_in_one_line_before_any_work(capsys, tmp_path
         "cannot use /proc/self as the output folder")
     bad(capsys, ["calibrate", "--target", missing, "--draft", missing, "--text-file", str(texts), "--out", str(tmp_path)],
         "is a folder: name a file")
+    bad(capsys, ["calibrate", "--target", missing, "--draft", missing, "--text-file", str(texts),
+                 "--out", str(texts / "map.json")], f"cannot use {texts} as the output folder: {texts} is a file, not a folder")
+    # recall writes its table beside --out as .md: an --out ending in .md would be overwritten by it.
+    bad(capsys, ["recall", "--target", missing, "--draft", missing, "--text-file", str(texts), "--out",
+                 str(tmp_path / "r.md")], "name a .json file")
     e2e = ["bench", "e2e", "--device", "cpu", "--target-shape", "tiny-target", "--draft-shape", "tiny-draft"]
     bad(capsys, e2e + ["--out", locked], "cannot use /proc/self as the output folder")
     bad(capsys, e2e + ["--out", str(tmp_path / "r.jsonl"), "--png", str(tmp_path)], "is a folder: name a file")

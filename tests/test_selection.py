@@ -492,9 +492,9 @@ def test_sts_head_budgets_give_each_head_its_own_top_k(verify_state, tmp_path):
 def test_settings_out_of_range_are_refused_naming_the_flag(tiny_pair):
     _, target, draft = tiny_pair
     config = SelectionConfig(budget=64, sink=4, window=8)
-    with pytest.raises(STSError, match="--rerank must be a whole number >= 0, got -1"):
+    with pytest.raises(STSError, match="rerank must be a whole number >= 0, got -1"):
         make_policy("sts", config, target, draft, rerank=-1)
-    with pytest.raises(STSError, match="--feedback must be in"):
+    with pytest.raises(STSError, match="feedback must be in"):
         make_policy("sts", config, target, draft, feedback=2.0)
     with pytest.raises(STSError, match=f"exceeds the target's {target.config.n_layers} layers"):
         make_policy("sts", SelectionConfig(budget=64, sink=4, window=8, dense_layers=99), target, draft)

@@ -204,6 +204,9 @@ def test_openai_client_completion_chat_and_streams_equal_sts_generate(capsys, pa
     for name in ("sts_requests_total", "sts_generation_tokens_total", "sts_acceptance_length_bucket", "sts_sparsity_bucket",
                  "sts_queue_length", "sts_time_to_first_token_seconds_bucket"):
         assert name in text, name
+    # A model's route, found or not, is counted as the route (not with unknown paths, "other").
+    assert 'sts_http_requests_total{code="200",route="/v1/models/{id}"}' in text, text
+    assert 'sts_http_requests_total{code="404",route="/v1/models/{id}"}' in text, text
     # The server verifies sparsely (SETTINGS' verify="sparse"): every round it counted is a sparse one.
     rounds = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
               if line.startswith("sts_verify_rounds_total{")}
@@ -436,6 +439,9 @@ BAD_REQUESTS = [
     ("several prompts", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt", None),
     ("a JSON list, not an object", [GOOD], 400, None, None),
     ("a body that is not UTF-8", b'{"model": "tiny", "prompt": "caf\xe9"}', 400, None, "json_invalid"),
+    ("prompt a number", {**GOOD, "prompt": 5}, 400, "prompt", None),
+    ("stop a number", {**GOOD, "stop": 5}, 400, "stop", None),
+    ("stream_options without stream", {**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
 ]
 
 
@@ -475,9 +481,10 @@ def test_a_refused_override_lists_what_a_request_may_set_and_each_is_accepted(se
             "return_token_ids"} <= set(listed), listed
     assert not set(listed) & {*OVERRIDES, "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}, listed
     for name in listed:
-        status, payload = post_raw(url, path, {**good, name: SETTABLE[name]})
+        streamed = name in ("stream", "stream_options")  # stream_options only with stream: true (as OpenAI)
+        status, payload = post_raw(url, path, {**good, name: SETTABLE[name]} | ({"stream": True} if streamed else {}))
         assert status == 200, (name, payload)
-        assert b'"error"' not in payload and (payload.endswith(b"data: [DONE]\n\n") if name == "stream" else
+        assert b'"error"' not in payload and (payload.endswith(b"data: [DONE]\n\n") if streamed else
                                               json.loads(payload)["usage"]["completion_tokens"] > 0), (name, payload)
     wait_idle(llm)
 
@@ -596,11 +603,30 @@ def test_max_tokens_past_the_context_says_what_takes_the_rows(server):
     assert (prompt, max_len, scratch) == (100, MAX_LEN, llm.gamma + 1) and prompt + room + scratch == MAX_LEN
 
 
+def test_null_fields_take_their_defaults_as_openai_reads_them(server):
+    """OpenAI types the sampling fields "... or null": a null is the field's default, for both endpoints; a prompt
+    that is a number names the field and the kinds of value it takes."""
+    url, _ = server
+    nulls = dict.fromkeys(("n", "temperature", "top_p", "top_k", "stream", "return_token_ids", "ignore_eos"))
+    for path, body in (("/v1/completions", GOOD), ("/v1/chat/completions", CHAT)):
+        status, reply = post(url, path, {**body, **nulls})  # temperature null: 1, sampled
+        assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
+        greedy = {**body, "temperature": 0}
+        status, reply = post(url, path, {**greedy, **nulls, "temperature": 0})
+        assert status == 200 and reply["choices"][0] == post(url, path, greedy)[1]["choices"][0], reply
+    status, body = post(url, "/v1/completions", {**GOOD, "prompt": 5})
+    assert body["error"]["message"] == "prompt: must be one of str, list[int], list[str], list[list[int]]", body
+
+
 def test_bad_chat_requests_and_routes(server):
     url, llm = server
     chat = {"model": MODEL, "max_tokens": 2}
     assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": []}), 400, "messages")
-    assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": 3}]}), 400)
+    status, body = post(url, "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": 3}]})
+    assert_error(status, body, 400, "messages.0.content")  # the field, not pydantic's branch (content.str)
+    assert body["error"]["message"] == "messages.0.content: must be one of str, list[ContentPart]", body
+    assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": None}]}), 400,
+                 "messages.0")
     assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": [{"role": "wizard", "content": "hi"}]}), 400)
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(*post(url, "/v1/chat/completions", {**chat, "messages": image}), 400, "messages.0.content")
@@ -1023,7 +1049,7 @@ def test_the_queue_bound_counts_only_requests_no_free_slot_will_take(pair):
     ids = pair["tokenizer"]("hello there").input_ids
     params = RequestParams(max_tokens=2)
     taken = [llm.submit(ids, params, lambda delta: None) for _ in range(3)]
-    with pytest.raises(QueueFull, match="1 requests are waiting"):
+    with pytest.raises(QueueFull, match=r"requests waiting for a slot: 1\)"):
         llm.submit(ids, params, lambda delta: None)
     llm.scheduler._admit()  # the two oldest take the free slots; the third still waits
     assert [r.slot is not None for r in taken] == [True, True, False]

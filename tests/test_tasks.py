@@ -234,6 +234,22 @@ def test_token_counter_counts_without_special_tokens() -> None:
     assert token_counter(tokenizer)("abcd") == 4
 
 
+def test_text_files_are_read_as_utf8_or_refused(tmp_path) -> None:
+    """sts calibrate/recall's --text-file: UTF-8 text is tokenized as written (byte counts here); a file that is not
+    UTF-8 or cannot be read is a one-line error naming it (it was read with replacement characters before)."""
+    def tokenizer(text: str, add_special_tokens: bool) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    good, latin1 = tmp_path / "good.txt", tmp_path / "latin1.txt"
+    good.write_text("café au lait", encoding="utf-8")
+    latin1.write_bytes("café".encode("latin-1"))
+    assert text_module.read_token_texts([str(good)], tokenizer, skip_tokens=2, max_tokens=4) == [list(b"f\xc3\xa9 ")]
+    with pytest.raises(STSError, match=f"cannot read text file {latin1}: not UTF-8 text \\(byte 3 is 0xe9\\)$"):
+        text_module.read_token_texts([str(good), str(latin1)], tokenizer)
+    with pytest.raises(STSError, match="cannot read text file .*missing.txt: No such file"):
+        text_module.read_token_texts([str(tmp_path / "missing.txt")], tokenizer)
+
+
 @pytest.mark.parametrize(
     "prediction, answers, all_expected, any_expected",
     [

@@ -15,7 +15,6 @@ import platform
 import sys
 from dataclasses import fields
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 from sts.errors import STSError
@@ -176,21 +175,23 @@ def _prefill(args: argparse.Namespace):
     return PrefillConfig(**sizes)
 
 
-def _prompt_ids(args: argparse.Namespace, tokenizer: Any) -> list[int]:
-    """Return the prompt's token ids from --prompt, --prompt-file or --prompt-ids."""
+def _prompt(args: argparse.Namespace) -> str | list[int]:
+    """Return the prompt as given: token ids (--prompt-ids), or text (--prompt, or --prompt-file read as UTF-8)."""
+    from sts.eval.output import read_text
+
     if args.prompt_ids is not None:
         try:
-            ids = [int(x) for x in args.prompt_ids.split(",")]  # an empty item ("1,,2") is a mistake, not a skip
+            return [int(x) for x in args.prompt_ids.split(",")]  # an empty item ("1,,2") is a mistake, not a skip
         except ValueError:
             raise STSError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-        return ids
-    if args.prompt_file is not None:
-        try:
-            text = Path(args.prompt_file).read_text()
-        except OSError as exc:
-            raise STSError(f"cannot read prompt file {args.prompt_file}: {exc.strerror}") from None
-    else:
-        text = args.prompt
+    return read_text(args.prompt_file, "prompt file") if args.prompt_file is not None else args.prompt
+
+
+def _prompt_ids(args: argparse.Namespace, prompt: str | list[int], tokenizer: Any) -> list[int]:
+    """Return the token ids of ``prompt`` (:func:`_prompt`), wrapped in the chat template with --chat."""
+    if isinstance(prompt, list):
+        return prompt
+    text = prompt
     if tokenizer is None:
         raise STSError("this checkpoint has no tokenizer: pass --prompt-ids")
     if args.chat:
@@ -226,12 +227,13 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
         HeadMapping.load(args.mapping)
     prefill, options = _prefill(args), _options(args)
     draft_budget, draft_selection = draft_settings(args.method, args.draft_budget, args.draft_selection)
+    given = _prompt(args)
     if args.tensor_parallel != 1 and load is _load:
         from sts.parallel import launch_generate
 
         return launch_generate(cmd_generate, args)
     target, draft = load(args, with_draft=args.method != "autoregressive")
-    prompt = _prompt_ids(args, target.tokenizer)
+    prompt = _prompt_ids(args, given, target.tokenizer)
     tok = target.tokenizer
     text = IncrementalDetokenizer(tok) if not args.json and tok is not None else None
 
@@ -335,26 +337,31 @@ def add_recall_args(p: argparse.ArgumentParser) -> None:
     defaults = RecallSettings()
     add_model_args(p, draft_required=True)
     p.add_argument("--text-file", action="append", required=True, help="text to read (repeatable)")
-    p.add_argument("--skip-tokens", type=int, default=defaults.skip_tokens, help="tokens skipped at the start of each text")
-    p.add_argument("--context", type=int, default=defaults.context)
-    p.add_argument("--steps", type=int, default=defaults.steps, help="verify steps measured per text")
-    p.add_argument("--gamma", type=int, default=defaults.gamma)
-    p.add_argument("--methods", type=csv_list(str), default=list(defaults.methods))
-    p.add_argument("--budgets", type=csv_list(_budget), default=list(defaults.budgets))
-    p.add_argument("--sink", type=int, default=defaults.sink)
-    p.add_argument("--window", type=int, default=defaults.window)
+    p.add_argument("--skip-tokens", type=int, default=defaults.skip_tokens,
+                   help="tokens skipped at the start of each text (default: %(default)s)")
+    p.add_argument("--context", type=int, default=defaults.context,
+                   help="context tokens before the measured steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="verify steps measured per text (default: %(default)s)")
+    p.add_argument("--gamma", type=int, default=defaults.gamma, help="draft tokens per round (default: %(default)s)")
+    p.add_argument("--methods", type=csv_list(str), default=list(defaults.methods),
+                   help=f"comma list of selection methods (default: {','.join(defaults.methods)})")
+    p.add_argument("--budgets", type=csv_list(_budget), default=list(defaults.budgets),
+                   help=f"token counts, or fractions < 1 (default: {','.join(map(str, defaults.budgets))})")
+    p.add_argument("--sink", type=int, default=defaults.sink, help="first rows every selection keeps (default: %(default)s)")
+    p.add_argument("--window", type=int, default=defaults.window,
+                   help="latest rows every selection keeps (default: %(default)s)")
     p.add_argument("--mapping", help="calibrated mapping for method sts-cal")
-    p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--out", required=True, help="JSON file for the results (the table is also written beside it, "
+                                                "with the suffix .md)")
 
 
 def cmd_recall(args: argparse.Namespace) -> int:
     """Compare selections' recall on identical queries and print the table."""
-    from sts.eval.output import output_file
-    from sts.eval.recall import RecallSettings, recall_table, run_recall
+    from sts.eval.recall import RecallSettings, recall_outputs, recall_table, run_recall
 
     settings = _settings(RecallSettings, args)
     settings.method_specs()  # refuse impossible settings and an unusable --out before loading the models
-    output_file(args.out)
+    recall_outputs(args.out)
     target, draft = _load(args)
     rows = run_recall(target, draft, args.text_file, args.out, settings, header=report_header(args.argv))
     print(recall_table(rows))
@@ -428,14 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(c, draft_required=True)
     c.add_argument("--text-file", required=True, action="append", help="calibration text (repeatable)")
     c.add_argument("--out", required=True, help="where to write the mapping JSON")
-    c.add_argument("--criterion", choices=("recall", "jaccard"), default="recall")
-    c.add_argument("--topk", type=int, default=256, help="size of the token sets compared")
-    c.add_argument("--sources", type=int, default=1, help="draft heads per target head (weighted ensemble if > 1)")
-    c.add_argument("--context", type=int, default=2048, help="tokens of each text used")
-    c.add_argument("--skip-tokens", type=int, default=0, help="tokens skipped at the start of each text (headers)")
-    c.add_argument("--queries", type=int, default=32, help="last positions whose attention is compared")
-    c.add_argument("--sink", type=int, default=4)
-    c.add_argument("--window", type=int, default=64)
+    c.add_argument("--criterion", choices=("recall", "jaccard"), default="recall", help="how draft and target heads are matched (default: %(default)s)")
+    c.add_argument("--topk", type=int, default=256, help="size of the token sets compared (default: %(default)s)")
+    c.add_argument("--sources", type=int, default=1, help="draft heads per target head (weighted ensemble if > 1; default: %(default)s)")
+    c.add_argument("--context", type=int, default=2048, help="tokens of each text used (default: %(default)s)")
+    c.add_argument("--skip-tokens", type=int, default=0, help="tokens skipped at the start of each text (headers; default: %(default)s)")
+    c.add_argument("--queries", type=int, default=32, help="last positions whose attention is compared (default: %(default)s)")
+    c.add_argument("--sink", type=int, default=4, help="first rows left out of the compared sets (default: %(default)s)")
+    c.add_argument("--window", type=int, default=64, help="latest rows left out of the compared sets (default: %(default)s)")
     c.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("eval", help="accuracy, recall and acceptance of every method on offline long-context tasks")

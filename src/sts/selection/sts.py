@@ -50,17 +50,17 @@ class STSPolicy(SelectionPolicy):
     ) -> None:
         super().__init__(config)
         if rerank < 0 or rerank != int(rerank):
-            raise STSError(f"--rerank must be a whole number >= 0, got {rerank}")
+            raise STSError(f"rerank must be a whole number >= 0, got {rerank}")
         if not 0.0 <= feedback <= 1.0:
-            raise STSError(f"--feedback must be in [0, 1], got {feedback}")
+            raise STSError(f"feedback must be in [0, 1], got {feedback}")
         if not 0.0 <= decay <= 1.0:
             raise STSError(f"the feedback decay must be in [0, 1], got {decay}")
         if head_budgets < 0 or 0 < head_budgets < 1:
             raise STSError(f"per-head budget cap must be >= 1 (x the mean), got {head_budgets}")
         if head_budgets and (rerank or feedback):
-            raise STSError("--head-budgets works with the plain rule (--rerank 0), not with re-ranking or --feedback")
+            raise STSError("head_budgets works with the plain rule (rerank 0), not with re-ranking or feedback")
         if head_budgets and mapping.mass_curve is None:
-            raise STSError("--head-budgets needs a calibrated mapping with mass curves (from `sts calibrate`)")
+            raise STSError("head_budgets needs a calibrated mapping with mass curves (from `sts calibrate`)")
         self.head_budgets = head_budgets
         self.curve = torch.tensor(mapping.mass_curve) if head_budgets else None
         self.widths: tuple[int, Tensor] | None = None  # (budget, [L, Hkv] rows per head) when head_budgets

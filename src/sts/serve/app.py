@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
@@ -42,6 +44,23 @@ log = logging.getLogger(__name__)
 
 #: Seconds between checks that the client of a request without ``stream`` is still connected.
 DISCONNECT_POLL_S = 0.5
+
+
+#: How pydantic names the kinds of value a field of several types takes, in an error's location (``prompt.str``).
+_KIND = re.compile(r"(str|int|float|bool|dict|list|none)(\[.*\])?|[A-Z]\w*")
+
+
+def _field_path(loc: Sequence[Any]) -> tuple[str | None, str | None]:
+    """Return a validation error's field as a request names it (``messages.0.content``; None: the body) and, for a field
+    taking several kinds of value, the kind whose check failed (``str``, ``list[int]``; else None)."""
+    parts: list[str] = []
+    for item in loc:
+        if item == "body" and not parts:
+            continue
+        if isinstance(item, str) and _KIND.fullmatch(item):
+            return ".".join(parts) or None, item
+        parts.append(str(item))
+    return ".".join(parts) or None, None
 
 
 def api_error(exc: BaseException) -> APIError:
@@ -236,11 +255,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_reques
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param, kind = _field_path(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             message, param = "the body is not valid JSON", None
+        elif kind is not None:  # a field taking several kinds of value: one error per kind, one message for all
+            kinds = dict.fromkeys(k for k in (_field_path(e.get("loc", ()))[1] for e in errors
+                                              if _field_path(e.get("loc", ()))[0] == param) if k)
+            message = f"{param}: must be one of {', '.join(kinds)}"
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
         return JSONResponse(error_body(message, "invalid_request_error", param, first.get("type")), status_code=400)

@@ -16,7 +16,8 @@ from sts.serve.scheduler import Request
 #: Seconds: from a few milliseconds (short prompts) to minutes (prefill of a 128K prompt on a CPU).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 #: Routes named in the request counter; anything else is counted as "other" (a scan cannot grow the label set).
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+#: ``/v1/models/{id}`` stands for every model id asked for.
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{id}", "/health", "/metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -50,7 +51,8 @@ class Metrics:
 
     def http_response(self, path: str, status: int) -> None:
         """Count one HTTP response."""
-        self.http.labels(path if path in ROUTES else "other", str(status)).inc()
+        route = "/v1/models/{id}" if path.startswith("/v1/models/") else path
+        self.http.labels(route if route in ROUTES else "other", str(status)).inc()
 
     # The scheduler's observer interface.
 

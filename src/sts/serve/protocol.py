@@ -25,7 +25,9 @@ import time
 import uuid
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator,
+)
 
 from sts.errors import STSError
 from sts.runner import DraftBudget, draft_settings
@@ -108,6 +110,16 @@ class _Body(BaseModel):
     draft_budget: DraftBudget = None
     draft_selection: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """Read a null as the field's default, as OpenAI types these fields ("... or null"): ``"n": null`` is n 1.
+        ``max_tokens`` keeps its own null: no limit but the context (documented, as vLLM)."""
+        if not isinstance(data, dict):
+            return data
+        defaulted = {name for name, field in cls.model_fields.items() if field.default is not None} - {"max_tokens"}
+        return {key: value for key, value in data.items() if value is not None or key not in defaulted}
+
     @field_validator("draft_budget", mode="wrap")
     @classmethod
     def _one_draft_budget_error(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -173,6 +185,14 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> ChatMessage:
+        """Refuse a message without content but an assistant's (whose content OpenAI lets be null, e.g. beside tool
+        calls)."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
     def template_input(self, index: int) -> dict[str, Any]:
         """Return the message as the chat template reads it (text parts joined); raise :class:`APIError` for other parts."""
         content = self.content
@@ -214,6 +234,9 @@ def check_body(body: _Body, settings: dict[str, Any]) -> None:
     """
     if body.n != 1:
         raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options applies to streamed replies: set stream to true, or leave it out",
+                       "stream_options")
     for name, asked in body.unsupported():
         if asked:
             raise APIError(400, f"{name} is not supported by this server", name, "unsupported_parameter")

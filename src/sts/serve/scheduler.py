@@ -169,7 +169,7 @@ class Scheduler:
         with self._lock:
             beyond = len(self.waiting) - len(self.free_slots())
             if bounded and beyond >= self.max_queue:
-                raise QueueFull(f"the server is busy: {beyond} requests are waiting for a slot; retry later",
+                raise QueueFull(f"the server is busy (requests waiting for a slot: {beyond}); retry later",
                                 code="queue_full")
             self.waiting.append(request)
         self._wake.set()

@@ -256,7 +256,7 @@ def _target_config():
         (False, None, None, ("cpu", "float32")),
         (True, "cpu", None, ("cpu", "float32")),
         (True, None, "float32", ("cuda", "float32")),
-        (False, "cuda:1", None, ("cuda:1", "bfloat16")),
+        (True, "cuda:1", None, ("cuda:1", "bfloat16")),
     ],
 )
 def test_commands_run_on_the_gpu_unless_told(monkeypatch: pytest.MonkeyPatch, cuda: bool, device, dtype, expected) -> None:
@@ -264,6 +264,14 @@ def test_commands_run_on_the_gpu_unless_told(monkeypatch: pytest.MonkeyPatch, cu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert resolve_device(device, dtype) == expected
+
+
+def test_cuda_without_a_gpu_is_refused_before_anything_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(STSError, match="device cuda:1 asked for, but no CUDA device is available"):
+        resolve_device("cuda:1", None)
 
 
 def test_kv_share_is_small_at_the_demo_length_and_large_at_128k() -> None:
@@ -334,6 +342,7 @@ def test_the_gpu_figures_the_demo_points_to_exist() -> None:
     (["--budget", "10"], "exceed the budget"),
     (["--gamma", "0"], "--gamma must be >= 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--prompt-tokens", "64"], "--prompt-tokens must be at least 256"),
 ])
 def test_demo_refuses_bad_settings_before_fetching_or_loading(monkeypatch, capsys, argv, message):
     from sts.cli import main
@@ -345,3 +354,22 @@ def test_demo_refuses_bad_settings_before_fetching_or_loading(monkeypatch, capsy
     assert main(["demo", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sts: error:") and "\n" not in err and message in err, err
+
+
+def test_demo_refuses_a_prompt_past_the_context_before_loading(monkeypatch, capsys, tmp_path):
+    """The target's context comes from its config.json; the models are never loaded."""
+    from transformers import Qwen2Config
+
+    from sts.cli import main
+
+    Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=1024).save_pretrained(tmp_path)
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the models were loaded before the lengths were checked")
+
+    monkeypatch.setattr(sts_demo, "demo_pair", lambda: (tmp_path, tmp_path))
+    monkeypatch.setattr(sts_demo, "load_pair", loaded)
+    assert main(["demo", "--device", "cpu", "--prompt-tokens", "1000", "--max-new-tokens", "30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sts: error: --prompt-tokens 1000 + --max-new-tokens 30 exceed the demo target's context of 1024 tokens"

@@ -25,12 +25,13 @@ import torch
 
 from sts.costmodel import kv_bytes, weight_bytes
 from sts.decoding import PrefixCache
+from sts.errors import STSError
 from sts.eval.output import atomic_write, output_file
 from sts.eval.scoring import score
 from sts.eval.tasks import generate_qa, make_prompt, token_counter
 from sts.models.config import ModelConfig
 from sts.models.demo import demo_pair
-from sts.models.loading import parse_dtype
+from sts.models.loading import parse_dtype, read_config
 from sts.runner import load_pair, resolve_device, run_method
 from sts.selection import SelectionConfig
 
@@ -56,12 +57,29 @@ def kv_share(config: ModelConfig, context: int) -> float:
     return kv / (kv + weight_bytes(config, 1))
 
 
+#: The demo prompt's shortest length: its planted facts and question take about 70 tokens, at most half of it.
+MIN_PROMPT_TOKENS = 256
+
+
+def _check_context(args: argparse.Namespace, target_dir: Path) -> None:
+    """Refuse, before the models load, a --prompt-tokens that with --max-new-tokens does not fit in the target's
+    context (from its config)."""
+    config = read_config(target_dir)
+    if config is not None and args.prompt_tokens + args.max_new_tokens > config.max_position_embeddings:
+        raise STSError(f"--prompt-tokens {args.prompt_tokens} + --max-new-tokens {args.max_new_tokens} exceed the demo "
+                       f"target's context of {config.max_position_embeddings} tokens")
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo, print a comparison table, and return its record."""
     device, dtype = resolve_device(getattr(args, "device", None), getattr(args, "dtype", None))
     if args.json_out:
         output_file(args.json_out)  # an unusable path fails before the fetch and the decoding
+    if args.prompt_tokens < MIN_PROMPT_TOKENS:
+        raise STSError(f"--prompt-tokens must be at least {MIN_PROMPT_TOKENS} (the planted facts and the question take "
+                       f"about 70 tokens), got {args.prompt_tokens}")
     draft_dir, target_dir = demo_pair()
+    _check_context(args, target_dir)
     print(f"loading {target_dir.name} (target) and {draft_dir.name} (draft) on {device} in {dtype}", file=sys.stderr)
     target, draft = load_pair(str(target_dir), str(draft_dir), parse_dtype(dtype), device)
     assert draft is not None

@@ -44,13 +44,15 @@ def methods() -> tuple[str, ...]:
 
 def resolve_device(device: str | None, dtype: str | None) -> tuple[str, str]:
     """Return (device, dtype): CUDA in bfloat16 when a GPU is there and no device was given, else CPU in float32;
-    a given device or dtype is kept. Raises STSError for a device torch does not know."""
+    a given device or dtype is kept. Raises STSError for a device torch does not know, and for CUDA without a GPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch.device(device)
     except RuntimeError:
         raise STSError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise STSError(f"device {device} asked for, but no CUDA device is available")
     if dtype is None:
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return device, dtype

@@ -85,7 +85,8 @@ def read_text(path: str | Path, what: str) -> str:
     except OSError as exc:
         raise STSError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise STSError(f"cannot read {what} {path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})") from None
+        byte = exc.object[exc.start]
+        raise STSError(f"cannot read {what} {path}: not UTF-8 text (byte {exc.start} is {byte:#04x})") from None
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:

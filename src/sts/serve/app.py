@@ -19,8 +19,8 @@ import logging
 import re
 import secrets
 import time
-from contextlib import asynccontextmanager
 from collections.abc import Sequence
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
@@ -261,8 +261,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_reques
         if first.get("type") == "json_invalid":
             message, param = "the body is not valid JSON", None
         elif kind is not None:  # a field taking several kinds of value: one error per kind, one message for all
-            kinds = dict.fromkeys(k for k in (_field_path(e.get("loc", ()))[1] for e in errors
-                                              if _field_path(e.get("loc", ()))[0] == param) if k)
+            paths = [_field_path(error.get("loc", ())) for error in errors]
+            kinds = dict.fromkeys(k for field, k in paths if field == param and k)
             message = f"{param}: must be one of {', '.join(kinds)}"
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"

@@ -92,10 +92,7 @@ def read_text(path: str | Path, what: str) -> str:
 def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Return the JSON objects of a JSON-lines file (blank lines skipped), each holding the ``required`` fields
     (not null); an unreadable file or a line that is not such an object is an STSError naming the file (and line)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise STSError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    lines = read_text(path, "JSON-lines file").splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

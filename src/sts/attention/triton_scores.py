@@ -7,10 +7,14 @@ a top-k over the extra ``-inf`` columns only ever picks rows ``>= start_pos[b]``
 verify kernel treats as padding. A static width keeps the call free of host synchronisation
 (CUDA-graph safe); to score fewer rows, pass a view ``k_cache[:, :, :n]``.
 
-Two passes over K (V is never read), each split over the context like the verify kernel:
-pass 1 computes each query's softmax statistics (max and sum) per split; pass 2 merges them
-into a log-sum-exp, recomputes the logits and writes the aggregated probabilities. Reading K
-twice costs the same bytes as writing and re-reading the ``G``-times larger float32 logits.
+K is read once (V never), in two launches split over the context like the verify kernel. Pass 1
+computes each query's softmax statistics (max and sum) per split and stores every logit as its
+offset below its tile's max (float16 for 16-bit inputs: at most 32 bytes a row for 16 query rows,
+against the 128 bytes of a K row of head dim 64 a second read of K would cost), and the tile
+maxima in float32. Pass 2 merges the splits' statistics into a log-sum-exp per query and turns the
+stored logits into the aggregated probabilities without touching K. A logit's float16 offset
+rounds by at most 2^-11 of its distance below the tile max: the rows near the max, the ones a
+top-k keeps, score to float32 precision.
 """
 
 from __future__ import annotations
@@ -55,51 +59,60 @@ def _score_logits(q_t, k_base, stride_ks, keys, ok, d, qk_scale, PRECISION: tl.c
 
 @triton.jit
 def _score_stats_kernel(
-    q_ptr, k_ptr, start_ptr, m_part_ptr, l_part_ptr,
+    q_ptr, k_ptr, start_ptr, m_part_ptr, l_part_ptr, off_ptr, tmax_ptr,
     stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks,
-    n_kv_heads, qk_scale, n_splits,
+    n_kv_heads, seq_len, qk_scale, n_splits,
     GQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     bh, b, h = program_head(n_kv_heads)
     split = tl.program_id(1)
     d = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_M)
     q_t, _ = _score_queries(q_ptr, b, h, stride_qb, stride_qh, stride_qg, d, GQ, G, G_P, BLOCK_M)
     k_base = k_ptr + b * stride_kb + h * stride_kh
+    off_base = off_ptr + bh.to(tl.int64) * seq_len * BLOCK_M
+    tmax_base = tmax_ptr + bh.to(tl.int64) * tl.cdiv(seq_len, BLOCK_N) * BLOCK_M
     start = tl.load(start_ptr + b).to(tl.int32)
     lo, hi = split_range(start, split, n_splits, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for n0 in tl.range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        s = _score_logits(q_t, k_base, stride_ks, offs, offs < hi, d, qk_scale, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 0))
+        ok = offs < hi
+        s = _score_logits(q_t, k_base, stride_ks, offs, ok, d, qk_scale, PRECISION)
+        t_max = tl.max(s, 0)  # finite: a tile holds at least one row below hi
+        tl.store(tmax_base + (n0 // BLOCK_N) * BLOCK_M + cols, t_max)
+        below = (s - t_max[None, :]).to(off_ptr.dtype.element_ty)
+        # Padding query rows are stored too: a mask along rows only keeps the stores vectorised.
+        tl.store(off_base + offs[:, None] * BLOCK_M + cols[None, :], below, mask=ok[:, None])
+        m_new = tl.maximum(m_i, t_max)
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[None, :]), 0)
         m_i = m_new
-    part = (bh * n_splits + split) * BLOCK_M + tl.arange(0, BLOCK_M)
+    part = (bh * n_splits + split) * BLOCK_M + cols
     tl.store(m_part_ptr + part, m_i)
     tl.store(l_part_ptr + part, l_i)
 
 
 @triton.jit
 def _score_probs_kernel(
-    q_ptr, k_ptr, start_ptr, m_part_ptr, l_part_ptr, out_ptr,
-    stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_ks, stride_ob, stride_oh,
-    n_kv_heads, seq_len, qk_scale, n_splits,
-    GQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    MEAN: tl.constexpr, HEAD_MAX: tl.constexpr, PRECISION: tl.constexpr,
+    start_ptr, m_part_ptr, l_part_ptr, off_ptr, tmax_ptr, out_ptr,
+    stride_ob, stride_oh, n_kv_heads, seq_len, n_splits,
+    GQ: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, SUB: tl.constexpr, MEAN: tl.constexpr,
+    HEAD_MAX: tl.constexpr,
 ):  # fmt: skip
     bh, b, h = program_head(n_kv_heads)
     split = tl.program_id(1)
-    d = tl.arange(0, HEAD_DIM)
-    q_t, row_ok = _score_queries(q_ptr, b, h, stride_qb, stride_qh, stride_qg, d, GQ, G, G_P, BLOCK_M)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
+    cols = tl.arange(0, BLOCK_M)
+    row_ok = (cols // G_P < GQ) & (cols % G_P < G)
+    off_base = off_ptr + bh.to(tl.int64) * seq_len * BLOCK_M
+    tmax_base = tmax_ptr + bh.to(tl.int64) * tl.cdiv(seq_len, BLOCK_N) * BLOCK_M
     start = tl.load(start_ptr + b).to(tl.int32)
 
     # Every program merges all splits' statistics itself: a few KB from L2, one launch fewer.
     sp = tl.arange(0, BLOCK_S)
-    part = (bh * n_splits + sp[:, None]) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    part = (bh * n_splits + sp[:, None]) * BLOCK_M + cols[None, :]
     m_all = tl.load(m_part_ptr + part, mask=sp[:, None] < n_splits, other=float("-inf"))
     l_all = tl.load(l_part_ptr + part, mask=sp[:, None] < n_splits, other=0.0)
     m_max = tl.max(m_all, 0)
@@ -110,16 +123,25 @@ def _score_probs_kernel(
     head_ok = (heads < GQ)[None, :]
     # HEAD_MAX: one column per KV head (the max over its query heads), else one per query head.
     out_base = out_ptr + b * stride_ob + (h + 0 * heads[None, :] if HEAD_MAX else (h * GQ + heads)[None, :]) * stride_oh
-    lo, hi = split_range(start, split, n_splits, BLOCK_N)
-    for n0 in tl.range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
+    # SUB of pass 1's tiles a step: a few 1-4 KB loads a step left the pass latency-bound (1.8 TB/s at 128K).
+    ROWS: tl.constexpr = SUB * BLOCK_N
+    lo, hi = split_range(start, split, n_splits, ROWS)
+    for n0 in tl.range(lo, hi, ROWS):
+        offs = n0 + tl.arange(0, ROWS)
         ok = offs < hi
-        s = _score_logits(q_t, k_base, stride_ks, offs, ok, d, qk_scale, PRECISION)
-        p = tl.where(row_ok[None, :], tl.exp2(s - lse[None, :]), 0.0)
-        p = tl.reshape(p, [BLOCK_N, BLOCK_M // G_P, G_P])
-        agg = tl.sum(p, 2) / G if MEAN else tl.max(p, 2)
-        if HEAD_MAX:  # padding heads hold 0, below any real probability's max but never above it
+        tiles = n0 // BLOCK_N + tl.arange(0, SUB)
+        t_max = tl.load(tmax_base + tiles[:, None] * BLOCK_M + cols[None, :], mask=(tiles * BLOCK_N < hi)[:, None], other=0.0)
+        below = tl.load(off_base + offs[:, None] * BLOCK_M + cols[None, :], mask=ok[:, None], other=0.0)
+        # Base-2 log-probabilities; the max is taken before the exponential (one per output, not per query).
+        x = tl.reshape(tl.reshape(below.to(tl.float32), [SUB, BLOCK_N, BLOCK_M]) + (t_max - lse[None, :])[:, None, :],
+                       [ROWS, BLOCK_M])
+        x = tl.where(ok[:, None] & row_ok[None, :], x, float("-inf"))
+        x = tl.reshape(x, [ROWS, BLOCK_M // G_P, G_P])
+        agg = tl.sum(tl.exp2(x), 2) / G if MEAN else tl.max(x, 2)
+        if HEAD_MAX:  # padding heads hold -inf (0 once exponentiated): below any real head's score
             agg = tl.max(agg, 1, keep_dims=True)
+        agg = agg if MEAN else tl.exp2(agg)
+        if HEAD_MAX:
             tl.store(out_base + offs[:, None], agg, mask=ok[:, None] & (heads == 0)[None, :])
         else:
             tl.store(out_base + offs[:, None], agg, mask=ok[:, None] & head_ok)
@@ -173,18 +195,20 @@ def context_scores_triton(
 
     m_part = torch.empty(b * hkv * n_splits * block_m, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
+    # The logits, as offsets below their tile's max: float16 for 16-bit inputs, float32 for float32 ones.
+    off_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
+    offsets = torch.empty(b * hkv * seq_len * block_m, device=q.device, dtype=off_dtype)
+    tile_max = torch.empty(b * hkv * triton.cdiv(seq_len, cfg.block_n) * block_m, device=q.device, dtype=torch.float32)
     out = torch.empty(b, hkv if max_heads else hq, seq_len, device=q.device, dtype=torch.float32)
-    common = dict(
-        GQ=gq, G=g, G_P=g_p, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    shape = dict(GQ=gq, G=g, G_P=g_p, BLOCK_M=block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages)
     grid = (b * hkv, n_splits)
-    strides = (*q.stride()[:3], *k_cache.stride()[:3])
-    qk_scale = LOG2E / math.sqrt(d)
-    _score_stats_kernel[grid](q, k_cache, start_pos, m_part, l_part, *strides, hkv, qk_scale, n_splits, **common)
+    _score_stats_kernel[grid](
+        q, k_cache, start_pos, m_part, l_part, offsets, tile_max, *q.stride()[:3], *k_cache.stride()[:3],
+        hkv, seq_len, LOG2E / math.sqrt(d), n_splits, HEAD_DIM=d, PRECISION=dot_precision(q.dtype), **shape,
+    )  # fmt: skip
     _score_probs_kernel[grid](
-        q, k_cache, start_pos, m_part, l_part, out, *strides, out.stride(0), out.stride(1),
-        hkv, seq_len, qk_scale, n_splits, BLOCK_S=triton.next_power_of_2(n_splits), MEAN=aggregate == "mean",
-        HEAD_MAX=max_heads, **common,
+        start_pos, m_part, l_part, offsets, tile_max, out, out.stride(0), out.stride(1), hkv, seq_len, n_splits,
+        BLOCK_S=triton.next_power_of_2(n_splits), SUB=4, MEAN=aggregate == "mean", HEAD_MAX=max_heads, **shape,
     )  # fmt: skip
     return out.amax(1) if max_heads else out

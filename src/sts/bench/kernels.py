@@ -9,7 +9,7 @@ and a Llama-3.2-1B-shaped draft for scoring (Hq 32, Hkv 8, D 64, G = 4 queries).
   backends, GQA through ``enable_gqa=True`` where the backend takes it, else K/V expanded to
   Hq heads beforehand (the row's note says which; expanding is not timed, but the kernel then
   reads 4x the bytes); no mask (the causal mask among the 5 new rows changes no bytes);
-- ``scores``: the draft's context scores (two passes over K), and ``topk`` of the budget over
+- ``scores``: the draft's context scores (K read once, its logits stored as float16 and read back), and ``topk`` of the budget over
   ``[B, Hkv, S]`` float32 scores;
 - ``rerank``: the target's re-ranking of the draft's candidates (``4 x`` the free rows of a
   budget of 512: C = 1776 per KV head, T = 5 queries), our fused kernel and the PyTorch
@@ -212,7 +212,7 @@ def bench_scores(b: int, ctx: int, budgets: Iterable[int]) -> list[Row]:
     start = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
     nbytes = b * hkv * ctx * d * 2 + b * hq * s * 4 + q.numel() * 2
     us, mode = time_calls([lambda k=k: context_scores_triton(q, k, start) for k in caches])
-    rows = [Row("scores", "triton", b, ctx, None, us, nbytes, f"reads K twice; {mode}")]
+    rows = [Row("scores", "triton", b, ctx, None, us, nbytes, f"reads K once, logits stored and read back; {mode}")]
     del caches
     # Top-k over scores already reduced to the target's KV heads, as the selection would.
     score_sets = [torch.randn(b, TARGET["hkv"], s, device="cuda") for _ in range(copies(b * TARGET["hkv"] * s * 4))]

@@ -116,6 +116,9 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     other_pair.save(corrupt)
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--mapping", str(corrupt)], "mapping was made for")
     bad(capsys, ["generate", "--target", t, "--prompt", "hello", "--method", "autoregressive"], "no tokenizer")
+    # Bytes that are not UTF-8 on a command line reach the prompt as lone surrogates (surrogateescape).
+    bad(capsys, ["generate", "--target", t, "--prompt", "caf\udcff", "--method", "autoregressive"],
+        "the prompt is not valid Unicode text: a lone surrogate")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,x", "--method", "autoregressive"], "comma-separated")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,,2", "--method", "autoregressive"], "comma-separated")
     bad(capsys, gen + ["--target", t, "--draft", d, "--temperature", "1e39"], "temperature must be in [0, 10000]")

@@ -439,6 +439,7 @@ BAD_REQUESTS = [
     ("several prompts", {**GOOD, "prompt": ["a", "b"]}, 400, "prompt", None),
     ("a JSON list, not an object", [GOOD], 400, None, None),
     ("a body that is not UTF-8", b'{"model": "tiny", "prompt": "caf\xe9"}', 400, None, "json_invalid"),
+    ("a lone surrogate in the prompt", b'{"model": "tiny", "prompt": "caf\\udcff"}', 400, "prompt", None),
     ("prompt a number", {**GOOD, "prompt": 5}, 400, "prompt", None),
     ("stop a number", {**GOOD, "stop": 5}, 400, "stop", None),
     ("stream_options without stream", {**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
@@ -702,7 +703,11 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
 def test_an_api_key_guards_every_route_but_health(pair):
     from sts.serve.app import create_app
 
+    from sts.errors import STSError
+
     llm = make_llm(pair, method="autoregressive", slots=1)
+    with pytest.raises(STSError, match="the API key is empty"):  # a bare "Bearer" header would match it
+        create_app(llm, MODEL, api_key="")
     with serving(create_app(llm, MODEL, api_key="s3cret")) as url:
         assert_error(*post(url, "/v1/completions", GOOD), 401, code="invalid_api_key")
         assert_error(*post(url, "/v1/completions", GOOD, {"Authorization": "Bearer wrong"}), 401)
@@ -720,6 +725,17 @@ def test_an_api_key_guards_every_route_but_health(pair):
 @pytest.fixture(scope="module")
 def llm(pair):
     return make_llm(pair, slots=2)
+
+
+def test_text_that_is_not_unicode_is_a_request_error(llm):
+    from sts.api import RequestError
+
+    # A lone surrogate: undecodable command-line bytes (surrogateescape) or a JSON "\\udcff" escape.
+    with pytest.raises(RequestError, match="prompt is not valid Unicode text: a lone surrogate '\\\\udcff' at character 3"):
+        llm.generate("caf\udcff", max_tokens=2)
+    with pytest.raises(RequestError, match=r"messages\[1\]\.content is not valid Unicode") as chat:
+        llm.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x\ud800y"}], max_tokens=2)
+    assert chat.value.param == "messages[1].content"
 
 
 def test_llm_generate_stream_and_chat_equal_run_method(pair, llm):
@@ -953,6 +969,14 @@ def test_a_port_in_use_or_a_bad_option_is_one_line_before_loading(capsys, tmp_pa
         assert main(["serve", "--target", target, "--port", str(free_port()), "--budget", budget]) == 2
         err = capsys.readouterr().err.strip()
         assert err == "sts: error: --budget applies to selection methods (e.g. --method sts), not autoregressive", err
+    for flag, value in (("--api-key", ""), ("--api-key", "  "), ("--served-model-name", "")):
+        assert main(["serve", "--target", target, "--port", str(free_port()), flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"sts: error: {flag} is empty") and "\n" not in err, err
+    monkeypatch.setenv("STS_API_KEY", "")  # read when the parser is built: the default of --api-key
+    assert main(["serve", "--target", target, "--port", str(free_port())]) == 2
+    assert capsys.readouterr().err.strip().startswith("sts: error: --api-key is empty (or STS_API_KEY")
+    monkeypatch.delenv("STS_API_KEY")
     assert loads == []
     port = free_port()
     assert main(["serve", "--target", target, "--port", str(port)]) == 2

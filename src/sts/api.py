@@ -134,6 +134,17 @@ def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return parse_dtype(resolve_device(device, dtype)[1])
 
 
+def require_unicode(text: str, param: str) -> None:
+    """Raise :class:`RequestError` (naming ``param``) when ``text`` is not valid Unicode: a lone surrogate, which is
+    what undecodable bytes become on a command line (``surrogateescape``) or a JSON ``\\udcff`` escape; tokenizers
+    cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{param} is not valid Unicode text: a lone surrogate {text[exc.start]!r} at character "
+                           f"{exc.start} (bytes that are not UTF-8?)", param) from None
+
+
 class LLM:
     """A target (and draft) loaded once, decoding any number of prompts with continuous batching.
 
@@ -279,6 +290,7 @@ class LLM:
         """
         prompt = _plain(prompt)
         if isinstance(prompt, str):
+            require_unicode(prompt, param)
             if self.tokenizer is None:
                 raise RequestError("this checkpoint has no tokenizer: give the prompt as token ids", param)
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
@@ -300,6 +312,10 @@ class LLM:
         """
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template: use the completions endpoint", param)
+        for i, message in enumerate(messages):
+            for key, value in message.items() if isinstance(message, dict) else ():
+                if isinstance(value, str):
+                    require_unicode(value, f"{param}[{i}].{key}")
         try:
             ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
         except Exception as exc:  # noqa: BLE001  (jinja raises whatever the template raises)

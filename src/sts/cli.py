@@ -191,7 +191,10 @@ def _prompt_ids(args: argparse.Namespace, prompt: str | list[int], tokenizer: An
     """Return the token ids of ``prompt`` (:func:`_prompt`), wrapped in the chat template with --chat."""
     if isinstance(prompt, list):
         return prompt
+    from sts.api import require_unicode
+
     text = prompt
+    require_unicode(text, "the prompt")
     if tokenizer is None:
         raise STSError("this checkpoint has no tokenizer: pass --prompt-ids")
     if args.chat:

@@ -212,9 +212,12 @@ def _sse(obj: Any) -> str:
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_request_bytes: int | None = None) -> FastAPI:
     """Return the server's ASGI app over ``llm`` (its scheduler runs in its own thread while the app runs).
 
-    ``max_request_bytes``: the largest request body taken (default:
+    ``api_key``: the Bearer token every route but /health requires (None: none; empty: STSError, since a bare
+    "Bearer" header would match it). ``max_request_bytes``: the largest request body taken (default:
     :func:`~sts.serve.options.default_max_request_bytes` of ``llm``'s context); a larger one is a 413.
     """
+    if api_key is not None and not api_key.strip():
+        raise STSError("the API key is empty: give a key, or None to serve without one")
     metrics = Metrics(max(llm.gamma, 1))
     llm.scheduler.observer = metrics
     settings = llm.settings | policy_settings(llm.method, llm.options)  # as /v1/models reports them

@@ -132,6 +132,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from sts.api import LLM
 
     settings = llm_settings(args)  # every option, the port's range among them, before the port and the loading
+    if args.api_key is not None and not args.api_key.strip():
+        # `--api-key "$UNSET"` would otherwise guard the server with an empty key that a bare "Bearer" header matches.
+        raise STSError("--api-key is empty (or STS_API_KEY is set but empty): give a key, or leave both out")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise STSError("--served-model-name is empty: give the model id clients send, or leave it out (--target)")
     with bound(args.host, args.port) as sockets, _terminate_as_exit():  # the port before minutes of loading
         llm = LLM(args.target, args.draft, **settings)
         try:

@@ -286,7 +286,8 @@ class LLM:
     def prompt_ids(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
         """Return the token ids of a text prompt (with the tokenizer's special tokens), or of a list of ids as given.
 
-        Raises :class:`RequestError` for text without a tokenizer, an empty prompt, or ids outside the vocabulary.
+        Raises :class:`RequestError` for text without a tokenizer or not valid Unicode (:func:`require_unicode`), an
+        empty prompt, or ids outside the vocabulary.
         """
         prompt = _plain(prompt)
         if isinstance(prompt, str):
@@ -308,7 +309,8 @@ class LLM:
     def chat_ids(self, messages: Sequence[dict[str, Any]], param: str = "messages") -> list[int]:
         """Return the token ids of a conversation in the target tokenizer's chat template, ready for the assistant's turn.
 
-        Raises :class:`RequestError` without a chat template or for messages the template refuses.
+        Raises :class:`RequestError` without a chat template, for a message field that is not valid Unicode (named
+        ``messages[i].field``) or for messages the template refuses.
         """
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template: use the completions endpoint", param)

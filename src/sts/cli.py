@@ -184,17 +184,19 @@ def _prompt(args: argparse.Namespace) -> str | list[int]:
             return [int(x) for x in args.prompt_ids.split(",")]  # an empty item ("1,,2") is a mistake, not a skip
         except ValueError:
             raise STSError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    return read_text(args.prompt_file, "prompt file") if args.prompt_file is not None else args.prompt
+    if args.prompt_file is not None:
+        return read_text(args.prompt_file, "prompt file")
+    from sts.api import require_unicode
+
+    require_unicode(args.prompt, "the prompt")  # bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
+    return args.prompt
 
 
 def _prompt_ids(args: argparse.Namespace, prompt: str | list[int], tokenizer: Any) -> list[int]:
     """Return the token ids of ``prompt`` (:func:`_prompt`), wrapped in the chat template with --chat."""
     if isinstance(prompt, list):
         return prompt
-    from sts.api import require_unicode
-
     text = prompt
-    require_unicode(text, "the prompt")
     if tokenizer is None:
         raise STSError("this checkpoint has no tokenizer: pass --prompt-ids")
     if args.chat:

@@ -259,7 +259,8 @@ def test_teacher_forced_dense_perplexity_equals_transformers(tiny_pair):
 
 def test_reused_engines_give_the_records_of_fresh_engines(tiny_pair_with_tokenizer, tmp_path, monkeypatch):
     """One engine per (method, budget) decodes every sample exactly as a fresh engine per run (`run_method`) does,
-    the sparse-draft method and a method's own gamma included; an interrupted grid resumes with the same records."""
+    the sparse-draft method and a method's own gamma and selection settings included; an interrupted grid resumes
+    with the same records."""
     from sts import runner
     from sts.eval import harness
     from sts.eval.tasks import make_prompt
@@ -267,8 +268,10 @@ def test_reused_engines_give_the_records_of_fresh_engines(tiny_pair_with_tokeniz
 
     # The target drafts for itself: every dense draft is accepted, so acceptance tells a sparse draft apart.
     target, draft = load_pair(tiny_pair_with_tokenizer[0], tiny_pair_with_tokenizer[0], torch.float32, "cpu")
+    every_layer = f"sts/dense_layers={target.model.config.n_layers}"  # verifies densely: decodes as speculative does
     settings = harness.EvalSettings(
-        methods=("autoregressive", "speculative", "speculative/gamma=2", "sts", "streaming", "sts/draft_budget=12"),
+        methods=("autoregressive", "speculative", "speculative/gamma=2", "sts", "streaming", "sts/draft_budget=12",
+                 "sts/window=2/dense_layers=1", every_layer),
         budgets=(24, 0.25),
         tasks=("needle", "qa"), lengths=(300, 500), depths=(0.5,), limit=1, max_new_tokens=8, sink=2, window=8,
         measure_recall=False)
@@ -283,9 +286,13 @@ def test_reused_engines_give_the_records_of_fresh_engines(tiny_pair_with_tokeniz
     monkeypatch.setattr(harness, "build_engine", counting)
     evaluator = harness.Evaluator(settings, target, draft, tmp_path)
     evaluator.run(samples, specs)
-    assert len(built) == 9  # one engine per (method, budget), for 4 samples x 9 runs
+    assert len(built) == 13  # one engine per (method, budget), for 4 samples x 13 runs
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert len(records) == 4 * 9 and len({r["prompt_tokens"] for r in records}) == 4
+    assert len(records) == 4 * 13 and len({r["prompt_tokens"] for r in records}) == 4
+    tokens = {(r["method"], r["sample_id"], r["budget"]): r["tokens"] for r in records}
+    for r in records:
+        if r["method"] == every_layer:
+            assert r["tokens"] == tokens["speculative", r["sample_id"], None] and r["sparsity"] == 0, r["key"]
     dense_draft = {r["acceptance_length"] for r in records if r["method"] == "speculative"}
     sparse_draft = [r["acceptance_length"] for r in records if r["method"] == "sts/draft_budget=12"]
     assert dense_draft == {5.0} and max(sparse_draft) < 5
@@ -296,12 +303,12 @@ def test_reused_engines_give_the_records_of_fresh_engines(tiny_pair_with_tokeniz
         spec = names[r["method"]]
         prompt = target.tokenizer(make_prompt(by_id[r["sample_id"]], target.tokenizer), add_special_tokens=False)["input_ids"]
         fresh = run_method(spec.method, target, draft, [prompt], 8, gamma=evaluator.gamma(spec),
-                           selection=evaluator.selection(r["budget"]) if r["budget"] is not None else None,
+                           selection=settings.selection(r["budget"], spec) if r["budget"] is not None else None,
                            options=spec.policy_options(), draft_budget=spec.draft_budget,
                            draft_selection=spec.engine_draft_selection(), verify="sparse")
         assert r["tokens"] == fresh.tokens[0], r["key"]
         assert r["acceptance_length"] == pytest.approx(fresh.stats.summary()["acceptance_length"]), r["key"]
-    # Interrupted after 13 runs: a new evaluator runs the other 23 and writes the same records.
+    # Interrupted after 13 runs: a new evaluator runs the other 39 and writes the same records.
     lines = (tmp_path / "results.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "results.jsonl").write_text("".join(lines[:13]))
     harness.Evaluator(settings, target, draft, tmp_path).run(samples, specs)
@@ -314,18 +321,26 @@ def test_reused_engines_give_the_records_of_fresh_engines(tiny_pair_with_tokeniz
 
 
 def test_draft_budget_method_names():
-    from sts.eval.harness import parse_methods
+    from sts.eval.harness import EvalSettings, parse_methods
     from sts.eval.recall import RecallSettings
 
     (spec,) = parse_methods(["sts-cal/rerank=0/draft_budget=256"], "map.json")
     assert (spec.method, spec.draft_budget, spec.policy_options()) == ("sts", 256, {"rerank": 0.0})
     assert parse_methods(["speculative/draft_budget=64"], None)[0].draft_budget == 64
     assert (parse_methods(["sts/gamma=6/draft_budget=64"], None)[0].gamma, parse_methods(["sts"], None)[0].gamma) == (6, None)
+    (spec,) = parse_methods(["sts/window=256/rerank=8/dense_layers=2"], None)
+    assert (spec.selection_settings, spec.policy_options()) == ((("window", 256), ("dense_layers", 2)), {"rerank": 8.0})
+    config = EvalSettings(window=16, sink=4).selection(0.1, spec)
+    assert (config.budget, config.sink, config.window, config.dense_layers) == (0.1, 4, 256, 2)
     for name, message in (("autoregressive/draft_budget=64", "apply to methods with a draft"),
                           ("autoregressive/gamma=6", "apply to methods with a draft"),
                           ("sts/gamma=0", "gamma must be a whole number"), ("speculative/gamma=2.5", "whole number"),
-                          ("sts/draft_budget=64.5", "whole number"), ("sts/draft_budget=4", "exceed the 4 sink rows")):
+                          ("sts/draft_budget=64.5", "whole number"), ("sts/draft_budget=4", "exceed the 4 sink rows"),
+                          ("sts/window=-1", "window must be a whole number >= 0"), ("sts/dense_layers=1.5", "whole number"),
+                          ("speculative/window=8", "apply to selection methods only")):
         with pytest.raises(STSError, match=message):
             parse_methods([name], None)
     with pytest.raises(STSError, match="one dense draft"):
         RecallSettings(methods=("sts/draft_budget=64",)).method_specs()
+    with pytest.raises(STSError, match="budget"):  # no room past sink + window: refused before any model loads
+        EvalSettings(methods=("sts/window=600",), budgets=(512,)).method_specs()

@@ -31,7 +31,7 @@ def test_cuda_reused_engines_decode_as_fresh_engines(tmp_path):
             for budget in (settings.budgets if spec.sparse else (None,)):
                 got = evaluator.engine(spec, budget).generate([prompt], settings.max_new_tokens)
                 fresh = build_engine(spec.method, *pair, slots=1, max_len=evaluator.max_len, gamma=settings.gamma,
-                                     selection=evaluator.selection(budget) if budget is not None else None,
+                                     selection=settings.selection(budget, spec) if budget is not None else None,
                                      draft_budget=spec.draft_budget, draft_selection=spec.engine_draft_selection(),
                                      verify="sparse")
                 want = fresh.generate([prompt], settings.max_new_tokens)

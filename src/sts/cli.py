@@ -302,8 +302,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", type=csv_list(str), default=None,
                    help="comma list (default: every method, sts-cal only with --mapping); autoregressive decoding "
                         "always runs too, the reference of every difference in the report; a method's own "
-                        "settings follow it as /key=number, e.g. sts/gamma=6, sts/draft_budget=256, sts+sp "
-                        "(sparse prefill)")
+                        "settings follow it as /key=number, e.g. sts/gamma=6, sts/draft_budget=256, "
+                        "sts/window=256/dense_layers=2 (over --window, --sink), sts+sp (sparse prefill)")
     p.add_argument("--budgets", type=csv_list(_budget), default=list(defaults.budgets),
                    help=f"token counts, or fractions < 1 (default: {','.join(map(str, defaults.budgets))})")
     p.add_argument("--limit", type=int, default=defaults.limit, help="samples per task and length (needle: per depth; default: %(default)s)")

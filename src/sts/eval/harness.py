@@ -75,6 +75,8 @@ class MethodSpec:
     draft_selection: DraftSelection = "recent"
     #: Draft tokens per round (``/gamma=6``); None: the grid's ``--gamma``.
     gamma: int | None = None
+    #: The method's own selection settings over the grid's (``/window=256``, ``/dense_layers=2``, ``/sink=8``).
+    selection_settings: tuple[tuple[str, int], ...] = ()
 
     def engine_draft_selection(self) -> DraftSelection | None:
         """Return the draft selection to build the method's engine with: None for autoregressive decoding (no draft)."""
@@ -98,7 +100,9 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
     (sparse prefill), ``sts-cal/rerank=4`` (policy options) or ``sts/draft_budget=256`` (a sparse draft:
     its steps after a round's first read 256 rows; any speculative method; ``/scored_draft=1`` picks them by
     STS's draft scores, ``/draft_all_steps=1`` makes the first step read them too, :mod:`sts.selection.draft`;
-    ``/gamma=6`` drafts 6 tokens per round instead of the grid's gamma)."""
+    ``/gamma=6`` drafts 6 tokens per round instead of the grid's gamma; ``/window=256``, ``/sink=8`` and
+    ``/dense_layers=2`` replace the grid's selection settings for the method, as ``--window``, ``--sink`` and
+    ``--dense-layers`` do in ``sts generate``)."""
     specs = []
     for name in names:
         head, sparse_prefill = (name[:-3], True) if name.endswith("+sp") else (name, False)
@@ -111,18 +115,20 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
             raise STSError(f"method {name!r}: /draft_all_steps=1 applies to a /draft_budget")
         selection = cast(DraftSelection, ("scored" if scored else "recent") + ("-all" if all_steps else ""))
         gamma = _gamma(name, dict(options).get("gamma"))
-        options = tuple((k, v) for k, v in options if k not in ("draft_budget", "scored_draft", "draft_all_steps", "gamma"))
+        rows = tuple((k, _whole(name, k, v, "a whole number >= 0", minimum=0)) for k, v in options if k in SELECTION_KEYS)
+        options = tuple((k, v) for k, v in options
+                        if k not in ("draft_budget", "scored_draft", "draft_all_steps", "gamma", *SELECTION_KEYS))
         if base == "sts-cal":
             if mapping is None:
                 raise STSError("method sts-cal needs --mapping (a file from `sts calibrate`)")
-            spec = MethodSpec(name, "sts", mapping, sparse_prefill, options, draft_budget, selection, gamma)
+            spec = MethodSpec(name, "sts", mapping, sparse_prefill, options, draft_budget, selection, gamma, rows)
         elif base in DENSE_METHODS or base in REGISTRY:
-            spec = MethodSpec(name, base, None, sparse_prefill, options, draft_budget, selection, gamma)
+            spec = MethodSpec(name, base, None, sparse_prefill, options, draft_budget, selection, gamma, rows)
         else:
             raise STSError(f"unknown method {name!r} (choose from {', '.join(DEFAULT_METHODS)}, each optionally +sp)")
         if sparse_prefill and not spec.sparse:
             raise STSError(f"{name}: sparse prefill (+sp) applies to sparse methods only")
-        if options and not spec.sparse:
+        if (options or rows) and not spec.sparse:
             raise STSError(f"{name}: options apply to selection methods only")
         if (draft_budget is not None or gamma is not None) and spec.method == "autoregressive":
             raise STSError(f"{name}: /draft_budget and /gamma apply to methods with a draft")
@@ -132,6 +138,10 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
     if not specs:
         raise STSError("name at least one method")
     return specs
+
+
+#: Selection settings a method name may set for itself (``/window=256``): :class:`~sts.selection.SelectionConfig`'s.
+SELECTION_KEYS = ("sink", "window", "dense_layers")
 
 
 def _draft_budget(name: str, value: float | None) -> int | None:
@@ -182,8 +192,18 @@ class GridSettings:
         if any(s.sparse for s in specs) and not self.budgets:
             raise STSError("name at least one budget")
         for budget in self.budgets:
-            SelectionConfig(budget=budget, sink=self.sink, window=self.window)
+            for spec in specs:
+                self.selection(budget, spec)
         return specs
+
+    def selection(self, budget: float, spec: MethodSpec | None = None) -> SelectionConfig:
+        """Return the selection settings of a budget: the grid's, with ``spec``'s own ones over them.
+
+        Raises:
+            STSError: settings :class:`~sts.selection.SelectionConfig` refuses (no room past sink + window).
+        """
+        own = dict(spec.selection_settings) if spec is not None else {}
+        return SelectionConfig(budget=budget, **({"sink": self.sink, "window": self.window} | own))
 
 
 @dataclass(frozen=True)
@@ -303,10 +323,6 @@ class Evaluator:
         """Return the draft tokens per round of a method: its ``/gamma``, else the grid's."""
         return spec.gamma if spec.gamma is not None else self.settings.gamma
 
-    def selection(self, budget: float) -> SelectionConfig:
-        """Return the selection settings for a budget."""
-        return SelectionConfig(budget=budget, sink=self.settings.sink, window=self.settings.window)
-
     def runs(self, samples: Sequence[Sample], specs: Sequence[MethodSpec]) -> Iterator[tuple[Sample, MethodSpec, float | None]]:
         """Yield every (sample, method, budget) of the grid, samples outermost (one prefill each)."""
         for sample in samples:
@@ -392,7 +408,7 @@ class Evaluator:
             a = self.settings
             engine = build_engine(
                 spec.method, self.target, self.draft, slots=1, max_len=self.max_len, gamma=self.gamma(spec),
-                selection=self.selection(budget) if budget is not None else None, mapping=spec.mapping,
+                selection=a.selection(budget, spec) if budget is not None else None, mapping=spec.mapping,
                 options=spec.policy_options(), draft_budget=spec.draft_budget,
                 draft_selection=spec.engine_draft_selection(),
                 prefill=PrefillConfig(a.prefill_budget, a.prefill_block) if spec.sparse_prefill else None,
@@ -443,7 +459,7 @@ class Evaluator:
         dense = self.dense_runs[sample.sample_id]
         run = dense  # a dense verification reads the draft's tokens only, which teacher forcing fixes
         if spec.sparse:
-            policy = make_policy(spec.method, self.selection(budget), self.target.model, self.draft.model, spec.mapping,
+            policy = make_policy(spec.method, a.selection(budget, spec), self.target.model, self.draft.model, spec.mapping,
                                  **spec.policy_options())
             run = teacher_forced(self.target.model, self.draft.model, prompt, context, self.gamma(spec), policy,
                                  measure_recall=a.measure_recall, prefix_cache=cache, draft_budget=spec.draft_budget,

@@ -59,7 +59,9 @@ def _rerank_cases() -> list[dict]:
                 # b=2: the second sequence's context fits the budget; scarce: fewer candidates than free rows.
                 cases.append(dict(b=1 + (n + n // 2) % 2, hq=hq, hkv=hkv, t=t, prob=prob, d_slot=1 + n // 4 % 2,
                                   scarce=n % 3 == 2))  # fmt: skip
-    return cases
+    # The radix path (candidates over many programs), each case again: under the interpreter forced with
+    # small chunks, on CUDA by more candidates than one program holds.
+    return cases + [dict(c, radix=True) for c in cases]
 
 
 VERIFY = _verify_cases()
@@ -68,6 +70,8 @@ RERANK = _rerank_cases()
 # Re-ranking shapes (sink, window, free rows, candidates): small under the interpreter, the
 # benchmark's on CUDA (budget 512, C = 4 x free).
 RERANK_SHAPE = dict(sink=4, window=64, free=444, cand=1776) if CUDA else dict(sink=4, window=8, free=60, cand=150)
+# The radix path's: budget 10% of 128K on CUDA (C = 4 x free, past MAX_CANDIDATES), 3 chunks of 64 under the interpreter.
+RADIX_SHAPE = dict(sink=4, window=64, free=5000, cand=20000, chunk=None) if CUDA else dict(RERANK_SHAPE, chunk=64)
 
 
 def _case_id(kind: str, c: dict) -> str:
@@ -227,7 +231,7 @@ def check_rerank(c: dict, device: str) -> dict[str, float]:
     interp = device == "cpu"
     gen = torch.Generator().manual_seed(zlib.crc32(_case_id("r", c).encode()))
     d = (16, 32)[c["d_slot"] - 1] if interp else (64, 128)[c["d_slot"] - 1]
-    shape = RERANK_SHAPE
+    shape = RADIX_SHAPE if c.get("radix") else RERANK_SHAPE
     s = 12 * shape["cand"]
     sink, window, budget = shape["sink"], shape["window"], shape["sink"] + shape["window"] + shape["free"]
     n_cand = shape["free"] * 2 // 3 if c["scarce"] else shape["cand"]
@@ -238,19 +242,20 @@ def check_rerank(c: dict, device: str) -> dict[str, float]:
     kc = torch.randn(c["b"], c["hkv"], s, d, generator=gen).to(device, dtype)
     cand, usable = (x.to(device) for x in _candidates(sp, c["hkv"], n_cand, sink, window, gen))
     sp = sp.to(device)
-    out = rerank_rows_triton(q, kc, cand, usable, sp, sink, window, budget, c["prob"])
+    out = rerank_rows_triton(q, kc, cand, usable, sp, sink, window, budget, c["prob"], chunk=shape.get("chunk"))
     return rerank_errors(out, q.float(), kc.float(), cand, usable, sp, sink, window, budget, c["prob"])
 
 
-def check_rerank_budgets(device: str) -> dict[str, float]:
+def check_rerank_budgets(device: str, radix: bool = False) -> dict[str, float]:
     """Return how far the kernel with per-sequence budgets is from the reference run on each sequence alone at its own
     budget, as sets per (sequence, KV head): ``missing``, the largest share of the solo rows left out; ``size``, the
-    difference in rows read; ``past``, rows read past a sequence's first ``budgets[b]`` slots."""
+    difference in rows read; ``past``, rows read past a sequence's first ``budgets[b]`` slots (``radix``: its
+    radix path)."""
     from sts.attention.triton_rerank import rerank_rows_triton
 
     interp = device == "cpu"
     gen = torch.Generator().manual_seed(11)
-    shape = RERANK_SHAPE
+    shape = RADIX_SHAPE if radix else RERANK_SHAPE
     sink, window, free = shape["sink"], shape["window"], shape["free"]
     forced, s, d = sink + window, 12 * shape["cand"], 16 if interp else 64
     # Own budgets: the round's, a third, none free, and a half twice: once with a context between it and the round's
@@ -261,7 +266,8 @@ def check_rerank_budgets(device: str) -> dict[str, float]:
     kc = torch.randn(5, 2, s, d, generator=gen).to(device, q.dtype)
     cand, usable = (x.to(device) for x in _candidates(sp, 2, shape["cand"], sink, window, gen))
     sp, budgets = sp.to(device), budgets.to(device)
-    out = rerank_rows_triton(q, kc, cand, usable, sp, sink, window, forced + free, True, budgets).cpu()
+    out = rerank_rows_triton(q, kc, cand, usable, sp, sink, window, forced + free, True, budgets,
+                             chunk=shape.get("chunk")).cpu()
     err = dict(missing=0.0, size=0.0, past=0.0)
     for b in range(5):
         ctx, own = int(sp[b]), int(budgets[b])
@@ -273,6 +279,30 @@ def check_rerank_budgets(device: str) -> dict[str, float]:
             err["size"] += abs(len(got) - len(want))
             err["past"] += float((out[b, h, own:] < ctx).sum())
     return err
+
+
+def check_rerank_ties(device: str) -> dict[str, float]:
+    """Return, for the one-program and the radix path, how many rows differ from the brute-force choice when 40
+    candidates share the best key (exact ties) and 25 free slots: the first 25 of them by candidate position."""
+    from sts.attention.triton_rerank import rerank_rows_triton
+
+    gen = torch.Generator().manual_seed(5)
+    d, s, n_cand, sink, window, free = 32, 400, 150, 2, 4, 25
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q = torch.randn(1, 4, 2, d, generator=gen)
+    kc = torch.randn(1, 1, s, d, generator=gen) * 0.1
+    sp = torch.tensor([s - 2])
+    cand, _ = _candidates(sp, 1, n_cand, sink, window, gen)
+    tied = torch.randperm(n_cand, generator=gen)[:40].sort().values
+    kc[0, 0, cand[0, 0, tied]] = q[0].mean((0, 1)) * 4  # the same best key in 40 rows
+    want = set(cand[0, 0, tied[:free]].tolist())
+    usable = torch.ones(1, 1, n_cand, dtype=torch.bool)
+    args = [x.to(device) for x in (q.to(dtype), kc.to(dtype), cand, usable, sp)]
+    errs = {}
+    for name, chunk in (("single", None), ("radix", 64)):
+        out = rerank_rows_triton(*args, sink, window, sink + window + free, True, chunk=chunk).cpu()
+        errs[name] = float(len(want ^ set(out[0, 0, sink + window :].tolist())))
+    return errs
 
 
 def check_dispatch(device: str) -> dict[str, float]:
@@ -302,6 +332,8 @@ def _run_all(device: str) -> dict[str, dict[str, float] | str]:
     jobs += [(_case_id("scores", c), check_scores, c) for c in SCORES]
     jobs += [(_case_id("rerank", c), check_rerank, c) for c in RERANK]
     jobs.append(("rerank_budgets", lambda _, device: check_rerank_budgets(device), None))
+    jobs.append(("rerank_budgets_radix", lambda _, device: check_rerank_budgets(device, radix=True), None))
+    jobs.append(("rerank_ties", lambda _, device: check_rerank_ties(device), None))
     jobs.append(("dispatch", lambda _, device: check_dispatch(device), None))
     for name, fn, c in jobs:
         try:
@@ -381,10 +413,15 @@ def test_rerank_matches_reference(results, case):
     assert_rerank_close(_errors(results, _case_id("rerank", case)))
 
 
-def test_rerank_with_per_sequence_budgets_reads_each_sequences_solo_rows(results):
-    errs = _errors(results, "rerank_budgets")
+@pytest.mark.parametrize("job", ["rerank_budgets", "rerank_budgets_radix"])
+def test_rerank_with_per_sequence_budgets_reads_each_sequences_solo_rows(results, job):
+    errs = _errors(results, job)
     assert errs["size"] == 0.0 and errs["past"] == 0.0, errs
     assert errs["missing"] <= RERANK_MISSING_TOL, errs
+
+
+def test_rerank_breaks_exact_ties_by_candidate_position_on_both_paths(results):
+    assert _errors(results, "rerank_ties") == {"single": 0.0, "radix": 0.0}
 
 
 def test_dispatch_picks_triton_and_matches(results):
@@ -430,12 +467,14 @@ def test_verify_scores_and_rerank_replay_in_cuda_graph():
     sparse_verify_attention(q, kc, vc, sp, idx)  # compile outside the capture
     context_scores_triton(q[:, :, :4], kc, sp)
     rerank_rows_triton(q, kc, cand, usable, sp, 4, 64, 512, True)
+    rerank_rows_triton(q, kc, cand, usable, sp, 4, 64, 512, True, chunk=256)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = sparse_verify_attention(q, kc, vc, sp, idx)
         dense = sparse_verify_attention(q, kc, vc, sp)
         scores = context_scores_triton(q[:, :, :4], kc, sp)
         rows = rerank_rows_triton(q, kc, cand, usable, sp, 4, 64, 512, True)
+        radix = rerank_rows_triton(q, kc, cand, usable, sp, 4, 64, 512, True, chunk=256)
     sp.copy_(torch.tensor([2500, 500]))  # the second context now fits the budget
     idx.copy_(_indices(sp.cpu(), hkv, k, s, gen))
     for x, new in zip((cand, usable), _candidates(sp.cpu(), hkv, 700, 4, 64, gen)):
@@ -446,7 +485,8 @@ def test_verify_scores_and_rerank_replay_in_cuda_graph():
     assert _rel_err(dense, R.dense_attention(q.double(), kc.double(), vc.double(), sp)) < VERIFY_TOL
     ref = context_scores(q[:, :, :4].double(), kc.double(), sp)
     assert _rel_err(scores[..., :2500], ref) < SCORES_TOL
-    assert_rerank_close(rerank_errors(rows, q.float(), kc.float(), cand, usable, sp, 4, 64, 512, True))
+    for got in (rows, radix):
+        assert_rerank_close(rerank_errors(got, q.float(), kc.float(), cand, usable, sp, 4, 64, 512, True))
 
 
 if __name__ == "__main__":

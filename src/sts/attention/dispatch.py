@@ -64,14 +64,14 @@ def rerank_rows(
     """Return ``[B, Hkv, budget]`` rows: sinks, window and the candidates the target's queries rank best
     (``budgets``: ``[B]`` each sequence's own, at most ``budget``; contract in :mod:`sts.attention.rerank`).
 
-    The fused kernel holds at most ``MAX_CANDIDATES`` candidates and ``MAX_QUERY_ROWS`` query rows
-    per KV head in one program; past that (budgets of thousands of rows) the exact PyTorch path
-    serves, which is also free of host synchronisation.
+    The fused kernels take any number of candidates (past ``MAX_CANDIDATES``, budgets of thousands
+    of rows, by radix select over chunks) and at most ``MAX_QUERY_ROWS`` query rows (``G * T``) per KV
+    head; past that the exact PyTorch path serves, which is also free of host synchronisation.
     """
     if use_triton(q):
-        from sts.attention.triton_rerank import MAX_CANDIDATES, MAX_QUERY_ROWS, rerank_rows_triton
+        from sts.attention.triton_rerank import MAX_QUERY_ROWS, rerank_rows_triton
 
         rows = (q.shape[1] // k_cache.shape[1]) * q.shape[2]
-        if cand.shape[-1] <= MAX_CANDIDATES and rows <= MAX_QUERY_ROWS:
+        if rows <= MAX_QUERY_ROWS:
             return rerank_rows_triton(q, k_cache, cand, usable, start_pos, sink, window, budget, prob, budgets)
     return rerank.rerank_rows(q, k_cache, cand, usable, start_pos, sink, window, budget, prob, budgets)

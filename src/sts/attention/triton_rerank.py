@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sts.attention.triton_radix import (HIST_BINS, INVALID, add_histogram, chunk_take, count_kernel, order_key,
+                                       radix_level_kernel, row_k)
 from sts.attention.triton_scores import _score_logits
 from sts.attention.triton_verify import LOG2E, dot_precision, load_queries, program_head
 
@@ -45,8 +47,10 @@ BLOCK_N = 64
 # Most logits one select program holds at once while reducing them to scores (rows x candidates):
 # on the H200, 8 rows of 2048 at a time beat 2 or 4 (about 1 us per call, fewer dependent L2 loads).
 _SELECT_TILE = 16384
-# Most candidates per (sequence, KV head): the select program keeps them all in registers.
+# Most candidates per (sequence, KV head) one select program keeps in registers; more go to the radix path.
 MAX_CANDIDATES = 16384
+# Candidates per program of the radix path.
+CHUNK = 2048
 # Most query rows (G * T) per KV head: they form one tile of the logits product.
 MAX_QUERY_ROWS = 128
 INT32_MIN = tl.constexpr(-(2**31))
@@ -96,11 +100,13 @@ def _row_lse(m_part_ptr, l_part_ptr, bh, rows, n_tiles, BLOCK_M: tl.constexpr, B
 
 @triton.jit
 def _candidate_scores(
-    logit_ptr, m_part_ptr, l_part_ptr, bh, c, n_cand, n_tiles,
+    logit_ptr, m_part_ptr, l_part_ptr, lse_ptr, bh, c, n_cand, n_tiles,
     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, PROB: tl.constexpr,
+    LSE_STORED: tl.constexpr,
 ):  # fmt: skip
-    """Return each candidate's score ``[BLOCK_C]``: summed probability over the query rows (``PROB``)
-    or max logit, from the stored logits, ``BLOCK_R`` rows at a time."""
+    """Return each candidate's score (shaped like ``c``): summed probability over the query rows (``PROB``)
+    or max logit, from the stored logits, ``BLOCK_R`` rows at a time. Each row's log-sum-exp comes from
+    ``lse_ptr`` (``LSE_STORED``: :func:`_lse_kernel`'s) or is merged here from the tiles' statistics."""
     acc = tl.full(c.shape, 0.0 if PROB else float("-inf"), tl.float32)
     for r0 in tl.range(0, ROWS, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -108,7 +114,10 @@ def _candidate_scores(
         ptrs = logit_ptr + (bh * ROWS + rows).to(tl.int64)[:, None] * n_cand + c[None, :]
         s = tl.load(ptrs, mask=ok, other=float("-inf"))
         if PROB:
-            lse = _row_lse(m_part_ptr, l_part_ptr, bh, rows, n_tiles, BLOCK_M, BLOCK_T)
+            if LSE_STORED:
+                lse = tl.load(lse_ptr + bh * BLOCK_M + rows, mask=rows < ROWS, other=0.0)
+            else:
+                lse = _row_lse(m_part_ptr, l_part_ptr, bh, rows, n_tiles, BLOCK_M, BLOCK_T)
             acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
         else:
             acc = tl.maximum(acc, tl.max(s, 0))
@@ -116,10 +125,83 @@ def _candidate_scores(
 
 
 @triton.jit
-def _order_key(x):
-    """Return int32 keys that order like the float32 values ``x`` (IEEE bits, negatives' magnitude bits flipped)."""
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+def _lse_kernel(m_part_ptr, l_part_ptr, lse_ptr, hist_ptr, n_tiles, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Radix path, grid (sequence x KV head): merge the logits tiles' statistics into each query row's base-2
+    log-sum-exp (0 for a row with no usable candidate), and zero the row's select histograms."""
+    bh = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    for t0 in tl.range(0, n_tiles, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        part = (bh * n_tiles + tiles[:, None]) * BLOCK_M + rows[None, :]
+        ok = (tiles < n_tiles)[:, None]
+        m_all = tl.load(m_part_ptr + part, mask=ok, other=float("-inf"))
+        l_all = tl.load(l_part_ptr + part, mask=ok, other=0.0)
+        m_new = tl.maximum(m, tl.max(m_all, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.exp2(m - m_safe) + tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = tl.where(total > 0.0, m_safe + tl.log2(tl.where(total > 0.0, total, 1.0)), 0.0)
+    tl.store(lse_ptr + bh * BLOCK_M + rows, lse)
+    for i in tl.static_range(0, HIST_BINS, 1024):
+        tl.store(hist_ptr + bh * HIST_BINS + i + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
+
+
+@triton.jit
+def _key_kernel(
+    logit_ptr, lse_ptr, usable_ptr, key_ptr, hist_ptr, stride_ub, stride_uh, n_kv_heads, n_cand,
+    ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, PROB: tl.constexpr,
+):  # fmt: skip
+    """Radix path, grid (sequence x KV head, chunk of candidates): each usable candidate's score as an order key
+    (:data:`~sts.attention.triton_radix.INVALID` for the others), and the keys' level-1 histogram."""
+    bh, b, h = program_head(n_kv_heads)
+    c = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    in_c = c < n_cand
+    valid = in_c & (tl.load(usable_ptr + b * stride_ub + h * stride_uh + c, mask=in_c, other=0) != 0)
+    scores = _candidate_scores(logit_ptr, lse_ptr, lse_ptr, lse_ptr, bh, c, n_cand, 1, ROWS, BLOCK_M, BLOCK_R, 1, PROB,
+                               LSE_STORED=True)
+    key = tl.where(valid, order_key(scores), INVALID)
+    tl.store(key_ptr + bh.to(tl.int64) * n_cand + c, key, mask=in_c)
+    add_histogram(hist_ptr + bh * HIST_BINS, key, valid, 1, 0)
+
+
+@triton.jit
+def _emit_kernel(
+    key_ptr, hist_ptr, count_ptr, cand_ptr, start_ptr, budgets_ptr, out_ptr, stride_cb, stride_ch,
+    n_kv_heads, n_cand, n_chunks, seq_len, budget, n_out, k,
+    SINK: tl.constexpr, WINDOW: tl.constexpr, CHUNK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+    PER_SEQUENCE: tl.constexpr,
+):  # fmt: skip
+    """Radix path, grid (sequence x KV head, chunk of output slots and of candidates): write the fixed slots
+    (sinks, window, unfilled tail) of this chunk of the output, and this chunk's chosen candidates after the
+    chosen ones of earlier chunks (position order: the same rows in the same slots on every run)."""
+    bh, b, h = program_head(n_kv_heads)
+    chunk = tl.program_id(1)
+    c, take, before, n_taken = chunk_take(key_ptr, hist_ptr, count_ptr, bh, chunk, n_cand, n_chunks,
+                                          row_k(budgets_ptr, bh, n_kv_heads, k, PER_SEQUENCE), CHUNK, BLOCK_CHUNKS)
+    own = tl.load(budgets_ptr + b).to(tl.int64) if PER_SEQUENCE else budget
+    start = tl.load(start_ptr + b).to(tl.int64)
+    _write_rows(out_ptr + bh.to(tl.int64) * n_out, chunk * CHUNK + tl.arange(0, CHUNK), cand_ptr + b * stride_cb + h * stride_ch,
+                c, take, before, n_taken, start > own, start, seq_len, n_out, SINK, WINDOW)
+
+
+@triton.jit
+def _write_rows(out_row, j, cand_row, c, take, before, n_taken, ranked, start, seq_len, n_out,
+                SINK: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+    """Write output slots ``j`` that are fixed (sinks, window, unfilled tail; rows ``j`` when the context fits the
+    budget: not ``ranked``) and the candidates ``c`` chosen by ``take`` into the slots after ``before`` chosen ones.
+
+    The fixed slots and the chosen slots are disjoint: no two threads store to one address, so the two
+    stores need no ordering."""
+    forced = SINK + WINDOW
+    fixed = tl.where(j < SINK, j, tl.where(j < forced, start - forced + j, seq_len))
+    fixed_ok = (j < n_out) & (~ranked | (j < forced) | (j >= forced + n_taken))
+    tl.store(out_row + j, tl.where(ranked, fixed, j), mask=fixed_ok)
+    rows = tl.load(cand_row + c, mask=take, other=0)
+    slot = forced + before + tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(out_row + slot, rows, mask=take & ranked)
 
 
 @triton.jit
@@ -130,7 +212,7 @@ def _top_mask(scores, valid, k):
     (each step counts the keys at or above the midpoint; the bounds are int64 scalars so that
     their difference cannot overflow).
     """
-    key = tl.where(valid, _order_key(scores), INT32_MIN)
+    key = tl.where(valid, order_key(scores), INT32_MIN)
     k = tl.minimum(k, tl.sum(valid.to(tl.int32), 0))
     lo = tl.min(tl.where(valid, key, INT32_MAX), 0).to(tl.int64)  # count(key >= lo) >= k holds
     hi = tl.max(key, 0).to(tl.int64)
@@ -158,28 +240,18 @@ def _select_kernel(
     c = tl.arange(0, BLOCK_C)
     in_c = c < n_cand
     valid = in_c & (tl.load(usable_ptr + b * stride_ub + h * stride_uh + c, mask=in_c, other=0) != 0)
-    scores = _candidate_scores(logit_ptr, m_part_ptr, l_part_ptr, bh, c, n_cand, n_tiles, ROWS, BLOCK_M, BLOCK_R, BLOCK_T, PROB)
+    scores = _candidate_scores(logit_ptr, m_part_ptr, l_part_ptr, m_part_ptr, bh, c, n_cand, n_tiles, ROWS, BLOCK_M,
+                               BLOCK_R, BLOCK_T, PROB, LSE_STORED=False)
     if PER_SEQUENCE:  # this sequence's own budget (at most the round's)
         own = tl.load(budgets_ptr + b).to(tl.int64)
         take = _top_mask(scores, valid, own - SINK - WINDOW)
     else:
         own = budget
         take = _top_mask(scores, valid, FREE)
-
     start = tl.load(start_ptr + b).to(tl.int64)
-    ranked = start > own  # else the context fits the budget: rows 0 .. n_out - 1
-    j = tl.arange(0, BLOCK_OUT)
-    forced = SINK + WINDOW
-    # The fixed slots (sinks, window, unfilled tail) and the chosen slots are disjoint: no two
-    # threads store to one address, so the two stores need no ordering.
-    fixed = tl.where(j < SINK, j, tl.where(j < forced, start - forced + j, seq_len))
-    n_taken = tl.sum(take.to(tl.int32), 0)
-    out_row = out_ptr + bh.to(tl.int64) * n_out
-    fixed_ok = (j < n_out) & (~ranked | (j < forced) | (j >= forced + n_taken))
-    tl.store(out_row + j, tl.where(ranked, fixed, j), mask=fixed_ok)
-    rows = tl.load(cand_ptr + b * stride_cb + h * stride_ch + c, mask=take, other=0)
-    slot = forced + tl.cumsum(take.to(tl.int32), 0) - 1
-    tl.store(out_row + slot, rows, mask=take & ranked)
+    # ranked: else the context fits the budget: rows 0 .. n_out - 1
+    _write_rows(out_ptr + bh.to(tl.int64) * n_out, tl.arange(0, BLOCK_OUT), cand_ptr + b * stride_cb + h * stride_ch,
+                c, take, 0, tl.sum(take.to(tl.int32), 0), start > own, start, seq_len, n_out, SINK, WINDOW)
 
 
 def _check_inputs(q: Tensor, k_cache: Tensor, cand: Tensor, usable: Tensor, start_pos: Tensor) -> None:
@@ -193,13 +265,13 @@ def _check_inputs(q: Tensor, k_cache: Tensor, cand: Tensor, usable: Tensor, star
         raise ValueError(f"head dim {d} unsupported (16..256, a power of two)")
     if any(x.stride(-1) != 1 for x in (q, k_cache, cand, usable)):
         raise ValueError("q's, the cache's, cand's and usable's last dimension must be contiguous")
-    if cand.shape[-1] > MAX_CANDIDATES or (hq // hkv) * q.shape[2] > MAX_QUERY_ROWS:
-        raise ValueError(f"at most {MAX_CANDIDATES} candidates and {MAX_QUERY_ROWS} query rows (G * T) per KV head")
+    if (hq // hkv) * q.shape[2] > MAX_QUERY_ROWS:
+        raise ValueError(f"at most {MAX_QUERY_ROWS} query rows (G * T) per KV head")
 
 
 def rerank_rows_triton(
     q: Tensor, k_cache: Tensor, cand: Tensor, usable: Tensor, start_pos: Tensor,
-    sink: int, window: int, budget: int, prob: bool, budgets: Tensor | None = None,
+    sink: int, window: int, budget: int, prob: bool, budgets: Tensor | None = None, chunk: int | None = None,
 ) -> Tensor:  # fmt: skip
     """Return ``[B, Hkv, budget]`` int64 rows: sinks, window, and the candidates the queries ``q`` rank best.
 
@@ -208,9 +280,14 @@ def rerank_rows_triton(
     ``start_pos`` ``[B]``. ``prob``: rank by each query's softmax over the usable candidates,
     averaged over the group's ``G * T`` query rows; otherwise by the max logit. The chosen
     candidates follow the ``sink + window`` forced rows in no particular order; with fewer than
-    ``C`` free slots the result is ``sink + window + C`` wide, as the reference's. Two launches,
-    no host synchronisation: safe to capture in a CUDA graph. ``budgets``: ``[B]`` each sequence's own
+    ``C`` free slots the result is ``sink + window + C`` wide, as the reference's. No host
+    synchronisation: safe to capture in a CUDA graph. ``budgets``: ``[B]`` each sequence's own
     budget, at most ``budget`` (contract in :mod:`sts.attention.rerank`); None: ``budget`` for every one.
+
+    Up to :data:`MAX_CANDIDATES` candidates one program per (sequence, KV head) selects them (two
+    launches); more (budgets of thousands of rows), or a ``chunk`` given, and the selection runs
+    over chunks of ``chunk`` candidates (default :data:`CHUNK`) by radix select
+    (:mod:`sts.attention.triton_radix`, seven launches).
     """
     _check_inputs(q, k_cache, cand, usable, start_pos)
     free = budget - sink - window
@@ -221,7 +298,6 @@ def rerank_rows_triton(
     group = hq // hkv
     rows = group * t
     block_m = max(16, triton.next_power_of_2(rows))
-    block_c = triton.next_power_of_2(n_cand)
     n_tiles = triton.cdiv(n_cand, BLOCK_N)
     n_out = sink + window + min(free, n_cand)
 
@@ -239,13 +315,45 @@ def rerank_rows_triton(
         GROUP=group, T=t, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, PRECISION=dot_precision(q.dtype),
         num_warps=4,
     )  # fmt: skip
-    _select_kernel[(b * hkv,)](
-        logits, m_part, l_part, cand, usable, start_pos, start_pos if budgets is None else budgets, out, *cand_strides,
-        hkv, n_cand, n_tiles, seq_len, budget, n_out,
-        SINK=sink, WINDOW=window, FREE=free, ROWS=rows, BLOCK_M=block_m,
-        BLOCK_R=max(1, min(triton.next_power_of_2(rows), _SELECT_TILE // block_c)),
-        BLOCK_T=triton.next_power_of_2(n_tiles), BLOCK_C=block_c,
-        BLOCK_OUT=triton.next_power_of_2(n_out), PROB=prob, PER_SEQUENCE=budgets is not None,
-        num_warps=max(4, min(16, block_c // 256)),
+    if chunk is None and n_cand <= MAX_CANDIDATES:
+        block_c = triton.next_power_of_2(n_cand)
+        _select_kernel[(b * hkv,)](
+            logits, m_part, l_part, cand, usable, start_pos, start_pos if budgets is None else budgets, out,
+            *cand_strides, hkv, n_cand, n_tiles, seq_len, budget, n_out,
+            SINK=sink, WINDOW=window, FREE=free, ROWS=rows, BLOCK_M=block_m,
+            BLOCK_R=max(1, min(triton.next_power_of_2(rows), _SELECT_TILE // block_c)),
+            BLOCK_T=triton.next_power_of_2(n_tiles), BLOCK_C=block_c,
+            BLOCK_OUT=triton.next_power_of_2(n_out), PROB=prob, PER_SEQUENCE=budgets is not None,
+            num_warps=max(4, min(16, block_c // 256)),
+        )  # fmt: skip
+        return out
+    chunk = chunk or CHUNK
+    if chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
+    n_chunks = triton.cdiv(n_cand, chunk)
+    lse = torch.empty(b * hkv * block_m, **f32)
+    hist = torch.empty(b * hkv * HIST_BINS, device=q.device, dtype=torch.int32)
+    keys = torch.empty(b * hkv * n_cand, device=q.device, dtype=torch.int32)
+    counts = torch.empty(b * hkv * n_chunks * 2, device=q.device, dtype=torch.int32)
+    # Each row's k: the shared free rows, or each sequence's own budget minus the forced rows.
+    k_ptr, k = (start_pos, free) if budgets is None else (budgets, -(sink + window))
+    per_sequence = budgets is not None
+    _lse_kernel[(b * hkv,)](m_part, l_part, lse, hist, n_tiles, BLOCK_M=block_m,
+                            BLOCK_T=min(256, triton.next_power_of_2(n_tiles)), num_warps=4)
+    _key_kernel[(b * hkv, n_chunks)](
+        logits, lse, usable, keys, hist, *usable.stride()[:2], hkv, n_cand,
+        ROWS=rows, BLOCK_M=block_m, BLOCK_R=max(1, min(triton.next_power_of_2(rows), _SELECT_TILE // chunk)),
+        CHUNK=chunk, PROB=prob, num_warps=8,
+    )  # fmt: skip
+    for level in (2, 3):
+        radix_level_kernel[(b * hkv, n_chunks)](keys, hist, k_ptr, hkv, n_cand, k, LEVEL=level, CHUNK=chunk,
+                                                PER_SEQUENCE=per_sequence, num_warps=8)
+    count_kernel[(b * hkv, n_chunks)](keys, hist, k_ptr, counts, hkv, n_cand, n_chunks, k, CHUNK=chunk,
+                                      PER_SEQUENCE=per_sequence, num_warps=8)
+    _emit_kernel[(b * hkv, triton.cdiv(max(n_cand, n_out), chunk))](
+        keys, hist, counts, cand, start_pos, k_ptr, out, *cand.stride()[:2],
+        hkv, n_cand, n_chunks, seq_len, budget, n_out, k,
+        SINK=sink, WINDOW=window, CHUNK=chunk, BLOCK_CHUNKS=triton.next_power_of_2(n_chunks),
+        PER_SEQUENCE=per_sequence, num_warps=8,
     )  # fmt: skip
     return out

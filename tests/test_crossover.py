@@ -3,12 +3,14 @@ verification does not pay, and the model's accounting against the models' own te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from conftest import FAMILIES, hf_config, hf_model, ours, perturbed, read_weights
+from sts.attention.rerank import ONE_PROGRAM_CANDIDATES
 from sts.bench.synthetic import shape_config
 from sts.costmodel import (
     DraftSteps, Hardware, RoundCost, break_even, kv_bytes, round_cost, selection_reads, weight_bytes,
@@ -20,7 +22,8 @@ from sts.selection import SelectionConfig, make_policy
 from sts.speculative import speculative_generate
 
 #: Only bytes count: sparse verification pays exactly when it reads fewer bytes than dense verification.
-BYTES_ONLY = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0, forward_s=0.0)
+BYTES_ONLY = Hardware(bandwidth=1.0, round_s=0.0, rerank_layer_s=0.0, score_s=0.0, forward_s=0.0, radix_layer_s=0.0,
+                      radix_candidate_s=0.0)
 SELECTION = SelectionConfig(budget=32, sink=4, window=8)
 #: (method, policy options) whose reads the model accounts for differently.
 POLICIES = [("sts", {}), ("sts", {"rerank": 0}), ("specpc", {}), ("streaming", {}), ("quest", {}), ("tidal", {})]
@@ -144,6 +147,25 @@ def test_round_cost_counts_the_models_own_tensors(tiny_pair):
                            (DraftSteps(3, 16, first=True, acceptance=0.9), 3 * rows[16])):
         cost = round_cost(target.config, draft.config, reads, [n], budget, 4, BYTES_ONLY, steps)
         assert cost == RoundCost(dense, sparse + drafted, steps.acceptance)
+
+
+def test_the_radix_re_rank_is_charged_past_the_candidates_one_program_ranks(tiny_pair):
+    """Past ONE_PROGRAM_CANDIDATES re-rank candidates per (slot, KV head) the kernel selects by radix select: a sparse
+    round then costs its seconds per sparse layer and per candidate of each slot, KV head and sparse layer; up to
+    that count, nothing more."""
+    _, target, draft = tiny_pair
+    radix = dataclasses.replace(BYTES_ONLY, radix_layer_s=3.0, radix_candidate_s=0.5)
+    contexts = [10**6, 30000]
+    layers, heads = target.config.n_layers - 1, target.config.n_kv_heads
+    for free, extra in ((ONE_PROGRAM_CANDIDATES // 4, 0.0), (ONE_PROGRAM_CANDIDATES // 4 + 1, None)):
+        budget = 12 + free  # sink 4 + window 8, four candidates per free row
+        policy = make_policy("sts", SelectionConfig(budget=budget, sink=4, window=8, dense_layers=1), target, draft)
+        reads = selection_reads(policy, target, draft)
+        cost = round_cost(target.config, draft.config, reads, contexts, budget, 2, radix)
+        plain = round_cost(target.config, draft.config, reads, contexts, budget, 2, BYTES_ONLY)
+        if extra is None:
+            extra = 3.0 * layers + 0.5 * layers * heads * sum(min(4 * free, n) for n in contexts)
+        assert cost.sparse_s - plain.sparse_s == pytest.approx(extra) and cost.dense_s == plain.dense_s
 
 
 def test_a_sparse_draft_pays_sooner_and_its_lost_acceptance_later(tiny_pair):

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from sts.attention.rerank import ONE_PROGRAM_CANDIDATES
 from sts.errors import STSError
 from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
@@ -39,28 +40,36 @@ from sts.selection.tidal import TidalPolicy, default_select_layers
 #: Bytes per score that top-k ranks (float32).
 SCORE_BYTES = 4
 
-# The H200 constants below come from `sts bench e2e` on one H200. H200_RERANK_LAYER_S and H200_SCORE_S:
-# docs/bench/e2e-h200.jsonl (2026-11-29: batch 1 and 4 at 8K, 32K and 128K, batch 16 at 32K; Llama-3.1-8B /
-# 3.2-1B shapes, bf16, budget 512, default mapping), the measured select + verify time minus the dense
-# speculative verify time, minus this module's byte difference over the bandwidth, fitted over 14 points
-# (residuals <= 0.3 ms). H200_ROUND_S and H200_FORWARD_S: refitted with the whole round (draft steps included)
-# by least squares over the 12 rounds of docs/bench/e2e-crossover-h200.jsonl (2026-11-30, gamma 4: dense
-# speculative decoding and `sts+sd-scored-all`, batch 1 at 32K, 48K, 64K and 128K, batch 4 at 128K, batch
-# 16 at 32K); residuals -1.5 to +0.9 ms on rounds of 10.7-42 ms.
+# The H200 constants below come from `sts bench e2e` on one H200. H200_RERANK_LAYER_S: docs/bench/e2e-h200.jsonl
+# (2026-11-29: batch 1 and 4 at 8K, 32K and 128K, batch 16 at 32K; Llama-3.1-8B / 3.2-1B shapes, bf16, budget 512,
+# default mapping), the measured select + verify time minus the dense speculative verify time, minus this module's
+# byte difference over the bandwidth (residuals <= 0.3 ms). H200_ROUND_S, H200_FORWARD_S and H200_SCORE_S: refitted
+# with the whole round (draft steps included) by least squares over 12 rounds once the select phase read the draft's
+# K once (2026-11-30, gamma 4, dense speculative decoding and `sts+sd-scored-all`: batch 1 at 32K, 48K and 64K,
+# docs/bench/e2e-scan-onepass-h200.jsonl; batch 1 and 4 at 128K, docs/bench/e2e-onepass-h200.jsonl; batch 16 at
+# 32K, docs/bench/e2e-onepass-b16-h200.jsonl); residuals -2.1 to +0.8 ms on rounds of 10.6-43 ms.
 
 #: Bytes per second the H200 reads weights at in a GEMV (DESIGN.md; also the roofline of ``sts bench e2e``).
 H200_BANDWIDTH = 4.07e12
 #: Seconds a sparse round costs beyond its bytes, whatever the context: the select phase's launches
 #: and the sparse verify kernels' lower efficiency than the dense split-KV kernel (H200 fit).
-H200_ROUND_S = 0.72e-3
+H200_ROUND_S = 0.71e-3
 #: Seconds every forward of a round (each draft step, the verify step) costs beyond its bytes, dense or
 #: sparse (launches, sampling, the acceptance test; H200 fit). It weighs in the comparison only through a sparse
 #: draft's lower acceptance, which spreads a round's fixed seconds over fewer tokens.
-H200_FORWARD_S = 0.54e-3
+H200_FORWARD_S = 0.50e-3
 #: Seconds per target layer that STS re-ranks (one fused kernel launch and its top-k each; H200 fit).
 H200_RERANK_LAYER_S = 22.5e-6
 #: Seconds per score that top-k ranks (per score row, context row and slot; H200 fit).
-H200_SCORE_S = 0.64e-9
+H200_SCORE_S = 0.344e-9
+#: Re-rank candidates per (slot, KV head) past which the kernel selects them by radix select over chunks of
+#: candidates: budgets of thousands of rows.
+RADIX_CANDIDATES = ONE_PROGRAM_CANDIDATES
+#: The radix path's seconds per sparse target layer, and per candidate of each (slot, KV head, sparse layer), beyond
+#: its bytes and :data:`H200_RERANK_LAYER_S`: fitted on `sts bench kernels --rerank` (2026-11-30, one H200: 145.9 us
+#: at batch 1 and 480.8 us at batch 4 for 52156 candidates of 8 KV heads; docs/bench/kernels-rerank-radix-h200.jsonl).
+H200_RADIX_LAYER_S = 11.9e-6
+H200_RADIX_CANDIDATE_S = 0.205e-9
 #: Tokens per round of a round whose draft reads sparse rows, over a dense round's, on the demo pair on an H200 at
 #: 32000 tokens (docs/results.md; sparse verification alone costs none: within 0.06 tokens at 4K-32K). The rows STS
 #: scored, at least 4096 of them (the default): 4.13 against dense speculative decoding's 4.35.
@@ -86,11 +95,16 @@ class Hardware:
     score_s: float = H200_SCORE_S
     #: Seconds per forward (draft step or verify step) of any round.
     forward_s: float = H200_FORWARD_S
+    #: The re-rank's radix path (more than :data:`RADIX_CANDIDATES` candidates): seconds per sparse layer, and per
+    #: candidate of each (slot, KV head, sparse layer).
+    radix_layer_s: float = H200_RADIX_LAYER_S
+    radix_candidate_s: float = H200_RADIX_CANDIDATE_S
 
     def __post_init__(self) -> None:
         if not self.bandwidth > 0:
             raise STSError(f"bandwidth must be > 0 B/s, got {self.bandwidth}")
-        if min(self.round_s, self.rerank_layer_s, self.score_s, self.forward_s) < 0:
+        if min(self.round_s, self.rerank_layer_s, self.score_s, self.forward_s, self.radix_layer_s,
+               self.radix_candidate_s) < 0:
             raise STSError("the rounds' overheads must be >= 0 s")
 
 
@@ -253,6 +267,10 @@ class RoundModel:
     round_s: float
     #: The re-rank kernels' seconds over the sparse layers (paid when there are candidates).
     rerank_s: float
+    #: The radix path's seconds over the sparse layers, and per candidate of a slot (over its KV heads and the
+    #: sparse layers): paid past :data:`RADIX_CANDIDATES` candidates.
+    radix_s: float
+    radix_candidate_s: float
     #: Top-k's seconds per context row of a slot (over every score row).
     score_s: float
     #: Seconds every round's forwards cost beyond their bytes, dense or sparse.
@@ -275,6 +293,8 @@ class RoundModel:
             key_row=kv_bytes(target, 1, dtype_bytes, layers=sparse_layers, k_only=True),
             draft_row=kv_bytes(draft, 1, dtype_bytes),
             round_s=hardware.round_s, rerank_s=hardware.rerank_layer_s * sparse_layers,
+            radix_s=hardware.radix_layer_s * sparse_layers,
+            radix_candidate_s=hardware.radix_candidate_s * sparse_layers * target.n_kv_heads,
             score_s=hardware.score_s * reads.score_rows, fixed_s=hardware.forward_s * (steps.steps + 1),
         )
 
@@ -293,6 +313,8 @@ class RoundModel:
             sparse += self.draft_row * drafted
         total = sum(contexts)
         overhead = self.round_s + self.rerank_s * (candidates > 0) + self.score_s * total
+        if candidates > RADIX_CANDIDATES:
+            overhead += self.radix_s + self.radix_candidate_s * sum(min(candidates, n) for n in contexts)
         dense = (self.dense_row + steps * self.draft_row) * total
         return RoundCost((self.weights + dense) / self.bandwidth + self.fixed_s,
                          (self.weights + sparse) / self.bandwidth + overhead + self.fixed_s, self.draft.acceptance)

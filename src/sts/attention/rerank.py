@@ -20,6 +20,10 @@ from torch import Tensor
 
 from sts.attention.reference import gather_rows
 
+#: Candidates per (sequence, KV head) the fused kernel ranks in one program; past that it selects them by
+#: radix select over chunks of candidates (:mod:`sts.attention.triton_radix`), which costs more per candidate.
+ONE_PROGRAM_CANDIDATES = 16384
+
 
 def sink_window_rows(start_pos: Tensor, sink: int, window: int) -> Tensor:
     """Return ``[B, sink + window]``: the first ``sink`` and the last ``window`` context rows of each sequence

@@ -29,6 +29,8 @@ import triton.language as tl
 INVALID = tl.constexpr(-(2**31))
 #: Histogram bins per row: 2048 (level 1, top 11 bits) + 2048 (level 2, next 11) + 1024 (level 3, last 10).
 HIST_BINS = 5120
+#: The same, as a constant kernels can read.
+HIST = tl.constexpr(HIST_BINS)
 
 
 @triton.jit
@@ -104,7 +106,7 @@ def radix_level_kernel(
     bh = tl.program_id(0)
     c = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     key = tl.load(key_ptr + bh.to(tl.int64) * n_cand + c, mask=c < n_cand, other=INVALID)
-    hist = hist_ptr + bh * HIST_BINS
+    hist = hist_ptr + bh * HIST
     b1, r1 = pick_bin(hist, row_k(k_ptr, bh, n_kv_heads, k, PER_SEQUENCE), 2048)
     if LEVEL == 2:
         add_histogram(hist, key, key != INVALID, 2, b1.to(tl.int64))
@@ -118,7 +120,7 @@ def chunk_choice(key_ptr, hist_ptr, bh, chunk, n_cand, k, CHUNK: tl.constexpr):
     """Return the chunk's candidates, their mask of keys above the threshold, of keys at it, and ``need``."""
     c = chunk * CHUNK + tl.arange(0, CHUNK)
     key = tl.load(key_ptr + bh.to(tl.int64) * n_cand + c, mask=c < n_cand, other=INVALID)
-    t, need = threshold(hist_ptr + bh * HIST_BINS, k)
+    t, need = threshold(hist_ptr + bh * HIST, k)
     valid = key != INVALID
     u = _unsigned(key)
     return c, valid & (u > t), valid & (u == t), need

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sts.attention.triton_radix import (HIST_BINS, INVALID, add_histogram, chunk_take, count_kernel, order_key,
+from sts.attention.rerank import ONE_PROGRAM_CANDIDATES
+from sts.attention.triton_radix import (HIST, HIST_BINS, INVALID, add_histogram, chunk_take, count_kernel, order_key,
                                        radix_level_kernel, row_k)
 from sts.attention.triton_scores import _score_logits
 from sts.attention.triton_verify import LOG2E, dot_precision, load_queries, program_head
@@ -48,7 +49,7 @@ BLOCK_N = 64
 # on the H200, 8 rows of 2048 at a time beat 2 or 4 (about 1 us per call, fewer dependent L2 loads).
 _SELECT_TILE = 16384
 # Most candidates per (sequence, KV head) one select program keeps in registers; more go to the radix path.
-MAX_CANDIDATES = 16384
+MAX_CANDIDATES = ONE_PROGRAM_CANDIDATES
 # Candidates per program of the radix path.
 CHUNK = 2048
 # Most query rows (G * T) per KV head: they form one tile of the logits product.
@@ -145,8 +146,8 @@ def _lse_kernel(m_part_ptr, l_part_ptr, lse_ptr, hist_ptr, n_tiles, BLOCK_M: tl.
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = tl.where(total > 0.0, m_safe + tl.log2(tl.where(total > 0.0, total, 1.0)), 0.0)
     tl.store(lse_ptr + bh * BLOCK_M + rows, lse)
-    for i in tl.static_range(0, HIST_BINS, 1024):
-        tl.store(hist_ptr + bh * HIST_BINS + i + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
+    for i in tl.static_range(0, HIST, 1024):
+        tl.store(hist_ptr + bh * HIST + i + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
 
 
 @triton.jit
@@ -164,7 +165,7 @@ def _key_kernel(
                                LSE_STORED=True)
     key = tl.where(valid, order_key(scores), INVALID)
     tl.store(key_ptr + bh.to(tl.int64) * n_cand + c, key, mask=in_c)
-    add_histogram(hist_ptr + bh * HIST_BINS, key, valid, 1, 0)
+    add_histogram(hist_ptr + bh * HIST, key, valid, 1, 0)
 
 
 @triton.jit

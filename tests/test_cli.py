@@ -93,6 +93,14 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     t, d = checkpoints["target"], checkpoints["draft"]
     gen = ["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
     bad(capsys, gen + ["--target", str(tmp_path / "missing")], "does not exist")
+    # Option values, draft budgets and a missing draft path fail before any model loads (these targets do not exist,
+    # or the draft is missing and the target real).
+    nothing = gen + ["--target", str(tmp_path / "missing"), "--draft", str(tmp_path / "missing"), "--method", "sts"]
+    for flags, message in ((["--rerank", "-1"], "rerank must be a whole number >= 0"),
+                           (["--feedback", "2"], "feedback must be in [0, 1]"),
+                           (["--draft-budget", "4"], "must exceed the 4 sink rows")):
+        bad(capsys, nothing + flags, message)
+    bad(capsys, gen + ["--target", t, "--draft", str(tmp_path / "no-draft")], "no-draft does not exist")
     bad(capsys, gen + ["--target", str(tmp_path)], "not a model directory")
     bad(capsys, gen + ["--target", t, "--draft", checkpoints["other"]], "vocabulary")
     bad(capsys, gen + ["--target", d, "--draft", t], "the draft (2 layers, hidden size 64) is larger than the target (1 layers")
@@ -333,3 +341,13 @@ def test_a_mapping_for_another_pair_is_refused_before_loading(capsys, checkpoint
         bad(capsys, argv + ["--target", t, "--draft", d, "--mapping", str(wrong)], "mapping was made for target")
         bad(capsys, argv + ["--target", t, "--draft", d, "--mapping", str(right)], "loaded")
     assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_text_files_are_read_as_utf8_without_a_byte_order_mark(tmp_path):
+    """A prompt file saved with a UTF-8 byte-order mark (Windows editors) gives the text, not a BOM token."""
+    from sts.eval.output import read_text
+
+    path = tmp_path / "prompt.txt"
+    for data in ("\ufeffhé".encode(), "hé".encode()):
+        path.write_bytes(data)
+        assert read_text(path, "prompt file") == "hé"

@@ -337,10 +337,16 @@ def test_draft_budget_method_names():
                           ("sts/gamma=0", "gamma must be a whole number"), ("speculative/gamma=2.5", "whole number"),
                           ("sts/draft_budget=64.5", "whole number"), ("sts/draft_budget=4", "exceed the 4 sink rows"),
                           ("sts/window=-1", "window must be a whole number >= 0"), ("sts/dense_layers=1.5", "whole number"),
-                          ("speculative/window=8", "apply to selection methods only")):
+                          ("speculative/window=8", "apply to selection methods only"),
+                          ("sts/rerank=-1", "rerank must be a whole number >= 0")):
         with pytest.raises(STSError, match=message):
             parse_methods([name], None)
     with pytest.raises(STSError, match="one dense draft"):
         RecallSettings(methods=("sts/draft_budget=64",)).method_specs()
+    with pytest.raises(STSError, match="compares selection methods .*, not autoregressive: name sparse methods only"):
+        RecallSettings(methods=("sts", "autoregressive")).method_specs()
+    assert all(s.sparse for s in RecallSettings(methods=None).method_specs())
     with pytest.raises(STSError, match="budget"):  # no room past sink + window: refused before any model loads
         EvalSettings(methods=("sts/window=600",), budgets=(512,)).method_specs()
+    with pytest.raises(STSError, match="--lengths must be >= 1 tokens, got 0"):
+        EvalSettings(methods=("sts",), lengths=(4096, 0)).method_specs()

@@ -239,6 +239,14 @@ def test_gguf_of_another_architecture_is_refused_before_loading(tmp_path):
         load_model(tmp_path / "cut.gguf")
 
 
+def test_a_truncated_gguf_is_named_truncated(tmp_path):
+    data = write_gguf(hf_model(hf_config("llama")), tmp_path / "m.gguf", "llama").read_bytes()
+    for cut in (len(data) - 100, len(data) // 2):  # the last tensor, or half the tensors, past the end
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(STSError, match=f"cut.gguf: the file is truncated \\({cut} bytes: a tensor's data runs past"):
+            load_model(tmp_path / "cut.gguf")
+
+
 # ---------------------------------------------------------------- end of generation
 
 

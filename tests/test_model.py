@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAMILIES, hf_config, hf_model, ours
 from sts.errors import STSError
-from sts.models.loading import load_model
+from sts.models.loading import load_model, source_kind
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -70,6 +70,20 @@ def test_load_from_checkpoint_directory(tmp_path):
     model.setup_cache(1, 16)
     tokens = torch.arange(10).view(1, 10)
     torch.testing.assert_close(model(tokens, torch.zeros(1, dtype=torch.long)), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_draft_path_fails_before_the_target_loads(tmp_path, monkeypatch):
+    from sts import runner
+
+    hf = hf_model(hf_config("llama"))
+    hf.save_pretrained(tmp_path / "target")
+    loaded = []
+    monkeypatch.setattr(runner, "load", lambda source, *args: loaded.append(source))
+    for draft, message in ((tmp_path / "missing", "does not exist"), (tmp_path / "target" / "config.json", "not a .gguf")):
+        with pytest.raises(STSError, match=message):
+            runner.load_pair(str(tmp_path / "target"), str(draft), torch.float32, "cpu")
+    assert loaded == []
+    assert [source_kind(s) for s in (tmp_path / "target", "owner/name")] == ["directory", "hub"]
 
 
 def test_loading_errors_are_clear(tmp_path):

@@ -738,6 +738,23 @@ def test_text_that_is_not_unicode_is_a_request_error(llm):
     assert chat.value.param == "messages[1].content"
 
 
+def test_llm_refuses_bytes_prompts_and_chat_roles_the_server_refuses(llm):
+    """Bytes are not token ids; a chat role outside the server's (its request model's) is an error, not a message
+    the template drops."""
+    import typing
+
+    from sts.api import CHAT_ROLES, RequestError
+    from sts.serve.protocol import ChatMessage
+
+    assert typing.get_args(ChatMessage.model_fields["role"].annotation) == CHAT_ROLES
+    with pytest.raises(RequestError, match="a prompt is text or a list of token ids, got bytes"):
+        llm.generate(b"hello", max_tokens=2)
+    for message in ({"role": "narrator", "content": "x"}, {"content": "x"}, "x"):
+        with pytest.raises(RequestError, match="whose role is one of system, user") as bad:
+            llm.chat([{"role": "user", "content": "hi"}, message], max_tokens=2)
+        assert bad.value.param == "messages[1].role"
+
+
 def test_llm_generate_stream_and_chat_equal_run_method(pair, llm):
     tok = pair["tokenizer"]
     prompts = [TEXT, TEXT * 3, "Short one."]

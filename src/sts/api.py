@@ -134,6 +134,10 @@ def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return parse_dtype(resolve_device(device, dtype)[1])
 
 
+#: The roles a chat message may have (OpenAI's; the server's request model takes the same).
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
 def require_unicode(text: str, param: str) -> None:
     """Raise :class:`RequestError` (naming ``param``) when ``text`` is not valid Unicode: a lone surrogate, which is
     what undecodable bytes become on a command line (``surrogateescape``) or a JSON ``\\udcff`` escape; tokenizers
@@ -295,7 +299,7 @@ class LLM:
             if self.tokenizer is None:
                 raise RequestError("this checkpoint has no tokenizer: give the prompt as token ids", param)
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        elif isinstance(prompt, Sequence) and all(_is_integer(t) for t in prompt):
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and all(map(_is_integer, prompt)):
             ids = [int(t) for t in prompt]
         else:
             raise RequestError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}", param)
@@ -309,13 +313,18 @@ class LLM:
     def chat_ids(self, messages: Sequence[dict[str, Any]], param: str = "messages") -> list[int]:
         """Return the token ids of a conversation in the target tokenizer's chat template, ready for the assistant's turn.
 
-        Raises :class:`RequestError` without a chat template, for a message field that is not valid Unicode (named
-        ``messages[i].field``) or for messages the template refuses.
+        Raises :class:`RequestError` without a chat template, for a message that is not a dict with a role of
+        :data:`CHAT_ROLES` (the server's), a message field that is not valid Unicode (named ``messages[i].field``) or
+        for messages the template refuses.
         """
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template: use the completions endpoint", param)
         for i, message in enumerate(messages):
-            for key, value in message.items() if isinstance(message, dict) else ():
+            if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+                role = message.get("role") if isinstance(message, dict) else None
+                raise RequestError(f"a message is a dict whose role is one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                                   f"{param}[{i}].role")
+            for key, value in message.items():
                 if isinstance(value, str):
                     require_unicode(value, f"{param}[{i}].{key}")
         try:

@@ -155,12 +155,16 @@ def _selection(args: argparse.Namespace):
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """Return the STS refinements set on the command line (other methods take none)."""
+    """Return the STS refinements set on the command line (other methods take none), their values checked."""
+    from sts.selection import check_options
+
     rerank_prob = None if args.rerank_by is None else float(args.rerank_by == "prob")
     chosen = (("rerank", args.rerank), ("rerank_prob", rerank_prob), ("feedback", args.feedback), ("head_budgets", args.head_budgets))
     options = {k: v for k, v in chosen if v is not None}
     if options and args.method != "sts":
         raise STSError(f"--rerank/--rerank-by/--feedback/--head-budgets apply to --method sts, not {args.method}")
+    if options:
+        check_options(args.method, options)
     return options
 
 

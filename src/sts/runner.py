@@ -10,7 +10,7 @@ import torch
 from sts.decoding import GenerationResult, PrefixCache, StreamCallback, context_capacity
 from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
-from sts.models.loading import Partition, load_model
+from sts.models.loading import Partition, load_model, source_kind
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
@@ -80,8 +80,12 @@ def load_pair(
     """Return (target, draft or None), refusing a draft whose vocabulary or tokenizer differs or that is larger than the
     target (:func:`check_pair`).
 
-    ``partition``: the target is this process's part of it (tensor parallelism); the draft is whole.
+    ``partition``: the target is this process's part of it (tensor parallelism); the draft is whole. A draft path
+    where nothing is fails before the target loads.
     """
+    for source in (target, draft):
+        if source is not None:
+            source_kind(source)
     tgt = load(target, dtype, device, partition)
     if draft is None:
         return tgt, None
@@ -116,9 +120,9 @@ def draft_settings(method: str, draft_budget: DraftBudget,
     densely.
 
     Raises :class:`STSError`, before any model is loaded, for a budget that is none of these, a budget or a
-    selection given to autoregressive decoding, a scored selection with another method than ``sts``, an unknown selection or one
-    other than "recent" without a draft budget (:func:`~sts.selection.draft.check_draft`; a count past the sinks
-    is checked by the engine).
+    selection given to autoregressive decoding, a scored selection with another method than ``sts``, an unknown
+    selection, one other than "recent" without a draft budget, or a budget with no row past the draft's sinks
+    (:func:`~sts.selection.draft.check_draft`).
     """
     if draft_budget not in (None, "auto", "dense") and (isinstance(draft_budget, bool)
                                                         or not isinstance(draft_budget, int)):

@@ -4,13 +4,14 @@ Same contract as :func:`sts.attention.rerank.rerank_rows` (its module docstring 
 each sequence and KV head, score the usable candidate rows with the group's ``G * T`` query rows
 (keys only) and write ``[B, Hkv, budget]`` rows: sinks, window, then the ``free`` best candidates.
 
-Layout of the work: two launches per call, whatever the shapes.
+Layout of the work: two launches per call up to :data:`MAX_CANDIDATES` candidates per (sequence, KV head)
+(a budget of 4096 rows at ``rerank`` 4), seven past it (the radix path, below).
 
 1. *Logits* (grid: sequence x KV head, candidate tile). Each program gathers one tile of
    ``BLOCK_N`` candidate K rows by index (unusable ones are masked out of the load, so they cost
    no bandwidth), multiplies them with the group's query rows packed into one tile (as in
    :mod:`sts.attention.triton_verify`: row ``r = g * T + t``), stores the base-2 logits to a
-   float32 scratch ``[B * Hkv, G * T, C]`` (a few hundred KB: it stays in L2) and, per query
+   float32 scratch ``[B * Hkv, G * T, C]`` (a few hundred KB at budget 512: it stays in L2) and, per query
    row, the tile's softmax statistics (max and sum of exponentials). Cutting the candidates into
    tiles gives the launch enough programs to spread the gathers over the GPU at batch 1 (8 KV
    heads x 28 tiles for C = 1776).
@@ -23,6 +24,12 @@ Layout of the work: two launches per call, whatever the shapes.
    position (a prefix sum), compacts the kept candidates with a second prefix sum and writes
    them after the sinks and window rows it also writes; the remaining slots get ``S`` (invalid).
    A sequence whose context fits the budget gets rows ``0 .. budget - 1`` instead.
+
+Past :data:`MAX_CANDIDATES` candidates (or with ``chunk`` given) step 2 runs over chunks of :data:`CHUNK`
+candidates instead: :func:`_lse_kernel` merges each query row's statistics, :func:`_key_kernel` writes each
+candidate's score as an order key with its level-1 histogram, the levels and counts of
+:mod:`sts.attention.triton_radix` find the exact threshold, and :func:`_emit_kernel` writes the rows in
+candidate order, ties at the threshold first by position, as the one-program path does.
 
 Every launch parameter (tile count, block sizes, warps) comes from static shapes, and
 ``start_pos`` is read on the device, so the call is safe to capture in a CUDA graph.

@@ -234,6 +234,8 @@ class EvalSettings(GridSettings):
         check_tasks(self.tasks)
         if not self.lengths:
             raise STSError("name at least one context length")
+        if min(self.lengths) < 1:
+            raise STSError(f"--lengths must be >= 1 tokens, got {min(self.lengths)}")
         for name, value in (("--limit", self.limit), ("--max-new-tokens", self.max_new_tokens),
                             ("--ppl-tokens", self.ppl_tokens)):
             if value is not None and value < 1:

@@ -78,10 +78,10 @@ def output_file(path: str | Path) -> Path:
 
 
 def read_text(path: str | Path, what: str) -> str:
-    """Return a text file's contents, read as UTF-8; a file that cannot be read or is not UTF-8 text is a one-line
-    user error naming ``what`` (e.g. "prompt file")."""
+    """Return a text file's contents, read as UTF-8 (a leading byte-order mark dropped); a file that cannot be read
+    or is not UTF-8 text is a one-line user error naming ``what`` (e.g. "prompt file")."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise STSError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -56,7 +56,8 @@ def shadow_recall(
 class RecallSettings(GridSettings):
     """What ``sts recall`` compares: methods x budgets, over ``steps`` verify steps after ``context`` tokens."""
 
-    #: Selection method names (see :func:`~sts.eval.harness.parse_methods`); dense ones are skipped.
+    #: Selection method names (see :func:`~sts.eval.harness.parse_methods`; a dense one is refused); None: every
+    #: selection method.
     methods: tuple[str, ...] | None = ("sts", "streaming", "quest", "specpc", "oracle")
     context: int = 4096
     #: Verify steps measured per text.
@@ -66,9 +67,13 @@ class RecallSettings(GridSettings):
 
     def method_specs(self) -> list[MethodSpec]:
         """Return the selection methods to compare, after refusing impossible settings (before loading models)."""
-        specs = [s for s in super().method_specs() if s.sparse]
-        if not specs:
-            raise STSError("sts recall compares selection methods: name at least one sparse method")
+        specs = super().method_specs()
+        if self.methods is None:  # every method: the selection ones
+            specs = [s for s in specs if s.sparse]
+        dense = [s.name for s in specs if not s.sparse]
+        if dense or not specs:
+            raise STSError("sts recall compares selection methods (which rows each keeps), not "
+                           f"{', '.join(dense) or 'none'}: name sparse methods only")
         if any(s.draft_budget is not None or s.gamma is not None for s in specs):
             raise STSError("sts recall scores every method with one dense draft and --gamma: "
                            "/draft_budget and /gamma apply to sts eval")

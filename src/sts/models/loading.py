@@ -331,6 +331,15 @@ def _gguf_rope_scaling(reader: Any, arch: str, path: Path) -> dict[str, Any] | N
     raise STSError(f"{path}: RoPE scaling {kind!r} in a GGUF is not supported (linear and yarn are)")
 
 
+def _gguf_error(path: Path, exc: BaseException) -> STSError:
+    """Return the one-line error of a GGUF that failed to load; a tensor whose data runs past the end of the file
+    (numpy cannot shape the short memory map) is named as a truncated file."""
+    if isinstance(exc, ValueError) and "cannot reshape array" in str(exc):
+        return STSError(f"cannot load GGUF {path}: the file is truncated ({path.stat().st_size} bytes: a tensor's "
+                        "data runs past its end); download or copy it again")
+    return STSError(f"cannot load GGUF {path}: {_cause(exc)}")
+
+
 def read_gguf_extras(path: Path) -> GGUFExtras:
     """Return the :class:`GGUFExtras` of a GGUF file; a file that is not GGUF raises STSError."""
     import gguf
@@ -339,7 +348,7 @@ def read_gguf_extras(path: Path) -> GGUFExtras:
         reader = gguf.GGUFReader(str(path))
         arch = _gguf_scalar(reader, "general.architecture")
     except Exception as exc:  # bad magic, truncated header, unreadable file
-        raise STSError(f"cannot load GGUF {path}: {_cause(exc)}") from exc
+        raise _gguf_error(path, exc) from exc
     if not isinstance(arch, str):
         raise STSError(f"cannot load GGUF {path}: it has no general.architecture")
     divisors = None
@@ -398,7 +407,7 @@ def _gguf_config(path: Path) -> tuple[ModelConfig, GGUFExtras]:
     try:
         hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
-        raise STSError(f"cannot load GGUF {path}: {_cause(exc)}") from exc
+        raise _gguf_error(path, exc) from exc
     divisors = _apply_gguf_rope(hf_config, extras)
     config = _model_config(hf_config, path.stem, path)
     config = _with_eos(dataclasses.replace(config, rope_freq_divisors=divisors), extras.eos_ids)
@@ -414,7 +423,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, partition: Partition | No
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
-        raise STSError(f"cannot load GGUF {path}: {_cause(exc)}") from exc
+        raise _gguf_error(path, exc) from exc
     state = hf_model.state_dict()
     if partition is not None:
         state = {key: partition.take(config, key, tensor) for key, tensor in state.items()}
@@ -482,14 +491,23 @@ def load_model(
     :func:`sts.parallel.load_sharded`); from safetensors only that part of each weight is read.
     """
     path = Path(source).expanduser()
-    kind = _local_kind(path)
+    kind = source_kind(source)
     if kind == "gguf":
         return _load_gguf(path, dtype, device, partition)
     if kind == "directory":
         return _load_directory(path, dtype, device, partition=partition)
-    looks_like_id = isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
-    if looks_like_id:
-        return _load_directory(_download(source), dtype, device, name=source, partition=partition)
+    return _load_directory(_download(str(source)), dtype, device, name=str(source), partition=partition)
+
+
+def source_kind(source: str | Path) -> str:
+    """Return what a model source is, reading nothing from it: "gguf" (a ``.gguf`` file), "directory" or "hub" (an
+    ``owner/name`` id); raises STSError for a path where nothing is, or a file that is not a ``.gguf``. Callers that
+    load two models check both sources first, so that a wrong second path fails before the first model loads."""
+    kind = _local_kind(Path(source).expanduser())
+    if kind is not None:
+        return kind
+    if isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return "hub"
     raise STSError(f"model path {source} does not exist")
 
 

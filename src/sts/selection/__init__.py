@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from sts.errors import STSError
 from sts.models.transformer import Transformer
@@ -18,17 +19,19 @@ __all__ = ["REGISTRY", "RoundContext", "SelectionConfig", "SelectionPolicy", "He
 _GIVEN = ("self", "config", "mapping")
 
 
-def check_options(method: str, names: Iterable[str]) -> None:
-    """Refuse, with an STSError naming the valid ones, any option in ``names`` that policy ``method`` does not take."""
+def check_options(method: str, names: Iterable[str] | Mapping[str, Any]) -> None:
+    """Refuse, with an STSError naming the valid ones, any option in ``names`` that policy ``method`` does not take;
+    given values too (a mapping), those STS refuses whatever the models (:func:`~sts.selection.sts.check_sts_options`):
+    every check that needs no model, so that callers run it before loading one."""
     if method not in REGISTRY:
         raise STSError(f"unknown selection method {method!r} (choose from {', '.join(REGISTRY)})")
     valid = _option_names(method)
-    if valid is None:
-        return
-    unknown = [name for name in names if name not in valid]
+    unknown = [name for name in names if valid is not None and name not in valid]
     if unknown:
         raise STSError(f"unknown option {', '.join(map(repr, unknown))} for {method} "
                        f"(it takes {', '.join(valid) if valid else 'no options'})")
+    if method == "sts" and isinstance(names, Mapping):
+        sts.check_sts_options(**names)
 
 
 def split_options(name: str) -> tuple[str, tuple[tuple[str, float], ...]]:

@@ -35,12 +35,14 @@ DRAFT_SELECTIONS: tuple[str, ...] = get_args(DraftSelection)
 
 
 def check_draft(budget: int | None, selection: str) -> None:
-    """Raise :class:`~sts.errors.STSError` for a selection that is not one of :data:`DRAFT_SELECTIONS`, or one other
-    than "recent" without a draft ``budget`` (rows; None: a dense draft)."""
+    """Raise :class:`~sts.errors.STSError` for a selection that is not one of :data:`DRAFT_SELECTIONS`, one other
+    than "recent" without a draft ``budget`` (rows; None: a dense draft), or a budget with no row past the sinks."""
     if selection not in DRAFT_SELECTIONS:
         raise STSError(f"draft selection must be one of {', '.join(DRAFT_SELECTIONS)}, got {selection!r}")
     if selection != "recent" and budget is None:
         raise STSError(f"draft selection {selection} needs a draft budget (--draft-budget)")
+    if budget is not None:
+        SparseDraftAttention(budget)  # refuses a budget with no row past the sinks
 
 
 class SparseDraftAttention:

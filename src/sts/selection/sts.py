@@ -17,6 +17,22 @@ from sts.selection.budgets import allocate, limit_rows
 from sts.selection.mapping import ALL_HEADS, HeadMapping
 
 
+def check_sts_options(rerank: float = 4, feedback: float = 0.0, decay: float = 0.5, head_budgets: float = 0,
+                      **_: float) -> None:
+    """Raise :class:`~sts.errors.STSError` for :class:`STSPolicy` option values it refuses whatever the models and
+    the mapping (callers check them before loading any model); other options pass through unchecked."""
+    if rerank < 0 or rerank != int(rerank):
+        raise STSError(f"rerank must be a whole number >= 0, got {rerank}")
+    if not 0.0 <= feedback <= 1.0:
+        raise STSError(f"feedback must be in [0, 1], got {feedback}")
+    if not 0.0 <= decay <= 1.0:
+        raise STSError(f"the feedback decay must be in [0, 1], got {decay}")
+    if head_budgets < 0 or 0 < head_budgets < 1:
+        raise STSError(f"per-head budget cap must be >= 1 (x the mean), got {head_budgets}")
+    if head_budgets and (rerank or feedback):
+        raise STSError("head_budgets works with the plain rule (rerank 0), not with re-ranking or feedback")
+
+
 @register
 class STSPolicy(SelectionPolicy):
     """Scores each target (layer, KV head) by its mapped draft heads' attention of this round's drafts.
@@ -49,16 +65,7 @@ class STSPolicy(SelectionPolicy):
         rerank: float = 4, feedback: float = 0.0, decay: float = 0.5, rerank_prob: float = 1, head_budgets: float = 0,
     ) -> None:
         super().__init__(config)
-        if rerank < 0 or rerank != int(rerank):
-            raise STSError(f"rerank must be a whole number >= 0, got {rerank}")
-        if not 0.0 <= feedback <= 1.0:
-            raise STSError(f"feedback must be in [0, 1], got {feedback}")
-        if not 0.0 <= decay <= 1.0:
-            raise STSError(f"the feedback decay must be in [0, 1], got {decay}")
-        if head_budgets < 0 or 0 < head_budgets < 1:
-            raise STSError(f"per-head budget cap must be >= 1 (x the mean), got {head_budgets}")
-        if head_budgets and (rerank or feedback):
-            raise STSError("head_budgets works with the plain rule (rerank 0), not with re-ranking or feedback")
+        check_sts_options(rerank, feedback, decay, head_budgets)
         if head_budgets and mapping.mass_curve is None:
             raise STSError("head_budgets needs a calibrated mapping with mass curves (from `sts calibrate`)")
         self.head_budgets = head_budgets

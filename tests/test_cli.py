@@ -72,6 +72,7 @@ def test_generate_json_matches_transformers(capsys, checkpoints):
 
 def test_sts_settings_reach_the_policy():
     from sts.cli import _options, build_parser
+    from sts.errors import STSError
 
     def options(*extra):
         args = build_parser().parse_args(["generate", "--target", "t", "--prompt-ids", "1", "--method", "sts", *extra])
@@ -80,7 +81,10 @@ def test_sts_settings_reach_the_policy():
     assert options() == {}  # the policy's defaults: re-ranking 4x candidates by probability
     assert options("--rerank", "0") == {"rerank": 0}
     assert options("--rerank", "8", "--rerank-by", "logit") == {"rerank": 8, "rerank_prob": 0.0}
-    assert options("--rerank", "0", "--head-budgets", "2", "--feedback", "0.25") == {"rerank": 0, "feedback": 0.25, "head_budgets": 2.0}
+    assert options("--rerank", "0", "--head-budgets", "2") == {"rerank": 0, "head_budgets": 2.0}
+    assert options("--feedback", "0.25") == {"feedback": 0.25}
+    with pytest.raises(STSError, match="head_budgets works with the plain rule"):  # the policy's rule, before loading
+        options("--rerank", "0", "--head-budgets", "2", "--feedback", "0.25")
 
 
 def bad(capsys, argv, message):

@@ -60,6 +60,19 @@ def test_a_target_or_draft_that_is_not_a_model_source_is_refused():
         LLM(MISSING, 3)  # type: ignore[arg-type]
 
 
+def test_a_missing_draft_path_fails_before_the_target_loads(tmp_path, monkeypatch):
+    from conftest import hf_config, hf_model
+
+    from sts import api
+
+    hf_model(hf_config("llama")).save_pretrained(tmp_path / "target")
+    loaded = []
+    monkeypatch.setattr(api, "load", lambda source, *args: loaded.append(source))
+    with pytest.raises(STSError, match="model path /nonexistent/sts-target does not exist"):
+        LLM(str(tmp_path / "target"), MISSING)
+    assert loaded == []
+
+
 def test_autoregressive_needs_room_for_one_round_only():
     with pytest.raises(STSError, match="max_model_len must be >= 3"):
         LLM(MISSING, method="autoregressive", max_model_len=2)

@@ -100,10 +100,14 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     # Option values, draft budgets and a missing draft path fail before any model loads (these targets do not exist,
     # or the draft is missing and the target real).
     nothing = gen + ["--target", str(tmp_path / "missing"), "--draft", str(tmp_path / "missing"), "--method", "sts"]
-    for flags, message in ((["--rerank", "-1"], "rerank must be a whole number >= 0"),
+    for flags, message in ((["--rerank", "-1"], "rerank must be a whole number >= 0, got -1"),
                            (["--feedback", "2"], "feedback must be in [0, 1]"),
-                           (["--draft-budget", "4"], "must exceed the 4 sink rows")):
+                           (["--draft-budget", "4"], "must exceed the 4 sink rows"),
+                           (["--rerank", "0", "--head-budgets", "2"], "--head-budgets needs a --mapping with mass curves")):
         bad(capsys, nothing + flags, message)
+    bad(capsys, gen + ["--target", str(tmp_path / "missing"), "--method", "sts"], "--method sts needs a --draft model")
+    bad(capsys, ["recall", "--target", str(tmp_path / "missing"), "--draft", str(tmp_path / "missing"), "--text-file",
+                 str(tmp_path / "no-text.txt"), "--out", str(tmp_path / "r.json")], "cannot read text file")
     bad(capsys, gen + ["--target", t, "--draft", str(tmp_path / "no-draft")], "no-draft does not exist")
     bad(capsys, gen + ["--target", str(tmp_path)], "not a model directory")
     bad(capsys, gen + ["--target", t, "--draft", checkpoints["other"]], "vocabulary")
@@ -178,7 +182,7 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
     for budget in ("nan", "inf"):
         with pytest.raises(SystemExit) as exit_:
             main(gen + ["--method", "sts", "--budget", budget])
-        assert exit_.value.code == 2 and "budget must be a number" in capsys.readouterr().err
+        assert exit_.value.code == 2 and "budget must be a finite number" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(gen + ["--method", "sts", "--draft-budget", "many"])
     err = capsys.readouterr().err

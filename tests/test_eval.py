@@ -338,7 +338,7 @@ def test_draft_budget_method_names():
                           ("sts/draft_budget=64.5", "whole number"), ("sts/draft_budget=4", "exceed the 4 sink rows"),
                           ("sts/window=-1", "window must be a whole number >= 0"), ("sts/dense_layers=1.5", "whole number"),
                           ("speculative/window=8", "apply to selection methods only"),
-                          ("sts/rerank=-1", "rerank must be a whole number >= 0")):
+                          ("sts/rerank=-1", "method 'sts/rerank=-1': rerank must be a whole number >= 0, got -1$")):
         with pytest.raises(STSError, match=message):
             parse_methods([name], None)
     with pytest.raises(STSError, match="one dense draft"):

@@ -749,10 +749,15 @@ def test_llm_refuses_bytes_prompts_and_chat_roles_the_server_refuses(llm):
     assert typing.get_args(ChatMessage.model_fields["role"].annotation) == CHAT_ROLES
     with pytest.raises(RequestError, match="a prompt is text or a list of token ids, got bytes"):
         llm.generate(b"hello", max_tokens=2)
-    for message in ({"role": "narrator", "content": "x"}, {"content": "x"}, "x"):
-        with pytest.raises(RequestError, match="whose role is one of system, user") as bad:
+    for message, param, message_text in (
+        ({"role": "narrator", "content": "x"}, "messages[1].role", "role is one of system, user, .*, got 'narrator'"),
+        ({"content": "x"}, "messages[1].role", "got None"),
+        ("x", "messages[1]", "a message is a dict with a role and content, got str"),
+        ({"role": "user", "content": b"Say hi"}, "messages[1].content", "content is text, got bytes"),  # not "<bytes>"
+    ):
+        with pytest.raises(RequestError, match=message_text) as bad:
             llm.chat([{"role": "user", "content": "hi"}, message], max_tokens=2)
-        assert bad.value.param == "messages[1].role"
+        assert bad.value.param == param
 
 
 def test_llm_generate_stream_and_chat_equal_run_method(pair, llm):

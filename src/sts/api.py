@@ -25,6 +25,7 @@ import torch
 from sts.costmodel import kv_bytes
 from sts.decoding import GenerationStats
 from sts.errors import STSError
+from sts.models.loading import source_kind
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.runner import (DENSE_METHODS, DraftBudget, LoadedModel, build_engine, check_pair, draft_settings, eos_ids, load,
@@ -260,6 +261,9 @@ class LLM:
         if part is not None:
             device = part.device
         sources = (target, draft if self.method != "autoregressive" else None)
+        for source in sources:
+            if source is not None and not isinstance(source, LoadedModel):
+                source_kind(str(source))  # a wrong draft path fails before the target loads
         loaded = [m if isinstance(m, LoadedModel) or m is None
                   else load(str(m), _dtype(dtype, device), device, part.shard if part is not None and i == 0 else None)
                   for i, m in enumerate(sources)]
@@ -320,10 +324,15 @@ class LLM:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template: use the completions endpoint", param)
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-                role = message.get("role") if isinstance(message, dict) else None
-                raise RequestError(f"a message is a dict whose role is one of {', '.join(CHAT_ROLES)}, got {role!r}",
+            if not isinstance(message, dict):
+                raise RequestError(f"a message is a dict with a role and content, got {type(message).__name__}",
+                                   f"{param}[{i}]")
+            if message.get("role") not in CHAT_ROLES:
+                raise RequestError(f"a message's role is one of {', '.join(CHAT_ROLES)}, got {message.get('role')!r}",
                                    f"{param}[{i}].role")
+            if not isinstance(message.get("content"), (str, list, type(None))):
+                raise RequestError(f"a message's content is text, got {type(message['content']).__name__}",
+                                   f"{param}[{i}].content")
             for key, value in message.items():
                 if isinstance(value, str):
                     require_unicode(value, f"{param}[{i}].{key}")
@@ -362,7 +371,7 @@ class LLM:
         if max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         if max_tokens > room:
-            raise RequestError(f"max_tokens {max_tokens} goes past the context: a prompt of {prompt_tokens} tokens leaves "
+            raise RequestError(f"max_tokens {max_tokens} goes past the context: a prompt of {prompt_tokens} token{'s' * (prompt_tokens != 1)} leaves "
                                f"room for {room} (max model length {self.max_model_len}, {scratch} rows for a round)",
                                "max_tokens", "context_length_exceeded")
         problem = sampling_problem(temperature, top_k, top_p)

@@ -29,7 +29,7 @@ def _budget(text: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"budget must be a number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"budget must be a finite number, got {text!r}")
     return value
 
 
@@ -230,11 +230,14 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
     _at_least(args, gamma=1, max_new_tokens=1)
     if args.chat and args.prompt_ids is not None:
         raise STSError("--chat wraps prompt text: use it with --prompt or --prompt-file, not --prompt-ids")
-    if args.mapping is not None:
-        if args.method != "sts":
-            raise STSError(f"--mapping applies to --method sts, not {args.method}")
-        HeadMapping.load(args.mapping)
+    if args.method != "autoregressive" and args.draft is None:
+        raise STSError(f"--method {args.method} needs a --draft model")
+    if args.mapping is not None and args.method != "sts":
+        raise STSError(f"--mapping applies to --method sts, not {args.method}")
+    mapping = HeadMapping.load(args.mapping) if args.mapping is not None else None
     prefill, options = _prefill(args), _options(args)
+    if options.get("head_budgets") and (mapping is None or mapping.mass_curve is None):
+        raise STSError("--head-budgets needs a --mapping with mass curves (from `sts calibrate`)")
     draft_budget, draft_selection = draft_settings(args.method, args.draft_budget, args.draft_selection)
     given = _prompt(args)
     if args.tensor_parallel != 1 and load is _load:
@@ -368,9 +371,13 @@ def cmd_recall(args: argparse.Namespace) -> int:
     """Compare selections' recall on identical queries and print the table."""
     from sts.eval.recall import RecallSettings, recall_outputs, recall_table, run_recall
 
+    from sts.eval.output import read_text
+
     settings = _settings(RecallSettings, args)
-    settings.method_specs()  # refuse impossible settings and an unusable --out before loading the models
+    settings.method_specs()  # refuse impossible settings, an unusable --out and unreadable texts before loading
     recall_outputs(args.out)
+    for path in args.text_file:
+        read_text(path, "text file")
     target, draft = _load(args)
     rows = run_recall(target, draft, args.text_file, args.out, settings, header=report_header(args.argv))
     print(recall_table(rows))

@@ -133,7 +133,10 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
         if (draft_budget is not None or gamma is not None) and spec.method == "autoregressive":
             raise STSError(f"{name}: /draft_budget and /gamma apply to methods with a draft")
         if options:
-            check_options(spec.method, dict(options))
+            try:
+                check_options(spec.method, dict(options))
+            except STSError as exc:
+                raise STSError(f"method {name!r}: {exc}") from None
         specs.append(spec)
     if not specs:
         raise STSError("name at least one method")

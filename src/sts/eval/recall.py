@@ -78,7 +78,8 @@ class RecallSettings(GridSettings):
             raise STSError("sts recall scores every method with one dense draft and --gamma: "
                            "/draft_budget and /gamma apply to sts eval")
         if self.context < 1 or self.steps < 1 or self.skip_tokens < 0:
-            raise STSError("context and steps must be >= 1, skipped tokens >= 0")
+            raise STSError(f"context and steps must be >= 1, skipped tokens >= 0; got context {self.context}, "
+                           f"steps {self.steps}, skipped tokens {self.skip_tokens}")
         return specs
 
 

@@ -22,9 +22,9 @@ def check_sts_options(rerank: float = 4, feedback: float = 0.0, decay: float = 0
     """Raise :class:`~sts.errors.STSError` for :class:`STSPolicy` option values it refuses whatever the models and
     the mapping (callers check them before loading any model); other options pass through unchecked."""
     if rerank < 0 or rerank != int(rerank):
-        raise STSError(f"rerank must be a whole number >= 0, got {rerank}")
+        raise STSError(f"rerank must be a whole number >= 0, got {rerank:g}")
     if not 0.0 <= feedback <= 1.0:
-        raise STSError(f"feedback must be in [0, 1], got {feedback}")
+        raise STSError(f"feedback must be in [0, 1], got {feedback:g}")
     if not 0.0 <= decay <= 1.0:
         raise STSError(f"the feedback decay must be in [0, 1], got {decay}")
     if head_budgets < 0 or 0 < head_budgets < 1:

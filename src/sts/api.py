@@ -303,7 +303,8 @@ class LLM:
             if self.tokenizer is None:
                 raise RequestError("this checkpoint has no tokenizer: give the prompt as token ids", param)
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)) and all(map(_is_integer, prompt)):
+        elif (isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray))
+              and all(map(_is_integer, prompt))):
             ids = [int(t) for t in prompt]
         else:
             raise RequestError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}", param)
@@ -371,7 +372,8 @@ class LLM:
         if max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         if max_tokens > room:
-            raise RequestError(f"max_tokens {max_tokens} goes past the context: a prompt of {prompt_tokens} token{'s' * (prompt_tokens != 1)} leaves "
+            tokens = f"{prompt_tokens} token{'s' * (prompt_tokens != 1)}"
+            raise RequestError(f"max_tokens {max_tokens} goes past the context: a prompt of {tokens} leaves "
                                f"room for {room} (max model length {self.max_model_len}, {scratch} rows for a round)",
                                "max_tokens", "context_length_exceeded")
         problem = sampling_problem(temperature, top_k, top_p)

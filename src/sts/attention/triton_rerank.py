@@ -191,8 +191,9 @@ def _emit_kernel(
                                           row_k(budgets_ptr, bh, n_kv_heads, k, PER_SEQUENCE), CHUNK, BLOCK_CHUNKS)
     own = tl.load(budgets_ptr + b).to(tl.int64) if PER_SEQUENCE else budget
     start = tl.load(start_ptr + b).to(tl.int64)
-    _write_rows(out_ptr + bh.to(tl.int64) * n_out, chunk * CHUNK + tl.arange(0, CHUNK), cand_ptr + b * stride_cb + h * stride_ch,
-                c, take, before, n_taken, start > own, start, seq_len, n_out, SINK, WINDOW)
+    _write_rows(out_ptr + bh.to(tl.int64) * n_out, chunk * CHUNK + tl.arange(0, CHUNK),
+                cand_ptr + b * stride_cb + h * stride_ch, c, take, before, n_taken, start > own, start, seq_len, n_out,
+                SINK, WINDOW)
 
 
 @triton.jit

@@ -115,7 +115,8 @@ def parse_methods(names: Sequence[str], mapping: str | None) -> list[MethodSpec]
             raise STSError(f"method {name!r}: /draft_all_steps=1 applies to a /draft_budget")
         selection = cast(DraftSelection, ("scored" if scored else "recent") + ("-all" if all_steps else ""))
         gamma = _gamma(name, dict(options).get("gamma"))
-        rows = tuple((k, _whole(name, k, v, "a whole number >= 0", minimum=0)) for k, v in options if k in SELECTION_KEYS)
+        rows = tuple((k, _whole(name, k, v, "a whole number >= 0", minimum=0))
+                     for k, v in options if k in SELECTION_KEYS)
         options = tuple((k, v) for k, v in options
                         if k not in ("draft_budget", "scored_draft", "draft_all_steps", "gamma", *SELECTION_KEYS))
         if base == "sts-cal":
@@ -464,8 +465,8 @@ class Evaluator:
         dense = self.dense_runs[sample.sample_id]
         run = dense  # a dense verification reads the draft's tokens only, which teacher forcing fixes
         if spec.sparse:
-            policy = make_policy(spec.method, a.selection(budget, spec), self.target.model, self.draft.model, spec.mapping,
-                                 **spec.policy_options())
+            policy = make_policy(spec.method, a.selection(budget, spec), self.target.model, self.draft.model,
+                                 spec.mapping, **spec.policy_options())
             run = teacher_forced(self.target.model, self.draft.model, prompt, context, self.gamma(spec), policy,
                                  measure_recall=a.measure_recall, prefix_cache=cache, draft_budget=spec.draft_budget,
                                  draft_selection=spec.draft_selection)

@@ -369,9 +369,8 @@ def add_recall_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_recall(args: argparse.Namespace) -> int:
     """Compare selections' recall on identical queries and print the table."""
-    from sts.eval.recall import RecallSettings, recall_outputs, recall_table, run_recall
-
     from sts.eval.output import read_text
+    from sts.eval.recall import RecallSettings, recall_outputs, recall_table, run_recall
 
     settings = _settings(RecallSettings, args)
     settings.method_specs()  # refuse impossible settings, an unusable --out and unreadable texts before loading

@@ -7,14 +7,19 @@ negatives' magnitude bits flipped, so that integer order is float order; ``INVAL
 candidate that takes no part), and the threshold is found by radix select (as in CUB's and PyTorch's
 ``topk``, here spread over chunks of candidates, each chunk one program):
 
-1. a level-1 histogram of each key's top 11 bits (the caller's kernel builds it while writing the
-   keys: :func:`add_histogram`), added into a global ``[R, 5120]`` int32 histogram with atomics;
-2. :func:`radix_level_kernel` (level 2, then level 3): every program finds from the previous
-   levels' histograms the bin that holds the ``k``-th largest key (:func:`pick_bin`), and
-   histograms the next 11 (then the last 10) bits of the keys inside that bin;
+1. a level-1 histogram of each key's top 8 bits (the caller's kernel builds it while writing the
+   keys: :func:`add_histogram`), added into a global ``[R, 1024]`` int32 histogram with atomics;
+2. :func:`radix_level_kernel` (levels 2, 3 and 4): every program finds from the previous levels'
+   histograms the bin that holds the ``k``-th largest key (:func:`pick_bin`), and histograms the
+   next 8 bits of the keys inside that bin.
 3. :func:`count_kernel`: the threshold ``T`` is then exact; each chunk counts its keys above ``T``
    and equal to ``T``, so that a later pass can compact the chosen candidates in position order
    (ties at ``T`` taken first by position) without atomics: the output is deterministic.
+
+Digits of 8 bits (four levels), not 11 (three): ``tl.histogram`` costs about its bin count per key (a
+ballot per bit, then each thread's share of the bins counted), so on an H200 the three 2048-bin levels took
+19 us each at batch 1 (52156 candidates x 8 KV heads, ``docs/bench/rerank_profile.py``) where a
+256-bin level is a few.
 
 Every launch's grid comes from static shapes and the histograms are zeroed on the device, so the
 whole select is safe to capture in a CUDA graph.
@@ -27,9 +32,15 @@ import triton.language as tl
 
 #: Key of a candidate that takes no part (below every float's key).
 INVALID = tl.constexpr(-(2**31))
-#: Histogram bins per row: 2048 (level 1, top 11 bits) + 2048 (level 2, next 11) + 1024 (level 3, last 10).
-HIST_BINS = 5120
-#: The same, as a constant kernels can read.
+#: Levels of the select, bits (a digit) each resolves, most significant first, and bins of one level's histogram.
+LEVELS = 4
+BINS = 256
+#: Bins of a row's histograms, all levels.
+HIST_BINS = LEVELS * BINS
+#: The same, as constants kernels can read.
+N_LEVELS = tl.constexpr(LEVELS)
+DIGIT_BITS = tl.constexpr(8)
+LEVEL_BINS = tl.constexpr(BINS)
 HIST = tl.constexpr(HIST_BINS)
 
 
@@ -48,44 +59,50 @@ def _unsigned(key):
 
 @triton.jit
 def add_histogram(hist_ptr, key, valid, LEVEL: tl.constexpr, prefix):
-    """Add the level-``LEVEL`` bins of the valid ``key`` (those inside the bin ``prefix`` of the levels
-    above, for levels 2 and 3) into the row's histogram at ``hist_ptr`` (atomics: other chunks add too)."""
+    """Add the level-``LEVEL`` digits of the valid ``key`` (for levels past the first, only the keys whose higher
+    digits are ``prefix``) into that level's bins of the row's histogram at ``hist_ptr`` (atomics: other chunks
+    add too)."""
     u = _unsigned(key)
-    if LEVEL == 1:
-        h = tl.histogram((u >> 21).to(tl.int32), 2048, mask=valid)
-        tl.atomic_add(hist_ptr + tl.arange(0, 2048), h, mask=h > 0, sem="relaxed")
-    elif LEVEL == 2:
-        h = tl.histogram(((u >> 10) & 2047).to(tl.int32), 2048, mask=valid & ((u >> 21) == prefix))
-        tl.atomic_add(hist_ptr + 2048 + tl.arange(0, 2048), h, mask=h > 0, sem="relaxed")
-    else:
-        h = tl.histogram((u & 1023).to(tl.int32), 1024, mask=valid & ((u >> 10) == prefix))
-        tl.atomic_add(hist_ptr + 4096 + tl.arange(0, 1024), h, mask=h > 0, sem="relaxed")
+    shift = 32 - DIGIT_BITS * LEVEL
+    if LEVEL > 1:
+        valid = valid & ((u >> (shift + DIGIT_BITS)) == prefix)
+    h = tl.histogram(((u >> shift) & (LEVEL_BINS - 1)).to(tl.int32), LEVEL_BINS, mask=valid)
+    tl.atomic_add(hist_ptr + (LEVEL - 1) * LEVEL_BINS + tl.arange(0, LEVEL_BINS), h, mask=h > 0, sem="relaxed")
 
 
 @triton.jit
-def pick_bin(hist_ptr, k, BINS: tl.constexpr):
-    """Return (bin, rank in it): the highest bin of the histogram at ``hist_ptr`` whose count at or above it
+def pick_bin(hist_ptr, k):
+    """Return (bin, rank in it): the highest bin of the level histogram at ``hist_ptr`` whose count at or above it
     reaches ``k`` (``k`` clamped to the histogram's total), and the rank ``k`` has among that bin's keys
     (1 = its largest; 0 when ``k`` is 0)."""
-    h = tl.load(hist_ptr + tl.arange(0, BINS))
+    bins = tl.arange(0, LEVEL_BINS)
+    h = tl.load(hist_ptr + bins)
     total = tl.sum(h, 0)
     k = tl.minimum(k, total)
     inclusive = tl.cumsum(h, 0)
     at_or_above = total - inclusive + h
-    b = tl.max(tl.where(at_or_above >= k, tl.arange(0, BINS), 0), 0)
-    above = total - tl.sum(tl.where(tl.arange(0, BINS) == b, inclusive, 0), 0)
+    b = tl.max(tl.where(at_or_above >= k, bins, 0), 0)
+    above = total - tl.sum(tl.where(bins == b, inclusive, 0), 0)
     return b, k - above
+
+
+@triton.jit
+def bin_prefix(hist_ptr, k, DEPTH: tl.constexpr):
+    """Return (prefix, rank): the top ``DEPTH`` digits of the ``k``-th largest key of the row (as an int64), read
+    from its first ``DEPTH`` level histograms, and the rank ``k`` has among the keys sharing them."""
+    prefix = tl.zeros([], tl.int64)
+    for level in tl.static_range(DEPTH):
+        b, k = pick_bin(hist_ptr + level * LEVEL_BINS, k)
+        prefix = (prefix << DIGIT_BITS) | b.to(tl.int64)
+    return prefix, k
 
 
 @triton.jit
 def threshold(hist_ptr, k):
     """Return (T, need): the ``k``-th largest valid key of the row as an unsigned int64 (``2**32 - 1`` when ``k``
-    is 0: above every key) and how many keys equal to ``T`` the top ``k`` holds, from all three levels."""
-    b1, r1 = pick_bin(hist_ptr, k, 2048)
-    b2, r2 = pick_bin(hist_ptr + 2048, r1, 2048)
-    b3, r3 = pick_bin(hist_ptr + 4096, r2, 1024)
-    t = (b1.to(tl.int64) << 21) | (b2.to(tl.int64) << 10) | b3.to(tl.int64)
-    return tl.where(k > 0, t, 2**32 - 1), r3
+    is 0: above every key) and how many keys equal to ``T`` the top ``k`` holds, from all the levels."""
+    t, need = bin_prefix(hist_ptr, k, N_LEVELS)
+    return tl.where(k > 0, t, 2**32 - 1), need
 
 
 @triton.jit
@@ -101,18 +118,14 @@ def radix_level_kernel(
     key_ptr, hist_ptr, k_ptr, n_kv_heads, n_cand, k,
     LEVEL: tl.constexpr, CHUNK: tl.constexpr, PER_SEQUENCE: tl.constexpr,
 ):  # fmt: skip
-    """Level 2 or 3 of the select: histogram the next bits of the keys inside the bin the levels above chose.
+    """Level 2, 3 or 4 of the select: histogram the next digit of the keys inside the bin the levels above chose.
     Grid: (row, chunk of ``CHUNK`` candidates); ``k``, ``k_ptr``: as :func:`row_k`."""
     bh = tl.program_id(0)
     c = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     key = tl.load(key_ptr + bh.to(tl.int64) * n_cand + c, mask=c < n_cand, other=INVALID)
     hist = hist_ptr + bh * HIST
-    b1, r1 = pick_bin(hist, row_k(k_ptr, bh, n_kv_heads, k, PER_SEQUENCE), 2048)
-    if LEVEL == 2:
-        add_histogram(hist, key, key != INVALID, 2, b1.to(tl.int64))
-    else:
-        b2, _ = pick_bin(hist + 2048, r1, 2048)
-        add_histogram(hist, key, key != INVALID, 3, (b1.to(tl.int64) << 11) | b2.to(tl.int64))
+    prefix, _ = bin_prefix(hist, row_k(k_ptr, bh, n_kv_heads, k, PER_SEQUENCE), LEVEL - 1)
+    add_histogram(hist, key, key != INVALID, LEVEL, prefix)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ each sequence and KV head, score the usable candidate rows with the group's ``G 
 (keys only) and write ``[B, Hkv, budget]`` rows: sinks, window, then the ``free`` best candidates.
 
 Layout of the work: two launches per call up to :data:`MAX_CANDIDATES` candidates per (sequence, KV head)
-(a budget of 4096 rows at ``rerank`` 4), seven past it (the radix path, below).
+(a budget of 4096 rows at ``rerank`` 4), eight past it (the radix path, below).
 
 1. *Logits* (grid: sequence x KV head, candidate tile). Each program gathers one tile of
    ``BLOCK_N`` candidate K rows by index (unusable ones are masked out of the load, so they cost
@@ -45,20 +45,21 @@ import triton.language as tl
 from torch import Tensor
 
 from sts.attention.rerank import ONE_PROGRAM_CANDIDATES
-from sts.attention.triton_radix import (HIST, HIST_BINS, INVALID, add_histogram, chunk_take, count_kernel, order_key,
+from sts.attention.triton_radix import (HIST, HIST_BINS, INVALID, LEVELS, add_histogram, chunk_take, count_kernel, order_key,
                                        radix_level_kernel, row_k)
 from sts.attention.triton_scores import _score_logits
 from sts.attention.triton_verify import LOG2E, dot_precision, load_queries, program_head
 
-# Candidate rows one logits program gathers.
+# Candidate rows one logits program gathers (the same, as a constant kernels can read).
 BLOCK_N = 64
+LOGIT_TILE = tl.constexpr(BLOCK_N)
 # Most logits one select program holds at once while reducing them to scores (rows x candidates):
 # on the H200, 8 rows of 2048 at a time beat 2 or 4 (about 1 us per call, fewer dependent L2 loads).
 _SELECT_TILE = 16384
 # Most candidates per (sequence, KV head) one select program keeps in registers; more go to the radix path.
 MAX_CANDIDATES = ONE_PROGRAM_CANDIDATES
 # Candidates per program of the radix path.
-CHUNK = 2048
+CHUNK = 4096
 # Most query rows (G * T) per KV head: they form one tile of the logits product.
 MAX_QUERY_ROWS = 128
 INT32_MIN = tl.constexpr(-(2**31))
@@ -72,8 +73,11 @@ def _logits_kernel(
     stride_cb, stride_ch, stride_ub, stride_uh,
     n_kv_heads, n_cand, qk_scale,
     GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, OFFSETS: tl.constexpr,
 ):  # fmt: skip
+    """Grid (sequence x KV head, tile of ``BLOCK_N`` candidates): the tile's base-2 logits (``OFFSETS``: each as its
+    offset below the tile's max for its query row, in the scratch's dtype) and each query row's max and sum of
+    exponentials over the tile."""
     bh, b, h = program_head(n_kv_heads)
     tile = tl.program_id(1)
     d = tl.arange(0, HEAD_DIM)
@@ -83,10 +87,11 @@ def _logits_kernel(
     keys = tl.load(cand_ptr + b * stride_cb + h * stride_ch + c, mask=in_c, other=0)
     ok = in_c & (tl.load(usable_ptr + b * stride_ub + h * stride_uh + c, mask=in_c, other=0) != 0)
     s = _score_logits(q_t, k_ptr + b * stride_kb + h * stride_kh, stride_ks, keys, ok, d, qk_scale, PRECISION)
-    logit_rows = logit_ptr + (bh * (GROUP * T) + rows).to(tl.int64) * n_cand
-    tl.store(logit_rows[None, :] + c[:, None], s, mask=in_c[:, None] & row_ok[None, :])
     m = tl.max(s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # a tile with no usable candidate: l = 0
+    logit_rows = logit_ptr + (bh * (GROUP * T) + rows).to(tl.int64) * n_cand
+    stored = s - m_safe[None, :] if OFFSETS else s
+    tl.store(logit_rows[None, :] + c[:, None], stored, mask=in_c[:, None] & row_ok[None, :])
     part = (bh * tl.num_programs(1) + tile) * BLOCK_M + rows
     tl.store(m_part_ptr + part, m)
     tl.store(l_part_ptr + part, tl.sum(tl.exp2(s - m_safe[None, :]), 0))
@@ -110,17 +115,21 @@ def _row_lse(m_part_ptr, l_part_ptr, bh, rows, n_tiles, BLOCK_M: tl.constexpr, B
 def _candidate_scores(
     logit_ptr, m_part_ptr, l_part_ptr, lse_ptr, bh, c, n_cand, n_tiles,
     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, PROB: tl.constexpr,
-    LSE_STORED: tl.constexpr,
+    LSE_STORED: tl.constexpr, OFFSETS: tl.constexpr,
 ):  # fmt: skip
     """Return each candidate's score (shaped like ``c``): summed probability over the query rows (``PROB``)
-    or max logit, from the stored logits, ``BLOCK_R`` rows at a time. Each row's log-sum-exp comes from
-    ``lse_ptr`` (``LSE_STORED``: :func:`_lse_kernel`'s) or is merged here from the tiles' statistics."""
+    or max logit, from the stored logits (``OFFSETS``: stored below their tile's max, added back here),
+    ``BLOCK_R`` rows at a time. Each row's log-sum-exp comes from ``lse_ptr`` (``LSE_STORED``:
+    :func:`_lse_kernel`'s) or is merged here from the tiles' statistics."""
     acc = tl.full(c.shape, 0.0 if PROB else float("-inf"), tl.float32)
     for r0 in tl.range(0, ROWS, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         ok = (rows < ROWS)[:, None] & (c < n_cand)[None, :]
         ptrs = logit_ptr + (bh * ROWS + rows).to(tl.int64)[:, None] * n_cand + c[None, :]
-        s = tl.load(ptrs, mask=ok, other=float("-inf"))
+        s = tl.load(ptrs, mask=ok, other=float("-inf")).to(tl.float32)
+        if OFFSETS:
+            tile_max = m_part_ptr + (bh * n_tiles + c[None, :] // LOGIT_TILE) * BLOCK_M + rows[:, None]
+            s += tl.load(tile_max, mask=ok, other=0.0)
         if PROB:
             if LSE_STORED:
                 lse = tl.load(lse_ptr + bh * BLOCK_M + rows, mask=rows < ROWS, other=0.0)
@@ -159,8 +168,9 @@ def _lse_kernel(m_part_ptr, l_part_ptr, lse_ptr, hist_ptr, n_tiles, BLOCK_M: tl.
 
 @triton.jit
 def _key_kernel(
-    logit_ptr, lse_ptr, usable_ptr, key_ptr, hist_ptr, stride_ub, stride_uh, n_kv_heads, n_cand,
+    logit_ptr, m_part_ptr, lse_ptr, usable_ptr, key_ptr, hist_ptr, stride_ub, stride_uh, n_kv_heads, n_cand, n_tiles,
     ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, PROB: tl.constexpr,
+    OFFSETS: tl.constexpr,
 ):  # fmt: skip
     """Radix path, grid (sequence x KV head, chunk of candidates): each usable candidate's score as an order key
     (:data:`~sts.attention.triton_radix.INVALID` for the others), and the keys' level-1 histogram."""
@@ -168,8 +178,8 @@ def _key_kernel(
     c = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     in_c = c < n_cand
     valid = in_c & (tl.load(usable_ptr + b * stride_ub + h * stride_uh + c, mask=in_c, other=0) != 0)
-    scores = _candidate_scores(logit_ptr, lse_ptr, lse_ptr, lse_ptr, bh, c, n_cand, 1, ROWS, BLOCK_M, BLOCK_R, 1, PROB,
-                               LSE_STORED=True)
+    scores = _candidate_scores(logit_ptr, m_part_ptr, m_part_ptr, lse_ptr, bh, c, n_cand, n_tiles, ROWS, BLOCK_M,
+                               BLOCK_R, 1, PROB, LSE_STORED=True, OFFSETS=OFFSETS)
     key = tl.where(valid, order_key(scores), INVALID)
     tl.store(key_ptr + bh.to(tl.int64) * n_cand + c, key, mask=in_c)
     add_histogram(hist_ptr + bh * HIST, key, valid, 1, 0)
@@ -250,7 +260,7 @@ def _select_kernel(
     in_c = c < n_cand
     valid = in_c & (tl.load(usable_ptr + b * stride_ub + h * stride_uh + c, mask=in_c, other=0) != 0)
     scores = _candidate_scores(logit_ptr, m_part_ptr, l_part_ptr, m_part_ptr, bh, c, n_cand, n_tiles, ROWS, BLOCK_M,
-                               BLOCK_R, BLOCK_T, PROB, LSE_STORED=False)
+                               BLOCK_R, BLOCK_T, PROB, LSE_STORED=False, OFFSETS=False)
     if PER_SEQUENCE:  # this sequence's own budget (at most the round's)
         own = tl.load(budgets_ptr + b).to(tl.int64)
         take = _top_mask(scores, valid, own - SINK - WINDOW)
@@ -296,7 +306,7 @@ def rerank_rows_triton(
     Up to :data:`MAX_CANDIDATES` candidates one program per (sequence, KV head) selects them (two
     launches); more (budgets of thousands of rows), or a ``chunk`` given, and the selection runs
     over chunks of ``chunk`` candidates (default :data:`CHUNK`) by radix select
-    (:mod:`sts.attention.triton_radix`, seven launches).
+    (:mod:`sts.attention.triton_radix`, eight launches).
     """
     _check_inputs(q, k_cache, cand, usable, start_pos)
     free = budget - sink - window
@@ -310,8 +320,12 @@ def rerank_rows_triton(
     n_tiles = triton.cdiv(n_cand, BLOCK_N)
     n_out = sink + window + min(free, n_cand)
 
+    radix = chunk is not None or n_cand > MAX_CANDIDATES
+    # The radix path's logits leave the L2 (80 bytes a candidate at 20 query rows in float32): 16-bit inputs store
+    # them as float16 offsets below their tile's max, as the score kernel does (sts.attention.triton_scores).
+    offsets = radix and q.dtype != torch.float32
     f32 = dict(device=q.device, dtype=torch.float32)
-    logits = torch.empty(b * hkv * rows * n_cand, **f32)
+    logits = torch.empty(b * hkv * rows * n_cand, device=q.device, dtype=torch.float16 if offsets else torch.float32)
     m_part = torch.empty(b * hkv * n_tiles * block_m, **f32)
     l_part = torch.empty_like(m_part)
     out = torch.empty(b, hkv, n_out, device=q.device, dtype=torch.int64)
@@ -322,9 +336,9 @@ def rerank_rows_triton(
         q.stride(0), q.stride(1), q.stride(2), *k_cache.stride()[:3], *cand_strides,
         hkv, n_cand, LOG2E / math.sqrt(d),
         GROUP=group, T=t, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, PRECISION=dot_precision(q.dtype),
-        num_warps=4,
+        OFFSETS=offsets, num_warps=4,
     )  # fmt: skip
-    if chunk is None and n_cand <= MAX_CANDIDATES:
+    if not radix:
         block_c = triton.next_power_of_2(n_cand)
         _select_kernel[(b * hkv,)](
             logits, m_part, l_part, cand, usable, start_pos, start_pos if budgets is None else budgets, out,
@@ -350,11 +364,11 @@ def rerank_rows_triton(
     _lse_kernel[(b * hkv,)](m_part, l_part, lse, hist, n_tiles, BLOCK_M=block_m,
                             BLOCK_T=min(256, triton.next_power_of_2(n_tiles)), num_warps=4)
     _key_kernel[(b * hkv, n_chunks)](
-        logits, lse, usable, keys, hist, *usable.stride()[:2], hkv, n_cand,
+        logits, m_part, lse, usable, keys, hist, *usable.stride()[:2], hkv, n_cand, n_tiles,
         ROWS=rows, BLOCK_M=block_m, BLOCK_R=max(1, min(triton.next_power_of_2(rows), _SELECT_TILE // chunk)),
-        CHUNK=chunk, PROB=prob, num_warps=8,
+        CHUNK=chunk, PROB=prob, OFFSETS=offsets, num_warps=8,
     )  # fmt: skip
-    for level in (2, 3):
+    for level in range(2, LEVELS + 1):
         radix_level_kernel[(b * hkv, n_chunks)](keys, hist, k_ptr, hkv, n_cand, k, LEVEL=level, CHUNK=chunk,
                                                 PER_SEQUENCE=per_sequence, num_warps=8)
     count_kernel[(b * hkv, n_chunks)](keys, hist, k_ptr, counts, hkv, n_cand, n_chunks, k, CHUNK=chunk,

@@ -3,7 +3,7 @@
     PYTHONPATH=src python docs/bench/rerank_profile.py [budget ...]    # writes $OUT/rerank-profile[-TAG].json
 
 Environment: CHUNK, the radix path's candidates per program (default the module's); BLOCK_N, the logits kernel's
-tile (set before the kernels compile); TAG, a name for the record.
+tile (set before the kernels compile); KEY_TILE, the logits the key kernel holds at once; TAG, a name for the record.
 """
 import json
 import os
@@ -21,6 +21,8 @@ CALLS = 20
 if "BLOCK_N" in os.environ:
     tr.BLOCK_N = int(os.environ["BLOCK_N"])
     tr.LOGIT_TILE = tl.constexpr(tr.BLOCK_N)
+if "KEY_TILE" in os.environ:
+    tr._KEY_TILE = int(os.environ["KEY_TILE"])
 chunk = int(os.environ["CHUNK"]) if "CHUNK" in os.environ else None
 tag = os.environ.get("TAG", "")
 budgets = [int(x) for x in sys.argv[1:]] or [13107]
@@ -47,6 +49,7 @@ for b in (1, 4):
         rows = [{**r, "us_per_call": round(r["us"] / CALLS, 2)} for r in rows]
         total = round(sum(r["us_per_call"] for r in rows), 1)
         report.append({"batch": b, "budget": budget, "candidates": n_cand, "chunk": chunk, "block_n": tr.BLOCK_N,
+                       "key_tile": tr._KEY_TILE,
                        "us_per_call": total, "kernels": rows})
         print(f"{tag} b={b} budget={budget} C={n_cand} chunk={chunk} block_n={tr.BLOCK_N}: {total} us")
         for r in rows[:12]:

@@ -66,10 +66,10 @@ H200_SCORE_S = 0.344e-9
 #: candidates: budgets of thousands of rows.
 RADIX_CANDIDATES = ONE_PROGRAM_CANDIDATES
 #: The radix path's seconds per sparse target layer, and per candidate of each (slot, KV head, sparse layer), beyond
-#: its bytes and :data:`H200_RERANK_LAYER_S`: fitted on its kernels' device times (2026-12-01, one H200: 97.6 us at
-#: batch 1 and 313.8 us at batch 4 for 52156 candidates of 8 KV heads; docs/bench/rerank-profile-h200.json).
-H200_RADIX_LAYER_S = 3.1e-6
-H200_RADIX_CANDIDATE_S = 0.110e-9
+#: its bytes and :data:`H200_RERANK_LAYER_S`: fitted on `sts bench kernels --rerank` (2026-12-01, one H200: 100.3 us
+#: at batch 1 and 316.1 us at batch 4 for 52156 candidates of 8 KV heads; docs/bench/kernels-rerank-digits-h200.jsonl).
+H200_RADIX_LAYER_S = 5.9e-6
+H200_RADIX_CANDIDATE_S = 0.109e-9
 #: Tokens per round of a round whose draft reads sparse rows, over a dense round's, on the demo pair on an H200 at
 #: 32000 tokens (docs/results.md; sparse verification alone costs none: within 0.06 tokens at 4K-32K). The rows STS
 #: scored, at least 4096 of them (the default): 4.13 against dense speculative decoding's 4.35.

@@ -58,8 +58,11 @@ LOGIT_TILE = tl.constexpr(BLOCK_N)
 _SELECT_TILE = 16384
 # Most candidates per (sequence, KV head) one select program keeps in registers; more go to the radix path.
 MAX_CANDIDATES = ONE_PROGRAM_CANDIDATES
-# Candidates per program of the radix path.
+# Candidates per program of the radix path, and most logits (rows x candidates) its key kernel holds at once: on the
+# H200 at 52156 candidates, 4096 and 16384 beat 2048 and 8192 chunks and 4096-32768 logits by 3-20% per call
+# (docs/bench/rerank-profile-h200.json).
 CHUNK = 4096
+_KEY_TILE = 16384
 # Most query rows (G * T) per KV head: they form one tile of the logits product.
 MAX_QUERY_ROWS = 128
 INT32_MIN = tl.constexpr(-(2**31))
@@ -365,7 +368,7 @@ def rerank_rows_triton(
                             BLOCK_T=min(256, triton.next_power_of_2(n_tiles)), num_warps=4)
     _key_kernel[(b * hkv, n_chunks)](
         logits, m_part, lse, usable, keys, hist, *usable.stride()[:2], hkv, n_cand, n_tiles,
-        ROWS=rows, BLOCK_M=block_m, BLOCK_R=max(1, min(triton.next_power_of_2(rows), _SELECT_TILE // chunk)),
+        ROWS=rows, BLOCK_M=block_m, BLOCK_R=max(1, min(triton.next_power_of_2(rows), _KEY_TILE // chunk)),
         CHUNK=chunk, PROB=prob, OFFSETS=offsets, num_warps=8,
     )  # fmt: skip
     for level in range(2, LEVELS + 1):

@@ -106,8 +106,9 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
                            (["--rerank", "0", "--head-budgets", "2"], "--head-budgets needs a --mapping with mass curves")):
         bad(capsys, nothing + flags, message)
     bad(capsys, gen + ["--target", str(tmp_path / "missing"), "--method", "sts"], "--method sts needs a --draft model")
-    bad(capsys, ["recall", "--target", str(tmp_path / "missing"), "--draft", str(tmp_path / "missing"), "--text-file",
-                 str(tmp_path / "no-text.txt"), "--out", str(tmp_path / "r.json")], "cannot read text file")
+    for cmd, out in (("recall", "r.json"), ("calibrate", "m.json")):
+        bad(capsys, [cmd, "--target", str(tmp_path / "missing"), "--draft", str(tmp_path / "missing"), "--text-file",
+                     str(tmp_path / "no-text.txt"), "--out", str(tmp_path / out)], "cannot read text file")
     bad(capsys, gen + ["--target", t, "--draft", str(tmp_path / "no-draft")], "no-draft does not exist")
     bad(capsys, gen + ["--target", str(tmp_path)], "not a model directory")
     bad(capsys, gen + ["--target", t, "--draft", checkpoints["other"]], "vocabulary")

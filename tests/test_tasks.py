@@ -248,6 +248,12 @@ def test_text_files_are_read_as_utf8_or_refused(tmp_path) -> None:
         text_module.read_token_texts([str(good), str(latin1)], tokenizer)
     with pytest.raises(STSError, match="cannot read text file .*missing.txt: No such file"):
         text_module.read_token_texts([str(tmp_path / "missing.txt")], tokenizer)
+    # Files read once, before the models load (sts calibrate/recall), are not read again: their file may be gone.
+    read = text_module.read_text_files([str(good)])
+    good.unlink()
+    assert text_module.read_token_texts(read, tokenizer, skip_tokens=2, max_tokens=4) == [list(b"f\xc3\xa9 ")]
+    with pytest.raises(STSError, match="cannot read text file .*latin1.txt: not UTF-8"):
+        text_module.read_text_files([str(latin1)])
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from sts.attention.backend import dense_attention
 from sts.attention.reference import attention_probs
 from sts.decoding import Decoder
 from sts.errors import STSError
+from sts.eval.text import TextFile, read_token_texts
 from sts.models.transformer import Transformer
 from sts.runner import LoadedModel
 from sts.selection.mapping import HeadMapping
@@ -166,14 +167,14 @@ def calibrate(
 
 
 def calibrate_files(
-    target: LoadedModel, draft: LoadedModel, text_files: Sequence[str], out: str | Path, *, skip_tokens: int = 0,
+    target: LoadedModel, draft: LoadedModel, text_files: Sequence[str | TextFile], out: str | Path, *, skip_tokens: int = 0,
     context: int = 2048, criterion: Criterion = "recall", topk: int = 256, n_sources: int = 1, n_queries: int = 32,
     sink: int = 4, window: int = 64,
 ) -> HeadMapping:
-    """Return the mapping calibrated on text files (``context`` tokens of each, after ``skip_tokens``), after
-    saving it to ``out``; the other settings are :func:`calibrate`'s."""
+    """Return the mapping calibrated on text files (paths, or files already read: :func:`sts.eval.text.read_text_files`;
+    ``context`` tokens of each, after ``skip_tokens``), after saving it to ``out``; the other settings are
+    :func:`calibrate`'s."""
     from sts.eval.output import output_file
-    from sts.eval.text import read_token_texts
 
     if target.tokenizer is None:
         raise STSError("calibration needs the target's tokenizer to read the text files")

@@ -281,12 +281,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Calibrate the draft->target head mapping and write it to --out."""
     from sts.calibrate import calibrate_files
     from sts.eval.output import output_file
+    from sts.eval.text import read_text_files
 
     _at_least(args, topk=1, sources=1, queries=1, context=1, skip_tokens=0, sink=0, window=0)
-    output_file(args.out)  # before loading: an unusable path fails first
+    output_file(args.out)  # before loading: an unusable path or unreadable text fails first
+    texts = read_text_files(args.text_file)
     target, draft = _load(args)
     mapping = calibrate_files(
-        target, draft, args.text_file, args.out, skip_tokens=args.skip_tokens, context=args.context,
+        target, draft, texts, args.out, skip_tokens=args.skip_tokens, context=args.context,
         criterion=args.criterion, topk=args.topk, n_sources=args.sources, n_queries=args.queries,
         sink=args.sink, window=args.window,
     )
@@ -369,16 +371,15 @@ def add_recall_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_recall(args: argparse.Namespace) -> int:
     """Compare selections' recall on identical queries and print the table."""
-    from sts.eval.output import read_text
     from sts.eval.recall import RecallSettings, recall_outputs, recall_table, run_recall
+    from sts.eval.text import read_text_files
 
     settings = _settings(RecallSettings, args)
     settings.method_specs()  # refuse impossible settings, an unusable --out and unreadable texts before loading
     recall_outputs(args.out)
-    for path in args.text_file:
-        read_text(path, "text file")
+    texts = read_text_files(args.text_file)
     target, draft = _load(args)
-    rows = run_recall(target, draft, args.text_file, args.out, settings, header=report_header(args.argv))
+    rows = run_recall(target, draft, texts, args.out, settings, header=report_header(args.argv))
     print(recall_table(rows))
     return 0
 

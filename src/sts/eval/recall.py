@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from sts.decoding import GenerationStats
 from sts.engine import Engine, EngineConfig
+from sts.errors import STSError
 from sts.eval.harness import GridSettings, MethodSpec
 from sts.eval.output import atomic_write, output_file
-from sts.eval.text import read_token_texts
-from sts.errors import STSError
+from sts.eval.text import TextFile, read_token_texts
 from sts.models.transformer import Transformer
 from sts.runner import LoadedModel
 from sts.selection import SelectionConfig, make_policy
@@ -94,10 +94,11 @@ def recall_outputs(out: str | Path) -> tuple[Path, Path]:
     return json_file, output_file(json_file.with_suffix(".md"))
 
 
-def run_recall(target: LoadedModel, draft: LoadedModel, text_files: Sequence[str], out: str | Path,
+def run_recall(target: LoadedModel, draft: LoadedModel, text_files: Sequence[str | TextFile], out: str | Path,
                settings: RecallSettings = RecallSettings(), header: str = "") -> list[dict]:
-    """Return one row per (method, budget), mean over the texts, after writing them as JSON to ``out``
-    and as a markdown table beside it (:func:`recall_outputs`)."""
+    """Return one row per (method, budget), mean over the texts (paths, or files already read:
+    :func:`sts.eval.text.read_text_files`), after writing them as JSON to ``out`` and as a markdown table
+    beside it (:func:`recall_outputs`)."""
     specs = settings.method_specs()
     if target.tokenizer is None:
         raise STSError("sts recall needs the target's tokenizer to read the text files")
@@ -105,7 +106,8 @@ def run_recall(target: LoadedModel, draft: LoadedModel, text_files: Sequence[str
     s = settings
     rows: dict[str, dict] = {}
     texts = read_token_texts(text_files, target.tokenizer, s.skip_tokens)
-    with tqdm(list(zip(text_files, texts)), desc="texts", file=sys.stderr) as bar:  # closed on errors too
+    names = [f.path if isinstance(f, TextFile) else f for f in text_files]
+    with tqdm(list(zip(names, texts)), desc="texts", file=sys.stderr) as bar:  # closed on errors too
         for name, ids in bar:
             observers = {}
             for spec in specs:

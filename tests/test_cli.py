@@ -146,6 +146,13 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     # A prompt file that is not UTF-8 is refused before loading (the target here does not exist).
     bad(capsys, ["generate", "--target", str(tmp_path / "missing"), "--prompt-file", str(latin1)],
         f"cannot read prompt file {latin1}: not UTF-8 text (byte 3 is 0xe9)")
+    # So is an empty prompt (no text to continue), unless --chat wraps it in the template.
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad(capsys, ["generate", "--target", str(tmp_path / "missing"), "--prompt", ""], "--prompt is empty")
+    bad(capsys, ["generate", "--target", str(tmp_path / "missing"), "--prompt-file", str(empty)],
+        f"prompt file {empty} is empty")
+    bad(capsys, ["generate", "--target", str(tmp_path / "missing"), "--prompt", "", "--chat"], "does not exist")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", "1,999", "--method", "autoregressive"], "token ids")
     bad(capsys, gen + ["--target", t, "--method", "speculative"], "needs a --draft")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "streaming", "--window", "8", "--rerank", "4"], "apply to --method sts")

@@ -180,7 +180,11 @@ def _prefill(args: argparse.Namespace):
 
 
 def _prompt(args: argparse.Namespace) -> str | list[int]:
-    """Return the prompt as given: token ids (--prompt-ids), or text (--prompt, or --prompt-file read as UTF-8)."""
+    """Return the prompt as given: token ids (--prompt-ids), or text (--prompt, or --prompt-file read as UTF-8).
+
+    Empty text is refused here, before the models load (it has no tokens to decode from), unless --chat wraps it.
+    """
+    from sts.api import require_unicode
     from sts.eval.output import read_text
 
     if args.prompt_ids is not None:
@@ -189,11 +193,13 @@ def _prompt(args: argparse.Namespace) -> str | list[int]:
         except ValueError:
             raise STSError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
     if args.prompt_file is not None:
-        return read_text(args.prompt_file, "prompt file")
-    from sts.api import require_unicode
-
-    require_unicode(args.prompt, "the prompt")  # bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
-    return args.prompt
+        text, what = read_text(args.prompt_file, "prompt file"), f"prompt file {args.prompt_file}"
+    else:
+        text, what = args.prompt, "--prompt"
+        require_unicode(text, "the prompt")  # bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
+    if not text and not args.chat:
+        raise STSError(f"{what} is empty: there is nothing to continue")
+    return text
 
 
 def _prompt_ids(args: argparse.Namespace, prompt: str | list[int], tokenizer: Any) -> list[int]:

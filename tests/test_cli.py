@@ -196,6 +196,12 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1, err  # one line, not argparse's usage block
     assert err.startswith("sts generate: error: argument --draft-budget: expected auto, dense or a row count"), err
+    # An empty item in a comma list is a mistake, not a method or budget left out.
+    for flag, value in (("--methods", "sts,,speculative"), ("--budgets", "512,")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", "--target", t, "--draft", d, flag, value, "--out", str(tmp_path / "ev")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument {flag}: expected comma-separated" in err, err
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     # Settings are checked before the models load: a missing model is not what these report.

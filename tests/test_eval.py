@@ -207,6 +207,8 @@ def test_recall_command_compares_methods_on_the_same_queries(tiny_pair_with_toke
         assert rows["oracle", budget]["set_recall"]["budget"] >= (budget - 6) / budget - 1e-6
     assert rows["oracle", 48.0]["recall"] > rows["oracle", 16.0]["recall"]
     assert "sts/rerank=0" in capsys.readouterr().out
+    table = out.with_suffix(".md").read_text()  # with its provenance, as an eval report
+    assert table.startswith("Command: `sts recall --target") and "| sts/rerank=0 |" in table
 
 
 def test_the_readme_eval_example_builds_its_methods(tiny_pair_with_tokenizer, tmp_path, monkeypatch, capsys):

@@ -389,7 +389,7 @@ class LLM:
         try:
             self.engine.slot_settings(budget)
         except STSError as exc:
-            raise RequestError(f"budget {budget:g}: {exc}", "budget", "invalid_value") from None
+            raise RequestError(str(exc), "budget", "invalid_value") from None  # its messages name the budget
         return RequestParams(max_tokens, SamplingConfig(temperature, top_k, top_p), stops, seed, ignore_eos, budget)
 
     def submit(self, prompt_ids: Sequence[int], params: RequestParams, sink: Any, bounded: bool = True) -> Request:

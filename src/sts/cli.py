@@ -34,10 +34,14 @@ def _budget(text: str) -> float:
 
 
 def csv_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
-    """Return an argparse type that reads comma-separated values of ``kind``."""
+    """Return an argparse type that reads comma-separated values of ``kind`` (an empty item, as in ``a,,b``, is a
+    mistake, not a skip; an empty text is an empty list, which the command refuses in its own words)."""
     def parse(text: str) -> list:
+        items = [x.strip() for x in text.split(",")] if text.strip() else []
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
+            if "" in items:
+                raise ValueError
+            return [kind(x) for x in items]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {getattr(kind, '__name__', '')} values, got {text!r}") from None
     return parse

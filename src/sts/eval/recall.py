@@ -128,7 +128,7 @@ def run_recall(target: LoadedModel, draft: LoadedModel, text_files: Sequence[str
         row["set_recall"] = {k: sum(t["set_recall"][k] for t in row["texts"]) / n for k in row["texts"][0]["set_recall"]}
     text = json.dumps({"header": header, "context": s.context, "steps": s.steps, "rows": list(rows.values())}, indent=1)
     atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    markdown = recall_table(list(rows.values()))
+    markdown = (header.strip() + "\n\n" if header.strip() else "") + recall_table(list(rows.values()))
     atomic_write(table, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     return list(rows.values())
 

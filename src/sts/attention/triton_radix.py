@@ -17,9 +17,8 @@ candidate that takes no part), and the threshold is found by radix select (as in
    (ties at ``T`` taken first by position) without atomics: the output is deterministic.
 
 Digits of 8 bits (four levels), not 11 (three): ``tl.histogram`` costs about its bin count per key (a
-ballot per bit, then each thread's share of the bins counted), so on an H200 the three 2048-bin levels took
-19 us each at batch 1 (52156 candidates x 8 KV heads, ``docs/bench/rerank_profile.py``) where a
-256-bin level is a few.
+ballot per bit, then each thread's share of the bins counted), so on an H200 a level of 2048 bins took 19 us
+at batch 1 (52156 candidates x 8 KV heads, ``docs/bench/rerank_profile.py``) where one of 256 bins takes 5.
 
 Every launch's grid comes from static shapes and the histograms are zeroed on the device, so the
 whole select is safe to capture in a CUDA graph.
@@ -32,12 +31,13 @@ import triton.language as tl
 
 #: Key of a candidate that takes no part (below every float's key).
 INVALID = tl.constexpr(-(2**31))
-#: Levels of the select, bits (a digit) each resolves, most significant first, and bins of one level's histogram.
+#: Levels of the select (each resolves one 8-bit digit of the key, most significant first) and bins of one
+#: level's histogram.
 LEVELS = 4
 BINS = 256
 #: Bins of a row's histograms, all levels.
 HIST_BINS = LEVELS * BINS
-#: The same, as constants kernels can read.
+#: The same, and the digit's bits, as constants kernels can read.
 N_LEVELS = tl.constexpr(LEVELS)
 DIGIT_BITS = tl.constexpr(8)
 LEVEL_BINS = tl.constexpr(BINS)

@@ -167,9 +167,9 @@ def calibrate(
 
 
 def calibrate_files(
-    target: LoadedModel, draft: LoadedModel, text_files: Sequence[str | TextFile], out: str | Path, *, skip_tokens: int = 0,
-    context: int = 2048, criterion: Criterion = "recall", topk: int = 256, n_sources: int = 1, n_queries: int = 32,
-    sink: int = 4, window: int = 64,
+    target: LoadedModel, draft: LoadedModel, text_files: Sequence[str | TextFile], out: str | Path, *,
+    skip_tokens: int = 0, context: int = 2048, criterion: Criterion = "recall", topk: int = 256, n_sources: int = 1,
+    n_queries: int = 32, sink: int = 4, window: int = 64,
 ) -> HeadMapping:
     """Return the mapping calibrated on text files (paths, or files already read: :func:`sts.eval.text.read_text_files`;
     ``context`` tokens of each, after ``skip_tokens``), after saving it to ``out``; the other settings are

@@ -45,8 +45,8 @@ import triton.language as tl
 from torch import Tensor
 
 from sts.attention.rerank import ONE_PROGRAM_CANDIDATES
-from sts.attention.triton_radix import (HIST, HIST_BINS, INVALID, LEVELS, add_histogram, chunk_take, count_kernel, order_key,
-                                       radix_level_kernel, row_k)
+from sts.attention.triton_radix import (HIST, HIST_BINS, INVALID, LEVELS, add_histogram, chunk_take, count_kernel,
+                                       order_key, radix_level_kernel, row_k)
 from sts.attention.triton_scores import _score_logits
 from sts.attention.triton_verify import LOG2E, dot_precision, load_queries, program_head
 

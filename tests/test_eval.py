@@ -90,8 +90,13 @@ def test_eval_runs_end_to_end_and_resumes(tiny_pair_with_tokenizer, tmp_path, ca
     dense = {r["task"]: r["tokens"] for r in records if r["method"] == "autoregressive"}
     assert [r["agreement"] for r in records if r["method"] == "speculative"] == [1.0, 1.0, None]  # lossless
     assert len(dense["needle"]) == len(dense["qa"]) == 6
+    # The random tiny target never ends its text: every answer is cut at 6 tokens, and the report says so.
+    answered = [r for r in records if r["task"] != "perplexity"]
+    assert all(r["cut"] and r["answers"] and r["score"] < 1 for r in answered)
     report = (out / "report.md").read_text()
     assert "| sts" in report and "recall_vs_budget.png" in report
+    assert f"**Warning**: {len(answered)} of {len(answered)} answers scored below 1 stopped at the new-token limit" \
+        in report
     assert (out / "recall_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
     # Resuming: nothing new for the same grid; only the new budget's runs for a larger one.
     assert main(base + ["--budgets", "32"]) == 0

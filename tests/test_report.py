@@ -265,3 +265,16 @@ def test_interval_tables_pair_samples_by_id_and_match_the_intervals() -> None:
     mean = sum(differences) / 30
     assert mean == pytest.approx(-100 / 30)  # a net answer lost of 30
     assert f"| sts | 10% | {mean:.2f} ± {(t.high - t.low) / 2:.2f} |" in interval_tables(records)
+
+
+def test_the_cut_note_counts_only_answers_cut_short_that_score_below_one():
+    from sts.eval.report import cut_note
+
+    def rec(task, score, cut):
+        return {"task": task, "score": score, "cut": cut}
+
+    assert cut_note([rec("qa", 0.0, False), rec("qa", 1.0, True), {"task": "qa", "score": 0.0}]) == ""  # old records
+    note = cut_note([rec("qa", 0.0, True), rec("needle", 0.5, True), rec("qa", 1.0, True), rec("cwe", 0.0, False),
+                     rec("perplexity", None, False)])
+    assert note.startswith("**Warning**: 2 of 4 answers scored below 1 stopped at the new-token limit") and \
+        "(needle, qa)" in note

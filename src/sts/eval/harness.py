@@ -441,13 +441,16 @@ class Evaluator:
 
     def _generate(self, sample: Sample, prompt: list[int], spec: MethodSpec, budget: float | None,
                   done: dict[str, Record]) -> dict[str, Any]:
-        result = self.engine(spec, budget).generate([prompt], self.settings.answer_tokens(sample.task), self.eos)
+        limit = self.settings.answer_tokens(sample.task)
+        result = self.engine(spec, budget).generate([prompt], limit, self.eos)
         tokens = result.tokens[0]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         summary = result.stats.summary()
         reference = tokens if spec == REFERENCE else done[_key(sample, REFERENCE, None)]["tokens"]
         return {
-            "score": score(sample, text), "prediction": text, "tokens": tokens,
+            "score": score(sample, text), "prediction": text, "answers": list(sample.answers), "tokens": tokens,
+            # stopped by the new-token limit, not by the model: an answer cut short scores as a wrong one
+            "cut": len(tokens) >= limit and tokens[-1] not in self.eos,
             "agreement": _agreement(tokens, reference), "nll": None, "nll_dense": None,
             "acceptance_length": summary["acceptance_length"], "sparsity": summary["sparsity"],
             "recall": summary["recall"], "recall_context": summary["recall_context"],

@@ -286,6 +286,7 @@ def write_report(results_path: str | Path, out_dir: str | Path, header: str = ""
     parts = [
         header.strip(),
         markdown_table(summarise(records)).strip(),
+        cut_note(records),
         _METRIC_NOTES,
         interval_tables(records).strip(),
         *(f"![{path.stem.replace('_', ' ')}]({path.name})" for path in figures),
@@ -294,6 +295,20 @@ def write_report(results_path: str | Path, out_dir: str | Path, header: str = ""
     report = out / "report.md"
     atomic_write(report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return report
+
+
+def cut_note(records: Sequence[Record]) -> str:
+    """Return a warning when answers that score below 1 stopped at the new-token limit (``cut``): they may be right
+    answers cut short, so ``--max-new-tokens`` is too low for them; else ""."""
+    cut = [r for r in records if r.get("cut") and (r.get("score") or 0.0) < 1.0]
+    if not cut:
+        return ""
+    scored = sum(1 for r in records if r.get("score") is not None)
+    tasks = ", ".join(sorted({r["task"] for r in cut}))
+    return (f"**Warning**: {len(cut)} of {scored} answers scored below 1 stopped at the new-token limit, not at the "
+            f"model's end of text ({tasks}): a right answer cut short scores as a wrong one. Raise "
+            "`--max-new-tokens` (or leave it out: each task's own length) and compare `prediction` with `answers` "
+            "in results.jsonl.")
 
 
 def _summary_row(

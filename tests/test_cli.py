@@ -36,6 +36,20 @@ def run_json(capsys, argv):
     return json.loads(out[0])
 
 
+def test_generate_without_json_prints_the_output_and_a_stats_line(capsys, checkpoints):
+    argv = ["generate", "--target", checkpoints["target"], "--draft", checkpoints["draft"], "--prompt-ids",
+            "5,6,7,8,9,10", "--max-new-tokens", "12", "--method", "sts", "--budget", "4", "--sink", "1", "--window", "1",
+            "--measure-recall"]
+    want = run_json(capsys, argv)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == ",".join(map(str, want["tokens"]))  # no tokenizer: the ids
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[sts] 12 new tokens in "), err
+    for part in ("tokens/s after it", "tokens per round; sparsity ", "attention mass recall "):
+        assert part in err[0], err
+
+
 def test_generate_json_matches_transformers(capsys, checkpoints):
     prompt = [5, 6, 7, 8, 9, 10]
     ref = checkpoints["hf"].generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,

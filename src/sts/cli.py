@@ -291,8 +291,23 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
             print(",".join(map(str, tokens)))
         else:
             write(text.flush() + "\n")
-        print(json.dumps(stats), file=sys.stderr)
+        print(stats_line(stats), file=sys.stderr)
     return 0
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    """Return a generation's headline numbers (:meth:`~sts.decoding.GenerationStats.summary`) as one line for a person
+    (``--json`` gives them all, as JSON)."""
+    parts = [f"{stats['new_tokens']} new tokens in {stats['time_s']:.2f} s (prefill {stats['prefill_s']:.2f} s, "
+             f"{stats['tokens_per_s']:.1f} tokens/s after it)"]
+    if stats.get("acceptance_length") is not None:
+        parts.append(f"{stats['acceptance_length']:.2f} tokens per round")
+    if stats.get("sparsity") is not None:
+        parts.append(f"sparsity {stats['sparsity']:.1%}" + (f", {stats['dense_rounds']} dense rounds"
+                                                             if stats.get("dense_rounds") else ""))
+    if stats.get("recall") is not None:
+        parts.append(f"attention mass recall {stats['recall']:.3f}")
+    return "[sts] " + "; ".join(parts)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -125,6 +125,7 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
                      str(tmp_path / "no-text.txt"), "--out", str(tmp_path / out)], "cannot read text file")
     bad(capsys, gen + ["--target", t, "--draft", str(tmp_path / "no-draft")], "no-draft does not exist")
     bad(capsys, gen + ["--target", str(tmp_path)], "not a model directory")
+    bad(capsys, gen + ["--target", t, "--draft", str(tmp_path)], f"{tmp_path} is not a model directory (no config.json)")
     bad(capsys, gen + ["--target", t, "--draft", checkpoints["other"]], "vocabulary")
     bad(capsys, gen + ["--target", d, "--draft", t], "the draft (2 layers, hidden size 64) is larger than the target (1 layers")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", ",".join(["1"] * 1100), "--method", "autoregressive"],
@@ -228,6 +229,7 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
     bad(capsys, ev + ["--lengths", ""], "context length")
     bad(capsys, ev + ["--ppl-tokens", "0"], "--ppl-tokens must be >= 1")
     bad(capsys, ev + ["--methods", "sts+sp", "--prefill-budget", "0"], "prefill budget")
+    bad(capsys, ["eval", *nowhere, "--out", str(a_file)], f"cannot use {a_file} as the output folder: {a_file} is a file")
     rc = ["recall", *nowhere, "--text-file", str(a_file), "--out", str(tmp_path / "r.json")]
     bad(capsys, rc + ["--steps", "0"], "steps must be >= 1")
     bad(capsys, rc + ["--methods", "streaming/page_size=4"], "takes no options")
@@ -378,6 +380,23 @@ def test_a_mapping_for_another_pair_is_refused_before_loading(capsys, checkpoint
         bad(capsys, argv + ["--target", t, "--draft", d, "--mapping", str(wrong)], "mapping was made for target")
         bad(capsys, argv + ["--target", t, "--draft", d, "--mapping", str(right)], "loaded")
     assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_prompt_ids_and_model_paths_are_checked_before_loading(capsys, checkpoints, tmp_path, monkeypatch):
+    """Ids outside the target's vocabulary (from its config) and a draft directory that holds no model fail without
+    loading a model (here loading would fail)."""
+    import sts.runner
+    from sts.errors import STSError
+
+    def no_loading(*args, **kwargs):
+        raise STSError("loaded")
+
+    monkeypatch.setattr(sts.runner, "load", no_loading)  # one model; load_pair checks both paths first
+    t, d = checkpoints["target"], checkpoints["draft"]
+    gen = ["generate", "--target", t, "--max-new-tokens", "2"]
+    bad(capsys, gen + ["--prompt-ids", "1,999999999"], "prompt token ids must be in [0, 96)")
+    bad(capsys, gen + ["--prompt-ids", "1,2", "--draft", str(tmp_path)], "is not a model directory (no config.json)")
+    bad(capsys, gen + ["--prompt-ids", "1,2", "--draft", d], "loaded")  # the checks pass: loading is next
 
 
 def test_text_files_are_read_as_utf8_without_a_byte_order_mark(tmp_path):

@@ -258,6 +258,12 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
         raise STSError("--head-budgets needs a --mapping with mass curves (from `sts calibrate`)")
     draft_budget, draft_selection = draft_settings(args.method, args.draft_budget, args.draft_selection)
     given = _prompt(args)
+    if isinstance(given, list):  # ids outside the vocabulary, from the config alone (no weights read)
+        from sts.models.loading import read_config
+
+        config = read_config(args.target)
+        if config is not None and not all(0 <= t < config.vocab_size for t in given):
+            raise STSError(f"prompt token ids must be in [0, {config.vocab_size})")
     if args.tensor_parallel != 1 and load is _load:
         from sts.parallel import launch_generate
 
@@ -368,9 +374,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run the evaluation grid and write its report."""
     from sts.eval.harness import EvalSettings, run_eval
+    from sts.eval.output import check_output_dir
 
     settings = _settings(EvalSettings, args)
-    settings.method_specs()  # refuse impossible settings before loading the models
+    settings.method_specs()  # refuse impossible settings and an --out that cannot be a folder before loading
+    check_output_dir(args.out)
     target, draft = _load(args)
     report = run_eval(target, draft, args.out, settings, header=report_header(args.argv))
     print(f"wrote {report}")

@@ -14,13 +14,19 @@ from typing import Any
 from sts.errors import STSError
 
 
-def output_dir(path: str | Path) -> Path:
-    """Return ``path`` as a folder that exists (parents created) and takes new files; a path that cannot be one
-    (not a folder, read-only, no permission) is a user error, found by creating and removing an empty file there."""
+def check_output_dir(path: str | Path) -> None:
+    """Refuse (STSError), creating nothing, an output folder path that is a file or lies under one."""
     folder = Path(path)
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
     if existing.exists() and not existing.is_dir():
         raise STSError(f"cannot use {folder} as the output folder: {existing} is a file, not a folder")
+
+
+def output_dir(path: str | Path) -> Path:
+    """Return ``path`` as a folder that exists (parents created) and takes new files; a path that cannot be one
+    (not a folder, read-only, no permission) is a user error, found by creating and removing an empty file there."""
+    folder = Path(path)
+    check_output_dir(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".sts-probe-", dir=folder)

@@ -517,12 +517,14 @@ def source_kind(source: str | Path) -> str:
 
 
 def _local_kind(path: Path) -> str | None:
-    """Return "gguf" for a .gguf file, "directory" for a directory, None when nothing is at ``path``; raises STSError
-    for another kind of file."""
+    """Return "gguf" for a .gguf file, "directory" for a model directory, None when nothing is at ``path``; raises
+    STSError for another kind of file, or a directory without a ``config.json``."""
     if path.is_file():
         if path.suffix != ".gguf":
             raise STSError(f"{path} is a file but not a .gguf model")
         return "gguf"
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise STSError(f"{path} is not a model directory (no config.json)")
     return "directory" if path.is_dir() else None
 
 

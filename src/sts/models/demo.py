@@ -125,8 +125,8 @@ def _wheel_path(directory: Path, package: str, version: str) -> Path | None:
 
 
 def _run_pip(command: list[str], what: str, progress: bool) -> None:
-    """Run pip, echoing its download and error lines to stderr when ``progress`` (its other lines, "Collecting",
-    "Saved", an index's warnings, only on failure); raise STSError naming ``what`` on failure."""
+    """Run pip, echoing its download and error lines to stderr when ``progress`` (not its "Collecting" and "Saved"
+    lines or an index's warnings); raise STSError naming ``what`` and pip's last error line on failure."""
     tail: deque[str] = deque(maxlen=20)
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

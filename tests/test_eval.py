@@ -112,6 +112,18 @@ def _needle_eval(target: str, draft: str, out, *options: str) -> list[str]:
             "--sink", "2", "--window", "8", "--no-recall", "--out", str(out), *options]
 
 
+def test_the_eval_bar_counts_the_reference_runs_it_adds(tiny_pair_with_tokenizer, tmp_path, capsys):
+    """Dense greedy decoding runs for every sample (token agreement needs it) even when the grid leaves it out: the
+    progress bar's total counts it, and ends full."""
+    for methods, runs in (("speculative,sts", 3), ("autoregressive,speculative", 2)):
+        out = tmp_path / methods.replace(",", "-")
+        assert main(_needle_eval(*tiny_pair_with_tokenizer, out, "--methods", methods, "--budgets", "32",
+                                 "--max-new-tokens", "4")) == 0
+        bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("eval:")]
+        assert bars and f"| {runs}/{runs} [" in bars[-1], bars[-3:]
+        assert len(_records(out)) == runs
+
+
 def _files(folder) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 

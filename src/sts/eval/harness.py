@@ -382,16 +382,21 @@ class Evaluator:
             answer = max(self.settings.answer_tokens(r[0].task) for r in todo)
             self.max_len = context_capacity((self.target.model, self.draft.model), [longest], answer, lookahead)
         current: str | None = None
+        # Token agreement needs dense greedy output first, whatever the method order: the reference runs of samples
+        # whose grid leaves autoregressive decoding out come on top of the grid's runs, and the bar counts them.
+        keys = {_key(*r) for r in todo}
+        extra = {_key(r[0], REFERENCE, None) for r in todo if r[0].metric != "perplexity"} - keys - done.keys()
         # The bar is closed (its line ended) even when a run fails, so an error prints on a line of its own.
-        with log, tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr, bar_format=_BAR) as bar:
+        with log, tqdm(total=len(todo) + len(extra), desc="eval", unit="run", file=sys.stderr, bar_format=_BAR) as bar:
             for sample, spec, budget in todo:
                 if sample.sample_id != current:  # one prefill per sample, shared by its runs
                     self.prefix_cache.entries.clear()  # the last sample's rows: device memory
                     current, prompt = sample.sample_id, prompts[sample.sample_id].tolist()
                 reference = _key(sample, REFERENCE, None)
                 if sample.metric != "perplexity" and reference not in done:
-                    # Token agreement needs dense greedy output first, whatever the method order.
+                    bar.set_postfix_str(f"{sample.task}@{sample.context_tokens} {REFERENCE.name} (reference)")
                     _append(log, done, self.evaluate(sample, REFERENCE, None, prompt, done))
+                    bar.update(int(reference in extra))
                 if _key(sample, spec, budget) not in done:
                     bar.set_postfix_str(f"{sample.task}@{sample.context_tokens} {spec.name} {budget}")
                     _append(log, done, self.evaluate(sample, spec, budget, prompt, done))

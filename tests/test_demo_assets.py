@@ -298,7 +298,7 @@ def _results() -> dict:
 def _setting(device: str) -> dict:
     share = sts_demo.kv_share(_target_config(), 2058)
     return {"prompt_tokens": 2058, "budget": 256.0, "mapping": "m.json", "device": device, "dtype": "float32",
-            "kv_share": share, "weight_bytes": TARGET_WEIGHTS * 4, "kv_bytes": 29_503_488 * 4}
+            "kv_share": share, "weight_bytes": TARGET_WEIGHTS * 4, "kv_bytes": 29_503_488 * 4, "max_new_tokens": 96}
 
 
 def test_report_table_and_why_sts_is_not_faster_here() -> None:
@@ -322,6 +322,21 @@ def test_report_table_and_why_sts_is_not_faster_here() -> None:
     assert "skipping 88% of the KV rows saves at most 1.6% of a verify's reads" in note
     assert "'vs spec' mixes that cost with timing noise (90-96 new tokens per method, other processes)" in note
     assert sts_demo.GPU_FIGURES in note
+
+
+def test_report_says_when_answers_were_cut_at_the_new_token_limit() -> None:
+    """With --max-new-tokens 8 every method stops mid-answer: the table says so under it (and "8", not "8-8")."""
+    results = _results()
+    for r in results.values():
+        r.update(tokens=list(range(8)), correct=0.0)
+    lines = sts_demo.format_report(results, ("Caldrith",), {**_setting("cpu"), "max_new_tokens": 8}).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert lines[header + 5] == ("(autoregressive, speculative, sts --rerank 0, sts: stopped at --max-new-tokens 8 "
+                                 "without the full answer, which 'correct' counts as wrong; the answer takes about 15 "
+                                 "tokens.)")
+    assert "timing noise (8 new tokens per method" in " ".join(lines)
+    # At the default limit only a wrong answer cut at the limit is named: none in _results() (sts --rerank 0 stopped).
+    assert "stopped at --max-new-tokens" not in sts_demo.format_report(_results(), ("x",), _setting("cpu"))
 
 
 def test_report_on_a_gpu_names_the_weights_as_the_bound() -> None:

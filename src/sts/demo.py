@@ -113,7 +113,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     element = torch.finfo(parse_dtype(dtype)).bits // 8
     setting = {"prompt_tokens": len(prompt), "budget": args.budget, "mapping": mapping, "device": device,
                "dtype": dtype, "kv_share": kv_share(config, len(prompt)), "weight_bytes": weight_bytes(config, element),
-               "kv_bytes": kv_bytes(config, len(prompt), element)}
+               "kv_bytes": kv_bytes(config, len(prompt), element), "max_new_tokens": args.max_new_tokens}
     print(format_report(results, sample.answers, setting))
     record = {"prompt_tokens": len(prompt), "answer": list(sample.answers), "budget": args.budget,
               "mapping": os.path.basename(mapping) if mapping else "default", "device": device, "dtype": dtype,
@@ -137,7 +137,7 @@ def format_report(results: dict[str, Any], answers: tuple[str, ...], setting: di
     """Return each method's output, a one-line-per-method table and what the table can and cannot show.
 
     ``setting`` holds ``prompt_tokens``, ``budget``, ``mapping``, ``device``, ``dtype``, ``kv_share``
-    (the KV cache's share of a target forward's reads), ``weight_bytes`` and ``kv_bytes``.
+    (the KV cache's share of a target forward's reads), ``weight_bytes``, ``kv_bytes`` and ``max_new_tokens``.
     """
     lines = []
     for method, r in results.items():
@@ -158,8 +158,17 @@ def format_report(results: dict[str, Any], answers: tuple[str, ...], setting: di
         lines.append(f"{method:<16}{len(r['tokens']):>11}{r['tokens_per_s']:>10.2f}{r['tokens_per_s'] / ar_speed:>7.2f}x"
                      f"{r['tokens_per_s'] / spec_speed:>8.2f}x{accept:>12.2f}{sparsity:>10}{r['correct']:>9.0%}"
                      f"  {'yes' if r['same_as_autoregressive'] else 'no'}")
+    cut = [method for method, r in results.items() if len(r["tokens"]) >= setting["max_new_tokens"] and r["correct"] < 1]
+    if cut:
+        lines.append(f"({', '.join(cut)}: stopped at --max-new-tokens {setting['max_new_tokens']} without the full "
+                     "answer, which 'correct' counts as wrong; the answer takes about 15 tokens.)")
     lines += [""] + reading_note(setting, max(sparsities, default=0.0), [len(r["tokens"]) for r in results.values()])
     return "\n".join(lines)
+
+
+def _span(counts: list[int]) -> str:
+    """Return "a-b" for a range of counts, or the one count they all are."""
+    return f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
 
 
 def reading_note(setting: dict[str, Any], sparsity: float, new_tokens: list[int]) -> list[str]:
@@ -175,7 +184,7 @@ def reading_note(setting: dict[str, Any], sparsity: float, new_tokens: list[int]
         f"So STS cannot be meaningfully faster than dense speculative decoding here: skipping {sparsity:.0%} of the "
         f"KV rows saves at most {share * sparsity:.1%} of a verify's reads,",
         f"while choosing the rows costs time of its own: 'vs spec' mixes that cost with "
-        f"timing noise ({min(new_tokens)}-{max(new_tokens)} new tokens per method, other processes) and is not a speed result.",
+        f"timing noise ({_span(new_tokens)} new tokens per method, other processes) and is not a speed result.",
         "What this run does show: acceptance with the sparse verify ('accept len', tokens per target forward),",
         "whether each answer is right ('correct') and whether the output equals dense greedy decoding.",
         f"STS pays off where the KV cache dominates, at long context on a GPU: see {GPU_FIGURES}",

@@ -38,8 +38,8 @@ def run_json(capsys, argv):
 
 def test_generate_without_json_prints_the_output_and_a_stats_line(capsys, checkpoints):
     argv = ["generate", "--target", checkpoints["target"], "--draft", checkpoints["draft"], "--prompt-ids",
-            "5,6,7,8,9,10", "--max-new-tokens", "12", "--method", "sts", "--budget", "4", "--sink", "1", "--window", "1",
-            "--measure-recall"]
+            "5,6,7,8,9,10", "--max-new-tokens", "12", "--method", "sts", "--budget", "4", "--sink", "1",
+            "--window", "1", "--measure-recall"]
     want = run_json(capsys, argv)
     assert main(argv) == 0
     captured = capsys.readouterr()
@@ -125,7 +125,8 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
                      str(tmp_path / "no-text.txt"), "--out", str(tmp_path / out)], "cannot read text file")
     bad(capsys, gen + ["--target", t, "--draft", str(tmp_path / "no-draft")], "no-draft does not exist")
     bad(capsys, gen + ["--target", str(tmp_path)], "not a model directory")
-    bad(capsys, gen + ["--target", t, "--draft", str(tmp_path)], f"{tmp_path} is not a model directory (no config.json)")
+    bad(capsys, gen + ["--target", t, "--draft", str(tmp_path)],
+        f"{tmp_path} is not a model directory (no config.json)")
     bad(capsys, gen + ["--target", t, "--draft", checkpoints["other"]], "vocabulary")
     bad(capsys, gen + ["--target", d, "--draft", t], "the draft (2 layers, hidden size 64) is larger than the target (1 layers")
     bad(capsys, ["generate", "--target", t, "--prompt-ids", ",".join(["1"] * 1100), "--method", "autoregressive"],
@@ -229,7 +230,8 @@ def test_bad_numbers_and_paths_give_one_line_errors(capsys, checkpoints, tmp_pat
     bad(capsys, ev + ["--lengths", ""], "context length")
     bad(capsys, ev + ["--ppl-tokens", "0"], "--ppl-tokens must be >= 1")
     bad(capsys, ev + ["--methods", "sts+sp", "--prefill-budget", "0"], "prefill budget")
-    bad(capsys, ["eval", *nowhere, "--out", str(a_file)], f"cannot use {a_file} as the output folder: {a_file} is a file")
+    bad(capsys, ["eval", *nowhere, "--out", str(a_file)],
+        f"cannot use {a_file} as the output folder: {a_file} is a file")
     rc = ["recall", *nowhere, "--text-file", str(a_file), "--out", str(tmp_path / "r.json")]
     bad(capsys, rc + ["--steps", "0"], "steps must be >= 1")
     bad(capsys, rc + ["--methods", "streaming/page_size=4"], "takes no options")

@@ -158,9 +158,10 @@ def format_report(results: dict[str, Any], answers: tuple[str, ...], setting: di
         lines.append(f"{method:<16}{len(r['tokens']):>11}{r['tokens_per_s']:>10.2f}{r['tokens_per_s'] / ar_speed:>7.2f}x"
                      f"{r['tokens_per_s'] / spec_speed:>8.2f}x{accept:>12.2f}{sparsity:>10}{r['correct']:>9.0%}"
                      f"  {'yes' if r['same_as_autoregressive'] else 'no'}")
-    cut = [method for method, r in results.items() if len(r["tokens"]) >= setting["max_new_tokens"] and r["correct"] < 1]
+    limit = setting["max_new_tokens"]
+    cut = [method for method, r in results.items() if len(r["tokens"]) >= limit and r["correct"] < 1]
     if cut:
-        lines.append(f"({', '.join(cut)}: stopped at --max-new-tokens {setting['max_new_tokens']} without the full "
+        lines.append(f"({', '.join(cut)}: stopped at --max-new-tokens {limit} without the full "
                      "answer, which 'correct' counts as wrong; the answer takes about 15 tokens.)")
     lines += [""] + reading_note(setting, max(sparsities, default=0.0), [len(r["tokens"]) for r in results.values()])
     return "\n".join(lines)

@@ -49,8 +49,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=4, help="sequences decoded together (continuous batching width)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; past it: 429")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="context per slot in tokens (default: the models' context, capped so that the KV caches take at "
-                        "most half the free GPU memory, a quarter of the free RAM on the CPU)")
+                   help="context per slot in tokens (default: the models' context, capped so that the KV caches "
+                        "take at most half the free GPU memory, a quarter of the free RAM on the CPU)")
     p.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
                    help="a request body past this is refused with 413, read no further (default: "
                         f"{REQUEST_BYTES_PER_TOKEN} bytes per token of --max-model-len plus {REQUEST_BYTES_REST >> 20} "

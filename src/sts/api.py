@@ -25,7 +25,7 @@ import torch
 from sts.costmodel import kv_bytes
 from sts.decoding import GenerationStats
 from sts.errors import STSError
-from sts.models.loading import source_kind
+from sts.models.loading import check_sources
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.runner import (DENSE_METHODS, DraftBudget, LoadedModel, build_engine, check_pair, draft_settings, eos_ids, load,
@@ -264,9 +264,7 @@ class LLM:
         if part is not None:
             device = part.device
         sources = (target, draft if self.method != "autoregressive" else None)
-        for source in sources:
-            if source is not None and not isinstance(source, LoadedModel):
-                source_kind(str(source))  # a wrong draft path fails before the target loads
+        check_sources(*(None if isinstance(s, LoadedModel) or s is None else str(s) for s in sources))
         loaded = [m if isinstance(m, LoadedModel) or m is None
                   else load(str(m), _dtype(dtype, device), device, part.shard if part is not None and i == 0 else None)
                   for i, m in enumerate(sources)]

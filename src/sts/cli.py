@@ -15,7 +15,6 @@ import platform
 import sys
 from dataclasses import fields
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 from sts.errors import STSError
@@ -61,7 +60,7 @@ def _load(args: argparse.Namespace, with_draft: bool = True) -> tuple[Any, Any]:
     """Return (target, draft or None) as :class:`~sts.runner.LoadedModel`, from the model options (the device
     checked by :func:`main`); a ``--mapping`` made for another pair of local checkpoints is refused first, from their
     configs alone."""
-    from sts.models.loading import parse_dtype, read_config
+    from sts.models.loading import parse_dtype, read_config, source_kind
     from sts.runner import load_pair
     from sts.selection import HeadMapping
 
@@ -72,7 +71,7 @@ def _load(args: argparse.Namespace, with_draft: bool = True) -> tuple[Any, Any]:
             HeadMapping.load(mapping).check_pair(*configs)  # type: ignore[arg-type]
     draft = args.draft if with_draft else None
     for source in (args.target, draft):
-        if source is not None and str(source).lower().endswith(".gguf") and Path(source).is_file():
+        if source is not None and source_kind(source) == "gguf":
             # transformers dequantizes a GGUF whole and silently (50 s for the demo's 0.5 GB draft on 2 CPU cores).
             print(f"[sts] loading {source}: a GGUF is dequantized on every load, which takes minutes on a CPU",
                   file=sys.stderr, flush=True)

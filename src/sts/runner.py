@@ -10,7 +10,7 @@ import torch
 from sts.decoding import GenerationResult, PrefixCache, StreamCallback, context_capacity
 from sts.engine import Engine, EngineConfig
 from sts.errors import STSError
-from sts.models.loading import Partition, load_model, source_kind
+from sts.models.loading import Partition, check_sources, load_model
 from sts.models.transformer import Transformer
 from sts.prefill import PrefillConfig
 from sts.sampling import SamplingConfig
@@ -83,9 +83,7 @@ def load_pair(
     ``partition``: the target is this process's part of it (tensor parallelism); the draft is whole. A draft path
     where nothing is fails before the target loads.
     """
-    for source in (target, draft):
-        if source is not None:
-            source_kind(source)
+    check_sources(target, draft)
     tgt = load(target, dtype, device, partition)
     if draft is None:
         return tgt, None

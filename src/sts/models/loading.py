@@ -504,10 +504,18 @@ def load_model(
     return _load_directory(_download(str(source)), dtype, device, name=str(source), partition=partition)
 
 
+def check_sources(*sources: str | Path | None) -> None:
+    """Refuse (:func:`source_kind`) every model source given, None skipped: callers that load two models check both
+    first, so that a wrong second path fails before the first model loads."""
+    for source in sources:
+        if source is not None:
+            source_kind(source)
+
+
 def source_kind(source: str | Path) -> str:
-    """Return what a model source is, reading nothing from it: "gguf" (a ``.gguf`` file), "directory" or "hub" (an
-    ``owner/name`` id); raises STSError for a path where nothing is, or a file that is not a ``.gguf``. Callers that
-    load two models check both sources first, so that a wrong second path fails before the first model loads."""
+    """Return what a model source is, reading nothing from it: "gguf" (a ``.gguf`` file), "directory" (a model
+    directory) or "hub" (an ``owner/name`` id); raises STSError for a path where nothing is, a file that is not a
+    ``.gguf`` or a directory without a ``config.json``."""
     kind = _local_kind(Path(source).expanduser())
     if kind is not None:
         return kind

@@ -245,6 +245,51 @@ def test_draft_layer_scores_are_each_layers_max_over_its_scored_heads(tiny_pair)
     assert single.draft_layer_scores() is single.source_scores
 
 
+@pytest.mark.parametrize("draft_rows", [6, 60])
+def test_one_ranking_serves_the_candidates_and_the_scored_draft(tiny_pair, draft_rows):
+    """With one source row per target head (the default map), prepare() ranks the source rows once, as far as the
+    wider of the re-rank's candidates (here 4 x 10) and the scored draft's rows: both must be exactly what ranking
+    each separately gives (brute force: a full sort of the masked scores), per-sequence budgets included."""
+    from sts.attention.backend import QueryRecorder
+    from sts.selection.base import RoundContext
+    from sts.selection.mapping import HeadMapping
+    from sts.selection.sts import STSPolicy
+    from sts.speculative import speculative_generate
+
+    _, target, draft = tiny_pair
+    prompts = [[(7 * i) % 90 + 1 for i in range(80)], [5, 6, 7] * 20]
+    speculative_generate(target, draft, prompts, 1, gamma=3)
+    recorder = QueryRecorder(range(draft.config.n_layers))
+    start = torch.tensor([75, 50])
+    for i in range(3):
+        draft(torch.tensor([[3 + i], [9 + i]]), start + i, recorder)
+    sink, window, budget = 2, 4, 16
+    policy = STSPolicy(SelectionConfig(budget=budget, sink=sink, window=window),
+                       HeadMapping.default(target.config, draft.config))
+    slot_budgets = torch.tensor([16, 11])
+    policy.prepare(RoundContext(start, target, budget, draft, recorder.take(), slot_budgets=slot_budgets,
+                                draft_rows=draft_rows))
+    assert policy.source_top is not None  # the shared path ran
+
+    def best(row: torch.Tensor, ctx: int, k: int) -> list[int]:
+        order = sorted(range(sink, ctx - window), key=lambda r: -float(row[r]))
+        return order[:k]
+
+    scores = policy.draft_layer_scores()
+    values, rows = policy.draft_layer_ranking(start, draft_rows)
+    cand, usable = policy.candidates
+    for b in range(2):
+        for li in range(scores.shape[0]):
+            want = best(scores[li, b], int(start[b]), draft_rows)
+            assert rows[li, b, : len(want)].tolist() == want and torch.isinf(values[li, b, len(want):]).all()
+        for layer in range(target.config.n_layers):
+            source = int(policy.combo_sources[policy.combo_of[layer, 0], 0])
+            own = 4 * (int(slot_budgets[b]) - sink - window)
+            want = best(scores[source, b], int(start[b]), own)
+            for h in range(target.config.n_kv_heads):
+                assert cand[b, layer, h][usable[b, layer, h]].tolist() == want
+
+
 def test_a_draft_budget_past_the_cache_drafts_densely(tiny_pair, monkeypatch):
     """A draft budget of at least the cache's rows reads every row anyway: the draft runs the dense path (no scored
     rows kept) and decodes as a dense draft does; a scored selection still needs STS."""

@@ -620,12 +620,13 @@ class Engine:
         """Let the policy score the context for this round's budget."""
         assert self.policy is not None
         queries = self._hold.pop("queries")
+        draft_rows = self.scored_draft.width if self.scored_draft is not None else 0
         ctx = RoundContext(self._context(), self.target, self.round_budget, self.draft, queries,  # type: ignore[arg-type]
-                           slot_budgets=self.slot_budgets)
+                           slot_budgets=self.slot_budgets, draft_rows=draft_rows)
         self.policy.prepare(ctx)
         if self.scored_draft is not None:  # the draft's own rows for the next round, from the same scores
             assert isinstance(self.policy, STSPolicy)
-            self.scored_draft.update(self.scored_layers, self.policy.draft_layer_scores(), ctx.start_pos)
+            self.scored_draft.keep(self.scored_layers, *self.policy.draft_layer_ranking(ctx.start_pos, draft_rows))
 
     def _verify_phase(self) -> None:
         """Verify the drafts with the target (over the selected rows; budget 0: every row) and accept on the device."""

@@ -90,6 +90,9 @@ class RoundContext:
     #: ``[B]`` rows each sequence reads (its own budget, at most ``budget``): a ranked policy's rows at
     #: rank ``>= slot_budgets[b]`` are dropped (:meth:`SelectionPolicy.slot_rows`). None: ``budget`` for every sequence.
     slot_budgets: Tensor | None = None
+    #: Scored rows the sparse draft keeps per draft layer past its sinks and window
+    #: (:class:`~sts.selection.draft.ScoredDraftAttention`; 0: none): STS ranks that many for it in the same top-k.
+    draft_rows: int = 0
 
     def draft_keys(self, layer: int) -> Tensor:
         """Return the draft's key cache ``[B, Hkv_draft, S, D]`` of ``layer`` for this round's sequences."""
@@ -175,6 +178,15 @@ def competing_rows(n: int, start_pos: Tensor, sink: int, window: int) -> tuple[T
     pos = torch.arange(n, device=start_pos.device).view(1, 1, n)
     ctx = start_pos.view(-1, 1, 1)
     return (pos < sink) | (pos >= ctx - window), pos < ctx
+
+
+def ranked_free_rows(scores: Tensor, start_pos: Tensor, sink: int, window: int, k: int) -> tuple[Tensor, Tensor]:
+    """Return ``(values, rows)`` ``[..., B, H, min(k, N)]``: the ``k`` best-scored rows of ``scores`` ``[..., B, H, N]``
+    that are neither sinks nor the latest ``window`` rows of contexts ``start_pos`` ``[B]``, best first (values
+    ``-inf`` where fewer such rows exist). Every prefix is the best rows of its length, so one call serves several
+    widths (the scored draft's rows and the re-rank's candidates share it)."""
+    forced, valid = competing_rows(scores.shape[-1], start_pos, sink, window)
+    return torch.topk(scores.masked_fill(forced | ~valid, float("-inf")), min(k, scores.shape[-1]), dim=-1)
 
 
 def topk_rows(scores: Tensor, start_pos: Tensor, budget: int, sink: int, window: int, ranked: bool = False) -> Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from sts.attention import dispatch
 from sts.errors import STSError
-from sts.selection.base import competing_rows
+from sts.selection.base import ranked_free_rows
 from sts.selection.streaming import streaming_rows
 
 #: How the sparse draft picks its rows, and whether the round's first step reads only them too ("-all").
@@ -98,14 +98,22 @@ class ScoredDraftAttention:
             self.rows[..., : self.recent] = streaming_rows(start_pos, self.recent, self.sink, self.rows.shape[2])
         return dispatch.verify_attention(q, k_cache, v_cache, start_pos, self.rows[layer])
 
+    @property
+    def width(self) -> int:
+        """Scored rows per (draft layer, sequence) past the sinks and the window."""
+        return self.rows.shape[-1] - self.recent
+
     def update(self, layers: Tensor, scores: Tensor, start_pos: Tensor) -> None:
         """Keep, for draft layers ``layers`` (``[L]``), the best rows of ``scores`` ``[L, B, N]`` (higher is better)
         outside the sinks and the window of contexts ``start_pos`` ``[B]``; no host synchronisation."""
-        forced, valid = competing_rows(scores.shape[-1], start_pos, self.sink, self.window)
-        competing = scores.masked_fill((forced | ~valid).view(1, *scores.shape[1:]), float("-inf"))
-        width = self.rows.shape[-1] - self.recent
-        top = torch.topk(competing, min(width, scores.shape[-1]), dim=-1)
-        best = torch.where(torch.isinf(top.values), self.invalid, top.indices)
+        values, rows = ranked_free_rows(scores.unsqueeze(2), start_pos, self.sink, self.window, self.width)
+        self.keep(layers, values.squeeze(2), rows.squeeze(2))
+
+    def keep(self, layers: Tensor, values: Tensor, rows: Tensor) -> None:
+        """Keep, for draft layers ``layers`` (``[L]``), the first :attr:`width` of ``rows`` ``[L, B, K]``: free rows
+        best first, as :func:`~sts.selection.base.ranked_free_rows` gives them with their ``values`` (``-inf``: none)."""
+        width = self.width
+        best = torch.where(torch.isinf(values[..., :width]), self.invalid, rows[..., :width])
         if best.shape[-1] < width:  # a cache shorter than the budget: no row may stay from before
             best = F.pad(best, (0, width - best.shape[-1]), value=self.invalid)
         self.rows[layers, :, :, self.recent :] = best.unsqueeze(2)

@@ -11,7 +11,7 @@ from sts.attention.scores import Aggregate
 from sts.models.transformer import Transformer
 from sts.errors import STSError
 from sts.selection.base import (
-    RoundContext, SelectionConfig, SelectionPolicy, competing_rows, register, topk_rows,
+    RoundContext, SelectionConfig, SelectionPolicy, competing_rows, ranked_free_rows, register, topk_rows,
 )
 from sts.selection.budgets import allocate, limit_rows
 from sts.selection.mapping import ALL_HEADS, HeadMapping
@@ -82,6 +82,9 @@ class STSPolicy(SelectionPolicy):
         self.graph_safe = not self.wants_feedback
         # Feedback's promoted rows and per-head widths depend on the round's budget (re-ranking takes each sequence's).
         self.ranked = not (self.wants_feedback or head_budgets)
+        #: This round's ranking of the source rows ([B, sources, K] values and rows) when one top-k serves both the
+        #: candidates and the scored draft (:meth:`prepare`), else None.
+        self.source_top: tuple[Tensor, Tensor] | None = None
         self.reset()
         # Only the (draft layer, head) pairs some target head reads are scored, and target heads
         # with the same sources share one score row and one top-k (the default map has one per
@@ -130,17 +133,38 @@ class STSPolicy(SelectionPolicy):
         else:
             combined = (picked.clamp_min(0) * self.combo_weights.view(*self.combo_weights.shape, 1, 1)).sum(1)
         self.combined = combined.transpose(0, 1)  # [B, U, N]
-        self.rows = self.candidates = None
+        self.rows = self.candidates = self.source_top = None
         if self.rerank and not self.wants_feedback:
             # The draft's candidates do not depend on the target's queries: one batched top-k, and one gather of
             # every target layer's heads' candidates ([B, L, Hkv, C]: a layer takes a view, launching nothing).
-            self.candidates = tuple(t[:, self.combo_of] for t in self._top_candidates(self.combined, ctx.start_pos))
+            if self.combo_sources.shape[1] == 1 and self.mapping.combine == "max":
+                # Each target head reads one source row as it is: the scored draft's rows and the candidates are
+                # prefixes of one ranking of the source rows ([B, sources, K]), one top-k for both.
+                width = max(self._candidate_count(), ctx.draft_rows)
+                self.source_top = ranked_free_rows(self.source_scores.transpose(0, 1), ctx.start_pos,
+                                                   self.config.sink, self.config.window, width)
+                top = self._candidates(*(t[:, self.combo_sources[:, 0]] for t in self.source_top))
+            else:
+                top = self._top_candidates(self.combined, ctx.start_pos)
+            self.candidates = tuple(t[:, self.combo_of] for t in top)
         if not (self.rerank or self.wants_feedback):
             # Without per-layer refinements every layer's rows are known now: one batched top-k
             # over the distinct score rows is far cheaper on the GPU than one per target layer.
             width = self.budget if not self.head_budgets else int(self._head_widths(device).max())
             self.rows = topk_rows(
                 self.combined, ctx.start_pos, width, self.config.sink, self.config.window, ranked=True)
+
+    def draft_layer_ranking(self, start_pos: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """Return ``(values, rows)`` ``[L, B, <= width]``: each draft layer's best free rows this round, best first, as
+        :func:`~sts.selection.base.ranked_free_rows` ranks :meth:`draft_layer_scores` (from :meth:`prepare`'s own
+        top-k when it ranked the source rows at least this far). Call after :meth:`prepare`."""
+        counts = [len(heads) for heads in self.heads_of.values()]
+        if self.source_top is not None and max(counts) == 1 and self.source_top[0].shape[-1] >= width:
+            values, rows = (t[..., :width].transpose(0, 1) for t in self.source_top)
+            return values, rows
+        values, rows = ranked_free_rows(self.draft_layer_scores().unsqueeze(2), start_pos, self.config.sink,
+                                        self.config.window, width)
+        return values.squeeze(2), rows.squeeze(2)
 
     def draft_layer_scores(self) -> Tensor:
         """Return ``[L, B, N]``: this round's scores of the context rows for each draft layer of :meth:`draft_layers`
@@ -194,16 +218,25 @@ class STSPolicy(SelectionPolicy):
         return scores.scatter(-1, top, float("inf"))
 
     def _top_candidates(self, scores: Tensor, start_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Return (rows, usable) ``[B, H, C]``: the draft's ``rerank`` x free best free rows, in rank order (with
-        per-sequence budgets, only a sequence's own ``rerank`` x free are usable: the candidates it has alone)."""
-        sink, window = self.config.sink, self.config.window
-        free = max(self.budget - sink - window, 1)
-        top = torch.topk(self._competing(scores, start_pos), min(self.rerank * free, scores.shape[-1]), dim=-1)
-        usable = ~torch.isinf(top.values)  # -inf: forced or past the context
+        """Return (rows, usable) ``[B, H, C]``: the draft's ``rerank`` x free best free rows of ``scores``
+        ``[B, H, N]``, in rank order (see :meth:`_candidates`)."""
+        return self._candidates(*ranked_free_rows(scores, start_pos, self.config.sink, self.config.window,
+                                                  self._candidate_count()))
+
+    def _candidate_count(self) -> int:
+        """Return ``C``: ``rerank`` x the free rows of the round's budget (at least one)."""
+        return self.rerank * max(self.budget - self.config.sink - self.config.window, 1)
+
+    def _candidates(self, values: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (rows, usable) ``[B, H, C]``: the first ``C = rerank`` x free of ranked free ``rows`` (best first,
+        with their ``values``), and which are usable: real rows (not ``-inf``) and, with per-sequence budgets, within
+        a sequence's own ``rerank`` x free (the candidates it has alone)."""
+        sink, window, count = self.config.sink, self.config.window, self._candidate_count()
+        usable = ~torch.isinf(values[..., :count])  # -inf: forced or past the context
         if self.slot_budgets is not None:
             own = self.rerank * (self.slot_budgets - sink - window).clamp_min(1)
             usable &= torch.arange(usable.shape[-1], device=usable.device).view(1, 1, -1) < own.view(-1, 1, 1)
-        return top.indices, usable
+        return rows[..., :count], usable
 
     def _rerank_select(self, layer: int, q: Tensor, k_cache: Tensor, start_pos: Tensor) -> Tensor:
         """Return ``[B, Hkv, budget]`` rows: sinks, window, and the candidates this layer's verify queries rank best."""

@@ -35,7 +35,7 @@ def verify_case(name, B, Hq, Hkv, D, T, K, S=131200):
     ref = sparse_verify_attention(q, k, v, start, idx)
     nbytes = B * Hkv * K * D * 2 * 2
     base = split_count(K, B * Hkv, dev, 64)
-    for splits, bn, w, st in itertools.product([None, 8, 16], [32, 64], [2, 4], [2, 3]):
+    for splits, bn, w, st in itertools.product([None, 4, 8, 16], [32, 64], [2, 4], [2, 3]):
         cfg = KernelConfig(block_n=bn, num_warps=w, num_stages=st, num_splits=splits)
         try:
             o = sparse_verify_attention(q, k, v, start, idx, config=cfg)
@@ -80,6 +80,8 @@ with torch.no_grad():
     if "target5" in which: verify_case("target5", 1, 32, 8, 128, 5, 512)
     if "target5b4" in which: verify_case("target5b4", 4, 32, 8, 128, 5, 512)
     if "draft1b4" in which: verify_case("draft1b4", 4, 32, 8, 64, 1, 4096)
+    if "draft1b16" in which: verify_case("draft1b16", 16, 32, 8, 64, 1, 4096, S=32832)
+    if "target5b16" in which: verify_case("target5b16", 16, 32, 8, 128, 5, 512, S=32832)
     if "score1" in which: score_case("score1", 1, 32, 8, 64, 5)
     if "score4" in which: score_case("score4", 4, 32, 8, 64, 5)
 json.dump(res, open(f"{out}/sweep.json", "w"))

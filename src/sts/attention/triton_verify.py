@@ -309,9 +309,17 @@ def sparse_verify_attention(
         idx_strides = indices.stride()[:2]
     else:
         n_idx, indices, idx_strides = seq_len, start_pos, (0, 0)
-    # Gathered rows: slices of half a block (see split_count); the dense path's contiguous rows keep two blocks.
-    min_rows = cfg.block_n // 2 if has_indices else None
-    n_splits = cfg.num_splits or split_count(n_idx, b * hkv, q.device, cfg.block_n, min_rows=min_rows)
+    # Gathered rows at head dim 128: slices of half a block (see split_count). At head dim <= 64 (a 1B draft) a
+    # program's K/V stages take a quarter of an SM's shared memory, so four run at once: twice the slices, of at least
+    # two blocks (4096 rows of 16 sequences: 4 slices 43.5 us against 2 slices 50.2; of 4 sequences 16 slices 15.7
+    # against 8 slices 17.2; H200, docs/benchmarks.md). The dense path's contiguous rows keep two blocks.
+    if not has_indices:
+        per_sm, min_rows = 2, None
+    elif d <= 64:
+        per_sm, min_rows = 4, 2 * cfg.block_n
+    else:
+        per_sm, min_rows = 2, cfg.block_n // 2
+    n_splits = cfg.num_splits or split_count(n_idx, b * hkv, q.device, cfg.block_n, per_sm=per_sm, min_rows=min_rows)
     tiles = 1  # the dense path reads its rows in order and needs no index tile
     if has_indices:
         n_splits = max(n_splits, triton.cdiv(n_idx, _MAX_TILES * cfg.block_n))

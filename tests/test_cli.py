@@ -401,6 +401,35 @@ def test_prompt_ids_and_model_paths_are_checked_before_loading(capsys, checkpoin
     bad(capsys, gen + ["--prompt-ids", "1,2", "--draft", d], "loaded")  # the checks pass: loading is next
 
 
+def test_an_over_long_text_prompt_fails_before_loading(capsys, tmp_path, sts_cache_dir, monkeypatch):
+    """A text prompt that with --max-new-tokens and a round's lookahead passes the context fails from the checkpoints'
+    configs and the target's tokenizer alone (loading would fail here), counting tokens as the tokenizer does; the
+    draft's context counts too; a prompt that fits goes on to loading."""
+    import sts.runner
+    from sts.errors import STSError
+
+    def no_loading(*args, **kwargs):
+        raise STSError("loaded")
+
+    monkeypatch.setattr(sts.runner, "load", no_loading)
+    tokenizer = smollm2_tokenizer(sts_cache_dir)
+    for name, positions in (("target", 4096), ("draft", 1024)):
+        config = hf_config("llama", vocab=len(tokenizer), layers=1, hidden=32, max_position_embeddings=positions)
+        hf_model(config, seed=0).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    capsys.readouterr()  # the tokenizer's conversion and the saves report progress
+    text = "the quick brown fox " * 300
+    n = len(tokenizer(text)["input_ids"])
+    assert 1024 < n + 8 + 5 < 4096
+    gen = ["generate", "--target", str(tmp_path / "target"), "--prompt", text, "--max-new-tokens", "8"]
+    bad(capsys, gen + ["--method", "autoregressive"], "loaded")  # fits the target alone
+    bad(capsys, gen + ["--draft", str(tmp_path / "draft"), "--method", "speculative"],
+        f"prompt of {n} tokens + 8 new tokens + 5 rows a round writes past them exceeds the context")
+    gen[4] = text * 4
+    n = len(tokenizer(gen[4])["input_ids"])
+    bad(capsys, gen + ["--method", "autoregressive"], f"prompt of {n} tokens + 8 new tokens + 1 row")
+
+
 def test_text_files_are_read_as_utf8_without_a_byte_order_mark(tmp_path):
     """A prompt file saved with a UTF-8 byte-order mark (Windows editors) gives the text, not a BOM token."""
     from sts.eval.output import read_text

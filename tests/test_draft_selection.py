@@ -11,6 +11,7 @@ from sts.engine import Engine, EngineConfig, generate
 from sts.errors import STSError
 from sts.eval.harness import parse_methods
 from sts.selection import SelectionConfig, make_policy
+from sts.selection.base import ranked_free_rows
 from sts.selection.draft import ScoredDraftAttention
 
 from test_generation import interleaved_equals_solo
@@ -32,8 +33,14 @@ def brute_attention(q, k, v, start, rows):
     return out
 
 
+def keep_best(attn: ScoredDraftAttention, layers: torch.Tensor, scores: torch.Tensor, start: torch.Tensor) -> None:
+    """Keep, for draft layers ``layers``, the best free rows of ``scores`` ``[L, B, N]`` (as STS ranks them)."""
+    values, rows = ranked_free_rows(scores.unsqueeze(2), start, attn.sink, attn.window, attn.width)
+    attn.keep(layers, values.squeeze(2), rows.squeeze(2))
+
+
 def test_scored_rows_are_sinks_window_and_the_best_older_rows():
-    """update() keeps, per layer, the top-scored rows older than the window; a later step reads them with its own sinks
+    """keep() keeps, per layer, the top-scored rows older than the window; a later step reads them with its own sinks
     and window, never a row twice, and equals brute-force attention over that set."""
     torch.manual_seed(0)
     layers, slots, hkv, hq, d, cache = 3, 2, 2, 4, 16, 64
@@ -43,7 +50,7 @@ def test_scored_rows_are_sinks_window_and_the_best_older_rows():
     ctx = torch.tensor([40, 5])  # slot 1: fewer rows than the budget past sinks and window
     scores[:, 0, 40:] = float("-inf")  # past the context, as the policy's scores are
     scores[:, 1, 5:] = float("-inf")
-    attn.update(torch.tensor([0, 2]), scores[[0, 2]], ctx)  # layer 1 is not scored
+    keep_best(attn, torch.tensor([0, 2]), scores[[0, 2]], ctx)  # layer 1 is not scored
     free = budget - sink - window
     for li, layer in ((0, 0), (1, 2)):
         best = sorted(range(sink, 40 - window), key=lambda r: -float(scores[layer, 0, r]))[:free]
@@ -67,7 +74,7 @@ def test_scored_rows_are_sinks_window_and_the_best_older_rows():
     short = ScoredDraftAttention(1, 1, 1, 14, sink, window, invalid=7, device=torch.device("cpu"))
     short.start(0, 14)  # rows 2..7 before the window of a 14-row sequence (in a larger cache)
     assert short.rows[0, 0, 0, sink + window:].tolist() == list(range(2, 10))
-    short.update(torch.tensor([0]), torch.rand(1, 1, 7), torch.tensor([7]))  # scores of a 7-row cache: fewer than 8
+    keep_best(short, torch.tensor([0]), torch.rand(1, 1, 7), torch.tensor([7]))  # scores of a 7-row cache: fewer than 8
     assert short.rows[0, 0, 0, sink + window:].tolist() == [2] + [7] * 7  # row 2 competes; nothing of start() stays
     kept = attn.rows[:, 1].clone()
     attn.start(0, 30)  # a new sequence of 30 rows: the free rows just before its window, until its first scores

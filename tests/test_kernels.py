@@ -291,12 +291,14 @@ def check_rerank_ties(device: str) -> dict[str, float]:
     gen = torch.Generator().manual_seed(5)
     d, s, n_cand, sink, window, free = 32, 400, 150, 2, 4, 25
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    q = torch.randn(1, 4, 2, d, generator=gen)
-    kc = torch.randn(1, 1, s, d, generator=gen) * 0.1
+    # Multiples of 1/4 and 1/16: every product and sum is exact in float32 and bf16, so the 40 tied logits are equal
+    # bit for bit whatever order a BLAS or the matrix units add in (random floats tied only on some CPUs).
+    q = torch.round(torch.randn(1, 4, 2, d, generator=gen) * 4) / 4
+    kc = torch.round(torch.randn(1, 1, s, d, generator=gen) * 1.6) / 16
     sp = torch.tensor([s - 2])
     cand, _ = _candidates(sp, 1, n_cand, sink, window, gen)
     tied = torch.randperm(n_cand, generator=gen)[:40].sort().values
-    kc[0, 0, cand[0, 0, tied]] = q[0].mean((0, 1)) * 4  # the same best key in 40 rows
+    kc[0, 0, cand[0, 0, tied]] = torch.round(q[0].mean((0, 1)) * 16) / 4  # the same best key in 40 rows
     want = set(cand[0, 0, tied[:free]].tolist())
     usable = torch.ones(1, 1, n_cand, dtype=torch.bool)
     args = [x.to(device) for x in (q.to(dtype), kc.to(dtype), cand, usable, sp)]

@@ -227,6 +227,23 @@ def _prompt_ids(args: argparse.Namespace, prompt: str | list[int], tokenizer: An
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+def _check_prompt_fits(args: argparse.Namespace, given: str | list[int]) -> None:
+    """Refuse, from the local checkpoints' configs and the target's tokenizer alone (no weights read), a prompt that
+    with ``--max-new-tokens`` and a round's lookahead exceeds a model's context, or ids outside a vocabulary
+    (:func:`~sts.decoding.context_capacity`); text for a GGUF, a hub id or a checkpoint without a tokenizer is checked
+    after loading."""
+    from sts.decoding import context_capacity
+    from sts.models.loading import read_config, read_tokenizer
+    from sts.runner import lookahead
+
+    sources = [args.target] + ([args.draft] if args.method != "autoregressive" else [])
+    configs = [config for config in map(read_config, sources) if config is not None]
+    tokenizer = None if isinstance(given, list) else read_tokenizer(args.target)
+    if configs and (tokenizer is not None or isinstance(given, list)):
+        ids = _prompt_ids(args, given, tokenizer)
+        context_capacity(configs, [ids], args.max_new_tokens, lookahead(args.method, args.gamma, args.max_new_tokens))
+
+
 def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] = _load) -> int:
     """Run one generation and stream the text (or print one JSON record with --json).
 
@@ -257,12 +274,7 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
         raise STSError("--head-budgets needs a --mapping with mass curves (from `sts calibrate`)")
     draft_budget, draft_selection = draft_settings(args.method, args.draft_budget, args.draft_selection)
     given = _prompt(args)
-    if isinstance(given, list):  # ids outside the vocabulary, from the config alone (no weights read)
-        from sts.models.loading import read_config
-
-        config = read_config(args.target)
-        if config is not None and not all(0 <= t < config.vocab_size for t in given):
-            raise STSError(f"prompt token ids must be in [0, {config.vocab_size})")
+    _check_prompt_fits(args, given)
     if args.tensor_parallel != 1 and load is _load:
         from sts.parallel import launch_generate
 

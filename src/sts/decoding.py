@@ -10,6 +10,7 @@ from torch import Tensor
 
 from sts.attention.backend import AttentionFn, dense_attention
 from sts.errors import STSError
+from sts.models.config import ModelConfig
 from sts.models.transformer import Transformer
 
 #: Called with (sequence index, newly emitted token ids) as soon as tokens are final.
@@ -200,27 +201,27 @@ def synchronize(device: torch.device) -> None:
 
 
 def context_capacity(
-    models: Sequence[Transformer], prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead: int,
+    configs: Sequence[ModelConfig], prompts: Sequence[Sequence[int]], max_new_tokens: int, lookahead: int,
 ) -> int:
     """Return the cache rows a run needs: the longest prompt + ``max_new_tokens`` + ``lookahead`` (the rows a round
     writes past its context: gamma + 1 for speculative decoding, 1 for autoregressive).
 
-    Raises STSError for an empty prompt, a run past any of ``models``' context, or token ids outside any
-    one's vocabulary.
+    Raises STSError for an empty prompt, a run past the context of any model of ``configs``, or token ids outside
+    any one's vocabulary. Configs alone suffice, so the CLI checks a prompt before it reads any weights.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise STSError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     need = longest + max_new_tokens + lookahead
-    for model in models:
-        limit = model.config.max_position_embeddings
+    for config in configs:
+        limit = config.max_position_embeddings
         if need > limit:
             raise STSError(
                 f"prompt of {longest} tokens + {max_new_tokens} new tokens + {lookahead} "
                 f"row{'s' if lookahead > 1 else ''} a round writes past them exceeds the context of "
-                f"{model.config.name} ({limit} tokens)"
+                f"{config.name} ({limit} tokens)"
             )
-        vocab = model.config.vocab_size
+        vocab = config.vocab_size
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise STSError(f"prompt token ids must be in [0, {vocab})")
     return need

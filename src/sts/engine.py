@@ -756,7 +756,7 @@ def generate(
     ``prompts``: lists of token ids; ``max_new_tokens`` per sequence; a sequence stops after an id
     in ``eos_ids``. Raises :class:`STSError` when a prompt does not fit the model's context.
     """
-    capacity = context_capacity((model,), prompts, max_new_tokens, lookahead=1)
+    capacity = context_capacity((model.config,), prompts, max_new_tokens, lookahead=1)
     config = EngineConfig(sampling=sampling, seed=seed, prefill_chunk=prefill_chunk)
     engine = Engine(model, slots=len(prompts), max_len=capacity, config=config, prefix_cache=prefix_cache)
     return engine.generate(prompts, max_new_tokens, eos_ids, on_tokens)

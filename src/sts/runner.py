@@ -186,6 +186,18 @@ def build_engine(
                   prefix_cache=None if prefill else prefix_cache)
 
 
+def run_gamma(gamma: int, max_new_tokens: int) -> int:
+    """Return ``gamma`` cut to ``max_new_tokens - 1`` (at least 1): the prefill gives the first token, and no round can
+    keep more drafts than the tokens left after it. A gamma below 1 is returned as it is (the engine refuses it)."""
+    return min(gamma, max(max_new_tokens - 1, 1)) if gamma >= 1 else gamma
+
+
+def lookahead(method: str, gamma: int, max_new_tokens: int) -> int:
+    """Return the cache rows a round of ``method`` writes past a sequence: its drafts and the target's token
+    (:func:`run_gamma` + 1), or one for autoregressive decoding."""
+    return 1 if method == "autoregressive" else run_gamma(gamma, max_new_tokens) + 1
+
+
 def run_method(
     method: str,
     target: LoadedModel,
@@ -210,15 +222,12 @@ def run_method(
     """Return the generation of ``method`` (autoregressive, speculative or a selection policy) for ``prompts``.
 
     Builds one engine sized for these prompts (:func:`build_engine` describes the settings) and
-    decodes them to an end-of-sequence id or ``max_new_tokens``. ``gamma`` is cut to ``max_new_tokens - 1``: the
-    prefill gives the first token, and no round can keep more drafts than the tokens left after it. Raises
+    decodes them to an end-of-sequence id or ``max_new_tokens``, ``gamma`` cut to the tokens asked for (:func:`run_gamma`). Raises
     :class:`STSError` for impossible settings or prompts that do not fit a model's context.
     """
-    if gamma >= 1:  # (smaller: refused by the engine's settings check)
-        gamma = min(gamma, max(max_new_tokens - 1, 1))
-    lookahead = 1 if method == "autoregressive" else gamma + 1
-    models = [m.model for m in (target, draft if method != "autoregressive" else None) if m is not None]
-    max_len = context_capacity(models, prompts, max_new_tokens, lookahead)
+    gamma = run_gamma(gamma, max_new_tokens)
+    configs = [m.model.config for m in (target, draft if method != "autoregressive" else None) if m is not None]
+    max_len = context_capacity(configs, prompts, max_new_tokens, lookahead(method, gamma, max_new_tokens))
     engine = build_engine(
         method, target, draft, slots=len(prompts), max_len=max_len, gamma=gamma, sampling=sampling,
         selection=selection, mapping=mapping, options=options, draft_budget=draft_budget, prefill=prefill,

@@ -87,6 +87,6 @@ def speculative_generate(
     config = EngineConfig(gamma=gamma, sampling=sampling, draft_budget=draft_budget, vocab=vocab,
                           measure_recall=measure_recall, seed=seed, sparse_prefill=prefill,
                           prefill_chunk=prefill_chunk, verify=verify)
-    capacity = context_capacity((target, draft), prompts, max_new_tokens, lookahead=gamma + 1)
+    capacity = context_capacity((target.config, draft.config), prompts, max_new_tokens, lookahead=gamma + 1)
     engine = Engine(target, draft, policy, slots=len(prompts), max_len=capacity, config=config, prefix_cache=prefix_cache)
     return engine.generate(prompts, max_new_tokens, eos_ids, on_tokens)

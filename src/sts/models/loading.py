@@ -536,6 +536,15 @@ def _local_kind(path: Path) -> str | None:
     return "directory" if path.is_dir() else None
 
 
+def read_tokenizer(source: str | Path) -> Any:
+    """Return the tokenizer of the checkpoint directory at ``source`` without reading its weights; None for a
+    directory without tokenizer files and for any other source (a ``.gguf`` file, whose tokenizer transformers
+    rebuilds from its metadata in seconds, comes with its weights). Raises STSError as :func:`load_model` does for
+    tokenizer files that fail to load."""
+    path = Path(source).expanduser()
+    return _load_tokenizer(path) if _local_kind(path) == "directory" and has_tokenizer_files(path) else None
+
+
 def read_config(source: str | Path) -> ModelConfig | None:
     """Return the config of the local checkpoint at ``source`` (an HF directory or a ``.gguf`` file) without reading
     its weights; None for anything else (a hub id, or no such path: :func:`load_model` says which).

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from sts.attention import dispatch
 from sts.errors import STSError
-from sts.selection.base import ranked_free_rows
 from sts.selection.streaming import streaming_rows
 
 #: How the sparse draft picks its rows, and whether the round's first step reads only them too ("-all").
@@ -71,11 +70,11 @@ class SparseDraftAttention:
 class ScoredDraftAttention:
     """The draft's attention in a sparse round's steps after the first (every step with "scored-all") over ``budget``
     rows per (sequence, KV head): the first ``sink`` rows, the latest ``window`` rows and, per draft layer, the
-    best-scored rows of the last :meth:`update`.
+    best-scored rows of the last :meth:`keep`.
 
     Rows live in one static buffer ``[draft layers, slots, Hkv, budget]`` (CUDA-graph safe): each step writes its
-    sink and window columns for every layer at once; :meth:`update` writes the scored columns after the select
-    phase. Scored rows never repeat a sink or window row: they were chosen among rows older than the window
+    sink and window columns for every layer at once; :meth:`keep` writes the scored columns from the select phase's
+    ranking. Scored rows never repeat a sink or window row: they were chosen among rows older than the window
     of their round, and a later step's window only moves forward. Until its first sparse round a new sequence
     reads, in their place, the rows just before its window at its prompt's end (:meth:`start`): the recent rule's
     choice, not nothing. Invalid entries (the cache length) cost no bandwidth.
@@ -103,15 +102,10 @@ class ScoredDraftAttention:
         """Scored rows per (draft layer, sequence) past the sinks and the window."""
         return self.rows.shape[-1] - self.recent
 
-    def update(self, layers: Tensor, scores: Tensor, start_pos: Tensor) -> None:
-        """Keep, for draft layers ``layers`` (``[L]``), the best rows of ``scores`` ``[L, B, N]`` (higher is better)
-        outside the sinks and the window of contexts ``start_pos`` ``[B]``; no host synchronisation."""
-        values, rows = ranked_free_rows(scores.unsqueeze(2), start_pos, self.sink, self.window, self.width)
-        self.keep(layers, values.squeeze(2), rows.squeeze(2))
-
     def keep(self, layers: Tensor, values: Tensor, rows: Tensor) -> None:
         """Keep, for draft layers ``layers`` (``[L]``), the first :attr:`width` of ``rows`` ``[L, B, K]``: free rows
-        best first, as :func:`~sts.selection.base.ranked_free_rows` gives them with their ``values`` (``-inf``: none)."""
+        best first, as :func:`~sts.selection.base.ranked_free_rows` gives them with their ``values`` (``-inf``: none;
+        STS's :meth:`~sts.selection.sts.STSPolicy.draft_layer_ranking`); no host synchronisation."""
         width = self.width
         best = torch.where(torch.isinf(values[..., :width]), self.invalid, rows[..., :width])
         if best.shape[-1] < width:  # a cache shorter than the budget: no row may stay from before

@@ -222,8 +222,9 @@ def run_method(
     """Return the generation of ``method`` (autoregressive, speculative or a selection policy) for ``prompts``.
 
     Builds one engine sized for these prompts (:func:`build_engine` describes the settings) and
-    decodes them to an end-of-sequence id or ``max_new_tokens``, ``gamma`` cut to the tokens asked for (:func:`run_gamma`). Raises
-    :class:`STSError` for impossible settings or prompts that do not fit a model's context.
+    decodes them to an end-of-sequence id or ``max_new_tokens``, ``gamma`` cut to the tokens asked for
+    (:func:`run_gamma`). Raises :class:`STSError` for impossible settings or prompts that do not fit a model's
+    context.
     """
     gamma = run_gamma(gamma, max_new_tokens)
     configs = [m.model.config for m in (target, draft if method != "autoregressive" else None) if m is not None]

@@ -380,7 +380,8 @@ class Evaluator:
             longest = max(prompts.values(), key=len).tolist()
             lookahead = max(self.gamma(spec) for spec in specs) + 1
             answer = max(self.settings.answer_tokens(r[0].task) for r in todo)
-            self.max_len = context_capacity((self.target.model.config, self.draft.model.config), [longest], answer, lookahead)
+            configs = (self.target.model.config, self.draft.model.config)
+            self.max_len = context_capacity(configs, [longest], answer, lookahead)
         current: str | None = None
         # Token agreement needs dense greedy output first, whatever the method order: the reference runs of samples
         # whose grid leaves autoregressive decoding out come on top of the grid's runs, and the bar counts them.

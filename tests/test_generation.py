@@ -141,6 +141,19 @@ def test_bad_generation_settings():
         speculative_generate(target, other, PROMPTS, 4)
 
 
+def test_stats_of_a_request_with_no_token_kept_and_counts_in_the_context_message():
+    """A request aborted before its prefill's token was kept reports 0 tokens/s (it was negative); the context
+    message counts one token and one row in the singular."""
+    from sts.decoding import GenerationStats, context_capacity
+    from sts.models.config import ModelConfig
+
+    assert GenerationStats(new_tokens=0, prefill_tokens=1, time_s=2.0).summary()["tokens_per_s"] == 0
+    assert GenerationStats(new_tokens=5, prefill_tokens=1, time_s=2.0).summary()["tokens_per_s"] == 2.0
+    config = hf_config("llama", max_position_embeddings=2)
+    with pytest.raises(STSError, match=r"prompt of 1 token \+ 1 new token \+ 1 row a round writes past them exceeds"):
+        context_capacity([ModelConfig.from_hf(config)], [[5]], 1, 1)
+
+
 def test_sparse_draft_keeps_output_lossless_and_changes_only_acceptance(tiny_pair):
     """A sparse draft proposes differently, but verification still makes the output the target's."""
     _, target, draft = tiny_pair

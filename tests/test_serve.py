@@ -1073,6 +1073,60 @@ def test_sigterm_ends_open_streams_with_abort_and_done(pair, tmp_path, signals, 
     assert f"[sts] serving '{MODEL}' on 127.0.0.1:{port} (autoregressive): 1 slot of {MAX_LEN} tokens each" in stderr
 
 
+def test_a_stream_aborted_during_a_long_scheduler_step_still_ends_with_done(monkeypatch):
+    """A decoding request is freed only after the scheduler's iteration in progress (a round takes seconds on a CPU):
+    the shutdown's grace period adds the longest iteration, so a stream aborted during a 1 s step still sends its last
+    event and [DONE] when the grace alone is 0.1 s (without it uvicorn cut such a stream off mid-response)."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from sts.serve import shutdown
+
+    monkeypatch.setattr(shutdown, "ABORT_GRACE_S", 0.1)
+    step_s, state = 1.0, {}
+
+    async def stream(request):
+        state["ended"] = asyncio.Event()
+
+        async def events():
+            yield b"data: first\n\n"
+            await state["ended"].wait()
+            yield b"data: abort\n\ndata: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def abort() -> int:  # the scheduler's cancel_all: the open stream ends once the step in progress is over
+        if "ended" not in state or state.get("aborted"):
+            return 0
+        state["aborted"] = True
+        asyncio.get_running_loop().call_later(step_s, state["ended"].set)
+        return 1
+
+    port = free_port()
+    app = Starlette(routes=[Route("/stream", stream)])
+    server = shutdown.BoundedServer(app, abort, 0.0, lambda: step_s, host="127.0.0.1", port=port, log_level="error")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/stream")
+    response = conn.getresponse()
+    assert response.readline() == b"data: first\n"
+    server.should_exit = True
+    body = b""
+    try:
+        while chunk := response.read1(1024):
+            body += chunk
+    except http.client.IncompleteRead as cut:
+        body += cut.partial
+    thread.join(30)
+    assert body.endswith(b"data: abort\n\ndata: [DONE]\n\n"), body
+    assert not thread.is_alive()
+
+
 def test_python_api_wrong_types_are_one_line_errors(pair):
     from sts.errors import STSError
 

@@ -133,7 +133,8 @@ class GenerationStats:
             "time_s": round(self.time_s, 4),
             "prefill_s": round(self.prefill_s, 4),
             "compile_s": round(self.compile_s, 4),
-            "tokens_per_s": round((self.new_tokens - self.prefill_tokens) / decode_s, 3),
+            # A request aborted before its prefill's token was kept has fewer new tokens than that: 0, not negative.
+            "tokens_per_s": round(max(self.new_tokens - self.prefill_tokens, 0) / decode_s, 3),
             "target_forwards": self.target_forwards,
             "acceptance_length": mean(self.accepted_per_round),
             "draft_s": round(self.draft_s, 4),
@@ -217,7 +218,8 @@ def context_capacity(
         limit = config.max_position_embeddings
         if need > limit:
             raise STSError(
-                f"prompt of {longest} tokens + {max_new_tokens} new tokens + {lookahead} "
+                f"prompt of {longest} token{'s' * (longest != 1)} + {max_new_tokens} new token"
+                f"{'s' * (max_new_tokens != 1)} + {lookahead} "
                 f"row{'s' if lookahead > 1 else ''} a round writes past them exceeds the context of "
                 f"{config.name} ({limit} tokens)"
             )

@@ -148,8 +148,8 @@ def run_serve(args: argparse.Namespace) -> int:
             if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
                 log.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
             app = create_app(llm, name, args.api_key, args.max_request_bytes)
-            BoundedServer(app, llm.scheduler.cancel_all, args.shutdown_timeout, host=args.host, port=args.port,
-                          log_level=args.log_level).run(sockets)
+            BoundedServer(app, llm.scheduler.cancel_all, args.shutdown_timeout, lambda: llm.scheduler.longest_step_s,
+                          host=args.host, port=args.port, log_level=args.log_level).run(sockets)
         finally:
             llm.close()
     return 0

@@ -160,6 +160,9 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The longest one iteration of the scheduler's thread took (seconds): a cancellation of a request that holds
+        #: a slot takes effect after the iteration in progress (a decode round, a prefill chunk).
+        self.longest_step_s = 0.0
 
     # ------------------------------------------------------------------ any thread
 
@@ -222,11 +225,13 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
+            started = time.perf_counter()
             try:
                 worked = self.run_once()
             except Exception:  # noqa: BLE001  (engine failures fail their requests; anything else is logged, and the loop goes on)
                 log.exception("scheduler iteration failed")
                 worked = False
+            self.longest_step_s = max(self.longest_step_s, time.perf_counter() - started)
             if not worked:
                 self._wake.wait(0.1)
 

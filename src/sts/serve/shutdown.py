@@ -23,7 +23,9 @@ import uvicorn
 
 log = logging.getLogger(__name__)
 
-#: Seconds the aborted requests get to send their last event before uvicorn cancels their tasks (cuts them off).
+#: Seconds the aborted requests get to send their last event before uvicorn cancels their tasks (cuts them off), on
+#: top of the longest the scheduler has been busy in one iteration (an abort of a decoding request takes effect after
+#: the round in progress: seconds on a CPU).
 ABORT_GRACE_S = 5.0
 #: Seconds between two aborts once they are due (a request that arrived on an open connection is aborted too).
 ABORT_POLL_S = 0.05
@@ -32,13 +34,15 @@ ABORT_POLL_S = 0.05
 class BoundedServer(uvicorn.Server):
     """A :class:`uvicorn.Server` over ``app`` that aborts open requests ``shutdown_timeout`` seconds into its shutdown.
 
-    ``abort`` cancels every open request and returns how many there were (``Scheduler.cancel_all``);
-    ``config`` is :class:`uvicorn.Config`'s keyword arguments (host, port, log_level).
+    ``abort`` cancels every open request and returns how many there were (``Scheduler.cancel_all``); ``busy_s``
+    returns the longest the scheduler has taken for one iteration (``Scheduler.longest_step_s``), which the aborted
+    requests' grace period adds; ``config`` is :class:`uvicorn.Config`'s keyword arguments (host, port, log_level).
     """
 
-    def __init__(self, app: Any, abort: Callable[[], int], shutdown_timeout: float, **config: Any) -> None:
+    def __init__(self, app: Any, abort: Callable[[], int], shutdown_timeout: float, busy_s: Callable[[], float],
+                 **config: Any) -> None:
         super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout + ABORT_GRACE_S, **config))
-        self.abort, self.shutdown_timeout = abort, shutdown_timeout
+        self.abort, self.shutdown_timeout, self.busy_s = abort, shutdown_timeout, busy_s
         self.signals = 0
 
     @contextlib.contextmanager
@@ -68,6 +72,8 @@ class BoundedServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown, with the open requests aborted once ``shutdown_timeout`` has passed or a second signal came."""
+        # uvicorn cuts off the requests still open after this; the aborted ones end after the iteration in progress.
+        self.config.timeout_graceful_shutdown = self.shutdown_timeout + ABORT_GRACE_S + self.busy_s()
         aborting = asyncio.create_task(self._abort_when_due())
         try:
             await super().shutdown(sockets)

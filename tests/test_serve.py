@@ -749,11 +749,14 @@ def test_llm_refuses_bytes_prompts_and_chat_roles_the_server_refuses(llm):
     assert typing.get_args(ChatMessage.model_fields["role"].annotation) == CHAT_ROLES
     with pytest.raises(RequestError, match="a prompt is text or a list of token ids, got bytes"):
         llm.generate(b"hello", max_tokens=2)
+    with pytest.raises(RequestError, match=r"token ids \(integers\), got str 'a' in the list"):
+        llm.generate([1, "a"], max_tokens=2)
     for message, param, message_text in (
         ({"role": "narrator", "content": "x"}, "messages[1].role", "role is one of system, user, .*, got 'narrator'"),
         ({"content": "x"}, "messages[1].role", "got None"),
         ("x", "messages[1]", "a message is a dict with a role and content, got str"),
         ({"role": "user", "content": b"Say hi"}, "messages[1].content", "content is text, got bytes"),  # not "<bytes>"
+        ({"role": "user"}, "messages[1].content", "a message needs content"),  # not the template's jinja error
     ):
         with pytest.raises(RequestError, match=message_text) as bad:
             llm.chat([{"role": "user", "content": "hi"}, message], max_tokens=2)

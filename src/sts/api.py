@@ -304,8 +304,11 @@ class LLM:
             if self.tokenizer is None:
                 raise RequestError("this checkpoint has no tokenizer: give the prompt as token ids", param)
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        elif (isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray))
-              and all(map(_is_integer, prompt))):
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+            bad = [t for t in prompt if not _is_integer(t)]
+            if bad:
+                raise RequestError(f"a prompt is text or a list of token ids (integers), got {type(bad[0]).__name__} "
+                                   f"{bad[0]!r} in the list", param)
             ids = [int(t) for t in prompt]
         else:
             raise RequestError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}", param)
@@ -332,6 +335,8 @@ class LLM:
             if message.get("role") not in CHAT_ROLES:
                 raise RequestError(f"a message's role is one of {', '.join(CHAT_ROLES)}, got {message.get('role')!r}",
                                    f"{param}[{i}].role")
+            if "content" not in message:  # (null is a message's content too: an assistant turn without text)
+                raise RequestError("a message needs content (text, or null)", f"{param}[{i}].content")
             if not isinstance(message.get("content"), (str, list, type(None))):
                 raise RequestError(f"a message's content is text, got {type(message['content']).__name__}",
                                    f"{param}[{i}].content")

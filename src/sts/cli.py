@@ -486,10 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per round (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 = greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k likeliest tokens; 0 = all (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=1.0,
-                   help="sample among the likeliest tokens of this much probability (nucleus); 1 = all (default: %(default)s)")
+                   help="sample among the likeliest tokens of this much probability (nucleus); 1 = all "
+                        "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--method", default=None, choices=methods(),
                    help="default: sts with --draft (as sts serve and LLM), autoregressive without")

@@ -227,11 +227,11 @@ def _prompt_ids(args: argparse.Namespace, prompt: str | list[int], tokenizer: An
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def _check_prompt_fits(args: argparse.Namespace, given: str | list[int]) -> None:
-    """Refuse, from the local checkpoints' configs and the target's tokenizer alone (no weights read), a prompt that
-    with ``--max-new-tokens`` and a round's lookahead exceeds a model's context, or ids outside a vocabulary
-    (:func:`~sts.decoding.context_capacity`); text for a GGUF, a hub id or a checkpoint without a tokenizer is checked
-    after loading."""
+def _checked_prompt_ids(args: argparse.Namespace, given: str | list[int]) -> list[int] | None:
+    """Return the prompt's token ids, refusing, from the local checkpoints' configs and the target's tokenizer alone
+    (no weights read), a prompt that with ``--max-new-tokens`` and a round's lookahead exceeds a model's context, or
+    ids outside a vocabulary (:func:`~sts.decoding.context_capacity`). None when that needs the loaded models: text
+    for a GGUF, a hub id or a checkpoint without a tokenizer is tokenized and checked after loading."""
     from sts.decoding import context_capacity
     from sts.models.loading import read_config, read_tokenizer
     from sts.runner import lookahead
@@ -239,9 +239,11 @@ def _check_prompt_fits(args: argparse.Namespace, given: str | list[int]) -> None
     sources = [args.target] + ([args.draft] if args.method != "autoregressive" else [])
     configs = [config for config in map(read_config, sources) if config is not None]
     tokenizer = None if isinstance(given, list) else read_tokenizer(args.target)
-    if configs and (tokenizer is not None or isinstance(given, list)):
-        ids = _prompt_ids(args, given, tokenizer)
-        context_capacity(configs, [ids], args.max_new_tokens, lookahead(args.method, args.gamma, args.max_new_tokens))
+    if not configs or (tokenizer is None and not isinstance(given, list)):
+        return None
+    ids = _prompt_ids(args, given, tokenizer)
+    context_capacity(configs, [ids], args.max_new_tokens, lookahead(args.method, args.gamma, args.max_new_tokens))
+    return ids
 
 
 def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] = _load) -> int:
@@ -274,13 +276,13 @@ def cmd_generate(args: argparse.Namespace, load: Callable[..., tuple[Any, Any]] 
         raise STSError("--head-budgets needs a --mapping with mass curves (from `sts calibrate`)")
     draft_budget, draft_selection = draft_settings(args.method, args.draft_budget, args.draft_selection)
     given = _prompt(args)
-    _check_prompt_fits(args, given)
+    checked = _checked_prompt_ids(args, given)
     if args.tensor_parallel != 1 and load is _load:
         from sts.parallel import launch_generate
 
         return launch_generate(cmd_generate, args)
     target, draft = load(args, with_draft=args.method != "autoregressive")
-    prompt = _prompt_ids(args, given, target.tokenizer)
+    prompt = checked if checked is not None else _prompt_ids(args, given, target.tokenizer)
     tok = target.tokenizer
     text = IncrementalDetokenizer(tok) if not args.json and tok is not None else None
 

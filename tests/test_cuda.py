@@ -120,6 +120,23 @@ def test_cuda_graph_path_equals_eager_path(cuda_pair, method):
         assert graphed.tokens == generate(target, prompts, 40).tokens
 
 
+@pytest.mark.parametrize("method", ["sts", "sts+sd-scored-all"])
+def test_cuda_early_scoring_on_a_side_stream_equals_scoring_after_the_draft(cuda_pair, monkeypatch, method):
+    """STS's score passes on a second stream during the draft's last step (in the draft phase's graph) decode the same
+    tokens as scores computed eagerly in the select phase, on one stream, after the whole draft."""
+    from sts.engine import Engine
+
+    _, target, draft = cuda_pair
+    prompts = [[(7 * i) % 96 for i in range(300)], [5, 6, 7] * 70]
+    engine, graphed = run_engine(target, draft, method, prompts, 40, graphs=True)
+    assert engine.early_scoring and engine._side is not None
+    init = Engine.__init__
+    monkeypatch.setattr(Engine, "__init__",
+                        lambda self, *a, **k: init(self, *a, **k) or setattr(self, "early_scoring", False))
+    _, late = run_engine(target, draft, method, prompts, 40, graphs=False)
+    assert graphed.tokens == late.tokens
+
+
 @pytest.mark.parametrize("method", ["sts", "sts+sd", "specpc"])
 def test_cuda_dense_crossover_rounds_graphed_equal_eager(cuda_pair, method):
     """Below the break-even (these tiny models never reach the H200's) a policy's rounds verify densely in their own

@@ -114,6 +114,41 @@ def test_engine_writes_the_policys_draft_scores_and_starts_new_sequences_afresh(
     assert out.tokens == generate(target, [prompt], 30).tokens
 
 
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_early_scoring_equals_scoring_after_the_draft(tiny_pair, monkeypatch, gamma):
+    """STS scores each draft layer during the draft's last step, once that layer's queries of the round are complete:
+    round by round the scores equal those the select phase computes from the whole round's queries, the select phase
+    scores nothing itself, and the decoded tokens are the same."""
+    from sts.selection.sts import STSPolicy
+
+    _, target, draft = tiny_pair
+    prompt = [(7 * i) % 90 + 1 for i in range(120)]
+    steps: list[int] = []  # queries per score pass
+    original = STSPolicy.score_sources
+    monkeypatch.setattr(STSPolicy, "score_sources",
+                        lambda self, layer, q, *a: steps.append(q.shape[2]) or original(self, layer, q, *a))
+    runs = []
+    for early in (True, False):
+        policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft)
+        engine = Engine(target, draft, policy, slots=1, max_len=200,
+                        config=EngineConfig(gamma=gamma, draft_budget=20, draft_selection="scored-all",
+                                            verify="sparse"))
+        engine.early_scoring = early
+        engine.prefill(0, prompt)
+        tokens, scores = [], []
+        for _ in range(4):
+            steps.clear()
+            tokens += engine.step()[0]
+            scores.append(policy.source_scores.clone())
+            # One pass per draft layer, each over the round's gamma queries.
+            assert steps == [gamma] * len(policy.draft_layers(draft))
+        runs.append((tokens, scores))
+    (early_tokens, early_scores), (late_tokens, late_scores) = runs
+    assert early_tokens == late_tokens
+    for got, want in zip(early_scores, late_scores):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("selection", ["scored", "scored-all"])
 def test_continuous_batching_with_a_scored_draft_is_lossless(tiny_pair, selection):
     _, target, draft = tiny_pair

@@ -110,6 +110,9 @@ class GenerationStats:
     #: Tokens each round produced per decoding sequence (accepted drafts + 1): the acceptance length's samples. Tokens
     #: past ``max_new_tokens`` or an end-of-sequence id count too: they measure the draft's agreement, not the output.
     accepted_per_round: list[int] = field(default_factory=list)
+    #: Seconds in each phase of the speculative rounds. STS scores the context during the draft's last step
+    #: (:meth:`sts.engine.Engine._score_early`), so its score passes count in ``draft_s`` and ``select_s`` holds the
+    #: ranking of the rows alone.
     draft_s: float = 0.0
     select_s: float = 0.0
     verify_s: float = 0.0

@@ -188,6 +188,13 @@ class Engine:
             steps = DraftSteps.of(self.gamma, budget, self.config.draft_selection)
             self.round_model = RoundModel.build(target.config, draft.config, selection_reads(policy, target, draft),
                                                 target.embed_tokens.weight.element_size(), self.config.hardware, steps)
+        #: STS scores the context during the draft's last step, each draft layer as soon as its queries of the round
+        #: are complete (:meth:`_score_early`; on CUDA on a second stream, so the score passes overlap the draft's later
+        #: layers); False: in the select phase, after the draft.
+        self.early_scoring = isinstance(policy, STSPolicy)
+        self._side = torch.cuda.Stream(self.device) if cuda and self.early_scoring else None
+        self._early: dict[int, list[Tensor]] = {}  # draft layer -> score rows, from the draft phase to the select phase
+        self._early_inputs: list[Tensor] = []  # the side stream's queries, kept alive until the streams join
         self.later_draft_attention: AttentionFn = SparseDraftAttention(budget) if budget is not None else dense_attention
         #: The draft's later steps in sparse rounds, over the rows the select phase scored (None: as in dense rounds).
         self.scored_draft: ScoredDraftAttention | None = None
@@ -593,6 +600,8 @@ class Engine:
         selection = self.config.draft_selection
         first_sparse = selection == "recent-all" or (selection == "scored-all" and scored_round)
         self.recorder.inner = sparse_draft if first_sparse else dense_attention
+        early = self.early_scoring and self.round_budget > 0 and self._forced is None
+        self._arm_early(early and self.gamma == 1, ctx)
         tokens = torch.stack([self.prev, self.last], dim=1)
         hidden = self.draft.hidden(tokens, (ctx - 1).clamp_min(0), self.recorder)[:, -1]
         logits = self.draft.lm_head(hidden).float()[:, : self.vocab]  # the LM head for the last position only
@@ -600,6 +609,7 @@ class Engine:
         for i in range(self.gamma):
             if i:
                 self.recorder.inner = sparse_draft
+                self._arm_early(early and i == self.gamma - 1, ctx)
                 logits = self.draft(drafted[-1].view(-1, 1), ctx + i, self.recorder)[:, -1, : self.vocab]
             if self._forced is not None:  # teacher forcing: the draft reads the known text
                 drafted.append(self._forced[:, i])
@@ -608,21 +618,53 @@ class Engine:
             else:
                 dists.append(self._distributions(logits))
                 drafted.append(draw(dists[-1], self.generator))
+        self._join_early()
         self._hold["drafted"] = torch.stack(drafted, dim=1)
         if dists:
             self._hold["draft_probs"] = torch.stack(dists, dim=1)
-        if self.policy is not None and self.round_budget:
+        if self.policy is not None and self.round_budget and not early:
             self._hold["queries"] = self.recorder.take()  # type: ignore[assignment]
-        elif self.policy is not None:  # a dense round selects nothing: no copies of the queries in its graph
+        elif self.policy is not None:  # scored already, or a dense round: no copies of the queries in its graph
             self.recorder.clear()
+
+    def _arm_early(self, last_step: bool, start_pos: Tensor) -> None:
+        """Score the context during the coming draft forward when it is the round's last (:meth:`_score_early`)."""
+        def score(layer: int, queries: Tensor, k_cache: Tensor) -> None:
+            self._score_early(layer, queries, k_cache, start_pos)
+
+        self.recorder.on_complete = score if last_step else None
+
+    def _score_early(self, layer: int, queries: Tensor, k_cache: Tensor, start_pos: Tensor) -> None:
+        """Score the context rows ``< start_pos`` for draft layer ``layer`` (its ``queries`` ``[B, Hq, gamma, D]`` of
+        the round, its keys ``k_cache``) while the draft's last step goes on. On CUDA the score pass runs on a second
+        stream that joins the draft's at the end of the draft phase (:meth:`_join_early`), reading the draft's K of the
+        whole context (at 128K, batch 1, about 58 us a layer) beside the draft's later layers: both are near their
+        bandwidth, so this hides 0.1-0.4 ms a round on the H200 (docs/benchmarks.md). The select phase then ranks the
+        rows (:attr:`RoundContext.source_scores`)."""
+        assert isinstance(self.policy, STSPolicy)
+        if self._side is None:
+            self._early[layer] = self.policy.score_sources(layer, queries, k_cache, start_pos)
+            return
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            self._early[layer] = self.policy.score_sources(layer, queries, k_cache, start_pos)
+        self._early_inputs += [queries, start_pos]  # not freed (nor reused) before the side stream is done with them
+
+    def _join_early(self) -> None:
+        """End the draft phase's early scoring: stop scoring, and make the draft's stream wait for the side stream."""
+        self.recorder.on_complete = None
+        if self._side is not None and self._early_inputs:
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
+            self._early_inputs.clear()
 
     def _select_phase(self) -> None:
         """Let the policy score the context for this round's budget."""
         assert self.policy is not None
-        queries = self._hold.pop("queries")
+        queries = self._hold.pop("queries", {})
         draft_rows = self.scored_draft.width if self.scored_draft is not None else 0
         ctx = RoundContext(self._context(), self.target, self.round_budget, self.draft, queries,  # type: ignore[arg-type]
-                           slot_budgets=self.slot_budgets, draft_rows=draft_rows)
+                           slot_budgets=self.slot_budgets, draft_rows=draft_rows, source_scores=self._early)
+        self._early = {}
         self.policy.prepare(ctx)
         if self.scored_draft is not None:  # the draft's own rows for the next round, from the same scores
             assert isinstance(self.policy, STSPolicy)

@@ -8,7 +8,7 @@ measurement are all such functions; the model code never changes.
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +90,20 @@ def chunk_attention(offset: int) -> AttentionFn:
 class QueryRecorder:
     """Attention (dense unless ``inner`` says otherwise) that also keeps the queries of chosen layers
     (the draft's scoring input). ``last_only`` keeps only each call's last query (a decode step
-    that also re-reads an earlier token)."""
+    that also re-reads an earlier token).
+
+    ``on_complete``, when set (for a round's last draft step), is called with ``(layer, queries, k_cache)`` as soon
+    as a chosen layer's query is recorded, before its attention runs: ``queries`` ``[B, Hq, steps, D]`` are all that
+    layer's recorded queries, ``k_cache`` ``[B, Hkv, S, D]`` its keys, this step's rows written. The engine scores
+    the context there, while the draft's later layers run (:meth:`sts.engine.Engine._score_early`).
+    """
 
     def __init__(self, layers: Sequence[int], inner: AttentionFn = dense_attention, last_only: bool = False) -> None:
         self.layers = set(layers)
         self.inner = inner
         self.last_only = last_only
         self.queries: dict[int, list[Tensor]] = {layer: [] for layer in self.layers}
+        self.on_complete: Callable[[int, Tensor, Tensor], None] | None = None
 
     def watch(self, layers: Iterable[int]) -> None:
         """Also record the queries of ``layers`` from now on."""
@@ -108,6 +115,8 @@ class QueryRecorder:
         """Return ``inner``'s attention, recording ``q`` when ``layer`` is one of the chosen layers."""
         if layer in self.layers:
             self.queries[layer].append(q[:, :, -1:] if self.last_only else q)
+            if self.on_complete is not None:
+                self.on_complete(layer, torch.cat(self.queries[layer], dim=2), k_cache)
         return self.inner(layer, q, k_cache, v_cache, start_pos)
 
     def take(self) -> dict[int, Tensor]:

@@ -121,11 +121,10 @@ class STSPolicy(SelectionPolicy):
             self.combo_of, self.combo_sources, self.combo_weights = (
                 t.to(device) for t in (self.combo_of, self.combo_sources, self.combo_weights))
         rows = []
-        for dl, heads in self.heads_of.items():
-            only_max = heads == [ALL_HEADS]  # the default map: the kernel takes the max over the heads itself
-            scores = dispatch.score_context(ctx.draft_queries[dl], ctx.draft_keys(dl), ctx.start_pos, self.aggregate,
-                                            max_heads=only_max)
-            rows += [scores] if only_max else [scores.amax(1) if dh == ALL_HEADS else scores[:, dh] for dh in heads]
+        for dl in self.heads_of:
+            early = ctx.source_scores.get(dl)
+            rows += early if early is not None else self.score_sources(
+                dl, ctx.draft_queries[dl], ctx.draft_keys(dl), ctx.start_pos)
         self.source_scores = torch.stack(rows)  # [sources, B, N], grouped by draft layer in heads_of's order
         picked = self.source_scores[self.combo_sources]  # [U, M, B, N]
         if self.mapping.combine == "max":
@@ -153,6 +152,15 @@ class STSPolicy(SelectionPolicy):
             width = self.budget if not self.head_budgets else int(self._head_widths(device).max())
             self.rows = topk_rows(
                 self.combined, ctx.start_pos, width, self.config.sink, self.config.window, ranked=True)
+
+    def score_sources(self, layer: int, queries: Tensor, k_cache: Tensor, start_pos: Tensor) -> list[Tensor]:
+        """Return draft layer ``layer``'s score rows, ``[B, N]`` float32 each (``-inf`` at and past ``start_pos``), one
+        per scored head in :attr:`heads_of` order: its ``queries`` ``[B, Hq_draft, gamma, D]`` of this round against
+        its keys ``k_cache`` ``[B, Hkv_draft, N, D]``, aggregated over the queries (``aggregate``)."""
+        heads = self.heads_of[layer]
+        only_max = heads == [ALL_HEADS]  # the default map: the kernel takes the max over the heads itself
+        scores = dispatch.score_context(queries, k_cache, start_pos, self.aggregate, max_heads=only_max)
+        return [scores] if only_max else [scores.amax(1) if dh == ALL_HEADS else scores[:, dh] for dh in heads]
 
     def draft_layer_ranking(self, start_pos: Tensor, width: int) -> tuple[Tensor, Tensor]:
         """Return ``(values, rows)`` ``[L, B, <= width]``: each draft layer's best free rows this round, best first, as

@@ -308,6 +308,15 @@ def test_the_library_does_not_import_the_cli():
     assert proc.stdout.strip() == "False"
 
 
+def test_bench_help_says_what_each_benchmark_measures_and_where_its_options_are(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    for bench in ("e2e", "kernels", "serve"):
+        assert any(line.split()[:1] == [bench] and len(line.split()) > 3 for line in out.splitlines()), out
+    assert "sts bench <benchmark> --help" in out
+
+
 @pytest.mark.parametrize("bench", ["kernels", "e2e", "serve"])
 def test_each_benchmarks_help_names_the_command_it_is(capsys, bench):
     with pytest.raises(SystemExit) as done:

@@ -244,8 +244,12 @@ def _load_directory(
     config = _directory_config(directory, name)
     take = (lambda key, tensor: partition.take(config, key, tensor)) if partition is not None else None
     model = _build(config, _read_weights(directory, take), dtype, device, partition)
-    tokenizer = _load_tokenizer(directory) if has_tokenizer_files(directory) else None
-    return model, tokenizer
+    return model, _directory_tokenizer(directory)
+
+
+def _directory_tokenizer(directory: Path) -> Any:
+    """Return the tokenizer a checkpoint directory ships, or None for one without tokenizer files."""
+    return _load_tokenizer(directory) if has_tokenizer_files(directory) else None
 
 
 def _directory_config(directory: Path, name: str | None = None) -> ModelConfig:
@@ -542,7 +546,7 @@ def read_tokenizer(source: str | Path) -> Any:
     rebuilds from its metadata in seconds, comes with its weights). Raises STSError as :func:`load_model` does for
     tokenizer files that fail to load."""
     path = Path(source).expanduser()
-    return _load_tokenizer(path) if _local_kind(path) == "directory" and has_tokenizer_files(path) else None
+    return _directory_tokenizer(path) if _local_kind(path) == "directory" else None
 
 
 def read_config(source: str | Path) -> ModelConfig | None:

@@ -285,7 +285,10 @@ def check_rerank_budgets(device: str, radix: bool = False) -> dict[str, float]:
 
 def check_rerank_ties(device: str) -> dict[str, float]:
     """Return, for the one-program and the radix path, how many rows differ from the brute-force choice when 40
-    candidates share the best key (exact ties) and 25 free slots: the first 25 of them by candidate position."""
+    candidates share the best key (exact ties) and 25 free slots: the first 25 of them by candidate position.
+
+    The radix path with 16-bit inputs stores each logit as a float16 offset below its tile's max, so equal logits in
+    different tiles may round apart: there the choice must be 25 of the 40 tied rows, not the first 25."""
     from sts.attention.triton_rerank import rerank_rows_triton
 
     gen = torch.Generator().manual_seed(5)
@@ -305,7 +308,11 @@ def check_rerank_ties(device: str) -> dict[str, float]:
     errs = {}
     for name, chunk in (("single", None), ("radix", 64)):
         out = rerank_rows_triton(*args, sink, window, sink + window + free, True, chunk=chunk).cpu()
-        errs[name] = float(len(want ^ set(out[0, 0, sink + window :].tolist())))
+        got = set(out[0, 0, sink + window :].tolist())
+        if name == "radix" and dtype != torch.float32:
+            errs[name] = float(len(got - set(cand[0, 0, tied].tolist())) + abs(len(got) - free))
+        else:
+            errs[name] = float(len(want ^ got))
     return errs
 
 

@@ -29,7 +29,8 @@ Past :data:`MAX_CANDIDATES` candidates (or with ``chunk`` given) step 2 runs ove
 candidates instead: :func:`_lse_kernel` merges each query row's statistics, :func:`_key_kernel` writes each
 candidate's score as an order key with its level-1 histogram, the levels and counts of
 :mod:`sts.attention.triton_radix` find the exact threshold, and :func:`_emit_kernel` writes the rows in
-candidate order, ties at the threshold first by position, as the one-program path does.
+candidate order, ties at the threshold first by position, as the one-program path does (16-bit inputs store the
+logits as float16 offsets below their tile's max, so equal logits in different tiles may round apart).
 
 Every launch parameter (tile count, block sizes, warps) comes from static shapes, and
 ``start_pos`` is read on the device, so the call is safe to capture in a CUDA graph.

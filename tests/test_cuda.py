@@ -80,7 +80,7 @@ def test_cuda_rerank_rows_equal_the_reference_in_a_decode_round(cuda_pair):
 
 
 ENGINE_METHODS = ["autoregressive", "speculative", "speculative+sd", "speculative+sd-recent-all", "sts", "sts+sd",
-                  "sts+sd-scored", "sts+sd-scored-all", "sts-plain", "streaming",
+                  "sts+sd-scored", "sts+sd-scored-all", "sts-8bit+sd-scored-all", "sts-plain", "streaming",
                   "specpc", "quest", "tidal", "oracle"]
 
 
@@ -99,7 +99,8 @@ def run_engine(target, draft, method, prompts, n, graphs, eos=(), budget=64.0, s
                           sampling=sampling or SamplingConfig(), seed=seed, verify=verify, hardware=hardware or Hardware())
     policy = None
     if name not in ("autoregressive", "speculative"):
-        base, options = ("sts", {"rerank": 0}) if name == "sts-plain" else (name, {})
+        variants = {"sts-plain": ("sts", {"rerank": 0}), "sts-8bit": ("sts", {"key_bits": 8})}
+        base, options = variants.get(name, (name, {}))
         policy = make_policy(base, SelectionConfig(budget=budget, sink=4, window=8), target, draft, **options)
     engine = Engine(target, None if name == "autoregressive" else draft, policy, slots=slots or len(prompts),
                     max_len=max(map(len, prompts)) + n + 8, config=config)
@@ -114,10 +115,26 @@ def test_cuda_graph_path_equals_eager_path(cuda_pair, method):
     engine, graphed = run_engine(target, draft, method, prompts, 40, graphs=True)
     _, eager = run_engine(target, draft, method, prompts, 40, graphs=False)
     assert graphed.tokens == eager.tokens
-    expect_graphs = method.partition("+sd")[0] in ("autoregressive", "speculative", "sts", "sts-plain", "streaming", "specpc")
+    expect_graphs = method.partition("+sd")[0] in ("autoregressive", "speculative", "sts", "sts-8bit", "sts-plain",
+                                                   "streaming", "specpc")
     assert bool(engine._graphs) == expect_graphs
     if method.startswith(("autoregressive", "speculative")):  # lossless methods equal plain greedy
         assert graphed.tokens == generate(target, prompts, 40).tokens
+
+
+def test_cuda_eight_bit_score_keys_are_the_centred_keys(cuda_pair):
+    """With STS's key_bits=8, every row the graphed rounds and the prefill wrote holds float8(K - the prompt's mean
+    key) in the copy (the compiled cache write against PyTorch's own cast), the rows the generation reached included."""
+    _, target, draft = cuda_pair
+    prompts = [[(7 * i) % 96 for i in range(300)], [5, 6, 7] * 70]
+    engine, _ = run_engine(target, draft, "sts-8bit+sd-scored-all", prompts, 40, graphs=True)
+    assert engine._graphs
+    for layer in engine.policy.draft_layers(draft):
+        cache = draft.layers[layer].self_attn.cache
+        for b, prompt in enumerate(prompts):
+            n = len(prompt) + 40
+            want = (cache.k[b, :, :n].float() - cache.key_mean[b][:, None]).to(torch.float8_e4m3fn)
+            assert torch.equal(cache.score_keys[b, :, :n].view(torch.uint8), want.view(torch.uint8)), (layer, b)
 
 
 @pytest.mark.parametrize("method", ["sts", "sts+sd-scored-all"])

@@ -170,8 +170,12 @@ def check_scores(c: dict, device: str) -> dict[str, float]:
     out = context_scores_triton(q, kc, sp, c["agg"], config=cfg)
     ref = context_scores(q.double(), kc.double(), sp, c["agg"])
     top = context_scores_triton(q, kc, sp, c["agg"], max_heads=True, config=cfg)
+    # 8-bit keys (STS's key_bits=8): widened in the kernel, against the reference over the same keys in float64.
+    k8 = kc.float().to(torch.float8_e4m3fn)
+    out8 = context_scores_triton(q, k8, sp, c["agg"], config=cfg)
     n = ref.shape[-1]
     return {"scores": _rel_err(out[..., :n], ref), "tail_not_inf": float(not torch.isneginf(out[..., n:]).all()),
+            "keys8": _rel_err(out8[..., :n], context_scores(q.double(), k8.double(), sp, c["agg"])),
             "max_heads": _rel_err(top[..., :n], ref.amax(1)),
             "max_heads_tail_not_inf": float(top.shape != (c["b"], s) or not torch.isneginf(top[..., n:]).all())}
 
@@ -402,6 +406,7 @@ def test_scores_match_reference(results, case):
     errs = _errors(results, _case_id("scores", case))
     assert errs["tail_not_inf"] == 0.0, "columns past max(start_pos) must be -inf"
     assert errs["scores"] < SCORES_TOL, f"relative error {errs['scores']}"
+    assert errs["keys8"] < SCORES_TOL, f"8-bit keys: relative error {errs['keys8']}"
     assert errs["max_heads_tail_not_inf"] == 0.0, "max over heads: [B, S], -inf past max(start_pos)"
     assert errs["max_heads"] < SCORES_TOL, f"max over heads: relative error {errs['max_heads']}"
 

@@ -127,6 +127,9 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-by", choices=("prob", "logit"), default=None,
                    help="STS: rank candidates by mean softmax probability (default) or max logit")
     p.add_argument("--feedback", type=float, default=None, help="STS: share of free rows kept for rows the target attended to")
+    p.add_argument("--key-bits", type=int, choices=(8, 16), default=None,
+                   help="STS: score with the draft's keys in 16 bits (default) or an 8-bit copy centred on the prompt's "
+                        "mean key (half the score pass's bytes; experimental)")
     p.add_argument("--head-budgets", type=float, default=None,
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
     p.add_argument("--draft-budget", type=_draft_budget, default="auto",
@@ -170,10 +173,11 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     from sts.selection import check_options
 
     rerank_prob = None if args.rerank_by is None else float(args.rerank_by == "prob")
-    chosen = (("rerank", args.rerank), ("rerank_prob", rerank_prob), ("feedback", args.feedback), ("head_budgets", args.head_budgets))
+    chosen = (("rerank", args.rerank), ("rerank_prob", rerank_prob), ("feedback", args.feedback),
+              ("head_budgets", args.head_budgets), ("key_bits", args.key_bits))
     options = {k: v for k, v in chosen if v is not None}
     if options and args.method != "sts":
-        raise STSError(f"--rerank/--rerank-by/--feedback/--head-budgets apply to --method sts, not {args.method}")
+        raise STSError(f"--rerank/--rerank-by/--feedback/--head-budgets/--key-bits apply to --method sts, not {args.method}")
     if options:
         check_options(args.method, options)
     return options

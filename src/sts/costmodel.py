@@ -168,6 +168,8 @@ class SelectionReads:
     rerank: int = 0
     #: The selection reads every K row of each sparse target layer (it scores with the target's own queries).
     key_scan: bool = False
+    #: Bytes per element of the draft keys the score pass reads (0: the cache's dtype; 1: STS's ``key_bits = 8``).
+    key_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,8 @@ def selection_reads(policy: SelectionPolicy, target: Transformer, draft: Transfo
     drafted = len(policy.draft_layers(draft)) if policy.uses_draft else 0
     forced = config.sink + config.window
     if isinstance(policy, STSPolicy):
-        return SelectionReads(forced, dense, drafted, len(policy.combo_sources), policy.rerank)
+        return SelectionReads(forced, dense, drafted, len(policy.combo_sources), policy.rerank,
+                              key_bytes=1 if policy.key_bits == 8 else 0)
     if isinstance(policy, (QuestPolicy, OraclePolicy)):
         return SelectionReads(forced, dense, drafted, (n_layers - dense) * target.config.n_kv_heads, key_scan=True)
     if isinstance(policy, TidalPolicy):
@@ -287,7 +290,7 @@ class RoundModel:
             weights=weight_bytes(target, dtype_bytes) + steps.steps * weight_bytes(draft, dtype_bytes),
             dense_row=kv_bytes(target, 1, dtype_bytes),
             context_row=(kv_bytes(target, 1, dtype_bytes, layers=reads.dense_layers)
-                         + kv_bytes(draft, 1, dtype_bytes, layers=reads.draft_layers, k_only=True)
+                         + kv_bytes(draft, 1, reads.key_bytes or dtype_bytes, layers=reads.draft_layers, k_only=True)
                          + SCORE_BYTES * reads.score_rows),
             selected_row=kv_bytes(target, 1, dtype_bytes, layers=sparse_layers),
             key_row=kv_bytes(target, 1, dtype_bytes, layers=sparse_layers, k_only=True),

@@ -175,6 +175,11 @@ class Engine:
         if policy is not None:
             policy.reset()
         layers = policy.draft_layers(draft) if policy is not None and policy.uses_draft else ()
+        if draft is not None:  # STS's key_bits=8: an 8-bit copy of the scored layers' keys (dropped if an earlier engine kept one)
+            eight = isinstance(policy, STSPolicy) and policy.key_bits == 8
+            for i, block in enumerate(draft.layers):
+                assert block.self_attn.cache is not None
+                block.self_attn.cache.keep_score_keys(eight and i in layers)
         self.recorder = QueryRecorder(layers, last_only=True)
         self.verify_attention: AttentionFn = (
             SelectiveAttention(policy, self.config.measure_recall) if policy is not None else dense_attention)
@@ -351,6 +356,10 @@ class Engine:
             if self.draft is not None:
                 yield from self._prefill_chunks(self.draft, slot, prompt)
         self._prefill_logits[slot] = logits
+        if self.draft is not None:  # the prompt's mean key centres the 8-bit copy of STS's key_bits=8
+            for block in self.draft.layers:
+                assert block.self_attn.cache is not None
+                block.self_attn.cache.centre(slot, n)
         config = sampling or self.config.sampling
         self.sampling_rows.set(slot, config)
         self.host_sampling[slot] = config
@@ -630,7 +639,8 @@ class Engine:
     def _arm_early(self, last_step: bool, start_pos: Tensor) -> None:
         """Score the context during the coming draft forward when it is the round's last (:meth:`_score_early`)."""
         def score(layer: int, queries: Tensor, k_cache: Tensor) -> None:
-            self._score_early(layer, queries, k_cache, start_pos)
+            cache = self.draft.layers[layer].self_attn.cache  # type: ignore[union-attr]
+            self._score_early(layer, queries, cache.scoring_keys() if cache is not None else k_cache, start_pos)
 
         self.recorder.on_complete = score if last_step else None
 

@@ -51,8 +51,9 @@ def _score_queries(
 
 @triton.jit
 def _score_logits(q_t, k_base, stride_ks, keys, ok, d, qk_scale, PRECISION: tl.constexpr):
-    """Return the ``[BLOCK_N, BLOCK_M]`` base-2 logits of one tile of context rows (-inf where not ``ok``)."""
-    k = load_rows(k_base, keys, stride_ks, ok, d)
+    """Return the ``[BLOCK_N, BLOCK_M]`` base-2 logits of one tile of context rows (-inf where not ``ok``); 8-bit
+    keys are widened to the queries' dtype in registers."""
+    k = load_rows(k_base, keys, stride_ks, ok, d).to(q_t.dtype)
     s = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
     return tl.where(ok[:, None], s, float("-inf"))
 
@@ -165,7 +166,8 @@ def context_scores_triton(
     """Return ``[B, Hq, S]`` float32 scores of the context rows, ``-inf`` at and past ``start_pos[b]``; with
     ``max_heads``, ``[B, S]``: their max over the query heads (STS's default map scores a draft layer so).
 
-    ``q`` ``[B, Hq, G, D]`` (G queries per head), ``k_cache`` ``[B, Hkv, S, D]``. Each query's
+    ``q`` ``[B, Hq, G, D]`` (G queries per head), ``k_cache`` ``[B, Hkv, S, D]`` in ``q``'s dtype or float8 e4m3
+    (:meth:`~sts.models.transformer.KVCache.keep_score_keys`: half the bytes of 16-bit keys). Each query's
     softmax runs over the rows ``< start_pos[b]``; probabilities are aggregated over the G
     queries (``"max"`` or ``"mean"``). Equal to :func:`sts.attention.scores.context_scores`
     on the first ``max(start_pos)`` columns (``max_heads``: its ``amax(1)``). No host synchronisation.

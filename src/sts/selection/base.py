@@ -104,6 +104,14 @@ class RoundContext:
         assert cache is not None
         return cache.rows(self.slot)[0]
 
+    def score_keys(self, layer: int) -> Tensor:
+        """Return the draft keys ``layer`` scores with, ``[B, Hkv_draft, S, D]``: its 8-bit copy when the cache keeps
+        one (:meth:`~sts.models.transformer.KVCache.keep_score_keys`), else :meth:`draft_keys`."""
+        assert self.draft is not None
+        cache = self.draft.layers[layer].self_attn.cache
+        assert cache is not None
+        return cache.scoring_keys(self.slot)
+
 
 class SelectionPolicy(ABC):
     """Chooses the context rows each target KV head reads during verification."""

@@ -18,7 +18,7 @@ from sts.selection.mapping import ALL_HEADS, HeadMapping
 
 
 def check_sts_options(rerank: float = 4, feedback: float = 0.0, decay: float = 0.5, head_budgets: float = 0,
-                      **_: float) -> None:
+                      key_bits: float = 16, **_: float) -> None:
     """Raise :class:`~sts.errors.STSError` for :class:`STSPolicy` option values it refuses whatever the models and
     the mapping (callers check them before loading any model); other options pass through unchecked."""
     if rerank < 0 or rerank != int(rerank):
@@ -29,6 +29,8 @@ def check_sts_options(rerank: float = 4, feedback: float = 0.0, decay: float = 0
         raise STSError(f"the feedback decay must be in [0, 1], got {decay}")
     if head_budgets < 0 or 0 < head_budgets < 1:
         raise STSError(f"per-head budget cap must be >= 1 (x the mean), got {head_budgets}")
+    if key_bits not in (8, 16):
+        raise STSError(f"key_bits must be 8 or 16, got {key_bits:g}")
     if head_budgets and (rerank or feedback):
         raise STSError("head_budgets works with the plain rule (rerank 0), not with re-ranking or feedback")
 
@@ -55,6 +57,10 @@ class STSPolicy(SelectionPolicy):
     difficulty (the mapping's mass curves, :mod:`sts.selection.budgets`), each head between a
     quarter and ``c`` times the uniform share; the rows read per head are padded to the largest
     (padding is invalid and costs no bandwidth in the kernels).
+
+    ``key_bits = 8`` scores with an 8-bit copy of the draft's keys, centred on each prompt's mean key
+    (:meth:`~sts.models.transformer.KVCache.keep_score_keys`, which the engine keeps for :meth:`draft_layers`): the
+    score pass reads half the bytes; the copy costs half the scored layers' K in memory again.
     """
 
     name = "sts"
@@ -63,9 +69,11 @@ class STSPolicy(SelectionPolicy):
     def __init__(
         self, config: SelectionConfig, mapping: HeadMapping, aggregate: Aggregate = "max",
         rerank: float = 4, feedback: float = 0.0, decay: float = 0.5, rerank_prob: float = 1, head_budgets: float = 0,
+        key_bits: float = 16,
     ) -> None:
         super().__init__(config)
-        check_sts_options(rerank, feedback, decay, head_budgets)
+        check_sts_options(rerank, feedback, decay, head_budgets, key_bits)
+        self.key_bits = int(key_bits)
         if head_budgets and mapping.mass_curve is None:
             raise STSError("head_budgets needs a calibrated mapping with mass curves (from `sts calibrate`)")
         self.head_budgets = head_budgets
@@ -124,7 +132,7 @@ class STSPolicy(SelectionPolicy):
         for dl in self.heads_of:
             early = ctx.source_scores.get(dl)
             rows += early if early is not None else self.score_sources(
-                dl, ctx.draft_queries[dl], ctx.draft_keys(dl), ctx.start_pos)
+                dl, ctx.draft_queries[dl], ctx.score_keys(dl), ctx.start_pos)
         self.source_scores = torch.stack(rows)  # [sources, B, N], grouped by draft layer in heads_of's order
         picked = self.source_scores[self.combo_sources]  # [U, M, B, N]
         if self.mapping.combine == "max":
@@ -156,7 +164,8 @@ class STSPolicy(SelectionPolicy):
     def score_sources(self, layer: int, queries: Tensor, k_cache: Tensor, start_pos: Tensor) -> list[Tensor]:
         """Return draft layer ``layer``'s score rows, ``[B, N]`` float32 each (``-inf`` at and past ``start_pos``), one
         per scored head in :attr:`heads_of` order: its ``queries`` ``[B, Hq_draft, gamma, D]`` of this round against
-        its keys ``k_cache`` ``[B, Hkv_draft, N, D]``, aggregated over the queries (``aggregate``)."""
+        its keys ``k_cache`` ``[B, Hkv_draft, N, D]`` (16-bit, or the 8-bit copy of ``key_bits = 8``), aggregated over
+        the queries (``aggregate``)."""
         heads = self.heads_of[layer]
         only_max = heads == [ALL_HEADS]  # the default map: the kernel takes the max over the heads itself
         scores = dispatch.score_context(queries, k_cache, start_pos, self.aggregate, max_heads=only_max)

@@ -1,0 +1,92 @@
+"""STS's ``key_bits=8``: the score pass reads an 8-bit copy of the draft's keys, centred on each prompt's mean key."""
+
+from __future__ import annotations
+
+import torch
+
+from sts.attention.scores import context_scores
+from sts.costmodel import RoundModel, selection_reads
+from sts.engine import Engine, EngineConfig
+from sts.selection import SelectionConfig, make_policy
+from sts.selection.sts import STSPolicy
+
+from test_generation import interleaved_equals_solo
+
+FP8 = torch.float8_e4m3fn
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def test_the_copy_is_the_centred_keys_and_the_scores_read_it(tiny_pair, monkeypatch):
+    """Round by round, with a second sequence admitted mid-way: each scored draft layer's copy holds float8(K - mean)
+    of every context row, the mean is its prompt's mean key, and the score rows are the softmax of the round's queries
+    over those 8-bit keys (not over the 16-bit ones, from which they measurably differ)."""
+    _, target, draft = tiny_pair
+    policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft, key_bits=8)
+    engine = Engine(target, draft, policy, slots=2, max_len=200,
+                    config=EngineConfig(gamma=3, draft_budget=20, draft_selection="scored-all", verify="sparse"))
+    layers = policy.draft_layers(draft)
+    seen: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    original = STSPolicy.score_sources
+
+    def recorded(self, layer, queries, keys, start_pos):
+        rows = original(self, layer, queries, keys, start_pos)
+        seen.append((layer, queries.clone(), start_pos.clone(), rows[0].clone()))
+        return rows
+
+    monkeypatch.setattr(STSPolicy, "score_sources", recorded)
+    prompts = {0: [(7 * i) % 90 + 1 for i in range(120)], 1: [(3 * i) % 80 + 2 for i in range(90)]}
+    means: dict[tuple[int, int], torch.Tensor] = {}  # (slot, layer) -> its prompt's mean key once prefilled
+
+    def prefill(slot: int) -> None:
+        engine.prefill(slot, prompts[slot])
+        for layer in layers:
+            means[slot, layer] = draft.layers[layer].self_attn.cache.k[slot, :, : len(prompts[slot])].float().mean(1)
+
+    prefill(0)
+    apart = 0.0
+    for r in range(6):
+        if r == 2:
+            prefill(1)
+        seen.clear()
+        engine.step()
+        assert [layer for layer, *_ in seen] == list(layers)
+        for layer, queries, start_pos, rows in seen:
+            cache = draft.layers[layer].self_attn.cache
+            for b in (s for s in range(2) if engine.host_active[s]):
+                n = int(start_pos[b])
+                keys = cache.k[b, :, :n].float()
+                # Fixed when the prompt was read (the rounds rewrite the prompt's last row through the sparse draft).
+                assert torch.allclose(cache.key_mean[b], means[b, layer], rtol=0, atol=1e-6)
+                want = (keys - cache.key_mean[b][:, None]).to(FP8)
+                assert torch.equal(cache.score_keys[b, :, :n].view(torch.uint8), want.view(torch.uint8))
+                q = queries[b : b + 1].double()
+                ref8 = context_scores(q, want[None].double(), start_pos[b : b + 1]).amax(1)[0]
+                assert _rel(rows[b, :n], ref8) < 1e-5
+                apart = max(apart, _rel(rows[b, :n], context_scores(q, keys[None].double(), start_pos[b : b + 1]).amax(1)[0]))
+    assert apart > 1e-3, "8-bit and 16-bit keys scored alike: the test cannot tell which the policy read"
+    # A later engine over the same draft without the option drops the copy (its score pass reads the 16-bit keys).
+    Engine(target, draft, make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft), slots=2, max_len=200)
+    assert all(block.self_attn.cache.score_keys is None for block in draft.layers)
+
+
+def test_continuous_batching_with_eight_bit_keys_is_lossless(tiny_pair):
+    """Sequences admitted between rounds and prefilled chunk by chunk beside decoding ones decode the target's greedy
+    tokens (a budget covering the context: the 8-bit scores choose only the sparse draft's rows)."""
+    _, target, draft = tiny_pair
+    policy = make_policy("sts", SelectionConfig(budget=256, sink=4, window=8), target, draft, key_bits=8)
+    interleaved_equals_solo(target, draft, policy, draft_budget=24, draft_selection="scored-all")
+
+
+def test_the_cost_model_counts_the_score_pass_at_one_byte_a_key(tiny_pair):
+    """The modelled context row of a sparse round shrinks by exactly one byte per K element of each scored layer."""
+    _, target, draft = tiny_pair
+    models = []
+    for bits in (16, 8):
+        policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft, key_bits=bits)
+        models.append(RoundModel.build(target.config, draft.config, selection_reads(policy, target, draft), 2))
+    scored = len(make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft).draft_layers(draft))
+    cfg = draft.config
+    assert models[0].context_row - models[1].context_row == scored * cfg.n_kv_heads * cfg.head_dim

@@ -175,6 +175,7 @@ def test_bad_input_gives_one_line_errors(capsys, checkpoints, tmp_path):
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "0", "--head-budgets", "0.5"], "cap must be >= 1")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--head-budgets", "2"], "plain rule (rerank 0)")
     bad(capsys, gen + ["--target", t, "--draft", d, "--method", "sts", "--window", "8", "--rerank", "-1"], "whole number >= 0")
+    bad(capsys, gen + ["--target", t, "--draft", d, "--method", "speculative", "--key-bits", "8"], "apply to --method sts")
     bad(capsys, ["bench"], "choose a benchmark: e2e, kernels, serve")
     if not torch.cuda.is_available():
         bad(capsys, ["bench", "e2e", "--contexts", "8192"], "needs a CUDA device")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from sts.attention.scores import context_scores
 from sts.costmodel import RoundModel, selection_reads
 from sts.engine import Engine, EngineConfig
+from sts.errors import STSError
+from sts.models import transformer
 from sts.selection import SelectionConfig, make_policy
 from sts.selection.sts import STSPolicy
 
@@ -19,11 +23,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+def brute_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Return ``[N]``: the max over one sequence's queries ``q`` ``[Hq, G, D]`` and heads of each query's softmax over
+    ``keys`` ``[Hkv, N, D]`` (8-bit keys: the queries rounded to float8 too, as the policy's score pass does)."""
+    hq, g, d = q.shape
+    if keys.dtype == FP8:
+        q = q.to(FP8)
+    grouped = q.double().reshape(keys.shape[0], hq // keys.shape[0] * g, d)
+    return (grouped @ keys.double().transpose(1, 2) / math.sqrt(d)).softmax(-1).amax(1).amax(0)
+
+
 def test_the_copy_is_the_centred_keys_and_the_scores_read_it(tiny_pair, monkeypatch):
     """Round by round, with a second sequence admitted mid-way: each scored draft layer's copy holds float8(K - mean)
     of every context row, the mean is its prompt's mean key, and the score rows are the softmax of the round's queries
-    over those 8-bit keys (not over the 16-bit ones, from which they measurably differ)."""
+    over those 8-bit keys, the queries rounded alike (not over the 16-bit ones, from which they measurably differ)."""
     _, target, draft = tiny_pair
+    monkeypatch.setattr(transformer, "CENTRE_ROWS", 32)  # the prompts' means and copies in several slices of rows
     policy = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft, key_bits=8)
     engine = Engine(target, draft, policy, slots=2, max_len=200,
                     config=EngineConfig(gamma=3, draft_budget=20, draft_selection="scored-all", verify="sparse"))
@@ -62,13 +77,12 @@ def test_the_copy_is_the_centred_keys_and_the_scores_read_it(tiny_pair, monkeypa
                 assert torch.allclose(cache.key_mean[b], means[b, layer], rtol=0, atol=1e-6)
                 want = (keys - cache.key_mean[b][:, None]).to(FP8)
                 assert torch.equal(cache.score_keys[b, :, :n].view(torch.uint8), want.view(torch.uint8))
-                q = queries[b : b + 1].double()
-                ref8 = context_scores(q, want[None].double(), start_pos[b : b + 1]).amax(1)[0]
-                assert _rel(rows[b, :n], ref8) < 1e-5
-                apart = max(apart, _rel(rows[b, :n], context_scores(q, keys[None].double(), start_pos[b : b + 1]).amax(1)[0]))
+                assert _rel(rows[b, :n], brute_scores(queries[b], want)) < 1e-5
+                apart = max(apart, _rel(rows[b, :n], brute_scores(queries[b], keys)))
     assert apart > 1e-3, "8-bit and 16-bit keys scored alike: the test cannot tell which the policy read"
     # A later engine over the same draft without the option drops the copy (its score pass reads the 16-bit keys).
-    Engine(target, draft, make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft), slots=2, max_len=200)
+    plain = make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft)
+    Engine(target, draft, plain, slots=2, max_len=200)
     assert all(block.self_attn.cache.score_keys is None for block in draft.layers)
 
 
@@ -90,3 +104,9 @@ def test_the_cost_model_counts_the_score_pass_at_one_byte_a_key(tiny_pair):
     scored = len(make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft).draft_layers(draft))
     cfg = draft.config
     assert models[0].context_row - models[1].context_row == scored * cfg.n_kv_heads * cfg.head_dim
+
+
+def test_key_bits_other_than_8_and_16_are_refused(tiny_pair):
+    _, target, draft = tiny_pair
+    with pytest.raises(STSError, match="key_bits must be 8 or 16, got 4"):
+        make_policy("sts", SelectionConfig(budget=48, sink=4, window=8), target, draft, key_bits=4)

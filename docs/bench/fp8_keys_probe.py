@@ -11,7 +11,9 @@ from 8-bit versions of them:
 * ``fp8``: float8 e4m3 as is;
 * ``fp8-centred``: float8 e4m3 of K minus its per-channel mean over the context (q . mean is one constant per query,
   which a softmax drops, so only the rows' differences are rounded);
-* ``int8-row``: int8 with one scale per row (absmax), after the same centring.
+* ``int8-row``: int8 with one scale per row (absmax), after the same centring;
+* ``fp8-centred-q8``: the centred float8 keys with the queries rounded to float8 e4m3 too (what STS's ``key_bits=8``
+  score kernel multiplies on float8 tensor cores; added 2026-12-01, second run).
 
 For each it reports, per layer and averaged, the share of the bf16 ranking's top ``k`` rows (the free rows of a
 budget: the re-rank's candidates, 1776 at budget 512 and ``rerank`` 4; the scored draft's 4028; 10% of the context)
@@ -45,6 +47,7 @@ def variants(k: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
         "fp8": k.to(E4M3).float(),
         "fp8-centred": centred.to(E4M3).float() + mean,
         "int8-row": (centred / scale).round().clamp(-127, 127) * scale + mean,
+        "fp8-centred-q8": centred.to(E4M3),  # float8 keys: context_scores rounds the queries to float8 too
     }
 
 
@@ -80,7 +83,7 @@ def main() -> None:
         q = queries[layer]
         scores = {name: context_scores(q, k, torch.tensor([n]))[0].amax(0) for name, k in variants(k_cache, n).items()}
         row = {"layer": layer}
-        for name in ("fp8", "fp8-centred", "int8-row"):
+        for name in ("fp8", "fp8-centred", "int8-row", "fp8-centred-q8"):
             for label, k in budgets.items():
                 overlap, mass = agreement(scores["bf16"], scores[name], min(k, n))
                 row[f"{name}/{label}"] = {"overlap": round(overlap, 4), "mass": round(mass, 4)}

@@ -3,6 +3,9 @@ pass 1 alone (pass 2 skipped: ``pass1``) and whole, and the draft's cache write 
 draft's shapes (8 KV heads, 32 query heads, gamma 4, head dim 64).
 
     OUT=. python docs/bench/keys8_probe.py      # writes $OUT/keys8-probe.json
+
+Records: bench/keys8-probe-widen-h200.json (tree of 3b2ed92: each 8-bit K tile widened to bf16 in the kernel) and
+bench/keys8-probe-h200.json (the queries rounded to float8 and one float8 product per tile, as committed).
 """
 import json
 import os

@@ -1,4 +1,10 @@
-"""Probe: launch configurations of STS's score pass for 16-bit and 8-bit draft keys (1B draft shapes)."""
+"""Probe: launch configurations of STS's score pass for 16-bit and 8-bit draft keys (1B draft shapes).
+
+    OUT=. python docs/bench/keys8_sweep.py      # writes $OUT/keys8-sweep.json
+
+Its record (bench/keys8-sweep-h200.json) is of the tree of 3b2ed92, where the kernel widened each 8-bit K tile to
+bf16; the kernel now multiplies in float8 instead.
+"""
 import itertools
 import json
 import os

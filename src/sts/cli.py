@@ -128,8 +128,8 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                    help="STS: rank candidates by mean softmax probability (default) or max logit")
     p.add_argument("--feedback", type=float, default=None, help="STS: share of free rows kept for rows the target attended to")
     p.add_argument("--key-bits", type=int, choices=(8, 16), default=None,
-                   help="STS: score with the draft's keys in 16 bits (default) or an 8-bit copy centred on the prompt's "
-                        "mean key (half the score pass's bytes; experimental)")
+                   help="STS: score with the draft's keys in 16 bits (default) or an 8-bit copy centred on the "
+                        "prompt's mean key (experimental: a faster score pass, rounds not faster yet)")
     p.add_argument("--head-budgets", type=float, default=None,
                    help="STS: spread the budget over heads by calibrated difficulty, each at most this many x the mean (needs --mapping)")
     p.add_argument("--draft-budget", type=_draft_budget, default="auto",
@@ -177,7 +177,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
               ("head_budgets", args.head_budgets), ("key_bits", args.key_bits))
     options = {k: v for k, v in chosen if v is not None}
     if options and args.method != "sts":
-        raise STSError(f"--rerank/--rerank-by/--feedback/--head-budgets/--key-bits apply to --method sts, not {args.method}")
+        flags = "--rerank/--rerank-by/--feedback/--head-budgets/--key-bits"
+        raise STSError(f"{flags} apply to --method sts, not {args.method}")
     if options:
         check_options(args.method, options)
     return options

@@ -175,7 +175,8 @@ class Engine:
         if policy is not None:
             policy.reset()
         layers = policy.draft_layers(draft) if policy is not None and policy.uses_draft else ()
-        if draft is not None:  # STS's key_bits=8: an 8-bit copy of the scored layers' keys (dropped if an earlier engine kept one)
+        if draft is not None:  # STS's key_bits=8: an 8-bit copy of the scored layers' keys (else none, even if an
+            # earlier engine over this draft kept one)
             eight = isinstance(policy, STSPolicy) and policy.key_bits == 8
             for i, block in enumerate(draft.layers):
                 assert block.self_attn.cache is not None

@@ -19,8 +19,11 @@ def context_scores(
     ``q`` is ``[B, Hq, G, D]`` (G queries per head, e.g. a round's draft queries), ``k_cache``
     ``[B, Hkv, S, D]``. Each query's softmax is taken over the context rows ``< start_pos[b]``
     only; the probabilities are then aggregated over the G queries (max or mean). Rows at or
-    past ``start_pos[b]`` score ``-inf`` so that no top-k picks them.
+    past ``start_pos[b]`` score ``-inf`` so that no top-k picks them. With 8-bit keys (float8 e4m3, STS's
+    ``key_bits=8``) the queries are rounded to that format too, as the Triton kernel's float8 product does.
     """
+    if k_cache.dtype == torch.float8_e4m3fn:
+        q = q.to(k_cache.dtype)
     b, hq, g, d = q.shape
     hkv = k_cache.shape[1]
     n = int(start_pos.max())

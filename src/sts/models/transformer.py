@@ -102,6 +102,8 @@ class RMSNorm(nn.Module):
 
 #: The 8-bit format of :meth:`KVCache.keep_score_keys`'s copy of K (3 mantissa bits; casts saturate at +-448).
 SCORE_KEY_DTYPE = torch.float8_e4m3fn
+#: Rows :meth:`KVCache.centre` converts at a time.
+CENTRE_ROWS = 8192
 
 
 class KVCache(nn.Module):
@@ -113,7 +115,7 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        #: ``[B, Hkv, S, D]`` float8 e4m3 of each K row minus its slot's :attr:`key_mean`, written with K (None: no copy).
+        #: ``[B, Hkv, S, D]`` float8 e4m3 of each K row minus its slot's :attr:`key_mean`, written with K (None: none).
         self.score_keys: Tensor | None = None
         #: ``[B, Hkv, D]`` float32: each slot's mean K row per KV head, fixed by :meth:`centre` when a prompt is read.
         self.key_mean: Tensor | None = None
@@ -125,8 +127,8 @@ class KVCache(nn.Module):
         return self.k[slot : slot + 1], self.v[slot : slot + 1]
 
     def keep_score_keys(self, keep: bool) -> None:
-        """Keep (allocate) or drop an 8-bit copy of K for scoring (half the bytes of 16-bit K): row ``i`` of a slot holds
-        ``float8_e4m3(K[i] - mean)``, ``mean`` the slot's prompt's mean K row per KV head.
+        """Keep (allocate) or drop an 8-bit copy of K for scoring (half the bytes of 16-bit K): row ``i`` of a slot
+        holds ``float8_e4m3(K[i] - mean)``, ``mean`` the slot's prompt's mean K row per KV head.
 
         Subtracting the mean changes no softmax over rows (``q . mean`` is one constant per query) but removes the
         component all rows share (e.g. Qwen's key bias), which would otherwise swamp the rows' differences in 3
@@ -140,15 +142,22 @@ class KVCache(nn.Module):
 
     def centre(self, slot: int, rows: int) -> None:
         """Fix slot ``slot``'s mean K row from its first ``rows`` rows (its prompt) and rewrite their 8-bit copy
-        (a no-op without the copy, :meth:`keep_score_keys`). Rows the slot writes later are centred on this mean as they come."""
+        (a no-op without the copy, :meth:`keep_score_keys`). Rows the slot writes later are centred on this mean as
+        they come."""
         if self.score_keys is None or self.key_mean is None:
             return
-        keys = self.k[slot, :, :rows].float()
-        self.key_mean[slot] = keys.mean(1)
-        self.score_keys[slot, :, :rows] = (keys - self.key_mean[slot, :, None]).to(SCORE_KEY_DTYPE)
+        # In slices of rows: a float32 copy of a 128K prompt's keys would take 268 MB a layer.
+        slices = [slice(lo, min(lo + CENTRE_ROWS, rows)) for lo in range(0, rows, CENTRE_ROWS)]
+        keys = self.k[slot]
+        total = sum(keys[:, part].float().sum(1) for part in slices)
+        mean = self.key_mean[slot]
+        mean.copy_(total / rows)
+        for part in slices:
+            self.score_keys[slot, :, part] = (keys[:, part].float() - mean[:, None]).to(SCORE_KEY_DTYPE)
 
     def scoring_keys(self, slot: int | None = None) -> Tensor:
-        """Return the keys to score with, ``[B, Hkv, S, D]`` (one slot: ``[1, ...]``): the 8-bit copy if kept, else K."""
+        """Return the keys to score with, ``[B, Hkv, S, D]`` (one slot: ``[1, ...]``): the 8-bit copy if kept, else
+        K."""
         keys = self.k if self.score_keys is None else self.score_keys
         return keys if slot is None else keys[slot : slot + 1]
 

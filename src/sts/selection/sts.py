@@ -60,7 +60,8 @@ class STSPolicy(SelectionPolicy):
 
     ``key_bits = 8`` scores with an 8-bit copy of the draft's keys, centred on each prompt's mean key
     (:meth:`~sts.models.transformer.KVCache.keep_score_keys`, which the engine keeps for :meth:`draft_layers`): the
-    score pass reads half the bytes; the copy costs half the scored layers' K in memory again.
+    score pass reads half the bytes (0.71x its time on the H200; the rounds are not faster yet, docs/benchmarks.md);
+    the copy costs half the scored layers' K in memory again. Experimental.
     """
 
     name = "sts"

@@ -651,7 +651,7 @@ class Engine:
         stream that joins the draft's at the end of the draft phase (:meth:`_join_early`), reading the draft's K of the
         whole context (at 128K, batch 1, about 58 us a layer) beside the draft's later layers: both are near their
         bandwidth, so this hides 0.1-0.4 ms a round on the H200 (docs/benchmarks.md). The select phase then ranks the
-        rows (:attr:`RoundContext.source_scores`)."""
+        rows (:attr:`RoundContext.early_scores`)."""
         assert isinstance(self.policy, STSPolicy)
         if self._side is None:
             self._early[layer] = self.policy.score_sources(layer, queries, k_cache, start_pos)
@@ -674,7 +674,7 @@ class Engine:
         queries = self._hold.pop("queries", {})
         draft_rows = self.scored_draft.width if self.scored_draft is not None else 0
         ctx = RoundContext(self._context(), self.target, self.round_budget, self.draft, queries,  # type: ignore[arg-type]
-                           slot_budgets=self.slot_budgets, draft_rows=draft_rows, source_scores=self._early)
+                           slot_budgets=self.slot_budgets, draft_rows=draft_rows, early_scores=self._early)
         self._early = {}
         self.policy.prepare(ctx)
         if self.scored_draft is not None:  # the draft's own rows for the next round, from the same scores

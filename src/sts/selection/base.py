@@ -95,7 +95,7 @@ class RoundContext:
     draft_rows: int = 0
     #: Draft layer -> its score rows (:meth:`~sts.selection.sts.STSPolicy.score_sources`), computed while the draft's
     #: last step ran (the engine's early scoring); a policy scores the layers missing here itself.
-    source_scores: dict[int, list[Tensor]] = field(default_factory=dict)
+    early_scores: dict[int, list[Tensor]] = field(default_factory=dict)
 
     def draft_keys(self, layer: int) -> Tensor:
         """Return the draft's key cache ``[B, Hkv_draft, S, D]`` of ``layer`` for this round's sequences."""

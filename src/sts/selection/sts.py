@@ -131,7 +131,7 @@ class STSPolicy(SelectionPolicy):
                 t.to(device) for t in (self.combo_of, self.combo_sources, self.combo_weights))
         rows = []
         for dl in self.heads_of:
-            early = ctx.source_scores.get(dl)
+            early = ctx.early_scores.get(dl)
             rows += early if early is not None else self.score_sources(
                 dl, ctx.draft_queries[dl], ctx.score_keys(dl), ctx.start_pos)
         self.source_scores = torch.stack(rows)  # [sources, B, N], grouped by draft layer in heads_of's order

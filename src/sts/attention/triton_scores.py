@@ -170,7 +170,7 @@ def context_scores_triton(
     ``q`` ``[B, Hq, G, D]`` (G queries per head), ``k_cache`` ``[B, Hkv, S, D]`` in ``q``'s dtype or float8 e4m3
     (:meth:`~sts.models.transformer.KVCache.keep_score_keys`: half the bytes of 16-bit keys; the queries are then
     rounded to float8 e4m3 too and multiplied on float8 tensor cores: widening each K tile to 16 bits instead left
-    the pass as slow as over 16-bit keys, 160 against 168 us a draft layer at 32K, batch 16, on the H200). Each query's
+    pass 1 as slow as over 16-bit keys, 160 against 168 us a draft layer at 32K, batch 16, on the H200). Each query's
     softmax runs over the rows ``< start_pos[b]``; probabilities are aggregated over the G
     queries (``"max"`` or ``"mean"``). Equal to :func:`sts.attention.scores.context_scores`
     on the first ``max(start_pos)`` columns (``max_heads``: its ``amax(1)``). No host synchronisation.

@@ -170,8 +170,8 @@ def check_scores(c: dict, device: str) -> dict[str, float]:
     out = context_scores_triton(q, kc, sp, c["agg"], config=cfg)
     ref = context_scores(q.double(), kc.double(), sp, c["agg"])
     top = context_scores_triton(q, kc, sp, c["agg"], max_heads=True, config=cfg)
-    # 8-bit keys (STS's key_bits=8): the kernel rounds the queries to float8 too; the reference does the same (and
-    # computes in float32). Under the interpreter the queries are float8 values already (triton 3.6's interpreter
+    # 8-bit keys (STS's key_bits=8): the kernel rounds the queries to float8 too; the reference does the same (in
+    # float32). Under the interpreter the queries are float8 values already (triton 3.6's interpreter
     # rounds some values to float8 wrongly, e.g. 0.488 -> 0.25); on CUDA they are rounded by the kernel.
     k8 = kc.float().to(torch.float8_e4m3fn)
     q8 = q.float().to(torch.float8_e4m3fn).to(dtype) if interp else q

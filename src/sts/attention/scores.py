@@ -14,7 +14,8 @@ Aggregate = Literal["max", "mean"]
 def context_scores(
     q: Tensor, k_cache: Tensor, start_pos: Tensor, aggregate: Aggregate = "max"
 ) -> Tensor:
-    """Return ``[B, Hq, N]`` float32 scores of the context rows, ``N = max(start_pos)``.
+    """Return ``[B, Hq, N]`` float32 scores of the context rows, ``N = max(start_pos)`` (float64 when ``q`` and
+    ``k_cache`` both are: the kernel tests' reference).
 
     ``q`` is ``[B, Hq, G, D]`` (G queries per head, e.g. a round's draft queries), ``k_cache``
     ``[B, Hkv, S, D]``. Each query's softmax is taken over the context rows ``< start_pos[b]``
@@ -27,8 +28,9 @@ def context_scores(
     b, hq, g, d = q.shape
     hkv = k_cache.shape[1]
     n = int(start_pos.max())
-    k = k_cache[:, :, :n].float()
-    logits = torch.matmul(q.float().reshape(b, hkv, (hq // hkv) * g, d), k.transpose(-1, -2))
+    wide = torch.float64 if q.dtype == k_cache.dtype == torch.float64 else torch.float32
+    k = k_cache[:, :, :n].to(wide)
+    logits = torch.matmul(q.to(wide).reshape(b, hkv, (hq // hkv) * g, d), k.transpose(-1, -2))
     logits = (logits / math.sqrt(d)).reshape(b, hq, g, n)
     valid = torch.arange(n, device=q.device).view(1, 1, 1, n) < start_pos.view(b, 1, 1, 1)
     probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)

@@ -77,13 +77,15 @@ def pair(tmp_path_factory, sts_cache_dir) -> dict[str, Any]:
             "hf": target}
 
 
-def reference(pair: dict[str, Any], ids: list[int], max_tokens: int, method: str = "sts", budget: float = 32) -> list[int]:
-    """Return ``run_method``'s greedy tokens for one prompt alone, with the server's settings (or another budget): its
-    draft too, the default of the method (STS's tokens depend on the rows the draft's queries pick)."""
+def reference(pair: dict[str, Any], ids: list[int], max_tokens: int, method: str = "sts", budget: float = 32,
+              **options: Any) -> list[int]:
+    """Return ``run_method``'s greedy tokens for one prompt alone, with the server's settings (or another budget, and
+    policy ``options``): its draft too, the default of the method (STS's tokens depend on the rows the draft's queries
+    pick)."""
     target, draft = pair["loaded"]
     selection = SelectionConfig(budget=budget, sink=4, window=8)
     return run_method(method, target, draft, [ids], max_tokens, gamma=3, selection=selection, verify="sparse",
-                      draft_budget="auto").tokens[0]
+                      draft_budget="auto", options=options).tokens[0]
 
 
 def make_llm(pair: dict[str, Any], **extra: Any):
@@ -243,10 +245,12 @@ def test_continuous_batching_is_lossless(pair, server):
     wait_idle(llm)
 
 
-def test_a_long_prefill_does_not_stall_decoding_and_changes_no_token(pair):
+@pytest.mark.parametrize("options", [{}, {"key_bits": 8}], ids=["16-bit-keys", "8-bit-keys"])
+def test_a_long_prefill_does_not_stall_decoding_and_changes_no_token(pair, options):
     """Prefill chunks interleave with decode rounds: the decoding request gets tokens in every iteration while a
-    400-token prompt is read 16 tokens at a time, and both outputs equal each request decoded alone."""
-    llm = make_llm(pair, slots=2, prefill_chunk=16)
+    400-token prompt is read 16 tokens at a time, and both outputs equal each request decoded alone (with STS's
+    8-bit keys too: the long request's mean key does not see the rounds)."""
+    llm = make_llm(pair, slots=2, prefill_chunk=16, **options)
     llm.scheduler.prefill_slice_s = 0.0  # one chunk between two rounds
     tok = pair["tokenizer"]
     short, long = tok(TEXT)["input_ids"], (tok(TEXT * 20)["input_ids"])[:400]
@@ -266,7 +270,8 @@ def test_a_long_prefill_does_not_stall_decoding_and_changes_no_token(pair):
     assert iterations >= 2 * 400 // 16 and stalled == 0  # target and draft chunks, each beside a round
     while not llm.scheduler.idle:
         llm.scheduler.run_once()
-    assert [a.token_ids, b.token_ids] == alone == [reference(pair, short, 150), reference(pair, long, 20)]
+    assert [a.token_ids, b.token_ids] == alone == [reference(pair, short, 150, **options),
+                                                   reference(pair, long, 20, **options)]
 
 
 def test_a_request_that_cannot_be_admitted_fails_alone(pair):

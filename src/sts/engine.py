@@ -343,24 +343,28 @@ class Engine:
         """
         n = self._check_prompt(slot, prompt)
         selection = self.slot_settings(budget)
+        # Decode rounds between chunks write the slot's draft row ctx - 1 and rows from ctx on: all past the prompt but
+        # the draft's last row, which the slot's first round writes again.
+        self.ctx[slot] = n
         if copy_from is not None:
             logits = self._copy_slot(copy_from, slot, n)
+            self._centre_draft_keys(slot, n)
         elif cached:
+            self._centre_draft_keys(slot, n)
             logits = yield from self._prefill_chunks(self.target, slot, prompt, first=n - 1)
         elif self.config.sparse_prefill is not None:
             assert self.draft is not None
             scorer = self.policy if isinstance(self.policy, STSPolicy) else STSPolicy(
                 self.policy.config if self.policy else SelectionConfig(), HeadMapping.default(self.target.config, self.draft.config))
             logits = sparse_prefill(self.target, self.draft, slot, prompt, scorer, self.config.sparse_prefill, scorer.config, self.chunk)
-        else:
-            logits = yield from self._prefill_chunks(self.target, slot, prompt)
+            self._centre_draft_keys(slot, n)
+        else:  # the draft first: the centring of its 8-bit keys (STS's key_bits=8) is eager, and eager kernels right
+            # before the graphed rounds slowed every replay ~4% on an H200 (docs/benchmarks.md); a forward after them not
             if self.draft is not None:
                 yield from self._prefill_chunks(self.draft, slot, prompt)
+                self._centre_draft_keys(slot, n)
+            logits = yield from self._prefill_chunks(self.target, slot, prompt)
         self._prefill_logits[slot] = logits
-        if self.draft is not None:  # the prompt's mean key centres the 8-bit copy of STS's key_bits=8
-            for block in self.draft.layers:
-                assert block.self_attn.cache is not None
-                block.self_attn.cache.centre(slot, n)
         config = sampling or self.config.sampling
         self.sampling_rows.set(slot, config)
         self.host_sampling[slot] = config
@@ -371,6 +375,17 @@ class Engine:
         if self.scored_draft is not None:
             self.scored_draft.start(slot, n)
         yield first
+
+    def _centre_draft_keys(self, slot: int, n: int) -> None:
+        """Centre the 8-bit copy of the draft's K in slot ``slot`` on its ``n``-token prompt (STS's ``key_bits=8``; a
+        no-op for caches without the copy, :meth:`~sts.models.transformer.KVCache.centre`).
+
+        The mean is over the prompt's rows but the last, which a decode round between prefill chunks may have written
+        (see :meth:`prefill_steps`): so a request's mean, hence its 8-bit keys, do not depend on what else decodes."""
+        if self.draft is not None:
+            for block in self.draft.layers:
+                assert block.self_attn.cache is not None
+                block.self_attn.cache.centre(slot, n - 1)
 
     def slot_settings(self, budget: float | None) -> SelectionConfig | None:
         """Return the selection settings of a sequence with its own ``budget`` (None: the policy's, returned as None).
@@ -433,8 +448,6 @@ class Engine:
             chunk = ids[:, start : start + self.chunk]
             pos = torch.full((1,), start, device=self.device)
             hidden = model.hidden(chunk, pos, chunk_attention(start), slot=slot)
-            if model is self.target:
-                self.ctx[slot] = start + chunk.shape[1]  # decode rounds in between write past it
             yield None
         logits = model.lm_head(hidden[:, -1]).float()
         if self.prefix_cache is not None and not first:

@@ -142,7 +142,7 @@ class KVCache(nn.Module):
             self.key_mean = torch.zeros(*self.k.shape[:2], self.k.shape[3], dtype=torch.float32, device=self.k.device)
 
     def centre(self, slot: int, rows: int) -> None:
-        """Fix slot ``slot``'s mean K row from its first ``rows`` rows (its prompt) and rewrite their 8-bit copy
+        """Fix slot ``slot``'s mean K row from its first ``rows`` rows (0: a zero mean) and rewrite their 8-bit copy
         (a no-op without the copy, :meth:`keep_score_keys`). Rows the slot writes later are centred on this mean as
         they come."""
         if self.score_keys is None or self.key_mean is None:
@@ -150,9 +150,11 @@ class KVCache(nn.Module):
         # In slices of rows: a float32 copy of a 128K prompt's keys would take 268 MB a layer.
         slices = [slice(lo, min(lo + CENTRE_ROWS, rows)) for lo in range(0, rows, CENTRE_ROWS)]
         keys = self.k[slot]
-        total = sum(keys[:, part].float().sum(1) for part in slices)
         mean = self.key_mean[slot]
-        mean.copy_(total / rows)
+        mean.zero_()
+        for part in slices:
+            mean.add_(keys[:, part].float().sum(1))
+        mean.div_(max(rows, 1))
         for part in slices:
             self.score_keys[slot, :, part] = (keys[:, part].float() - mean[:, None]).to(SCORE_KEY_DTYPE)
 

@@ -60,10 +60,11 @@ class STSPolicy(SelectionPolicy):
 
     ``key_bits = 8`` scores with an 8-bit copy of the draft's keys, centred on each prompt's mean key
     (:meth:`~sts.models.transformer.KVCache.keep_score_keys`, which the engine keeps for :meth:`draft_layers`): the
-    score pass reads half the bytes (0.71x its time on the H200; the rounds are not faster yet, docs/benchmarks.md);
-    the copy costs half the scored layers' K in memory again. Experimental, and not batch-invariant: a request
-    batched with others may select other rows, and decode other tokens, than alone (measured; most likely float8
-    rounding turns a different batch's float noise into whole float8 steps near rounding boundaries; docs/results.md).
+    score pass reads half the bytes (0.71x its time on the H200; rounds 0.95-0.98x, docs/benchmarks.md); the copy
+    costs half the scored layers' K in memory again. Experimental: its ranking is slightly below the 16-bit one
+    (docs/results.md) and its accuracy on the evaluation tasks is not measured. The mean is over the prompt's rows
+    but the last, which decode rounds between prefill chunks may write, so a request prefilled beside decoding
+    ones decodes as alone (tested on the CPU).
     """
 
     name = "sts"

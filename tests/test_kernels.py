@@ -8,6 +8,7 @@ with larger shapes, in bf16.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -138,18 +139,32 @@ def check_verify(c: dict, device: str) -> dict[str, float]:
     q, kc, vc = (x.to(device, dtype) for x in (q, kc, vc))
     sp = sp.to(device)
     cfg = KernelConfig(block_n=16 if interp else 64, num_splits=4) if c["tuned"] else None
+    # The default merges the slices in the split kernel's last program per (sequence, KV head), by arrival
+    # counters that every launch leaves at zero; the second-kernel merge is checked beside it.
+    second_kernel = dataclasses.replace(cfg or KernelConfig(), fused_merge=False)
     if c["dense"]:
         out = sparse_verify_attention(q, kc, vc, sp, config=cfg)
-        return {"out": _rel_err(out, R.dense_attention(q.double(), kc.double(), vc.double(), sp))}
+        again = sparse_verify_attention(q, kc, vc, sp, config=cfg)
+        ref = R.dense_attention(q.double(), kc.double(), vc.double(), sp)
+        return {"out": _rel_err(out, ref), "again": _rel_err(again, out), "counters_left": _counters_left(q.device),
+                "second_kernel_merge": _rel_err(sparse_verify_attention(q, kc, vc, sp, config=second_kernel), ref)}
     idx = _indices(sp.cpu(), c["hkv"], k, s, gen).to(device, torch.int64 if c["idx64"] else torch.int32)
-    out, imp = sparse_verify_attention(q, kc, vc, sp, idx, return_importance=True, config=cfg)
+    out, imp = sparse_verify_attention(q, kc, vc, sp, idx, return_importance=True, config=cfg)  # second kernel
     plain = sparse_verify_attention(q, kc, vc, sp, idx, config=cfg)
     ref = R.sparse_attention(q.double(), kc.double(), vc.double(), sp, idx)
     return {
         "out": _rel_err(out, ref),
         "plain_vs_importance_path": _rel_err(plain, out),
+        "counters_left": _counters_left(q.device),
         "importance": _rel_err(imp, _importance_ref(q.double(), kc.double(), sp, idx)),
     }
+
+
+def _counters_left(device: torch.device) -> float:
+    """Return how many of the fused merge's arrival counters on ``device`` a launch left non-zero (0 expected)."""
+    from sts.attention.triton_verify import _COUNTERS
+
+    return float(sum(int(pool.count_nonzero()) for pool in _COUNTERS.get(device, [])))
 
 
 def check_scores(c: dict, device: str) -> dict[str, float]:

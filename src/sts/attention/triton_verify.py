@@ -8,8 +8,9 @@ its selected rows: the ``G * T`` query rows of the GQA group (G query heads x T 
 packed into a single tile, so each selected K/V row is read from memory once for all of them.
 The index list (or, on the dense path, the context ``0 .. start_pos[b] - 1``) is cut into
 ``num_splits`` slices, the last of which also attends causally to the T new rows; every slice
-writes a normalised partial output and its log-sum-exp, and a second kernel merges the slices
-(flash-decoding). Matrix products run transposed (keys x query rows) so that on Hopper they are
+writes a normalised partial output and its log-sum-exp, and the slices are merged (flash-decoding): by the
+last program of each (sequence, KV head) to finish, which a counter per pair tells (one launch), or by a
+second kernel. Matrix products run transposed (keys x query rows) so that on Hopper they are
 wgmma with the long key axis as M; the K/V gathers are software-pipelined by Triton (cp.async,
 two tiles in flight per program), which works because each split's indices are loaded before
 its loop. The split count comes from static shapes only (K or
@@ -34,6 +35,25 @@ LOG2E = 1.4426950408889634
 _MAX_TILES = 32
 
 
+# Most slices the split kernel's last program merges itself (more: a second kernel merges them in parallel).
+FUSED_MERGE_SPLITS = 8
+# Arrival counters of the fused merge, one int32 per (sequence, KV head), per device. Each launch leaves its counters
+# at zero (the last program resets them); pools are never freed, as CUDA graphs keep their addresses. Kernels on one
+# device that share them must not run concurrently (the engine launches them on one stream).
+_COUNTERS: dict[torch.device, list[Tensor]] = {}
+
+
+def split_counters(device: torch.device, n: int) -> Tensor | None:
+    """Return ``n`` zeroed int32 arrival counters for one launch on ``device`` (None while a CUDA graph is being
+    captured before any pool large enough exists: the caller then merges in a second launch)."""
+    pools = _COUNTERS.setdefault(device, [])
+    if not pools or pools[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        pools.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return pools[-1][:n]
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch parameters of a split-KV kernel; ``num_splits=None`` lets the wrapper fill the GPU."""
@@ -42,6 +62,8 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     num_splits: int | None = None
+    #: Merge the slices in the split kernel's last program per (sequence, KV head) rather than in a second launch.
+    fused_merge: bool = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,16 +157,44 @@ def _accumulate(s, v, m_i, l_i, acc_t, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _merge_own_parts(
+    o_part_ptr, lse_part_ptr, out_ptr, bh, b, h, rows, row_ok, d, n_splits,
+    stride_ob, stride_oh, stride_ot,
+    GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Write the merged output of every query row of (sequence ``b``, KV head ``h``) from its ``n_splits`` partials,
+    which other programs wrote (read past the L1, which is not coherent across SMs)."""
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
+    acc_t = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
+    for split in tl.range(0, n_splits):
+        part = (bh * n_splits + split) * (GROUP * T) + rows
+        lse = tl.load(lse_part_ptr + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        o_t = tl.load(o_part_ptr + part[None, :] * HEAD_DIM + d[:, None], mask=row_ok[None, :], other=0.0,
+                      cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale, w = tl.exp2(m - m_safe), tl.exp2(lse - m_safe)
+        denom = denom * scale + w
+        acc_t = acc_t * scale[None, :] + o_t * w[None, :]
+        m = m_new
+    out_t = (acc_t / tl.where(denom > 0.0, denom, 1.0)[None, :]).to(out_ptr.dtype.element_ty)
+    heads = h * GROUP + rows // T
+    tl.store(out_ptr + b * stride_ob + heads[None, :] * stride_oh + (rows % T)[None, :] * stride_ot + d[:, None],
+             out_t, mask=row_ok[None, :])
+
+
+@triton.jit
 def _verify_split_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, start_ptr, o_part_ptr, lse_part_ptr, logit_ptr,
+    q_ptr, k_ptr, v_ptr, idx_ptr, start_ptr, o_part_ptr, lse_part_ptr, logit_ptr, count_ptr, out_ptr,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    stride_ib, stride_ih,
+    stride_ib, stride_ih, stride_ob, stride_oh, stride_ot,
     n_kv_heads, seq_len, n_idx, qk_scale, n_splits,
     GROUP: tl.constexpr, T: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
-    HAS_INDICES: tl.constexpr, STORE_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_INDICES: tl.constexpr, STORE_LOGITS: tl.constexpr, PRECISION: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):  # fmt: skip
     bh, b, h = program_head(n_kv_heads)
     split = tl.program_id(1)
@@ -207,6 +257,16 @@ def _verify_split_kernel(
     part = (bh * n_splits + split) * (GROUP * T) + rows
     tl.store(o_part_ptr + part[None, :] * HEAD_DIM + d[:, None], out_t, mask=row_ok[None, :])
     tl.store(lse_part_ptr + part, lse, mask=row_ok)
+    if FUSED_MERGE:
+        # Every thread's partial stores precede the arrival, whose release makes them visible GPU-wide (the barrier
+        # then one releasing atomic, as CUTLASS's split-K semaphore does); the last program to arrive acquires them
+        # all, merges, and leaves the counter at zero for the next launch.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            _merge_own_parts(o_part_ptr, lse_part_ptr, out_ptr, bh, b, h, rows, row_ok, d, n_splits,
+                             stride_ob, stride_oh, stride_ot, GROUP, T, HEAD_DIM, BLOCK_M)
+            tl.atomic_xchg(count_ptr + bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -330,19 +390,27 @@ def sparse_verify_attention(
     lse_part = torch.empty(b * hkv * n_splits * rows, **f32)
     logits = torch.empty(b * hkv * rows * n_idx if return_importance else 1, **f32)
     out = torch.empty_like(q)
+    # The importance output needs each row's merged log-sum-exp too: the second kernel keeps that path. So do many
+    # slices: the last program merges them one after another, which at 16-32 slices (batch 1) made rounds slower than
+    # a second launch (H200: 11.59 against 11.07 ms at 128K batch 1; faster at 32K batch 16, 2-4 slices).
+    fused = cfg.fused_merge and not return_importance and n_splits <= FUSED_MERGE_SPLITS
+    counters = split_counters(q.device, b * hkv) if fused else None
 
     _verify_split_kernel[(b * hkv, n_splits)](
-        q, k_cache, v_cache, indices, start_pos, o_part, lse_part, logits,
+        q, k_cache, v_cache, indices, start_pos, o_part, lse_part, logits, o_part if counters is None else counters,
+        out,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        idx_strides[0], idx_strides[1],
+        idx_strides[0], idx_strides[1], out.stride(0), out.stride(1), out.stride(2),
         hkv, seq_len, n_idx, LOG2E / math.sqrt(d), n_splits,
         GROUP=group, T=t, HEAD_DIM=d,
         BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=cfg.block_n, TILES=tiles,
         HAS_INDICES=has_indices, STORE_LOGITS=return_importance, PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FUSED_MERGE=counters is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if counters is not None:
+        return out
     lse = torch.empty(b * hkv * rows if return_importance else 1, **f32)
     _verify_merge_kernel[(b * hkv * rows,)](
         o_part, lse_part, out, lse,

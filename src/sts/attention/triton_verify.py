@@ -350,6 +350,11 @@ def sparse_verify_attention(
     each selected row the largest attention probability it got from any query of the group
     (any of the G query heads and T tokens); 0 for invalid entries. It costs one float32 write
     and read of the ``G * T * K`` logits, about 30% more traffic for G*T = 20 at D = 128.
+
+    Up to :data:`FUSED_MERGE_SPLITS` slices (and without ``return_importance``) the kernel's last
+    program per (sequence, KV head) merges them, counting arrivals in a per-device buffer
+    (:func:`split_counters`): two calls on one device must not run at the same time on different
+    streams.
     """
     _check_inputs(q, k_cache, v_cache, start_pos)
     if return_importance and indices is None:
@@ -392,7 +397,8 @@ def sparse_verify_attention(
     out = torch.empty_like(q)
     # The importance output needs each row's merged log-sum-exp too: the second kernel keeps that path. So do many
     # slices: the last program merges them one after another, which at 16-32 slices (batch 1) made rounds slower than
-    # a second launch (H200: 11.59 against 11.07 ms at 128K batch 1; faster at 32K batch 16, 2-4 slices).
+    # a second launch (H200, two runs: 11.59 against 11.07 ms a round at 128K batch 1; faster at 32K batch 16, 2-4
+    # slices; docs/benchmarks.md).
     fused = cfg.fused_merge and not return_importance and n_splits <= FUSED_MERGE_SPLITS
     counters = split_counters(q.device, b * hkv) if fused else None
 

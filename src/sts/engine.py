@@ -344,9 +344,7 @@ class Engine:
         """
         n = self._check_prompt(slot, prompt)
         selection = self.slot_settings(budget)
-        # Decode rounds between chunks write the slot's draft row ctx - 1 and rows from ctx on: all past the prompt but
-        # the draft's last row, which the slot's first round writes again.
-        self.ctx[slot] = n
+        self.ctx[slot] = n  # for the rounds between chunks (docstring)
         if copy_from is not None:
             logits = self._copy_slot(copy_from, slot, n)
             self._centre_draft_keys(slot, n)
